@@ -1,0 +1,30 @@
+# Both targets set everything up themselves on a fresh machine (Python 3.10+ with venv).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first, so no multi-GB CUDA build is pulled in by a bare requirement.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/strata demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine kvstore proto router prefill_worker decode_worker cluster bench tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy engine kvstore
+
+clean:
+	rm -rf $(VENV) build *.egg-info

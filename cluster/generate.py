@@ -1,0 +1,77 @@
+"""``strata generate``: in-process (an engine in this process) or through a running service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from cluster.cli import _ids, print_result
+
+
+def engine_from_args(args: argparse.Namespace):  # noqa: ANN201
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from kvstore.config import StoreConfig
+
+    cfg = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        kv_cache_bytes=args.device_capacity, max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_batched_tokens,
+    )
+    store = StoreConfig(
+        host_capacity_bytes=args.host_capacity,
+        disk_path=args.disk_path,
+        disk_capacity_bytes=args.disk_capacity if args.disk_path else 0,
+    )
+    return LLMEngine(cfg, store)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        from cluster.remote import run_remote_generate
+
+        return run_remote_generate(args)
+    from engine.sampling import SamplingParams
+
+    try:
+        sampling = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, seed=args.seed, stop_token_ids=tuple(_ids(args.stop_token_ids)),
+            ignore_eos=args.ignore_eos,
+        )
+        engine = engine_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.prompt is not None:
+            if engine.tokenizer is None:
+                print("error: this checkpoint has no tokenizer.json; pass --prompt-ids", file=sys.stderr)
+                return 2
+            prompt_ids = engine.tokenizer.encode(args.prompt)
+        else:
+            prompt_ids = _ids(args.prompt_ids)
+        t0 = time.perf_counter()
+        try:
+            out = engine.generate([prompt_ids], sampling, cache_salt=args.cache_salt)[0]
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        text = engine.tokenizer.decode(out.output_token_ids) if engine.tokenizer else ""
+        print_result(
+            {
+                "output_token_ids": out.output_token_ids,
+                "text": text,
+                "finish_reason": out.finish_reason,
+                "prompt_tokens": len(prompt_ids),
+                "ttft_ms": out.ttft_s * 1000.0,
+                "latency_ms": (time.perf_counter() - t0) * 1000.0,
+                "cached_tokens": out.num_cached_tokens,
+                "cached_tokens_by_tier": out.cached_by_tier,
+            },
+            args.json,
+        )
+        return 0
+    finally:
+        engine.close()

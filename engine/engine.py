@@ -1,0 +1,273 @@
+"""``LLMEngine``: model + paged KV pool + tiered store + continuous-batching scheduler.
+
+Not thread-safe: one thread drives it (the workers run it on a dedicated loop thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_manager import KVCacheManager
+from engine.loader import LoadedModel, load_model, model_fingerprint_fields
+from engine.runner import ModelRunner
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import RequestResult, Sequence, StepOutput
+from kvstore.config import StoreConfig
+from kvstore.keys import BlockHash, hash_prompt_blocks, model_fingerprint
+from kvstore.layout import KVLayout
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        store_config: StoreConfig | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        self.loaded = loaded or load_model(config.model, config.dtype, config.device, config.seed)
+        self.model_config = mc = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.device = self.loaded.device
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.layout = KVLayout(mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, self.loaded.dtype)
+        self.fingerprint = model_fingerprint(model_fingerprint_fields(self.loaded, config.block_size))
+        self.store = None
+        if store_config is not None and (store_config.host_enabled or store_config.disk_enabled):
+            from kvstore.store import TieredStore
+
+            self.store = TieredStore(self.layout, self.fingerprint, store_config)
+        num_blocks = self._num_pool_blocks()
+        self.kv = KVCacheManager(
+            self.layout, num_blocks, self.device, self.fingerprint, self.store, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.loaded.model, self.kv.kv_caches, config.block_size, self.device)
+        self._seqs: dict[str, Sequence] = {}
+        logger.info(
+            "engine ready: model=%s dtype=%s device=%s pool=%d blocks of %d tokens (%.1f MiB)",
+            config.model, self.loaded.dtype, self.device, num_blocks, self.block_size,
+            num_blocks * self.layout.block_nbytes / 2**20,
+        )
+
+    def _num_pool_blocks(self) -> int:
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.85)
+            else:
+                budget = CPU_DEFAULT_KV_BYTES
+        n = budget // self.layout.block_nbytes
+        if n < 1:
+            raise ValueError(
+                f"kv_cache_bytes={budget} holds no block of {self.layout.block_nbytes} bytes; raise it"
+            )
+        return int(n)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.pool.num_blocks
+
+    # ---- requests ------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: Seq[int], sampling: SamplingParams) -> None:
+        """Raise ValueError with the reason if the request cannot be served."""
+        if len(prompt_token_ids) == 0:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        total = len(prompt_token_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({sampling.max_tokens}) "
+                f"= {total} exceeds the context window of {self.max_model_len} tokens"
+            )
+        if self.kv.blocks_needed(total) > self.num_blocks:
+            raise ValueError(
+                f"request needs {self.kv.blocks_needed(total)} KV blocks but the pool has "
+                f"{self.num_blocks}; shorten it or raise kv_cache_bytes"
+            )
+
+    def add_request(
+        self,
+        req_id: str,
+        prompt_token_ids: Seq[int],
+        sampling: SamplingParams,
+        cache_salt: str = "",
+    ) -> None:
+        if req_id in self._seqs:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        self.validate(prompt_token_ids, sampling)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise OverflowError(f"{len(self.scheduler.waiting)} requests already waiting; try later")
+        ids = [int(t) for t in prompt_token_ids]
+        seq = Sequence(req_id, ids, len(ids), sampling, cache_salt, time.perf_counter())
+        self._seqs[req_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, req_id: str) -> bool:
+        seq = self._seqs.pop(req_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = self.runner.execute(batch)
+        now = time.perf_counter()
+        outputs: list[StepOutput] = []
+        for item, tok in zip(batch, tokens):
+            seq = item.seq
+            seq.num_computed_tokens = item.q_start + item.q_len
+            if tok is None:
+                continue
+            seq.token_ids.append(tok)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._finish_reason(seq, tok)
+            outputs.append(self._output(seq, (tok,), reason))
+        self.kv.register_computed([item.seq for item in batch])
+        for out in outputs:
+            if out.finished:
+                seq = self._seqs.pop(out.req_id)
+                self.scheduler.finish(seq, out.finish_reason or "stop")
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.sampling
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.model_config.eos_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, new: tuple[int, ...], reason: str | None) -> StepOutput:
+        ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time else None
+        return StepOutput(
+            seq.req_id, new, reason is not None, reason, seq.prompt_len, seq.num_output_tokens,
+            seq.num_cached_tokens, dict(seq.cached_by_tier), ttft,
+        )
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams | list[SamplingParams],
+        cache_salt: str = "",
+    ) -> list[RequestResult]:
+        """Run prompts to completion together (continuous batching); results in prompt order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        base = f"gen-{time.monotonic_ns()}"
+        req_ids = [f"{base}-{i}" for i in range(len(prompts))]
+        starts = {}
+        for rid, prompt, p in zip(req_ids, prompts, params):
+            self.add_request(rid, prompt, p, cache_salt)
+            starts[rid] = self._seqs[rid]
+        done: dict[str, RequestResult] = {}
+        while len(done) < len(req_ids):
+            for out in self.step():
+                if out.finished:
+                    seq = starts[out.req_id]
+                    done[out.req_id] = RequestResult(
+                        out.req_id, seq.token_ids[: seq.prompt_len], seq.output_token_ids,
+                        out.finish_reason or "stop", seq.num_cached_tokens, dict(seq.cached_by_tier),
+                        out.ttft_s or 0.0, time.perf_counter() - seq.arrival_time,
+                    )
+        return [done[r] for r in req_ids]
+
+    # ---- KV blocks as bytes (prefetch, transfer between workers) -------------------------
+    def block_hashes(self, token_ids: Seq[int], cache_salt: str = "") -> list[BlockHash]:
+        return hash_prompt_blocks(token_ids, self.block_size, self.fingerprint, cache_salt)
+
+    def prefetch(self, hashes: list[BlockHash]) -> None:
+        """Start moving the blocks below the device pool up the tiers, in the background."""
+        if self.store is None:
+            return
+        n_dev = len(self.kv.pool.lookup(hashes))
+        if n_dev < len(hashes):
+            self.store.prefetch(hashes[n_dev:])
+
+    def has_blocks(self, hashes: list[BlockHash]) -> list[bool]:
+        return [
+            self.kv.pool.contains(h) or (self.store is not None and self.store.contains(h))
+            for h in hashes
+        ]
+
+    def read_blocks(self, hashes: list[BlockHash]) -> tuple[int, torch.Tensor]:
+        """The leading blocks found (pool first, then store) as uint8 ``[n, block_nbytes]``."""
+        dev_ids = self.kv.pool.lookup(hashes)
+        parts = [self.kv.read_pool_blocks(dev_ids)] if dev_ids else []
+        n = len(dev_ids)
+        if self.store is not None and n < len(hashes):
+            rest = hashes[n:]
+            buf = torch.empty((len(rest), self.layout.block_nbytes), dtype=torch.uint8)
+            n_store = self.store.load(rest, buf) if self.store.lookup(rest) else 0
+            if n_store:
+                parts.append(buf[:n_store])
+                n += n_store
+        if not parts:
+            return 0, torch.empty((0, self.layout.block_nbytes), dtype=torch.uint8)
+        return n, torch.cat(parts)
+
+    def write_blocks(self, hashes: list[BlockHash], data: torch.Tensor) -> int:
+        """Accept blocks computed elsewhere: into the pool as cached blocks, and into the store."""
+        n = self.kv.write_pool_blocks(hashes, data)
+        if self.store is not None:
+            self.store.put(hashes, data)
+        return n
+
+    # ---- introspection -------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        pool = self.kv.pool
+        out: dict[str, float] = {
+            "pool_blocks": pool.num_blocks,
+            "pool_free_blocks": pool.num_free_blocks,
+            "pool_cached_blocks": pool.num_cached_blocks,
+            "pool_evicted_blocks": pool.num_evicted,
+            "num_waiting": self.num_waiting,
+            "num_running": self.num_running,
+        }
+        if self.store is not None:
+            for k, v in self.store.stats().items():
+                if isinstance(v, (int, float)):
+                    out[f"store_{k}"] = v
+        return out
+
+    def check_no_leaks(self) -> None:
+        assert not self._seqs, f"requests still live: {list(self._seqs)[:5]}"
+        self.kv.pool.check_no_leaks()
+
+    def close(self) -> None:
+        for req_id in list(self._seqs):
+            self.abort(req_id)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+

@@ -1,0 +1,180 @@
+"""The engine's KV cache: the paged pool tensors, prefix reuse, and the tiered store below.
+
+On admission a sequence's prompt blocks are found, in order, in the device pool (a hit costs
+nothing), then in the tiered store (host slab, then LMDB on disk; loaded into fresh pool
+blocks); only the rest is computed. Full blocks are registered in the pool's prefix cache and
+written through to the store, and a cached block evicted from the pool is demoted to the store
+if the store lacks it, so it is never simply dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_pool import BlockPool
+from engine.sequence import Sequence
+from kvstore.keys import BlockHash, extend_hashes
+from kvstore.layout import KVLayout, gather_blocks, scatter_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdmitPlan:
+    num_device_blocks: int  # leading blocks already in the pool
+    store_tiers: tuple[str, ...]  # tier of each following block found in the store
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        device: torch.device,
+        fingerprint: bytes,
+        store=None,  # kvstore.store.TieredStore | None  # noqa: ANN001
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.device = device
+        self.fingerprint = fingerprint
+        self.store = store
+        self.enable_prefix_caching = enable_prefix_caching
+        shape = (num_blocks, *layout.pool_block_shape())
+        # One allocation for all layers keeps the pool contiguous; per-layer views into it.
+        self._pool = torch.zeros((layout.num_layers, *shape), dtype=layout.dtype, device=device)
+        self.kv_caches = list(self._pool.unbind(0))
+        self.pool = BlockPool(num_blocks, on_evict=self._demote if store is not None else None)
+
+    # ---- hashing -------------------------------------------------------------------------
+    def update_hashes(self, seq: Sequence) -> None:
+        extend_hashes(seq.block_hashes, seq.token_ids, self.block_size, self.fingerprint, seq.cache_salt)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    # ---- admission -----------------------------------------------------------------------
+    def plan(self, seq: Sequence) -> AdmitPlan:
+        """Where the sequence's leading full blocks are cached (at least one token is computed)."""
+        if not self.enable_prefix_caching:
+            return AdmitPlan(0, ())
+        self.update_hashes(seq)
+        max_hit = (len(seq.token_ids) - 1) // self.block_size
+        hashes = seq.block_hashes[:max_hit]
+        n_dev = len(self.pool.lookup(hashes))
+        tiers: tuple[str, ...] = ()
+        if self.store is not None and n_dev < len(hashes):
+            tiers = tuple(self.store.lookup(hashes[n_dev:]))
+        return AdmitPlan(n_dev, tiers)
+
+    def num_new_blocks(self, seq: Sequence, plan: AdmitPlan) -> int:
+        return self.blocks_needed(len(seq.token_ids)) - plan.num_device_blocks
+
+    def admit(self, seq: Sequence, plan: AdmitPlan) -> bool:
+        """Reserve blocks for the whole sequence and load cached ones; False if the pool is short."""
+        hashes = seq.block_hashes
+        dev_ids = self.pool.lookup(hashes[: plan.num_device_blocks])
+        assert len(dev_ids) == plan.num_device_blocks, "device hits changed between plan and admit"
+        new_ids = self.pool.allocate(self.num_new_blocks(seq, plan))
+        if new_ids is None:
+            return False
+        self.pool.touch(dev_ids)
+        seq.block_ids = dev_ids + new_ids
+        n_loaded = 0
+        if plan.store_tiers:
+            n_loaded = self._load(hashes[len(dev_ids) : len(dev_ids) + len(plan.store_tiers)], new_ids)
+        n_cached_blocks = len(dev_ids) + n_loaded
+        for i in range(len(dev_ids), n_cached_blocks):
+            self.pool.cache_block(seq.block_ids[i], hashes[i])
+        seq.num_registered_blocks = n_cached_blocks
+        seq.num_computed_tokens = n_cached_blocks * self.block_size
+        if seq.first_token_time is None:  # a preempted sequence keeps its first accounting
+            seq.num_cached_tokens = seq.num_computed_tokens
+            by_tier = {"device": len(dev_ids) * self.block_size}
+            for tier in plan.store_tiers[:n_loaded]:
+                by_tier[tier] = by_tier.get(tier, 0) + self.block_size
+            seq.cached_by_tier = {k: v for k, v in by_tier.items() if v}
+        return True
+
+    def _load(self, hashes: list[BlockHash], block_ids: list[int]) -> int:
+        assert self.store is not None
+        n = len(hashes)
+        staging = torch.empty((n, *self.layout.block_shape), dtype=self.layout.dtype)
+        n_loaded = self.store.load(hashes, staging.view(torch.uint8).view(n, -1))
+        if n_loaded:
+            src = staging[:n_loaded].to(self.device, non_blocking=True)
+            ids = torch.tensor(block_ids[:n_loaded], dtype=torch.int64, device=self.device)
+            scatter_blocks(self.kv_caches, ids, src, self.layout)
+        return n_loaded
+
+    # ---- growth, registration, release ---------------------------------------------------
+    def append_slots(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make room for K/V up to ``num_tokens`` tokens; False if the pool is short."""
+        extra = self.blocks_needed(num_tokens) - len(seq.block_ids)
+        if extra <= 0:
+            return True
+        ids = self.pool.allocate(extra)
+        if ids is None:
+            return False
+        seq.block_ids.extend(ids)
+        return True
+
+    def register_computed(self, seqs: list[Sequence]) -> None:
+        """Offer newly completed full blocks to the prefix cache and write them through."""
+        if not self.enable_prefix_caching:
+            return
+        new_ids: list[int] = []
+        new_hashes: list[BlockHash] = []
+        for seq in seqs:
+            self.update_hashes(seq)
+            n_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+            for i in range(seq.num_registered_blocks, n_full):
+                if self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i]):
+                    new_ids.append(seq.block_ids[i])
+                    new_hashes.append(seq.block_hashes[i])
+            seq.num_registered_blocks = max(seq.num_registered_blocks, n_full)
+        if new_ids and self.store is not None:
+            self.store.put(new_hashes, self.read_pool_blocks(new_ids))
+
+    def free(self, seq: Sequence) -> None:
+        if seq.block_ids:
+            self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_registered_blocks = 0
+
+    # ---- bytes in and out ----------------------------------------------------------------
+    def read_pool_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Block-major copies of pool blocks, as uint8 ``[n, block_nbytes]`` on the CPU."""
+        n = len(block_ids)
+        out = torch.empty((n, *self.layout.block_shape), dtype=self.layout.dtype, device=self.device)
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        gather_blocks(self.kv_caches, ids, out, self.layout)
+        return out.cpu().view(torch.uint8).view(n, -1)
+
+    def write_pool_blocks(self, hashes: list[BlockHash], data: torch.Tensor) -> int:
+        """Insert blocks (uint8 ``[n, block_nbytes]``) into the pool as free cached blocks."""
+        todo = [i for i, h in enumerate(hashes) if not self.pool.contains(h)]
+        if not todo:
+            return 0
+        ids = self.pool.allocate(len(todo))
+        if ids is None:
+            return 0
+        src = data[todo].view(self.layout.dtype).view(len(todo), *self.layout.block_shape)
+        idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        scatter_blocks(self.kv_caches, idx, src.to(self.device), self.layout)
+        for i, block_id in zip(todo, ids):
+            self.pool.cache_block(block_id, hashes[i])
+        self.pool.free(ids)
+        return len(todo)
+
+    def _demote(self, evicted: list[tuple[int, BlockHash]]) -> None:
+        """Pool eviction: hand blocks the store does not hold yet down to it."""
+        assert self.store is not None
+        missing = [(i, h) for i, h in evicted if not self.store.contains(h)]
+        if missing:
+            self.store.put([h for _, h in missing], self.read_pool_blocks([i for i, _ in missing]))

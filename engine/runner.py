@@ -1,0 +1,77 @@
+"""Turns a scheduled batch into model inputs, runs the model, samples the next tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention import AttnMetadata, SeqSlice
+from engine.model import CausalLM
+from engine.sampling import sample
+from engine.scheduler import ScheduledSeq
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sliding_window = model.config.sliding_window
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_block: list[int] = []
+        slot_offset: list[int] = []
+        seqs: list[SeqSlice] = []
+        bs = self.block_size
+        for item in batch:
+            seq = item.seq
+            end = item.q_start + item.q_len
+            ids.extend(seq.token_ids[item.q_start : end])
+            pos = range(item.q_start, end)
+            positions.extend(pos)
+            slot_block.extend(seq.block_ids[p // bs] for p in pos)
+            slot_offset.extend(p % bs for p in pos)
+            n_blocks = (end + bs - 1) // bs
+            block_ids = torch.tensor(seq.block_ids[:n_blocks], dtype=torch.int64, device=self.device)
+            seqs.append(SeqSlice(item.q_start, item.q_len, block_ids))
+        dev = self.device
+        meta = AttnMetadata(
+            slot_block=torch.tensor(slot_block, dtype=torch.int64, device=dev),
+            slot_offset=torch.tensor(slot_offset, dtype=torch.int64, device=dev),
+            seqs=tuple(seqs),
+            block_size=bs,
+            sliding_window=self.sliding_window,
+        )
+        return (
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            meta,
+        )
+
+    def execute(self, batch: list[ScheduledSeq]) -> list[int | None]:
+        """Run one step; the sampled token of every sequence whose chunk reached its end."""
+        input_ids, positions, meta = self.prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+        last: list[int] = []
+        t = 0
+        for item in batch:
+            t += item.q_len
+            if item.samples:
+                last.append(t - 1)
+        result: list[int | None] = [None] * len(batch)
+        if not last:
+            return result
+        logits = self.model.compute_logits(hidden[torch.tensor(last, device=hidden.device)])
+        sampling_items = [item for item in batch if item.samples]
+        tokens = sample(
+            logits,
+            [item.seq.sampling for item in sampling_items],
+            [item.seq.num_output_tokens for item in sampling_items],
+        )
+        it = iter(tokens)
+        for i, item in enumerate(batch):
+            if item.samples:
+                result[i] = next(it)
+        return result

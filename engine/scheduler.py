@@ -1,0 +1,94 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Each step has a token budget (``max_num_batched_tokens``). Running sequences go first: decodes
+take one token, unfinished prefills take a chunk. Waiting sequences are admitted in arrival order
+while the pool can hold their whole prompt (never over-committed); the first one that does not
+fit waits (backpressure) until blocks are freed. A running sequence that cannot grow preempts the
+most recently admitted one (its blocks stay in the prefix cache, so re-admission is cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.kv_manager import KVCacheManager
+from engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    q_start: int  # first position computed in this step
+    q_len: int  # tokens computed in this step
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens: a new token is sampled."""
+        return self.q_start + self.q_len == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            assert n > 0, f"running sequence {seq.req_id} has nothing to compute"
+            while not self.kv.append_slots(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            plan = self.kv.plan(seq)
+            if self.kv.num_new_blocks(seq, plan) > self.kv.pool.num_free_blocks:
+                break  # backpressure: wait until running sequences free blocks
+            if not self.kv.admit(seq, plan):
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.register_computed([seq])  # keep what it computed reusable
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason

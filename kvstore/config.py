@@ -1,0 +1,33 @@
+"""Configuration of the tiered store (one frozen dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    host_capacity_bytes: int = 1 << 30  # pinned host slab; 0 turns the host tier off
+    disk_path: str | None = None  # LMDB directory (NVMe); None turns the disk tier off
+    disk_capacity_bytes: int = 8 << 30  # LMDB map_size ceiling; 0 turns the disk tier off
+    disk_write_queue_blocks: int = 256  # bound of the write-behind queue (then writes are refused)
+    prefetch_threads: int = 2  # background workers moving disk -> host
+    pin_host_memory: bool = True  # cudaHostRegister the slab when CUDA is present
+
+    def __post_init__(self) -> None:
+        if self.host_capacity_bytes < 0:
+            raise ValueError("host_capacity_bytes must be >= 0 (0 turns the host tier off)")
+        if self.disk_capacity_bytes < 0:
+            raise ValueError("disk_capacity_bytes must be >= 0 (0 turns the disk tier off)")
+        if self.disk_write_queue_blocks <= 0:
+            raise ValueError("disk_write_queue_blocks must be positive")
+        if self.prefetch_threads <= 0:
+            raise ValueError("prefetch_threads must be positive")
+
+    @property
+    def disk_enabled(self) -> bool:
+        return bool(self.disk_path) and self.disk_capacity_bytes > 0
+
+    @property
+    def host_enabled(self) -> bool:
+        return self.host_capacity_bytes > 0
