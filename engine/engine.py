@@ -215,7 +215,7 @@ class LLMEngine:
 
     def has_blocks(self, hashes: list[BlockHash]) -> list[bool]:
         return [
-            self.kv.pool.contains(h) or (self.store is not None and self.store.contains(h))
+            self.kv.pool.contains(h) or (self.store is not None and bool(self.store.lookup([h])))
             for h in hashes
         ]
 

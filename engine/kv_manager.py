@@ -175,6 +175,6 @@ class KVCacheManager:
     def _demote(self, evicted: list[tuple[int, BlockHash]]) -> None:
         """Pool eviction: hand blocks the store does not hold yet down to it."""
         assert self.store is not None
-        missing = [(i, h) for i, h in evicted if not self.store.contains(h)]
+        missing = [(i, h) for i, h in evicted if not self.store.lookup([h])]
         if missing:
             self.store.put([h for _, h in missing], self.read_pool_blocks([i for i, _ in missing]))

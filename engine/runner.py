@@ -68,7 +68,7 @@ class ModelRunner:
         tokens = sample(
             logits,
             [item.seq.sampling for item in sampling_items],
-            [item.seq.num_output_tokens for item in sampling_items],
+            [len(item.seq.token_ids) for item in sampling_items],
         )
         it = iter(tokens)
         for i, item in enumerate(batch):

@@ -32,14 +32,15 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], output_lens: list[int]) -> list[int]:
-    """One token per row. logits: [N, vocab] float32.
+def sample(logits: torch.Tensor, params: list[SamplingParams], seq_lens: list[int]) -> list[int]:
+    """One token per row. logits: [N, vocab] float32; seq_lens: tokens before the new one.
 
-    A seeded request draws its ``i``-th token from a generator seeded by (seed, i), so the
-    result depends on nothing but the request: not on batch mates, not on the worker.
+    A seeded request draws the token at position ``i`` from a generator seeded by (seed, i), so
+    the result depends on nothing but the request: not on batch mates, not on the worker (a
+    decode worker continuing a prefill worker's sequence draws the same tokens).
     """
     out = logits.argmax(dim=-1).tolist()
-    for row, (p, n_out) in enumerate(zip(params, output_lens)):
+    for row, (p, n_out) in enumerate(zip(params, seq_lens)):
         if p.greedy:
             continue
         x = logits[row] / p.temperature

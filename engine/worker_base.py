@@ -1,0 +1,112 @@
+"""What prefill and decode workers share: an engine on its loop thread, its info and stats.
+
+Workers are plain classes (testable without Ray); ``prefill_worker.actor`` and
+``decode_worker.actor`` wrap them in thin Ray actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.loop import EngineLoop
+from kvstore.config import StoreConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str  # unique in the cluster, e.g. "prefill-0"
+    role: str  # "prefill" | "decode"
+    node: str  # host name of the node the worker runs on
+    fingerprint: bytes  # model fingerprint: blocks are only shared between equal ones
+    block_size: int  # tokens per KV block
+    block_nbytes: int  # bytes of one block (all layers, K and V)
+    vocab_size: int
+    max_model_len: int
+    kv_address: str | None  # host:port of the worker's KVTransfer server
+    prefill_tokens_per_s: float  # measured at start-up
+    tier_bytes_per_s: dict[str, float] = field(default_factory=dict)  # measured load speed
+
+
+class WorkerBase:
+    role = "worker"
+
+    def __init__(self, worker_id: str, engine_config: EngineConfig, store_config: StoreConfig) -> None:
+        self.worker_id = worker_id
+        self.engine = LLMEngine(engine_config, store_config)
+        self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
+        self.tier_bytes_per_s = self._measure_tiers()
+        self.loop = EngineLoop(self.engine, name=f"{worker_id}-loop")
+        self._events_cursor = 0
+
+    def _measure_tiers(self) -> dict[str, float]:
+        if self.engine.store is None:
+            return {}
+        try:
+            return {k: float(v) for k, v in self.engine.store.measure_bandwidth().items()}
+        except Exception:  # noqa: BLE001 - a measurement failure must not stop the worker
+            logger.exception("tier bandwidth measurement failed")
+            return {}
+
+    def info(self, kv_address: str | None = None) -> WorkerInfo:
+        e = self.engine
+        return WorkerInfo(
+            worker_id=self.worker_id, role=self.role, node=socket.gethostname(),
+            fingerprint=e.fingerprint, block_size=e.block_size,
+            block_nbytes=e.layout.block_nbytes, vocab_size=e.model_config.vocab_size,
+            max_model_len=e.max_model_len, kv_address=kv_address,
+            prefill_tokens_per_s=self.prefill_tokens_per_s, tier_bytes_per_s=self.tier_bytes_per_s,
+        )
+
+    def stats(self) -> dict[str, float]:
+        s = self.loop.call(lambda eng: eng.stats())
+        s["pid"] = os.getpid()
+        return s
+
+    def drain_events(self) -> list[tuple[str, str, list[bytes]]]:
+        """Store and pool events since the last call: (kind, tier, block hashes)."""
+        return self.loop.call(_drain)
+
+    def check_no_leaks(self) -> bool:
+        self.loop.call(lambda eng: eng.check_no_leaks())
+        return True
+
+    def prefetch(self, hashes: list[bytes]) -> None:
+        self.loop.call(lambda eng: eng.prefetch(hashes))
+
+    def shutdown(self) -> None:
+        self.loop.close()
+        self.engine.close()
+
+
+def _drain(eng: LLMEngine) -> list[tuple[str, str, list[bytes]]]:
+    out = [("stored" if k == "stored" else "removed", "device", list(h)) for k, h in eng.kv.pool.drain_events()]
+    if eng.store is not None:
+        out += [(ev.kind, ev.tier, list(ev.block_hashes)) for ev in eng.store.drain_events()]
+    return out
+
+
+def measure_prefill_speed(engine: LLMEngine, num_tokens: int = 256) -> float:
+    """Prefill tokens/s of this engine, timed on a throwaway prompt at start-up."""
+    from engine.sampling import SamplingParams
+
+    n = min(num_tokens, engine.max_model_len - 1, engine.num_blocks * engine.block_size - 1)
+    prompt = [(i * 31 + 7) % engine.model_config.vocab_size for i in range(n)]
+    params = SamplingParams(max_tokens=1)
+    caching = engine.kv.enable_prefix_caching
+    engine.kv.enable_prefix_caching = False  # keep the throwaway prompt out of every tier
+    try:
+        engine.generate([prompt], params)  # warm-up
+        t0 = time.perf_counter()
+        engine.generate([prompt], params)
+        dt = time.perf_counter() - t0
+    finally:
+        engine.kv.enable_prefix_caching = caching
+    return n / dt if dt > 0 else float("inf")
