@@ -12,17 +12,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
-from decode_worker.kv_receiver import start_kv_server
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from engine.worker_base import WorkerBase
 from kvstore.config import StoreConfig
-from kvstore.keys import BlockHash
 
 logger = logging.getLogger(__name__)
 
@@ -34,27 +30,6 @@ class DecodeDelta:
     cached_tokens: int  # of the sequence handed over (prompt + first token)
     cached_by_tier: dict[str, int]
     transfer_ms: float  # waiting for the prefill worker's blocks (0 if none expected)
-
-
-class _Sink:
-    """The engine side of the KV receiver: every call runs on the engine's loop thread."""
-
-    def __init__(self, worker: DecodeWorker) -> None:
-        self.w = worker
-
-    def has_blocks(self, hashes: Sequence[BlockHash]) -> list[bool]:
-        return self.w.loop.call(lambda eng: eng.has_blocks(list(hashes)))
-
-    def write_blocks(self, req_id: str, hashes: Sequence[BlockHash], payloads: list) -> int:  # noqa: ANN001
-        data = torch.stack([torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads])
-        return self.w.loop.call(lambda eng: eng.write_blocks(list(hashes), data))
-
-    def read_blocks(self, hashes: Sequence[BlockHash]) -> list[bytes | None]:
-        n, data = self.w.loop.call(lambda eng: eng.read_blocks(list(hashes)))
-        return [data[i].numpy().tobytes() if i < n else None for i in range(len(hashes))]
-
-    def transfer_done(self, req_id: str, ok: bool) -> None:
-        self.w._transfer_done(req_id, ok)
 
 
 class DecodeWorker(WorkerBase):
@@ -69,14 +44,10 @@ class DecodeWorker(WorkerBase):
         kv_host: str = "127.0.0.1",
         kv_port: int = 0,
     ) -> None:
-        super().__init__(worker_id, engine_config, store_config)
+        super().__init__(worker_id, engine_config, store_config, secret, kv_host, kv_port)
         self._transfers: dict[str, tuple[threading.Event, list[bool]]] = {}
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
-        self.server, port = start_kv_server(
-            _Sink(self), self.engine.fingerprint, host=kv_host, port=kv_port, secret=secret
-        )
-        self.kv_address = f"{kv_host}:{port}"
         self.transfer_stats = {"transfers_ok": 0.0, "transfers_failed": 0.0, "transfers_timed_out": 0.0}
 
     def _transfer_slot(self, req_id: str) -> tuple[threading.Event, list[bool]]:
@@ -86,7 +57,7 @@ class DecodeWorker(WorkerBase):
                 slot = self._transfers[req_id] = (threading.Event(), [False])
             return slot
 
-    def _transfer_done(self, req_id: str, ok: bool) -> None:
+    def on_transfer_done(self, req_id: str, ok: bool) -> None:
         event, result = self._transfer_slot(req_id)
         result[0] = ok
         event.set()
@@ -141,9 +112,6 @@ class DecodeWorker(WorkerBase):
     def stats(self) -> dict[str, float]:
         return {**super().stats(), **self.transfer_stats}
 
-    def shutdown(self) -> None:
-        self.server.stop(grace=1.0)
-        super().shutdown()
 
 
 def continuation(sampling: SamplingParams) -> SamplingParams:

@@ -10,12 +10,16 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loop import EngineLoop
 from kvstore.config import StoreConfig
+from kvstore.keys import BlockHash
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +39,55 @@ class WorkerInfo:
     tier_bytes_per_s: dict[str, float] = field(default_factory=dict)  # measured load speed
 
 
+class BlockSinkAdapter:
+    """The engine side of a worker's KVTransfer server; every call runs on the loop thread."""
+
+    def __init__(self, worker: WorkerBase) -> None:
+        self.w = worker
+
+    def has_blocks(self, hashes: Sequence[BlockHash]) -> list[bool]:
+        return self.w.loop.call(lambda eng: eng.has_blocks(list(hashes)))
+
+    def write_blocks(self, req_id: str, hashes: Sequence[BlockHash], payloads: list) -> int:  # noqa: ANN001
+        data = torch.stack([torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads])
+        return self.w.loop.call(lambda eng: eng.write_blocks(list(hashes), data))
+
+    def read_blocks(self, hashes: Sequence[BlockHash]) -> list[bytes | None]:
+        n, data = self.w.loop.call(lambda eng: eng.read_blocks(list(hashes)))
+        return [data[i].numpy().tobytes() if i < n else None for i in range(len(hashes))]
+
+    def transfer_done(self, req_id: str, ok: bool) -> None:
+        self.w.on_transfer_done(req_id, ok)
+
+
 class WorkerBase:
+    """Engine + loop thread + a KVTransfer server (other workers push to it and pull from it)."""
+
     role = "worker"
 
-    def __init__(self, worker_id: str, engine_config: EngineConfig, store_config: StoreConfig) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        store_config: StoreConfig,
+        secret: str | None = None,
+        kv_host: str = "127.0.0.1",
+        kv_port: int = 0,
+    ) -> None:
+        from decode_worker.kv_receiver import start_kv_server
+
         self.worker_id = worker_id
         self.engine = LLMEngine(engine_config, store_config)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
         self.tier_bytes_per_s = self._measure_tiers()
         self.loop = EngineLoop(self.engine, name=f"{worker_id}-loop")
-        self._events_cursor = 0
+        self.server, port = start_kv_server(
+            BlockSinkAdapter(self), self.engine.fingerprint, host=kv_host, port=kv_port, secret=secret
+        )
+        self.kv_address = f"{kv_host}:{port}"
+
+    def on_transfer_done(self, req_id: str, ok: bool) -> None:
+        """A push of ``req_id``'s blocks into this worker ended (``ok``: completely)."""
 
     def _measure_tiers(self) -> dict[str, float]:
         if self.engine.store is None:
@@ -55,13 +98,13 @@ class WorkerBase:
             logger.exception("tier bandwidth measurement failed")
             return {}
 
-    def info(self, kv_address: str | None = None) -> WorkerInfo:
+    def info(self) -> WorkerInfo:
         e = self.engine
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, node=socket.gethostname(),
             fingerprint=e.fingerprint, block_size=e.block_size,
             block_nbytes=e.layout.block_nbytes, vocab_size=e.model_config.vocab_size,
-            max_model_len=e.max_model_len, kv_address=kv_address,
+            max_model_len=e.max_model_len, kv_address=self.kv_address,
             prefill_tokens_per_s=self.prefill_tokens_per_s, tier_bytes_per_s=self.tier_bytes_per_s,
         )
 
@@ -82,6 +125,7 @@ class WorkerBase:
         self.loop.call(lambda eng: eng.prefetch(hashes))
 
     def shutdown(self) -> None:
+        self.server.stop(grace=1.0)
         self.loop.close()
         self.engine.close()
 

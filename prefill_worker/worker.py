@@ -12,6 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from engine.worker_base import WorkerBase
@@ -33,6 +35,7 @@ class PrefillResult:
     cached_by_tier: dict[str, int]
     prefill_ms: float  # arrival at this worker to first token
     num_blocks_to_push: int  # full blocks the decode worker is sent (or already holds)
+    num_pulled_blocks: int = 0  # blocks fetched from another worker before computing
 
 
 class PrefillWorker(WorkerBase):
@@ -45,13 +48,16 @@ class PrefillWorker(WorkerBase):
         store_config: StoreConfig,
         secret: str | None = None,
         transfer_deadline_s: float = 60.0,
+        kv_host: str = "127.0.0.1",
+        kv_port: int = 0,
     ) -> None:
-        super().__init__(worker_id, engine_config, store_config)
+        super().__init__(worker_id, engine_config, store_config, secret, kv_host, kv_port)
         self.sender = KVSender(secret=secret)
         self.transfer_deadline_s = transfer_deadline_s
         self._pushes = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{worker_id}-push")
         self._cancels: dict[str, threading.Event] = {}
-        self.push_stats = {"push_blocks": 0.0, "push_bytes": 0.0, "push_seconds": 0.0, "push_failures": 0.0}
+        self.push_stats = {"push_blocks": 0.0, "push_bytes": 0.0, "push_seconds": 0.0, "push_failures": 0.0,
+                           "pull_blocks": 0.0}
 
     def prefill(
         self,
@@ -61,8 +67,13 @@ class PrefillWorker(WorkerBase):
         cache_salt: str = "",
         decode_kv_address: str | None = None,
         timeout_s: float = 300.0,
+        pull_from: str | None = None,
+        num_pull_blocks: int = 0,
     ) -> PrefillResult:
         t0 = time.perf_counter()
+        num_pulled = 0
+        if pull_from and num_pull_blocks > 0:
+            num_pulled = self._pull(pull_from, prompt_token_ids, cache_salt, num_pull_blocks)
         first = dataclasses.replace(sampling, max_tokens=1)
         stream = self.loop.submit(req_id, list(prompt_token_ids), first, cache_salt)
         try:
@@ -84,7 +95,28 @@ class PrefillWorker(WorkerBase):
             prompt_tokens=len(prompt_token_ids), cached_tokens=out.num_cached_tokens,
             cached_by_tier=out.cached_by_tier, prefill_ms=(time.perf_counter() - t0) * 1000.0,
             num_blocks_to_push=len(hashes) if decode_kv_address and not finished else 0,
+            num_pulled_blocks=num_pulled,
         )
+
+    def _pull(self, address: str, prompt: list[int], cache_salt: str, num_blocks: int) -> int:
+        """Fetch up to ``num_blocks`` leading prompt blocks this worker lacks from another one."""
+        hashes = self.engine.block_hashes(prompt, cache_salt)[:num_blocks]
+        held = self.loop.call(lambda eng: eng.has_blocks(hashes))
+        todo = [h for h, ok in zip(hashes, held) if not ok]
+        if not todo:
+            return 0
+        try:
+            payloads = self.sender.pull(address, self.engine.fingerprint, todo, self.transfer_deadline_s)
+        except (StrataError, TimeoutError) as e:
+            logger.warning("pull from %s failed, recomputing: %s", address, e)
+            return 0
+        got = [(h, p) for h, p in zip(todo, payloads) if p is not None]
+        if not got:
+            return 0
+        data = torch.stack([torch.frombuffer(bytearray(p), dtype=torch.uint8) for _, p in got])
+        self.loop.call(lambda eng: eng.write_blocks([h for h, _ in got], data))
+        self.push_stats["pull_blocks"] += len(got)
+        return len(got)
 
     def _push(self, req_id: str, hashes: list[bytes], address: str, cancel: threading.Event) -> None:
         try:

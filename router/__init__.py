@@ -1,0 +1,10 @@
+"""The router: client-facing gRPC service, request validation, placement and the Python client.
+
+- ``servicer.py``: ``GenerationServicer`` over a ``Backend`` protocol; all gRPC status codes.
+- ``server.py``: ``serve()`` -> (server, port), with health and reflection registered.
+- ``validation.py``, ``types.py``, ``config.py``, ``errors.py``, ``auth.py``, ``detokenize.py``.
+- ``index.py`` (``GlobalBlockIndex``) and ``placement.py`` (``CostModel``): pure Python.
+- ``client.py``: ``StrataClient``. ``metrics.py``: Prometheus metrics in a private registry.
+
+Imports ``proto`` and ``kvstore`` (keys, errors) only: never torch or the engine.
+"""

@@ -1,0 +1,280 @@
+"""Host tier: one slab of RAM (registered with CUDA once when present), a slot allocator.
+
+``slab: [num_slots, block_nbytes]`` uint8, allocated once. A free list of slot indices, a map
+block_hash -> slot, and an LRU order (OrderedDict, oldest first) of the resident blocks whose
+ref_cnt is zero. Pinned blocks (ref_cnt > 0) are out of the LRU and never evicted.
+
+Eviction hands the victim's row to ``on_evict(block_hash, row)`` before the slot is reused (the
+store demotes it to disk there); the callback runs with no lock held, while the slot is
+reserved for the put that evicted it, so the row still holds the victim's bytes.
+Copies run outside the lock too: readers take a transient reference on the blocks they copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kvstore.events import PublishFn
+from kvstore.keys import BlockHash
+
+logger = logging.getLogger(__name__)
+
+EvictFn = Callable[[BlockHash, torch.Tensor], None]
+
+
+class HostTier:
+    name = "host"
+
+    def __init__(
+        self,
+        block_nbytes: int,
+        capacity_bytes: int,
+        *,
+        pin_memory: bool = True,
+        on_evict: EvictFn | None = None,
+        publish: PublishFn | None = None,
+    ) -> None:
+        if block_nbytes <= 0:
+            raise ValueError(f"block_nbytes must be positive, got {block_nbytes}")
+        num_slots = capacity_bytes // block_nbytes
+        if num_slots <= 0:
+            raise ValueError(
+                f"host_capacity_bytes={capacity_bytes} holds no block of {block_nbytes} bytes; "
+                "raise it or set it to 0 to turn the host tier off"
+            )
+        self.block_nbytes = block_nbytes
+        self.num_slots = num_slots
+        self._on_evict = on_evict
+        self._publish = publish
+        # slab: [num_slots, block_nbytes]
+        self._slab = torch.empty((num_slots, block_nbytes), dtype=torch.uint8)
+        self._registered = False
+        if pin_memory and torch.cuda.is_available():
+            self._register()
+        self._lock = threading.Lock()
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
+        self._slot_of: dict[BlockHash, int] = {}
+        self._ref_cnt: dict[BlockHash, int] = {}  # only blocks with ref_cnt > 0
+        self._lru: OrderedDict[BlockHash, None] = OrderedDict()  # unpinned residents, LRU first
+        self._writing: set[BlockHash] = set()  # slot reserved, bytes being copied in
+        self.num_evictions = 0
+        self.num_refused = 0  # puts refused: every slot pinned or being written
+
+    def _register(self) -> None:
+        nbytes = self._slab.numel()
+        err = torch.cuda.cudart().cudaHostRegister(self._slab.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            logger.warning("cudaHostRegister of the %d-byte host slab failed (%s)", nbytes, err)
+        else:
+            self._registered = True
+
+    # ----------------------------------------------------------------- queries
+    def contains(self, block_hash: BlockHash) -> bool:
+        with self._lock:
+            return block_hash in self._slot_of
+
+    @property
+    def num_blocks(self) -> int:
+        with self._lock:
+            return len(self._slot_of)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return (len(self._slot_of) + len(self._writing)) * self.block_nbytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.block_nbytes
+
+    def ref_cnt(self, block_hash: BlockHash) -> int:
+        with self._lock:
+            return self._ref_cnt.get(block_hash, 0)
+
+    def num_pinned(self) -> int:
+        with self._lock:
+            return len(self._ref_cnt)
+
+    def slot_view(self, block_hash: BlockHash) -> torch.Tensor | None:
+        """The block's row of the slab (zero copy). Hold a ``pin`` while using it."""
+        with self._lock:
+            slot = self._slot_of.get(block_hash)
+        return None if slot is None else self._slab[slot]
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "blocks": len(self._slot_of),
+                "pinned_blocks": len(self._ref_cnt),
+                "used_bytes": (len(self._slot_of) + len(self._writing)) * self.block_nbytes,
+                "capacity_bytes": self.capacity_bytes,
+                "evictions": self.num_evictions,
+                "refused_writes": self.num_refused,
+            }
+
+    # ----------------------------------------------------------------- reads
+    def get_into(self, hashes: Sequence[BlockHash], out: torch.Tensor) -> list[bool]:
+        # out: [>= n, block_nbytes] uint8
+        assert out.shape[0] >= len(hashes) and out.shape[1] == self.block_nbytes, out.shape
+        rows: list[int] = []
+        slots: list[int] = []
+        with self._lock:
+            for i, h in enumerate(hashes):
+                slot = self._slot_of.get(h)
+                if slot is not None:
+                    self._ref_locked(h)
+                    rows.append(i)
+                    slots.append(slot)
+        if not rows:
+            return [False] * len(hashes)
+        try:
+            slot_idx = torch.tensor(slots, dtype=torch.int64)
+            if rows[-1] == len(rows) - 1:  # hits are a leading run: one gather straight into out
+                torch.index_select(self._slab, 0, slot_idx, out=out[: len(rows)])
+            else:
+                out.index_copy_(0, torch.tensor(rows), self._slab.index_select(0, slot_idx))
+        finally:
+            with self._lock:
+                for i in rows:
+                    self._unref_locked(hashes[i])
+        found = [False] * len(hashes)
+        for i in rows:
+            found[i] = True
+        return found
+
+    # ----------------------------------------------------------------- writes
+    def put(self, hashes: Sequence[BlockHash], data: torch.Tensor) -> list[bool]:
+        # data: [>= n, block_nbytes] uint8
+        assert data.shape[0] >= len(hashes) and data.shape[1] == self.block_nbytes, data.shape
+        accepted = [False] * len(hashes)
+        rows: list[int] = []
+        slots: list[int] = []
+        victims: list[tuple[BlockHash, int]] = []
+        with self._lock:
+            for i, h in enumerate(hashes):
+                if h in self._slot_of:
+                    self._touch_locked(h)
+                    accepted[i] = True
+                elif h in self._writing:
+                    accepted[i] = True  # another put (or an earlier row of this one) has it
+                else:
+                    slot = self._allocate_locked(victims)
+                    if slot is None:
+                        self.num_refused += 1
+                        continue
+                    self._writing.add(h)
+                    rows.append(i)
+                    slots.append(slot)
+        self._hand_over(victims)
+        if not rows:
+            return accepted
+        try:
+            src = data[: len(rows)] if rows[-1] == len(rows) - 1 else data[torch.tensor(rows)]
+            self._slab.index_copy_(0, torch.tensor(slots, dtype=torch.int64), src)
+        except BaseException:
+            with self._lock:
+                for i, slot in zip(rows, slots):
+                    self._writing.discard(hashes[i])
+                    self._free.append(slot)
+            raise
+        with self._lock:
+            for i, slot in zip(rows, slots):
+                h = hashes[i]
+                self._writing.discard(h)
+                assert h not in self._slot_of, f"block {h.hex()} written twice into the host slab"
+                self._slot_of[h] = slot
+                self._lru[h] = None
+                accepted[i] = True
+        if self._publish is not None:
+            self._publish("stored", self.name, [hashes[i] for i in rows])
+        return accepted
+
+    def remove(self, block_hash: BlockHash) -> bool:
+        with self._lock:
+            if block_hash not in self._slot_of or block_hash in self._ref_cnt:
+                return False
+            self._free.append(self._slot_of.pop(block_hash))
+            del self._lru[block_hash]
+        if self._publish is not None:
+            self._publish("removed", self.name, [block_hash])
+        return True
+
+    def evict(self, num_blocks: int) -> int:
+        """Evict up to ``num_blocks`` LRU unpinned blocks (through ``on_evict``); how many went."""
+        victims: list[tuple[BlockHash, int]] = []
+        with self._lock:
+            for _ in range(num_blocks):
+                if not self._lru:
+                    break
+                victims.append(self._pop_lru_locked())
+        self._hand_over(victims)
+        with self._lock:
+            self._free.extend(slot for _, slot in victims)
+        return len(victims)
+
+    # ----------------------------------------------------------------- pins
+    def pin(self, block_hash: BlockHash) -> bool:
+        with self._lock:
+            if block_hash not in self._slot_of:
+                return False
+            self._ref_locked(block_hash)
+            return True
+
+    def unpin(self, block_hash: BlockHash) -> None:
+        with self._lock:
+            self._unref_locked(block_hash)
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._slab.data_ptr())
+            self._registered = False
+
+    # ----------------------------------------------------------------- internals (lock held)
+    def _ref_locked(self, h: BlockHash) -> None:
+        self._ref_cnt[h] = self._ref_cnt.get(h, 0) + 1
+        self._lru.pop(h, None)
+
+    def _unref_locked(self, h: BlockHash) -> None:
+        n = self._ref_cnt.get(h, 0)
+        assert n > 0, f"unpin of host block {h.hex()} whose ref_cnt is already 0"
+        if n == 1:
+            del self._ref_cnt[h]
+            self._lru[h] = None  # back in the LRU order, most recently used
+        else:
+            self._ref_cnt[h] = n - 1
+
+    def _touch_locked(self, h: BlockHash) -> None:
+        if h in self._lru:
+            self._lru.move_to_end(h)
+
+    def _pop_lru_locked(self) -> tuple[BlockHash, int]:
+        victim, _ = self._lru.popitem(last=False)
+        self.num_evictions += 1
+        return victim, self._slot_of.pop(victim)
+
+    def _allocate_locked(self, victims: list[tuple[BlockHash, int]]) -> int | None:
+        if self._free:
+            return self._free.pop()
+        if not self._lru:
+            return None
+        victim, slot = self._pop_lru_locked()
+        victims.append((victim, slot))
+        return slot
+
+    def _hand_over(self, victims: list[tuple[BlockHash, int]]) -> None:
+        """Give evicted rows to ``on_evict`` (no lock held; their slots are still reserved)."""
+        if not victims:
+            return
+        if self._on_evict is not None:
+            for h, slot in victims:
+                try:
+                    self._on_evict(h, self._slab[slot])
+                except Exception:
+                    logger.exception("host on_evict failed for block %s", h.hex())
+        if self._publish is not None:
+            self._publish("removed", self.name, [h for h, _ in victims])

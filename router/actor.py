@@ -1,0 +1,84 @@
+"""The router as a Ray actor: the ``RayBackend`` plus the client-facing gRPC server."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from router.backend import BackendConfig, RayBackend
+from router.config import RouterConfig
+from router.metrics import RouterMetrics, start_metrics_http
+from router.server import serve
+from router.servicer import GenerationServicer
+
+logger = logging.getLogger(__name__)
+
+
+class _ModelVocab:
+    """The model's tokenizer, judged by the model's vocabulary size (it may exceed the
+    tokenizer's); without a tokenizer only ``prompt_token_ids`` are accepted."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self._tok = tokenizer
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        if self._tok is None:
+            raise ValueError("this model has no tokenizer: send prompt_token_ids instead of text")
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids) if self._tok is not None else ""
+
+
+class RouterActor:
+    def __init__(
+        self,
+        workers: list[tuple[str, Any]],
+        model: str,
+        router_config: RouterConfig,
+        backend_config: BackendConfig | None = None,
+    ) -> None:
+        from engine.tokenizer import load_tokenizer  # torch-free by design
+
+        logging.basicConfig(level=logging.INFO)
+        self.backend = RayBackend(workers, backend_config)
+        cfg = RouterConfig(**{**router_config.__dict__, "max_model_len": self.backend.max_model_len})
+        tok = _ModelVocab(load_tokenizer(model), self.backend.vocab_size)
+        self.metrics = RouterMetrics()
+        self.servicer = GenerationServicer(self.backend, tok, cfg, self.metrics)
+        self.server, self.port = serve(self.servicer)
+        host = cfg.host if cfg.host not in ("0.0.0.0", "::", "[::]") else socket.gethostname()
+        self.address = f"{host}:{self.port}"
+        self.metrics_port = None
+        if cfg.metrics_port is not None:
+            http, _ = start_metrics_http(self.metrics.registry, cfg.metrics_port, addr=cfg.host)
+            self.metrics_port = http.server_port
+        logger.info("router serving gRPC on %s", self.address)
+
+    def address_of(self) -> str:
+        return self.address
+
+    def sync_index(self) -> None:
+        self.backend.sync_index()
+
+    def index_prefix(self, worker_id: str, hashes: list[bytes]) -> dict[str, int]:
+        return self.backend.index.prefix_hits(worker_id, hashes)
+
+    def block_hashes(self, token_ids: list[int], cache_salt: str = "") -> list[bytes]:
+        from kvstore.keys import hash_prompt_blocks
+
+        return hash_prompt_blocks(token_ids, self.backend.block_size, self.backend.fingerprint, cache_salt)
+
+    def check_no_leaks(self) -> dict[str, bool]:
+        import ray
+
+        return {
+            wid: ray.get(w.handle.check_no_leaks.remote(), timeout=30)
+            for wid, w in self.backend.workers.items() if w.alive
+        }
+
+    def shutdown(self) -> None:
+        self.server.stop(grace=2.0)
+        self.backend.close()

@@ -1,0 +1,253 @@
+"""Python client of the Strata service.
+
+    with StrataClient("127.0.0.1:50051") as client:
+        result = client.generate(prompt="Hello", max_tokens=16, temperature=0)
+        print(result.text, result.usage.cached_tokens, result.ttft_ms_client)
+
+Failures raise ``RemoteError`` with the gRPC status name in ``.code``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from proto import strata_pb2, strata_pb2_grpc
+from router.auth import bearer_metadata
+from router.errors import RemoteError
+from router.types import Usage
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    token_ids: tuple[int, ...]  # new tokens in this message
+    text: str  # text they complete
+    finish_reason: str | None = None  # set on the last chunk
+    usage: Usage | None = None  # set on the last chunk
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    usage: Usage
+    ttft_ms_client: float  # send -> first streamed token, measured here
+    ttft_ms_server: float  # as reported by the router (usage.ttft_ms)
+    e2e_ms: float  # send -> last message
+    chunk_times_ms: list[float] = field(default_factory=list)  # arrival of each message
+
+
+def usage_from_pb(usage: strata_pb2.Usage) -> Usage:
+    return Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        cached_tokens_by_tier=dict(usage.cached_tokens_by_tier),
+        ttft_ms=usage.ttft_ms,
+        prefill_worker=usage.prefill_worker,
+        decode_worker=usage.decode_worker,
+    )
+
+
+def _remote_error(what: str, e: grpc.RpcError) -> RemoteError:
+    code = e.code() if isinstance(e, grpc.Call) else None
+    name = code.name if code is not None else ""
+    details = (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
+    return RemoteError(f"{what} failed: {name}: {details}", code=name, details=details)
+
+
+class StrataClient:
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = address
+        self._metadata = bearer_metadata(token)
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = strata_pb2_grpc.GenerationStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> StrataClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def build_request(
+        prompt: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        cache_salt: str = "",
+        request_id: str = "",
+        ignore_eos: bool = False,
+    ) -> strata_pb2.GenerateRequest:
+        req = strata_pb2.GenerateRequest(
+            prompt_token_ids=list(prompt_token_ids or ()),
+            top_k=top_k,
+            stop_token_ids=list(stop_token_ids),
+            cache_salt=cache_salt,
+            request_id=request_id,
+            ignore_eos=ignore_eos,
+        )
+        if prompt is not None:
+            req.prompt = prompt
+        if max_tokens is not None:
+            req.max_tokens = max_tokens
+        if temperature is not None:
+            req.temperature = temperature
+        if top_p is not None:
+            req.top_p = top_p
+        if seed is not None:
+            req.seed = seed
+        return req
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        cache_salt: str = "",
+        timeout: float | None = None,
+        request_id: str = "",
+        ignore_eos: bool = False,
+    ) -> Iterator[StreamChunk]:
+        """Stream ``StreamChunk``s; breaking out of the loop cancels the request on the
+        server."""
+        req = self.build_request(
+            prompt,
+            prompt_token_ids,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop_token_ids,
+            cache_salt,
+            request_id,
+            ignore_eos,
+        )
+        return self.stream_request(req, timeout)
+
+    def stream_request(
+        self, req: strata_pb2.GenerateRequest, timeout: float | None = None
+    ) -> Iterator[StreamChunk]:
+        call = self._stub.Generate(req, timeout=timeout, metadata=self._metadata)
+        try:
+            for msg in call:
+                final = bool(msg.finish_reason)
+                yield StreamChunk(
+                    token_ids=tuple(msg.token_ids),
+                    text=msg.text,
+                    finish_reason=msg.finish_reason if final else None,
+                    usage=usage_from_pb(msg.usage) if final else None,
+                    request_id=msg.request_id,
+                )
+        except grpc.RpcError as e:
+            raise _remote_error("Generate", e) from e
+        finally:
+            call.cancel()  # no-op once the stream completed
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        cache_salt: str = "",
+        timeout: float | None = None,
+        request_id: str = "",
+        ignore_eos: bool = False,
+    ) -> GenerationResult:
+        """Run one request to completion and collect its stream."""
+        t0 = time.perf_counter()
+        token_ids: list[int] = []
+        texts: list[str] = []
+        times: list[float] = []
+        first_ms: float | None = None
+        last: StreamChunk | None = None
+        req = self.build_request(
+            prompt,
+            prompt_token_ids,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop_token_ids,
+            cache_salt,
+            request_id,
+            ignore_eos,
+        )
+        for chunk in self.stream_request(req, timeout):
+            now_ms = (time.perf_counter() - t0) * 1e3
+            times.append(now_ms)
+            if chunk.token_ids and first_ms is None:
+                first_ms = now_ms
+            token_ids.extend(chunk.token_ids)
+            texts.append(chunk.text)
+            last = chunk
+        if last is None or last.finish_reason is None or last.usage is None:
+            raise RemoteError("Generate stream ended without a final message", code="DATA_LOSS")
+        return GenerationResult(
+            request_id=last.request_id,
+            token_ids=token_ids,
+            text="".join(texts),
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            ttft_ms_client=first_ms if first_ms is not None else times[-1],
+            ttft_ms_server=last.usage.ttft_ms,
+            e2e_ms=times[-1],
+            chunk_times_ms=times,
+        )
+
+    def stats(self, timeout: float = 10.0) -> dict[str, dict[str, float]]:
+        try:
+            resp = self._stub.Stats(
+                strata_pb2.StatsRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as e:
+            raise _remote_error("Stats", e) from e
+        return {worker: dict(ws.metrics) for worker, ws in resp.workers.items()}
+
+    def health(self, timeout: float = 5.0) -> tuple[bool, str]:
+        """(serving, detail)."""
+        try:
+            resp = self._stub.Health(
+                strata_pb2.HealthRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as e:
+            raise _remote_error("Health", e) from e
+        return resp.serving, resp.detail

@@ -1,0 +1,51 @@
+"""Router configuration (one frozen dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_model_len: int = 4096  # prompt + generated tokens per request
+    max_prompt_tokens: int | None = None  # None -> max_model_len - 1
+    default_max_tokens: int = 256  # when a request leaves max_tokens unset
+    max_in_flight: int = 128  # concurrent Generate calls; more -> RESOURCE_EXHAUSTED
+    default_timeout_s: float = 600.0  # deadline of a request whose client sets none
+    max_workers: int = 160  # gRPC server threads (>= max_in_flight + a few for Stats/Health)
+    max_message_bytes: int = 64 << 20
+    auth_token: str | None = None  # when set, clients send `authorization: Bearer <token>`
+    metrics_port: int | None = None  # Prometheus HTTP exposition; None -> off
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_prompt_tokens is not None and not (
+            1 <= self.max_prompt_tokens < self.max_model_len
+        ):
+            raise ValueError("max_prompt_tokens must be in [1, max_model_len) or None")
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        if self.max_workers <= self.max_in_flight:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) must exceed max_in_flight "
+                f"({self.max_in_flight}) so Stats/Health and refusals still get a thread"
+            )
+        if self.default_timeout_s <= 0:
+            raise ValueError("default_timeout_s must be positive")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.auth_token is not None and not self.auth_token:
+            raise ValueError("auth_token must be non-empty (or None to turn auth off)")
+
+    @property
+    def prompt_limit(self) -> int:
+        return (
+            self.max_prompt_tokens
+            if self.max_prompt_tokens is not None
+            else (self.max_model_len - 1)
+        )

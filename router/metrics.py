@@ -1,0 +1,77 @@
+"""Prometheus metrics of the router, in a registry of their own (one per ``RouterMetrics``), so
+several routers or tests in one process never clash."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import start_http_server as _start_http_server
+
+# TTFT spans cache hits (a few ms) to 128K-token recomputes (tens of seconds).
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+TBT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.ttft_seconds = Histogram(
+            "strata_ttft_seconds",
+            "Time from request arrival to the first token (server side)",
+            buckets=TTFT_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.tbt_seconds = Histogram(
+            "strata_time_between_tokens_seconds",
+            "Time between consecutive streamed token messages of one request",
+            buckets=TBT_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.requests_total = Counter(
+            "strata_requests",
+            "Finished Generate calls by gRPC status code",
+            ["status"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "strata_requests_in_flight", "Generate calls being served", registry=self.registry
+        )
+        self.prompt_tokens_total = Counter(
+            "strata_prompt_tokens", "Prompt tokens of finished requests", registry=self.registry
+        )
+        self.cached_tokens_total = Counter(
+            "strata_cached_tokens",
+            "Prompt tokens served from the KV cache, by tier",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.completion_tokens_total = Counter(
+            "strata_completion_tokens", "Generated tokens", registry=self.registry
+        )
+
+    def snapshot(self) -> dict[str, float]:
+        """Flat name -> value view (for the Stats RPC)."""
+        out: dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith(("_bucket", "_created")):
+                    continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+
+def render(registry: CollectorRegistry) -> str:
+    """The registry in the Prometheus text exposition format."""
+    return generate_latest(registry).decode()
+
+
+def start_metrics_http(
+    registry: CollectorRegistry, port: int, addr: str = "127.0.0.1"
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``/metrics`` for ``registry`` on ``addr:port`` in a daemon thread (port 0 picks
+    one: read it from ``server.server_port``). Stop with ``server.shutdown()``."""
+    server, thread = _start_http_server(port, addr=addr, registry=registry)
+    return server, thread

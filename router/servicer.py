@@ -1,0 +1,256 @@
+"""The client-facing ``Generation`` service. gRPC status codes are chosen here and nowhere else.
+
+| failure                                   | status             |
+| ----------------------------------------- | ------------------ |
+| ``ValueError`` (validation or backend)    | INVALID_ARGUMENT   |
+| more than ``max_in_flight`` requests      | RESOURCE_EXHAUSTED |
+| ``OverloadedError`` from the backend      | RESOURCE_EXHAUSTED |
+| ``NoWorkerError``, other ``StrataError``  | UNAVAILABLE        |
+| deadline passed (``RequestTimeoutError``) | DEADLINE_EXCEEDED  |
+| bad or missing bearer token               | UNAUTHENTICATED    |
+| anything else                             | INTERNAL (logged)  |
+
+A client that cancels (or whose deadline passes) makes the servicer call
+``backend.cancel(req_id)`` once, unless the request had already finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, Protocol
+
+import grpc
+
+from kvstore.errors import StrataError
+from proto import strata_pb2, strata_pb2_grpc
+from router.auth import check_bearer, is_open_method
+from router.config import RouterConfig
+from router.detokenize import IncrementalDetokenizer
+from router.errors import NoWorkerError, OverloadedError, RequestTimeoutError
+from router.metrics import RouterMetrics
+from router.types import GenRequest, TokenDelta, Usage
+from router.validation import Tokenizer, validate_request
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "strata.v1.Generation"
+
+
+class Backend(Protocol):
+    """What the router needs from the cluster (implemented over Ray actors)."""
+
+    def generate(self, req: GenRequest, context_deadline_s: float) -> Iterator[TokenDelta]:
+        """Token deltas of ``req``; the last one has finish_reason and usage."""
+        ...
+
+    def cancel(self, req_id: str) -> None: ...
+
+    def stats(self) -> dict[str, dict[str, float]]: ...
+
+    def healthy(self) -> bool: ...
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from a failure to a gRPC status code and message."""
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, RequestTimeoutError | TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
+    if isinstance(exc, NoWorkerError | StrataError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def usage_to_pb(usage: Usage, ttft_ms: float) -> strata_pb2.Usage:
+    return strata_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        cached_tokens_by_tier=dict(usage.cached_tokens_by_tier),
+        ttft_ms=ttft_ms,
+        prefill_worker=usage.prefill_worker,
+        decode_worker=usage.decode_worker,
+    )
+
+
+class GenerationServicer(strata_pb2_grpc.GenerationServicer):
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        config: RouterConfig | None = None,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = config if config is not None else RouterConfig()
+        self.metrics = metrics if metrics is not None else RouterMetrics()
+        self._slots = threading.BoundedSemaphore(self.config.max_in_flight)
+        # set by router.server.serve(): kept in step with Health answers
+        self.on_health: Callable[[bool], None] | None = None
+
+    def Generate(
+        self, request: strata_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[strata_pb2.GenerateResponse]:
+        arrival = time.monotonic()
+        acquired = self._slots.acquire(blocking=False)
+        code: grpc.StatusCode | None = None  # None while streaming; OK once finished
+        details = ""
+        if acquired:
+            self.metrics.in_flight.inc()
+        try:
+            if not acquired:
+                raise OverloadedError(
+                    f"server busy: {self.config.max_in_flight} requests in flight; retry later"
+                )
+            yield from self._stream(request, context, arrival)
+            code = grpc.StatusCode.OK
+        except Exception as e:
+            code, details = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("Generate failed")
+            else:
+                logger.info("Generate refused: %s %s", code.name, details)
+        finally:
+            if acquired:
+                self._slots.release()
+                self.metrics.in_flight.dec()
+            # no code: the client went away mid-stream (the generator was closed)
+            status = code.name if code is not None else grpc.StatusCode.CANCELLED.name
+            self.metrics.requests_total.labels(status=status).inc()
+        if code != grpc.StatusCode.OK:
+            assert code is not None
+            context.abort(code, details)
+
+    def _stream(
+        self, request: strata_pb2.GenerateRequest, context: grpc.ServicerContext, arrival: float
+    ) -> Iterator[strata_pb2.GenerateResponse]:
+        req = validate_request(request, self.tokenizer, self.config)
+        remaining = context.time_remaining()
+        budget = self.config.default_timeout_s
+        if remaining is not None:
+            budget = min(budget, remaining)
+        end = arrival + budget
+        lock = threading.Lock()
+        finished = False  # set once the final delta arrived or the backend was told to cancel
+
+        def finish(cancel: bool) -> None:
+            nonlocal finished
+            with lock:
+                was, finished = finished, True
+            if cancel and not was:
+                logger.info("request %s cancelled (client gone or deadline)", req.req_id)
+                self.backend.cancel(req.req_id)
+
+        context.add_callback(lambda: finish(cancel=True))  # runs when the RPC ends
+        detok = IncrementalDetokenizer(self.tokenizer)
+        first_token_at: float | None = None
+        last_token_at = 0.0
+        deltas = self.backend.generate(req, budget)
+        try:
+            for delta in deltas:
+                now = time.monotonic()
+                if delta.token_ids:
+                    if first_token_at is None:
+                        first_token_at = now
+                        self.metrics.ttft_seconds.observe(now - arrival)
+                    else:
+                        self.metrics.tbt_seconds.observe(now - last_token_at)
+                    last_token_at = now
+                text = detok.add(delta.token_ids) if delta.token_ids else ""
+                if delta.is_final:
+                    finish(cancel=False)
+                    yield self._final(req, delta, text + detok.flush(), arrival, first_token_at)
+                    return
+                if now > end:
+                    raise RequestTimeoutError(
+                        f"request {req.req_id} exceeded its {budget:.1f} s deadline"
+                    )
+                if delta.token_ids:
+                    yield strata_pb2.GenerateResponse(
+                        request_id=req.req_id, token_ids=delta.token_ids, text=text
+                    )
+        finally:
+            finish(cancel=True)  # a no-op after the final delta
+            if isinstance(deltas, Generator):
+                deltas.close()
+        raise AssertionError(f"backend ended request {req.req_id} without a finish reason")
+
+    def _final(
+        self,
+        req: GenRequest,
+        delta: TokenDelta,
+        text: str,
+        arrival: float,
+        first_token_at: float | None,
+    ) -> strata_pb2.GenerateResponse:
+        usage = delta.usage if delta.usage is not None else Usage()
+        ttft_ms = (first_token_at - arrival) * 1e3 if first_token_at is not None else 0.0
+        self.metrics.prompt_tokens_total.inc(usage.prompt_tokens)
+        self.metrics.completion_tokens_total.inc(usage.completion_tokens)
+        for tier, num in usage.cached_tokens_by_tier.items():
+            self.metrics.cached_tokens_total.labels(tier=tier).inc(num)
+        return strata_pb2.GenerateResponse(
+            request_id=req.req_id,
+            token_ids=delta.token_ids,
+            text=text,
+            finish_reason=delta.finish_reason or "",
+            usage=usage_to_pb(usage, ttft_ms),
+        )
+
+    def Stats(
+        self, request: strata_pb2.StatsRequest, context: grpc.ServicerContext
+    ) -> strata_pb2.StatsResponse:
+        try:
+            per_worker = self.backend.stats()
+        except Exception as e:
+            code, details = status_for(e)
+            context.abort(code, details)
+        resp = strata_pb2.StatsResponse()
+        for worker, values in {**per_worker, "router": self.metrics.snapshot()}.items():
+            resp.workers[worker].metrics.update({k: float(v) for k, v in values.items()})
+        return resp
+
+    def Health(
+        self, request: strata_pb2.HealthRequest, context: grpc.ServicerContext
+    ) -> strata_pb2.HealthResponse:
+        try:
+            ok, detail = self.backend.healthy(), ""
+        except Exception as e:
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        if self.on_health is not None:
+            self.on_health(ok)
+        return strata_pb2.HealthResponse(
+            serving=ok, detail=detail or ("serving" if ok else "no worker can serve")
+        )
+
+
+class BearerAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` (health/reflection stay open)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("auth token must be non-empty")
+        self._token = token
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata
+        if is_open_method(method) or check_bearer(metadata, self._token):
+            return continuation(handler_call_details)
+        return self._deny_stream if method.endswith("/Generate") else self._deny_unary

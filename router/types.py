@@ -1,0 +1,56 @@
+"""Messages between the router's gRPC layer and its backend (frozen dataclasses; protobuf stops
+at the gRPC boundary)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+FINISH_STOP = "stop"  # a stop token (or EOS) was generated
+FINISH_LENGTH = "length"  # max_tokens reached (or the model's context is full)
+FINISH_ABORT = "abort"  # the backend gave up on the request (worker lost, cancelled)
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT)
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    req_id: str  # unique per request (client-chosen or assigned by the router)
+    prompt_token_ids: tuple[int, ...]  # validated: non-empty, every id < vocab_size
+    max_tokens: int  # >= 1; prompt + max_tokens <= max_model_len
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 -> off
+    seed: int | None = None  # None -> nondeterministic sampling
+    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's EOS
+    cache_salt: str = ""  # tenant isolation: part of the first block's hash
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was loaded, not computed
+    # cached_tokens split by tier ("device", "host", "disk", "remote")
+    cached_tokens_by_tier: Mapping[str, int] = field(default_factory=dict)
+    ttft_ms: float = 0.0  # server side: arrival at the router -> first token
+    prefill_worker: str = ""
+    decode_worker: str = ""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One item of ``backend.generate``: new token ids; the last item has ``finish_reason`` and
+    ``usage`` set (and may carry the last tokens too)."""
+
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None  # one of FINISH_REASONS on the last item
+    usage: Usage | None = None  # set on the last item
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None

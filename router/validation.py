@@ -1,0 +1,102 @@
+"""Turn a wire ``GenerateRequest`` into a validated ``GenRequest`` (or a ``ValueError`` saying
+what is wrong; the servicer maps it to INVALID_ARGUMENT)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Protocol
+
+from proto import strata_pb2
+from router.config import RouterConfig
+from router.types import GenRequest
+
+MAX_STOP_TOKEN_IDS = 64
+MAX_REQUEST_ID_LEN = 128
+MAX_CACHE_SALT_LEN = 256
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def validate_request(
+    request: strata_pb2.GenerateRequest, tokenizer: Tokenizer, config: RouterConfig
+) -> GenRequest:
+    """Check every field; tokenize a text prompt. Raises ``ValueError`` with the reason."""
+    has_text = request.HasField("prompt")
+    has_ids = len(request.prompt_token_ids) > 0
+    if has_text and has_ids:
+        raise ValueError("set either prompt or prompt_token_ids, not both")
+    if not has_text and not has_ids:
+        raise ValueError("empty prompt: set prompt (text) or prompt_token_ids")
+    if has_text:
+        if not request.prompt:
+            raise ValueError("empty prompt: prompt is an empty string")
+        ids = tuple(tokenizer.encode(request.prompt))
+        if not ids:
+            raise ValueError("empty prompt: the text tokenizes to no tokens")
+    else:
+        ids = tuple(request.prompt_token_ids)
+    vocab = tokenizer.vocab_size
+    _check_ids(ids, vocab, "prompt_token_ids")
+    if len(ids) > config.prompt_limit:
+        raise ValueError(f"prompt too long: {len(ids)} tokens, the limit is {config.prompt_limit}")
+
+    max_tokens = (
+        request.max_tokens
+        if request.HasField("max_tokens")
+        else min(config.default_max_tokens, config.max_model_len - len(ids))
+    )
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if len(ids) + max_tokens > config.max_model_len:
+        raise ValueError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len "
+            f"({config.max_model_len}); lower max_tokens to at most "
+            f"{config.max_model_len - len(ids)}"
+        )
+
+    temperature = request.temperature if request.HasField("temperature") else 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if request.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 turns it off), got {request.top_k}")
+
+    stop_ids = tuple(request.stop_token_ids)
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(stop_ids)}")
+    _check_ids(stop_ids, vocab, "stop_token_ids")
+    if len(request.request_id) > MAX_REQUEST_ID_LEN:
+        raise ValueError(f"request_id longer than {MAX_REQUEST_ID_LEN} characters")
+    if len(request.cache_salt) > MAX_CACHE_SALT_LEN:
+        raise ValueError(f"cache_salt longer than {MAX_CACHE_SALT_LEN} characters")
+
+    return GenRequest(
+        req_id=request.request_id or uuid.uuid4().hex,
+        prompt_token_ids=ids,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None,
+        stop_token_ids=stop_ids,
+        cache_salt=request.cache_salt,
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def _check_ids(ids: tuple[int, ...], vocab_size: int, what: str) -> None:
+    if not ids:
+        return
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what} contains {bad}, outside the vocabulary [0, {vocab_size})")

@@ -1,0 +1,90 @@
+"""DiskTier: checksummed LMDB values, write-behind queue, LRU inside the map, restart."""
+
+from __future__ import annotations
+
+import torch
+from kvstore_testutil import FP, NBYTES, assert_rows, block_bytes, make_hashes
+
+from kvstore.tiers.disk import DiskTier
+
+
+def _disk(tmp_path, **kw) -> DiskTier:  # noqa: ANN001
+    kw.setdefault("capacity_bytes", 1 << 20)
+    return DiskTier(str(tmp_path / "disk"), block_nbytes=NBYTES, fingerprint=FP, **kw)
+
+
+def test_roundtrip_served_from_queue_then_from_lmdb(tmp_path) -> None:  # noqa: ANN001
+    disk = _disk(tmp_path)
+    try:
+        hashes = make_hashes(6)
+        data = block_bytes(hashes)
+        assert disk.put(hashes, data) == [True] * 6
+        data.zero_()  # the queue holds its own copy
+        out = torch.empty((6, NBYTES), dtype=torch.uint8)
+        assert disk.get_into(hashes, out) == [True] * 6  # queued or committed: both serve
+        assert_rows(out, hashes)
+        assert disk.flush(timeout_s=10)
+        assert disk.num_blocks == 6 and disk.counters()["written_blocks"] == 6
+        out.zero_()
+        assert disk.get_into(hashes[::-1], out) == [True] * 6
+        assert_rows(out, hashes[::-1])
+        assert disk.put(hashes[:2], data[:2]) == [True, True]  # idempotent
+        assert disk.remove(hashes[0]) and not disk.contains(hashes[0])
+        assert disk.flush(timeout_s=10)
+        assert disk.get_into(hashes[:1], out) == [False]
+    finally:
+        disk.close()
+
+
+def test_full_queue_refuses_without_blocking(tmp_path) -> None:  # noqa: ANN001
+    disk = _disk(tmp_path, write_queue_blocks=4)
+    try:
+        hashes = make_hashes(40)
+        accepted = disk.put(hashes, block_bytes(hashes))  # one call holds the queue lock
+        assert sum(accepted) == 4 and accepted[:4] == [True] * 4
+        assert disk.counters()["refused_writes"] == 36
+        assert disk.flush(timeout_s=10) and disk.num_blocks == 4
+    finally:
+        disk.close()
+
+
+def test_lru_eviction_stays_under_capacity_and_skips_pinned(tmp_path) -> None:  # noqa: ANN001
+    disk = _disk(tmp_path, capacity_bytes=256 << 10)
+    try:
+        hashes = make_hashes(200)
+        data = block_bytes(hashes)
+        disk.put(hashes[:10], data[:10])
+        assert disk.flush(timeout_s=10)
+        assert disk.pin(hashes[0])
+        out = torch.empty((1, NBYTES), dtype=torch.uint8)
+        assert disk.get_into(hashes[1:2], out) == [True]  # touch 1: most recently used
+        for i in range(10, 200, 10):
+            disk.put(hashes[i : i + 10], data[i : i + 10])
+            assert disk.flush(timeout_s=10)
+            assert disk.used_bytes <= disk.capacity_bytes
+        c = disk.counters()
+        assert c["evictions"] > 0 and c["refused_writes"] == 0
+        assert disk.contains(hashes[0])  # pinned: never evicted
+        assert not disk.contains(hashes[2])  # least recently used: gone
+        assert disk.contains(hashes[199])
+        disk.unpin(hashes[0])
+    finally:
+        disk.close()
+
+
+def test_restart_keeps_blocks_and_lru_order(tmp_path) -> None:  # noqa: ANN001
+    hashes = make_hashes(4)
+    disk = _disk(tmp_path)
+    disk.put(hashes, block_bytes(hashes))
+    disk.flush(timeout_s=10)
+    out = torch.empty((4, NBYTES), dtype=torch.uint8)
+    disk.get_into(hashes[:1], out)  # 0 becomes the most recently used
+    disk.close()
+    disk = _disk(tmp_path)
+    try:
+        assert disk.num_blocks == 4
+        assert list(disk._index) == [hashes[1], hashes[2], hashes[3], hashes[0]]
+        assert disk.get_into(hashes, out) == [True] * 4
+        assert_rows(out, hashes)
+    finally:
+        disk.close()

@@ -1,0 +1,53 @@
+"""The committed stubs must match what proto/generate.py produces from strata.proto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from proto import generate, strata_pb2, strata_pb2_grpc
+
+
+def test_committed_stubs_match_regeneration(tmp_path: Path) -> None:
+    fresh = generate.generate(tmp_path)
+    for path in fresh:
+        committed = generate.PROTO_DIR / path.name
+        assert committed.exists(), f"{committed} is missing: run `python proto/generate.py`"
+        assert committed.read_text() == path.read_text(), (
+            f"{committed.name} is stale: strata.proto changed without regenerating; "
+            "run `python proto/generate.py` and commit the result"
+        )
+
+
+def test_grpc_stub_imports_the_package_relative_module() -> None:
+    text = (generate.PROTO_DIR / "strata_pb2_grpc.py").read_text()
+    assert "from proto import strata_pb2 as" in text
+    assert "\nimport strata_pb2" not in text
+    assert strata_pb2_grpc.strata__pb2 is strata_pb2
+
+
+def test_messages_roundtrip() -> None:
+    req = strata_pb2.GenerateRequest(
+        prompt_token_ids=[1, 2, 3], max_tokens=4, seed=7, cache_salt="t1", top_k=5
+    )
+    back = strata_pb2.GenerateRequest.FromString(req.SerializeToString())
+    assert list(back.prompt_token_ids) == [1, 2, 3]
+    assert back.HasField("max_tokens") and back.max_tokens == 4
+    assert back.HasField("seed") and not back.HasField("prompt")
+    assert not back.HasField("temperature")
+    usage = strata_pb2.Usage(cached_tokens_by_tier={"host": 32, "disk": 16})
+    assert dict(strata_pb2.Usage.FromString(usage.SerializeToString()).cached_tokens_by_tier) == {
+        "host": 32,
+        "disk": 16,
+    }
+    chunk = strata_pb2.BlockChunk(block_hash=b"\x01" * 16, offset=4, total_nbytes=8, data=b"ab")
+    assert strata_pb2.BlockChunk.FromString(chunk.SerializeToString()) == chunk
+
+
+def test_services_declared() -> None:
+    services = strata_pb2.DESCRIPTOR.services_by_name
+    assert set(services) == {"Generation", "KVTransfer"}
+    assert set(services["Generation"].methods_by_name) == {"Generate", "Stats", "Health"}
+    kv = services["KVTransfer"].methods_by_name
+    assert set(kv) == {"QueryBlocks", "PushBlocks", "PullBlocks"}
+    assert kv["PushBlocks"].client_streaming and not kv["PushBlocks"].server_streaming
+    assert kv["PullBlocks"].server_streaming

@@ -1,0 +1,91 @@
+"""validate_request: every rejection names its reason; defaults are filled in."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.client import StrataClient
+from router.config import RouterConfig
+from router.detokenize import IncrementalDetokenizer
+from router.validation import validate_request
+
+CFG = RouterConfig(max_model_len=64, default_max_tokens=16)
+req = StrataClient.build_request
+
+
+def test_defaults_and_text_prompt(tokenizer) -> None:
+    g = validate_request(req(prompt="hi"), tokenizer, CFG)
+    assert g.prompt_token_ids == (104, 105)
+    assert (g.max_tokens, g.temperature, g.top_p, g.top_k, g.seed) == (16, 1.0, 1.0, 0, None)
+    assert len(g.req_id) == 32
+    g = validate_request(
+        req(
+            prompt_token_ids=[1, 2],
+            max_tokens=3,
+            temperature=0,
+            top_p=0.5,
+            top_k=4,
+            seed=0,
+            stop_token_ids=[256],
+            cache_salt="t",
+            request_id="r1",
+            ignore_eos=True,
+        ),
+        tokenizer,
+        CFG,
+    )
+    assert (g.req_id, g.max_tokens, g.temperature, g.top_p, g.top_k, g.seed) == (
+        "r1",
+        3,
+        0.0,
+        0.5,
+        4,
+        0,
+    )
+    assert g.stop_token_ids == (256,) and g.cache_salt == "t" and g.ignore_eos
+    # near the context limit the default max_tokens shrinks to fit
+    assert validate_request(req(prompt_token_ids=[1] * 60), tokenizer, CFG).max_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({}, "empty prompt"),
+        ({"prompt": ""}, "empty prompt"),
+        ({"prompt": "a", "prompt_token_ids": [1]}, "not both"),
+        ({"prompt_token_ids": [1, 257]}, "outside the vocabulary"),
+        ({"prompt_token_ids": [-1]}, "outside the vocabulary"),
+        ({"prompt_token_ids": [1], "max_tokens": 0}, "max_tokens must be >= 1"),
+        ({"prompt_token_ids": [1] * 10, "max_tokens": 55}, "exceeds max_model_len"),
+        ({"prompt_token_ids": [1] * 64}, "prompt too long"),
+        ({"prompt_token_ids": [1], "temperature": -0.1}, "temperature"),
+        ({"prompt_token_ids": [1], "temperature": float("nan")}, "temperature"),
+        ({"prompt_token_ids": [1], "top_p": 0.0}, "top_p"),
+        ({"prompt_token_ids": [1], "top_p": 1.5}, "top_p"),
+        ({"prompt_token_ids": [1], "top_k": -1}, "top_k"),
+        ({"prompt_token_ids": [1], "stop_token_ids": [999]}, "stop_token_ids"),
+        ({"prompt_token_ids": [1], "request_id": "x" * 200}, "request_id"),
+    ],
+)
+def test_rejections(tokenizer, kwargs: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        validate_request(req(**kwargs), tokenizer, CFG)
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="max_workers"):
+        RouterConfig(max_in_flight=10, max_workers=10)
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        RouterConfig(max_model_len=10, max_prompt_tokens=10)
+    assert RouterConfig(max_model_len=10, max_prompt_tokens=4).prompt_limit == 4
+
+
+def test_incremental_detokenizer_holds_split_characters(tokenizer) -> None:
+    text = "aé✓b"
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add([t]) for t in text.encode()]
+    assert deltas == ["a", "", "é", "", "", "✓", "b"]
+    assert "".join(deltas) + detok.flush() == text
+    detok = IncrementalDetokenizer(tokenizer)
+    assert detok.add(list("✓".encode())[:2]) == ""
+    assert detok.flush() == "\ufffd"  # an incomplete tail is emitted as U+FFFD at the end
