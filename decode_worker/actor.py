@@ -51,6 +51,9 @@ class DecodeActor:
     def drain_events(self) -> list[tuple[str, str, list[bytes]]]:
         return self.worker.drain_events()
 
+    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
+        return self.worker.evict_cached(down_to)
+
     def check_no_leaks(self) -> bool:
         return self.worker.check_no_leaks()
 

@@ -242,6 +242,18 @@ class LLMEngine:
             self.store.put(hashes, data)
         return n
 
+    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
+        """Push every free cached block below ``down_to`` ("host" or "disk"): for benchmarks and
+        tests that measure loads from a given tier. Blocks in use are never touched."""
+        if down_to not in ("host", "disk"):
+            raise ValueError(f"down_to must be 'host' or 'disk', got {down_to!r}")
+        out = {"device": self.kv.pool.evict_all_free()}
+        if down_to == "disk" and self.store is not None:
+            self.store.flush()
+            out["host"] = self.store.evict_host(self.store.host.num_blocks if self.store.host else 0)
+            self.store.flush()
+        return out
+
     # ---- introspection -------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         pool = self.kv.pool
@@ -257,6 +269,8 @@ class LLMEngine:
             for k, v in self.store.stats().items():
                 if isinstance(v, (int, float)):
                     out[f"store_{k}"] = v
+                elif isinstance(v, dict):  # per-tier counters
+                    out.update({f"store_{k}_{k2}": v2 for k2, v2 in v.items() if isinstance(v2, (int, float))})
         return out
 
     def check_no_leaks(self) -> None:

@@ -93,7 +93,8 @@ class WorkerBase:
         if self.engine.store is None:
             return {}
         try:
-            return {k: float(v) for k, v in self.engine.store.measure_bandwidth().items()}
+            gbps = self.engine.store.measure_bandwidth()  # GB/s per tier
+            return {k: float(v) * 1e9 for k, v in gbps.items() if v > 0}
         except Exception:  # noqa: BLE001 - a measurement failure must not stop the worker
             logger.exception("tier bandwidth measurement failed")
             return {}
@@ -116,6 +117,9 @@ class WorkerBase:
     def drain_events(self) -> list[tuple[str, str, list[bytes]]]:
         """Store and pool events since the last call: (kind, tier, block hashes)."""
         return self.loop.call(_drain)
+
+    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
+        return self.loop.call(lambda eng: eng.evict_cached(down_to))
 
     def check_no_leaks(self) -> bool:
         self.loop.call(lambda eng: eng.check_no_leaks())
