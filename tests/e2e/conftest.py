@@ -1,0 +1,55 @@
+"""End-to-end fixtures: the real service (Ray actors, gRPC on loopback) on the tiny model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.config import ServiceConfig
+from cluster.launcher import Service, launch
+from engine.config import EngineConfig
+from kvstore.config import StoreConfig
+from router.backend import BackendConfig
+from router.config import RouterConfig
+
+TOKEN = "e2e-token"
+SECRET = "e2e-secret"
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(n)]
+
+
+def service_config(tmp_path, num_prefill: int, num_decode: int, **router_kw) -> ServiceConfig:  # noqa: ANN001, ANN003
+    return ServiceConfig(
+        engine=EngineConfig(model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096),
+        store=StoreConfig(host_capacity_bytes=16 << 20, disk_path=str(tmp_path / "disk"),
+                          disk_capacity_bytes=256 << 20),
+        router=RouterConfig(port=0, auth_token=TOKEN, max_model_len=4096, **router_kw),
+        backend=BackendConfig(transfer_timeout_s=10.0),
+        num_prefill=num_prefill, num_decode=num_decode, secret=SECRET,
+    )
+
+
+def start(tmp_path, num_prefill: int, num_decode: int, **router_kw) -> Service:  # noqa: ANN001, ANN003
+    return launch(service_config(tmp_path, num_prefill, num_decode, **router_kw))
+
+
+def assert_no_leaks(svc: Service) -> None:
+    import ray
+
+    result = ray.get(svc.router.check_no_leaks.remote(), timeout=60)
+    assert result and all(result.values()), result
+
+
+@pytest.fixture(scope="module")
+def reference_engine():  # noqa: ANN201
+    """The single-process oracle: the same model in this process, no cache."""
+    from engine.engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096,
+                                 enable_prefix_caching=False))
+    yield eng
+    eng.close()

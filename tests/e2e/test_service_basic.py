@@ -1,0 +1,157 @@
+"""Through the real service, one prefill and one decode worker: greedy output equals the
+in-process engine, prefixes are reused from every tier, bad requests get the right status and
+the service keeps serving, and every block is free when requests end."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from engine.sampling import SamplingParams
+from router.client import StrataClient
+from router.errors import RemoteError
+from tests.e2e.conftest import TOKEN, assert_no_leaks, prompt, start
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):  # noqa: ANN001, ANN201
+    svc = start(tmp_path_factory.mktemp("svc"), 1, 1, max_in_flight=48, max_workers=64)
+    yield svc
+    svc.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(service):  # noqa: ANN001, ANN201
+    with StrataClient(service.address, token=TOKEN) as c:
+        yield c
+
+
+def _expected(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+    return ref.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0].output_token_ids
+
+
+def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN001
+    for n, seed in ((40, 1), (333, 2)):
+        ids = prompt(n, seed)
+        res = client.generate(prompt_token_ids=ids, max_tokens=20, temperature=0.0, ignore_eos=True)
+        assert list(res.token_ids) == _expected(reference_engine, ids, 20)
+        assert res.finish_reason == "length"
+        assert res.usage.prefill_worker == "prefill-0" and res.usage.decode_worker == "decode-0"
+
+
+def test_text_prompt_and_max_tokens_one(client, reference_engine):  # noqa: ANN001
+    res = client.generate(prompt="Hello, Strata!", max_tokens=1, temperature=0.0)
+    ids = list("Hello, Strata!".encode())
+    assert list(res.token_ids) == _expected(reference_engine, ids, 1)
+    assert res.usage.completion_tokens == 1
+
+
+def test_prefix_reuse_from_each_tier(service, client, reference_engine):  # noqa: ANN001
+    ids = prompt(640, 3)
+    expected = _expected(reference_engine, ids, 8)
+    cold = client.generate(prompt_token_ids=ids, max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert cold.usage.cached_tokens == 0
+    warm = client.generate(prompt_token_ids=ids, max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert dict(warm.usage.cached_tokens_by_tier) == {"device": 624}
+    p0 = service.prefill[0]
+    ray.get(p0.evict_cached.remote("disk"), timeout=60)
+    from_disk = client.generate(prompt_token_ids=ids, max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert dict(from_disk.usage.cached_tokens_by_tier) == {"disk": 624}
+    for r in (cold, warm, from_disk):
+        assert list(r.token_ids) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, code",
+    [
+        ({"prompt_token_ids": []}, "INVALID_ARGUMENT"),
+        ({"prompt": ""}, "INVALID_ARGUMENT"),
+        ({"prompt_token_ids": [1, 2, 99999]}, "INVALID_ARGUMENT"),
+        ({"prompt_token_ids": [1, 2, 3], "max_tokens": 10**6}, "INVALID_ARGUMENT"),
+        ({"prompt_token_ids": [1, 2, 3], "temperature": -1.0}, "INVALID_ARGUMENT"),
+    ],
+)
+def test_bad_requests_get_status_and_service_keeps_serving(client, kwargs, code):  # noqa: ANN001
+    with pytest.raises(RemoteError) as err:
+        client.generate(**kwargs)
+    assert err.value.code == code
+    ok = client.generate(prompt_token_ids=[5, 6, 7], max_tokens=2)
+    assert len(ok.token_ids) == 2
+
+
+def test_wrong_token_is_unauthenticated(service):  # noqa: ANN001
+    with StrataClient(service.address, token="wrong") as bad, pytest.raises(RemoteError) as err:
+        bad.generate(prompt_token_ids=[1, 2, 3], max_tokens=2)
+    assert err.value.code == "UNAUTHENTICATED"
+    with StrataClient(service.address) as none, pytest.raises(RemoteError) as err2:
+        none.generate(prompt_token_ids=[1, 2, 3], max_tokens=2)
+    assert err2.value.code == "UNAUTHENTICATED"
+
+
+def test_32_streams_with_random_cancellations(service, client, reference_engine):  # noqa: ANN001
+    rng = random.Random(0)
+    prompts = [prompt(rng.randrange(20, 200), 100 + i) for i in range(32)]
+    cancel = set(rng.sample(range(32), 10))
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            if i in cancel:
+                stream = client.stream(prompt_token_ids=prompts[i], max_tokens=60,
+                                       temperature=0.0, ignore_eos=True, timeout=300)
+                for n, _ in enumerate(stream):
+                    if n >= 2:
+                        break  # closing the stream cancels the request on the server
+                stream.close()
+                results[i] = "cancelled"
+            else:
+                results[i] = client.generate(prompt_token_ids=prompts[i], max_tokens=12,
+                                             temperature=0.0, ignore_eos=True, timeout=300)
+        except Exception as e:  # noqa: BLE001 - recorded and asserted below
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    for i in range(32):
+        if i in cancel:
+            assert results[i] == "cancelled", results[i]
+        else:
+            res = results[i]
+            assert not isinstance(res, Exception), res
+            assert list(res.token_ids) == _expected(reference_engine, prompts[i], 12)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while True:  # aborts reach the workers asynchronously
+        try:
+            assert_no_leaks(service)
+            break
+        except (AssertionError, ray.exceptions.RayTaskError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_stats_and_health(client):  # noqa: ANN001
+    ok, _ = client.health()
+    assert ok
+    stats = client.stats()
+    assert {"prefill-0", "decode-0", "router"} <= set(stats)
+    assert stats["prefill-0"]["push_blocks"] > 0
+    assert stats["decode-0"]["transfers_ok"] > 0
+
+
+def test_grpc_health_service(service):  # noqa: ANN001
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(service.address) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
