@@ -1,0 +1,155 @@
+"""Two prefill and two decode workers: placement follows the cached prefix (in any tier), and
+a worker killed mid-request does not leave the request hanging."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+
+from engine.sampling import SamplingParams
+from router.client import StrataClient
+from router.errors import RemoteError
+from tests.e2e.conftest import TOKEN, assert_no_leaks, prompt, start
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):  # noqa: ANN001, ANN201
+    svc = start(tmp_path_factory.mktemp("cluster"), 2, 2)
+    yield svc
+    svc.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(service):  # noqa: ANN001, ANN201
+    with StrataClient(service.address, token=TOKEN) as c:
+        yield c
+
+
+def _expected(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+    return ref.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0].output_token_ids
+
+
+def _sync(service) -> None:  # noqa: ANN001
+    ray.get(service.router.sync_index.remote(), timeout=60)
+
+
+def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN001
+    for seed in (1, 2, 3, 4):
+        ids = prompt(150 + 40 * seed, seed)
+        res = client.generate(prompt_token_ids=ids, max_tokens=16, temperature=0.0, ignore_eos=True)
+        assert list(res.token_ids) == _expected(reference_engine, ids, 16)
+
+
+def test_shared_prefix_goes_to_the_worker_holding_it(service, client, reference_engine):  # noqa: ANN001
+    shared = prompt(800, 10)
+    first = client.generate(prompt_token_ids=shared + prompt(20, 11), max_tokens=4,
+                            temperature=0.0, ignore_eos=True)
+    holder = first.usage.prefill_worker
+    _sync(service)
+    for i in range(3):  # every follow-up lands on the holder and reuses the 800-token prefix
+        ids = shared + prompt(30, 20 + i)
+        res = client.generate(prompt_token_ids=ids, max_tokens=6, temperature=0.0, ignore_eos=True)
+        assert res.usage.prefill_worker == holder
+        assert res.usage.cached_tokens >= 800
+        assert list(res.token_ids) == _expected(reference_engine, ids, 6)
+        _sync(service)
+
+
+def test_prefix_only_on_disk_is_still_reused(service, client, reference_engine):  # noqa: ANN001
+    shared = prompt(640, 30)
+    first = client.generate(prompt_token_ids=shared + [1], max_tokens=2, temperature=0.0)
+    holder = first.usage.prefill_worker
+    handle = service.prefill[int(holder.split("-")[1])]
+    ray.get(handle.evict_cached.remote("disk"), timeout=60)
+    _sync(service)
+    ids = shared + prompt(25, 31)
+    res = client.generate(prompt_token_ids=ids, max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert res.usage.prefill_worker == holder
+    assert res.usage.cached_tokens_by_tier.get("disk", 0) >= 640
+    assert list(res.token_ids) == _expected(reference_engine, ids, 6)
+
+
+def _kill_when(predicate, victim) -> threading.Thread:  # noqa: ANN001
+    def run() -> None:
+        deadline = time.monotonic() + 120
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        ray.kill(victim, no_restart=True)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_killed_decode_worker_request_retried(service, client, reference_engine):  # noqa: ANN001
+    ids = prompt(200, 40)
+    seen: list[int] = []
+    victim = service.decode[0]  # the router picks decode-0 first on a tie (least loaded, then id)
+    killer = _kill_when(lambda: len(seen) >= 5, victim)
+    t0 = time.monotonic()
+    tokens: list[int] = []
+    final = None
+    try:
+        for chunk in client.stream(prompt_token_ids=ids, max_tokens=120, temperature=0.0,
+                                   ignore_eos=True, timeout=240):
+            tokens.extend(chunk.token_ids)
+            seen.extend(chunk.token_ids)
+            if chunk.finish_reason:
+                final = chunk
+    except RemoteError as e:  # the other acceptable outcome: a clear status, in time
+        assert e.code == "UNAVAILABLE", e
+        final = None
+    killer.join()
+    print(f"decode kill: finished={final is not None} tokens={len(tokens)}")
+    assert time.monotonic() - t0 < 240
+    if final is not None:
+        assert tokens == _expected(reference_engine, ids, 120)
+        assert final.usage.decode_worker == "decode-1"  # retried on the surviving worker
+
+
+def test_killed_prefill_worker_mid_transfer(service, client, reference_engine):  # noqa: ANN001
+    # Both prefill workers may serve this prompt; kill the one that did, right after its first
+    # token (its push to the decode worker is in flight). The decode worker then times out or
+    # sees a broken stream, and recomputes what it lacks: the output stays right.
+    ids = prompt(1500, 50)
+    stream = client.stream(prompt_token_ids=ids, max_tokens=10, temperature=0.0,
+                           ignore_eos=True, timeout=240)
+    tokens: list[int] = []
+    killed = False
+    t0 = time.monotonic()
+    try:
+        for chunk in stream:
+            tokens.extend(chunk.token_ids)
+            if not killed:
+                for h in service.prefill:
+                    ray.kill(h, no_restart=True)  # whichever served it: both, to be sure
+                killed = True
+            if chunk.finish_reason:
+                assert chunk.usage.completion_tokens == 10
+    except RemoteError as e:
+        assert e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), e
+    assert time.monotonic() - t0 < 240
+    print(f"prefill kill: tokens={len(tokens)}")
+    if len(tokens) == 10:
+        assert tokens == _expected(reference_engine, ids, 10)
+    # With every prefill worker gone the service says so clearly, instead of hanging.
+    with pytest.raises(RemoteError) as err:
+        client.generate(prompt_token_ids=[1, 2, 3], max_tokens=2, timeout=60)
+    assert err.value.code == "UNAVAILABLE"
+    ok, _ = client.health()
+    assert not ok
+    # The surviving decode worker holds no blocks once its requests ended.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert_no_leaks(service)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
