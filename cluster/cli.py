@@ -67,10 +67,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--token", default=None, help="bearer token for the service")
     gen.add_argument("--timeout", type=float, default=600.0)
 
-    demo = sub.add_parser("demo", help="the main job: a long prompt twice, cold then cached")
+    demo = sub.add_parser("demo", help="the main job: a long document twice and a follow-up, "
+                          "through the service (or --in-process)")
     _add_model_args(demo)
     _add_store_args(demo)
     demo.add_argument("--prompt-tokens", type=int, default=2048)
+    demo.add_argument("--in-process", action="store_true", help="one engine in this process")
+
+    up = sub.add_parser("up", help="start the service (embedded local Ray, or --address)")
+    _add_model_args(up)
+    _add_store_args(up)
+    up.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: embedded")
+    up.add_argument("--prefill", type=int, default=None, help="prefill workers")
+    up.add_argument("--decode", type=int, default=None, help="decode workers")
+    up.add_argument("--config", default=None, help="service YAML (flags override it)")
+    up.add_argument("--host", default=None, help="gRPC bind address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
+    up.add_argument("--token", default=None, help="require this bearer token from clients")
+    up.add_argument("--secret", default=None, help="shared secret of the KV transfer API")
+    up.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    up.add_argument("--detach", action="store_true",
+                    help="leave the service running (starts a Ray head if no --address)")
+
+    down = sub.add_parser("down", help="stop a detached service")
+    down.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+    down.add_argument("--stop-ray", action="store_true", help="also run `ray stop`")
+
+    stats = sub.add_parser("stats", help="metrics of a running service, a table per worker")
+    stats.add_argument("--server", default="127.0.0.1:50051")
+    stats.add_argument("--token", default=None)
+    stats.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="benchmarks: ttft | longdoc | trace | decode", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -86,6 +115,24 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.demo import run_demo
 
         return run_demo(args)
+    if args.command == "up":
+        from cluster.up import run_up
+
+        return run_up(args)
+    if args.command == "down":
+        from cluster.launcher import down
+
+        n = down(args.address, stop_ray=args.stop_ray)
+        print(f"stopped {n} actors")
+        return 0
+    if args.command == "stats":
+        from cluster.remote import run_stats
+
+        return run_stats(args)
+    if args.command == "bench":
+        from bench.cli import main as bench_main
+
+        return bench_main(args.bench_args)
     raise SystemExit(f"unknown command {args.command}")
 
 
