@@ -12,24 +12,46 @@ from cluster.sizes import parse_size
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="built-in name (tiny, llama-3.2-1b, "
-                   "llama-3.1-8b) or a local Hugging Face checkpoint directory")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="built-in name (tiny, llama-3.2-1b, "
+        "llama-3.1-8b) or a local Hugging Face checkpoint directory",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-batched-tokens", type=int, default=2048,
-                   help="tokens per engine step (the prefill chunk size)")
+    p.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens per engine step (the prefill chunk size)",
+    )
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device-capacity", type=parse_size, default=None,
-                   help="KV pool size in bytes (e.g. 512M); default 1G on CPU, 85%% of free GPU memory")
-    p.add_argument("--host-capacity", type=parse_size, default=parse_size("1G"),
-                   help="host tier size (e.g. 2G); 0 turns it off")
-    p.add_argument("--disk-path", default=None, help="LMDB directory of the disk tier (off if unset)")
-    p.add_argument("--disk-capacity", type=parse_size, default=parse_size("8G"),
-                   help="disk tier size (LMDB map_size); 0 turns it off")
+    p.add_argument(
+        "--device-capacity",
+        type=parse_size,
+        default=None,
+        help="KV pool size in bytes (e.g. 512M); default 1G on CPU, 85%% of free GPU memory",
+    )
+    p.add_argument(
+        "--host-capacity",
+        type=parse_size,
+        default=parse_size("1G"),
+        help="host tier size (e.g. 2G); 0 turns it off",
+    )
+    p.add_argument(
+        "--disk-path", default=None, help="LMDB directory of the disk tier (off if unset)"
+    )
+    p.add_argument(
+        "--disk-capacity",
+        type=parse_size,
+        default=parse_size("8G"),
+        help="disk tier size (LMDB map_size); 0 turns it off",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +65,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--cache-salt", default="", help="tenant isolation: different salts never share KV")
+    p.add_argument(
+        "--cache-salt", default="", help="tenant isolation: different salts never share KV"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -63,12 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_store_args(gen)
     _add_sampling_args(gen)
-    gen.add_argument("--server", default=None, help="HOST:PORT of a running service (else in-process)")
+    gen.add_argument(
+        "--server", default=None, help="HOST:PORT of a running service (else in-process)"
+    )
     gen.add_argument("--token", default=None, help="bearer token for the service")
     gen.add_argument("--timeout", type=float, default=600.0)
 
-    demo = sub.add_parser("demo", help="the main job: a long document twice and a follow-up, "
-                          "through the service (or --in-process)")
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: a long document twice and a follow-up, "
+        "through the service (or --in-process)",
+    )
     _add_model_args(demo)
     _add_store_args(demo)
     demo.add_argument("--prompt-tokens", type=int, default=2048)
@@ -77,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the service (embedded local Ray, or --address)")
     _add_model_args(up)
     _add_store_args(up)
-    up.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: embedded")
+    up.add_argument(
+        "--address", default=None, help="Ray cluster address (e.g. auto); default: embedded"
+    )
     up.add_argument("--prefill", type=int, default=None, help="prefill workers")
     up.add_argument("--decode", type=int, default=None, help="decode workers")
     up.add_argument("--config", default=None, help="service YAML (flags override it)")
@@ -86,8 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--token", default=None, help="require this bearer token from clients")
     up.add_argument("--secret", default=None, help="shared secret of the KV transfer API")
     up.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
-    up.add_argument("--detach", action="store_true",
-                    help="leave the service running (starts a Ray head if no --address)")
+    up.add_argument(
+        "--detach",
+        action="store_true",
+        help="leave the service running (starts a Ray head if no --address)",
+    )
 
     down = sub.add_parser("down", help="stop a detached service")
     down.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
@@ -98,15 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--token", default=None)
     stats.add_argument("--json", action="store_true")
 
-    bench = sub.add_parser("bench", help="benchmarks: ttft | longdoc | trace | decode", add_help=False)
+    bench = sub.add_parser(
+        "bench", help="benchmarks: ttft | longdoc | trace | decode", add_help=False
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "generate":
         from cluster.generate import run_generate
 

@@ -47,11 +47,18 @@ class ServiceConfig:
         """Each worker gets its own LMDB directory under ``store.disk_path``."""
         if not self.store.disk_path:
             return self.store
-        return dataclasses.replace(self.store, disk_path=os.path.join(self.store.disk_path, worker_id))
+        return dataclasses.replace(
+            self.store, disk_path=os.path.join(self.store.disk_path, worker_id)
+        )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServiceConfig:
-        parts = {"engine": EngineConfig, "store": StoreConfig, "router": RouterConfig, "backend": BackendConfig}
+        parts = {
+            "engine": EngineConfig,
+            "store": StoreConfig,
+            "router": RouterConfig,
+            "backend": BackendConfig,
+        }
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
             if key in parts:
@@ -60,8 +67,13 @@ class ServiceConfig:
                 names = {f.name for f in dataclasses.fields(parts[key])}
                 unknown = set(value) - names
                 if unknown:
-                    raise ValueError(f"config: unknown {key} keys {sorted(unknown)}; known: {sorted(names)}")
-                fixed = {k: parse_size(v) if k in _SIZE_FIELDS and v is not None else v for k, v in value.items()}
+                    raise ValueError(
+                        f"config: unknown {key} keys {sorted(unknown)}; known: {sorted(names)}"
+                    )
+                fixed = {
+                    k: parse_size(v) if k in _SIZE_FIELDS and v is not None else v
+                    for k, v in value.items()
+                }
                 kwargs[key] = parts[key](**fixed)
             elif key in ("num_prefill", "num_decode", "secret", "namespace"):
                 kwargs[key] = value

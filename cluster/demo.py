@@ -54,16 +54,25 @@ def _run_service(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
         cfg = ServiceConfig(
-            engine=EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                block_size=args.block_size, kv_cache_bytes=args.device_capacity,
-                                max_model_len=args.max_model_len),
-            store=StoreConfig(host_capacity_bytes=args.host_capacity,
-                              disk_path=args.disk_path or tmp,
-                              disk_capacity_bytes=args.disk_capacity),
+            engine=EngineConfig(
+                model=args.model,
+                dtype=args.dtype,
+                device=args.device,
+                block_size=args.block_size,
+                kv_cache_bytes=args.device_capacity,
+                max_model_len=args.max_model_len,
+            ),
+            store=StoreConfig(
+                host_capacity_bytes=args.host_capacity,
+                disk_path=args.disk_path or tmp,
+                disk_capacity_bytes=args.disk_capacity,
+            ),
             router=RouterConfig(port=0),
         )
         t0 = time.perf_counter()
-        print(f"starting the service: 1 prefill + 1 decode worker, model {args.model} ...", flush=True)
+        print(
+            f"starting the service: 1 prefill + 1 decode worker, model {args.model} ...", flush=True
+        )
         svc = launch(cfg)
         print(f"serving gRPC on {svc.address} (up in {time.perf_counter() - t0:.1f} s)", flush=True)
         try:
@@ -80,18 +89,25 @@ def _run_service(args: argparse.Namespace) -> int:
                     if evict:
                         for h in svc.prefill + svc.decode:
                             ray.get(h.evict_cached.remote(evict), timeout=120)
-                    res = client.generate(prompt=doc + question, max_tokens=16, temperature=0.0,
-                                          timeout=600)
+                    res = client.generate(
+                        prompt=doc + question, max_tokens=16, temperature=0.0, timeout=600
+                    )
                     u = res.usage
                     tiers = ", ".join(f"{k}={v}" for k, v in u.cached_tokens_by_tier.items()) or "-"
-                    print(f"  {label:<38} prompt {u.prompt_tokens:>5} tok  ttft {res.ttft_ms_client:8.1f} ms"
-                          f"  cached {u.cached_tokens:>5} ({tiers})  {u.prefill_worker} -> {u.decode_worker}")
+                    print(
+                        f"  {label:<38} prompt {u.prompt_tokens:>5} tok  "
+                        f"ttft {res.ttft_ms_client:8.1f} ms  "
+                        f"cached {u.cached_tokens:>5} ({tiers})  "
+                        f"{u.prefill_worker} -> {u.decode_worker}"
+                    )
                     outputs.append(res)
             if outputs[0].token_ids != outputs[1].token_ids:
                 print("error: the cached run's output differs from the cold run's", file=sys.stderr)
                 return 1
-            print(f"  warm/cold TTFT: {outputs[1].ttft_ms_client / outputs[0].ttft_ms_client:.3f} "
-                  "(identical output tokens)")
+            print(
+                f"  warm/cold TTFT: {outputs[1].ttft_ms_client / outputs[0].ttft_ms_client:.3f} "
+                "(identical output tokens)"
+            )
             return 0
         finally:
             svc.shutdown()
@@ -110,19 +126,26 @@ def _run_in_process(args: argparse.Namespace) -> int:
             assert engine.tokenizer is not None
             ids = engine.tokenizer.encode(long_document(args.prompt_tokens) + QUESTIONS[0])
             sampling = SamplingParams(max_tokens=16)
-            print(f"model {args.model}: prompt of {len(ids)} tokens, {engine.device}, "
-                  f"pool {engine.num_blocks} blocks of {engine.block_size} tokens")
+            print(
+                f"model {args.model}: prompt of {len(ids)} tokens, {engine.device}, "
+                f"pool {engine.num_blocks} blocks of {engine.block_size} tokens"
+            )
             rows = []
             for label in ("cold", "cached"):
                 out = engine.generate([ids], sampling)[0]
                 rows.append(out)
                 tiers = ", ".join(f"{k}={v}" for k, v in out.cached_by_tier.items()) or "-"
-                print(f"  {label:<7} ttft {out.ttft_s * 1000:8.1f} ms   cached tokens "
-                      f"{out.num_cached_tokens:>5} ({tiers})")
+                print(
+                    f"  {label:<7} ttft {out.ttft_s * 1000:8.1f} ms   cached tokens "
+                    f"{out.num_cached_tokens:>5} ({tiers})"
+                )
             if rows[0].output_token_ids != rows[1].output_token_ids:
                 print("error: cached output differs from cold output", file=sys.stderr)
                 return 1
-            print(f"  cached/cold TTFT ratio: {rows[1].ttft_s / rows[0].ttft_s:.3f} (same output tokens)")
+            print(
+                f"  cached/cold TTFT ratio: {rows[1].ttft_s / rows[0].ttft_s:.3f} "
+                "(same output tokens)"
+            )
             return 0
         finally:
             engine.close()

@@ -15,8 +15,12 @@ def engine_from_args(args: argparse.Namespace):  # noqa: ANN201
     from kvstore.config import StoreConfig
 
     cfg = EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        kv_cache_bytes=args.device_capacity, max_model_len=args.max_model_len,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_bytes=args.device_capacity,
+        max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_batched_tokens,
     )
     store = StoreConfig(
@@ -36,8 +40,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
     try:
         sampling = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, seed=args.seed, stop_token_ids=tuple(_ids(args.stop_token_ids)),
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_token_ids=tuple(_ids(args.stop_token_ids)),
             ignore_eos=args.ignore_eos,
         )
         engine = engine_from_args(args)
@@ -47,7 +55,10 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         if args.prompt is not None:
             if engine.tokenizer is None:
-                print("error: this checkpoint has no tokenizer.json; pass --prompt-ids", file=sys.stderr)
+                print(
+                    "error: this checkpoint has no tokenizer.json; pass --prompt-ids",
+                    file=sys.stderr,
+                )
                 return 2
             prompt_ids = engine.tokenizer.encode(args.prompt)
         else:

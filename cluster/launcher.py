@@ -46,15 +46,23 @@ def connect(address: str | None, cfg: ServiceConfig) -> bool:
         return False
     runtime_env = {"env_vars": _ENV_VARS}
     if address:
-        ray.init(address=address, namespace=cfg.namespace, runtime_env=runtime_env,
-                 logging_level=logging.WARNING)
+        ray.init(
+            address=address,
+            namespace=cfg.namespace,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+        )
         return False
     n = cfg.num_prefill + cfg.num_decode
     ray.init(
-        namespace=cfg.namespace, runtime_env=runtime_env, include_dashboard=False,
+        namespace=cfg.namespace,
+        runtime_env=runtime_env,
+        include_dashboard=False,
         resources={"prefill": float(cfg.num_prefill), "decode": float(cfg.num_decode)},
-        num_cpus=max(2, os.cpu_count() or 2), object_store_memory=256 << 20,
-        logging_level=logging.WARNING, _system_config={"worker_register_timeout_seconds": 120},
+        num_cpus=max(2, os.cpu_count() or 2),
+        object_store_memory=256 << 20,
+        logging_level=logging.WARNING,
+        _system_config={"worker_register_timeout_seconds": 120},
         ignore_reinit_error=True,
     ) if n else None
     return True
@@ -82,16 +90,25 @@ def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False)
     for i in range(cfg.num_prefill):
         wid = f"prefill-{i}"
         opts = {**common, "resources": _role_resources("prefill"), "name": f"strata-{wid}"}
-        prefill.append(prefill_actor_class(**opts).remote(
-            wid, cfg.engine, cfg.store_for(wid), cfg.secret, kv_host))
+        prefill.append(
+            prefill_actor_class(**opts).remote(
+                wid, cfg.engine, cfg.store_for(wid), cfg.secret, kv_host
+            )
+        )
     for i in range(cfg.num_decode):
         wid = f"decode-{i}"
         opts = {**common, "resources": _role_resources("decode"), "name": f"strata-{wid}"}
-        decode.append(decode_actor_class(**opts).remote(
-            wid, cfg.engine, cfg.store_for(wid), cfg.secret, kv_host))
+        decode.append(
+            decode_actor_class(**opts).remote(
+                wid, cfg.engine, cfg.store_for(wid), cfg.secret, kv_host
+            )
+        )
     workers = [("prefill", h) for h in prefill] + [("decode", h) for h in decode]
-    router = ray.remote(RouterActor).options(name=ROUTER_NAME, **common).remote(
-        workers, cfg.engine.model, cfg.router, cfg.backend)
+    router = (
+        ray.remote(RouterActor)
+        .options(name=ROUTER_NAME, **common)
+        .remote(workers, cfg.engine.model, cfg.router, cfg.backend)
+    )
     try:
         grpc_address = ray.get(router.address_of.remote(), timeout=600)
     except Exception:
@@ -117,8 +134,14 @@ def shutdown_actors(router: Any, workers: list[Any]) -> None:
 def start_head(cfg: ServiceConfig) -> None:
     """``ray start --head`` in the background, so detached actors outlive this process."""
     res = f'{{"prefill": {cfg.num_prefill}, "decode": {cfg.num_decode}}}'
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
-           "--include-dashboard=false", f"--resources={res}", "--disable-usage-stats"]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "ray"),
+        "start",
+        "--head",
+        "--include-dashboard=false",
+        f"--resources={res}",
+        "--disable-usage-stats",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **_ENV_VARS})
     time.sleep(1.0)
 
@@ -136,14 +159,22 @@ def down(address: str | None, namespace: str = "strata", stop_ray: bool = False)
         shutdown_actors(handle, [])
     ray.shutdown()
     if stop_ray:
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop"],
-                       check=False, capture_output=True)
+        subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "ray"), "stop"],
+            check=False,
+            capture_output=True,
+        )
     return found
 
 
 def _named_workers(namespace: str) -> list[dict[str, str]]:
     from ray.util import list_named_actors
 
-    return [a for a in list_named_actors(all_namespaces=True)
-            if isinstance(a, dict) and a.get("namespace") == namespace
-            and a.get("name", "").startswith("strata-") and a.get("name") != ROUTER_NAME]
+    return [
+        a
+        for a in list_named_actors(all_namespaces=True)
+        if isinstance(a, dict)
+        and a.get("namespace") == namespace
+        and a.get("name", "").startswith("strata-")
+        and a.get("name") != ROUTER_NAME
+    ]

@@ -17,9 +17,15 @@ def run_remote_generate(args: argparse.Namespace) -> int:
             res = client.generate(
                 prompt=args.prompt,
                 prompt_token_ids=_ids(args.prompt_ids) if args.prompt_ids is not None else None,
-                max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop_token_ids=_ids(args.stop_token_ids),
-                cache_salt=args.cache_salt, timeout=args.timeout, ignore_eos=args.ignore_eos,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                stop_token_ids=_ids(args.stop_token_ids),
+                cache_salt=args.cache_salt,
+                timeout=args.timeout,
+                ignore_eos=args.ignore_eos,
             )
         except RemoteError as e:
             print(f"error: {e.code}: {e}", file=sys.stderr)
@@ -45,10 +51,16 @@ def run_remote_generate(args: argparse.Namespace) -> int:
 
 
 STATS_COLUMNS = (
-    ("alive", "alive"), ("num_running", "running"), ("num_waiting", "waiting"),
-    ("pool_free_blocks", "free blk"), ("pool_cached_blocks", "cached blk"),
-    ("store_host_hits", "host hits"), ("store_disk_hits", "disk hits"),
-    ("push_blocks", "pushed"), ("transfers_ok", "received"), ("prefill_tokens_per_s", "prefill tok/s"),
+    ("alive", "alive"),
+    ("num_running", "running"),
+    ("num_waiting", "waiting"),
+    ("pool_free_blocks", "free blk"),
+    ("pool_cached_blocks", "cached blk"),
+    ("store_host_hits", "host hits"),
+    ("store_disk_hits", "disk hits"),
+    ("push_blocks", "pushed"),
+    ("transfers_ok", "received"),
+    ("prefill_tokens_per_s", "prefill tok/s"),
 )
 
 
@@ -72,8 +84,10 @@ def run_stats(args: argparse.Namespace) -> int:
     print(head)
     for w in workers:
         s = stats[w]
-        print(f"{w:<12}" + "".join(
-            f"{s[k]:>14.0f}" if k in s else f"{'-':>14}" for k, _ in STATS_COLUMNS))
+        print(
+            f"{w:<12}"
+            + "".join(f"{s[k]:>14.0f}" if k in s else f"{'-':>14}" for k, _ in STATS_COLUMNS)
+        )
     router = stats.get("router", {})
     if router:
         print("\nrouter")

@@ -10,7 +10,7 @@ def parse_size(text: str | int) -> int:
         return text
     s = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = s[-1] if s and s[-1] in _UNITS else ""
-    number = s[: -1] if unit else s
+    number = s[:-1] if unit else s
     try:
         value = float(number)
     except ValueError:

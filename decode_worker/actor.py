@@ -20,21 +20,36 @@ from kvstore.config import StoreConfig
 
 class DecodeActor:
     def __init__(
-        self, worker_id: str, engine_config: EngineConfig, store_config: StoreConfig,
-        secret: str | None = None, kv_host: str = "127.0.0.1",
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        store_config: StoreConfig,
+        secret: str | None = None,
+        kv_host: str = "127.0.0.1",
     ) -> None:
-        self.worker = DecodeWorker(worker_id, engine_config, store_config, secret=secret, kv_host=kv_host)
+        self.worker = DecodeWorker(
+            worker_id, engine_config, store_config, secret=secret, kv_host=kv_host
+        )
 
     def info(self) -> dict[str, Any]:
         return dataclasses.asdict(self.worker.info())
 
     def generate(
-        self, req_id: str, token_ids: list[int], sampling: dict[str, Any], cache_salt: str,
-        expect_transfer: bool, transfer_timeout_s: float,
+        self,
+        req_id: str,
+        token_ids: list[int],
+        sampling: dict[str, Any],
+        cache_salt: str,
+        expect_transfer: bool,
+        transfer_timeout_s: float,
     ) -> Iterator[dict[str, Any]]:
         """A Ray streaming generator: call with ``.options(num_returns="streaming")``."""
         for delta in self.worker.generate(
-            req_id, token_ids, SamplingParams(**sampling), cache_salt, expect_transfer,
+            req_id,
+            token_ids,
+            SamplingParams(**sampling),
+            cache_salt,
+            expect_transfer,
             transfer_timeout_s,
         ):
             yield dataclasses.asdict(delta)

@@ -48,7 +48,11 @@ class DecodeWorker(WorkerBase):
         self._transfers: dict[str, tuple[threading.Event, list[bool]]] = {}
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
-        self.transfer_stats = {"transfers_ok": 0.0, "transfers_failed": 0.0, "transfers_timed_out": 0.0}
+        self.transfer_stats = {
+            "transfers_ok": 0.0,
+            "transfers_failed": 0.0,
+            "transfers_timed_out": 0.0,
+        }
 
     def _transfer_slot(self, req_id: str) -> tuple[threading.Event, list[bool]]:
         with self._lock:
@@ -77,8 +81,11 @@ class DecodeWorker(WorkerBase):
         if expect_transfer:
             event, result = self._transfer_slot(req_id)
             arrived = event.wait(transfer_timeout_s)
-            key = "transfers_ok" if arrived and result[0] else (
-                "transfers_failed" if arrived else "transfers_timed_out")
+            key = (
+                "transfers_ok"
+                if arrived and result[0]
+                else ("transfers_failed" if arrived else "transfers_timed_out")
+            )
             self.transfer_stats[key] += 1
         with self._lock:
             self._transfers.pop(req_id, None)
@@ -91,8 +98,11 @@ class DecodeWorker(WorkerBase):
         try:
             for out in stream.iter(timeout=step_timeout_s):
                 yield DecodeDelta(
-                    out.new_token_ids, out.finish_reason, out.num_cached_tokens,
-                    out.cached_by_tier, transfer_ms,
+                    out.new_token_ids,
+                    out.finish_reason,
+                    out.num_cached_tokens,
+                    out.cached_by_tier,
+                    transfer_ms,
                 )
         except queue.Empty:
             self.loop.abort(req_id)
@@ -111,7 +121,6 @@ class DecodeWorker(WorkerBase):
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), **self.transfer_stats}
-
 
 
 def continuation(sampling: SamplingParams) -> SamplingParams:

@@ -35,15 +35,15 @@ class AttnMetadata:
     sliding_window: int | None = None
 
 
-def write_kv(
-    cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
-) -> None:
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> None:
     # cache: [NB, 2, bs, H_kv, D]; k, v: [T, H_kv, D]
     cache[meta.slot_block, 0, meta.slot_offset] = k
     cache[meta.slot_block, 1, meta.slot_offset] = v
 
 
-def _causal_mask(q_start: int, q_len: int, ctx_len: int, window: int | None, device) -> torch.Tensor:
+def _causal_mask(
+    q_start: int, q_len: int, ctx_len: int, window: int | None, device
+) -> torch.Tensor:
     # [q_len, ctx_len] bool, True = attend
     qpos = torch.arange(q_start, q_start + q_len, device=device)[:, None]
     kpos = torch.arange(ctx_len, device=device)[None, :]
@@ -77,7 +77,9 @@ def paged_attention_ref(
             ks = blocks[:, 0].reshape(nb * bs, *blocks.shape[3:])[: s.ctx_len].transpose(0, 1)
             vs = blocks[:, 1].reshape(nb * bs, *blocks.shape[3:])[: s.ctx_len].transpose(0, 1)
         if s.q_start == 0 and meta.sliding_window is None:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
+            )
         elif s.q_len == 1 and (meta.sliding_window is None or s.ctx_len <= meta.sliding_window):
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)
         else:

@@ -68,7 +68,9 @@ class BlockPool:
             blk.ref_cnt += 1
 
     def allocate(self, n: int) -> list[int] | None:
-        """``n`` fresh blocks (ref_cnt 1), evicting cached free blocks in LRU order; None if short."""
+        """``n`` fresh blocks (ref_cnt 1), evicting cached free blocks in LRU order.
+
+        None if fewer than ``n`` blocks are free."""
         if n > len(self._free):
             return None
         block_ids: list[int] = []
@@ -145,5 +147,6 @@ class BlockPool:
     def check_no_leaks(self) -> None:
         """Assert every block is free again (ref_cnt 0); for tests and shutdown."""
         used = [b.block_id for b in self.blocks if b.ref_cnt != 0]
-        assert not used, f"blocks still referenced: {used[:10]} (ref_cnts {[self.blocks[i].ref_cnt for i in used[:10]]})"
+        ref_cnts = [self.blocks[i].ref_cnt for i in used[:10]]
+        assert not used, f"blocks still referenced: {used[:10]} (ref_cnts {ref_cnts})"
         assert len(self._free) == self.num_blocks, (len(self._free), self.num_blocks)

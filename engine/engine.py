@@ -41,8 +41,12 @@ class LLMEngine:
         self.device = self.loaded.device
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
-        self.layout = KVLayout(mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, self.loaded.dtype)
-        self.fingerprint = model_fingerprint(model_fingerprint_fields(self.loaded, config.block_size))
+        self.layout = KVLayout(
+            mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, self.loaded.dtype
+        )
+        self.fingerprint = model_fingerprint(
+            model_fingerprint_fields(self.loaded, config.block_size)
+        )
         self.store = None
         if store_config is not None and (store_config.host_enabled or store_config.disk_enabled):
             from kvstore.store import TieredStore
@@ -50,14 +54,25 @@ class LLMEngine:
             self.store = TieredStore(self.layout, self.fingerprint, store_config)
         num_blocks = self._num_pool_blocks()
         self.kv = KVCacheManager(
-            self.layout, num_blocks, self.device, self.fingerprint, self.store, config.enable_prefix_caching
+            self.layout,
+            num_blocks,
+            self.device,
+            self.fingerprint,
+            self.store,
+            config.enable_prefix_caching,
         )
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.loaded.model, self.kv.kv_caches, config.block_size, self.device)
+        self.runner = ModelRunner(
+            self.loaded.model, self.kv.kv_caches, config.block_size, self.device
+        )
         self._seqs: dict[str, Sequence] = {}
         logger.info(
             "engine ready: model=%s dtype=%s device=%s pool=%d blocks of %d tokens (%.1f MiB)",
-            config.model, self.loaded.dtype, self.device, num_blocks, self.block_size,
+            config.model,
+            self.loaded.dtype,
+            self.device,
+            num_blocks,
+            self.block_size,
             num_blocks * self.layout.block_nbytes / 2**20,
         )
 
@@ -72,7 +87,8 @@ class LLMEngine:
         n = budget // self.layout.block_nbytes
         if n < 1:
             raise ValueError(
-                f"kv_cache_bytes={budget} holds no block of {self.layout.block_nbytes} bytes; raise it"
+                f"kv_cache_bytes={budget} holds no block of {self.layout.block_nbytes} bytes; "
+                "raise it"
             )
         return int(n)
 
@@ -112,7 +128,9 @@ class LLMEngine:
             raise ValueError(f"request id {req_id!r} is already in use")
         self.validate(prompt_token_ids, sampling)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise OverflowError(f"{len(self.scheduler.waiting)} requests already waiting; try later")
+            raise OverflowError(
+                f"{len(self.scheduler.waiting)} requests already waiting; try later"
+            )
         ids = [int(t) for t in prompt_token_ids]
         seq = Sequence(req_id, ids, len(ids), sampling, cache_salt, time.perf_counter())
         self._seqs[req_id] = seq
@@ -171,8 +189,15 @@ class LLMEngine:
     def _output(self, seq: Sequence, new: tuple[int, ...], reason: str | None) -> StepOutput:
         ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time else None
         return StepOutput(
-            seq.req_id, new, reason is not None, reason, seq.prompt_len, seq.num_output_tokens,
-            seq.num_cached_tokens, dict(seq.cached_by_tier), ttft,
+            seq.req_id,
+            new,
+            reason is not None,
+            reason,
+            seq.prompt_len,
+            seq.num_output_tokens,
+            seq.num_cached_tokens,
+            dict(seq.cached_by_tier),
+            ttft,
         )
 
     def generate(
@@ -195,9 +220,14 @@ class LLMEngine:
                 if out.finished:
                     seq = starts[out.req_id]
                     done[out.req_id] = RequestResult(
-                        out.req_id, seq.token_ids[: seq.prompt_len], seq.output_token_ids,
-                        out.finish_reason or "stop", seq.num_cached_tokens, dict(seq.cached_by_tier),
-                        out.ttft_s or 0.0, time.perf_counter() - seq.arrival_time,
+                        out.req_id,
+                        seq.token_ids[: seq.prompt_len],
+                        seq.output_token_ids,
+                        out.finish_reason or "stop",
+                        seq.num_cached_tokens,
+                        dict(seq.cached_by_tier),
+                        out.ttft_s or 0.0,
+                        time.perf_counter() - seq.arrival_time,
                     )
         return [done[r] for r in req_ids]
 
@@ -250,7 +280,9 @@ class LLMEngine:
         out = {"device": self.kv.pool.evict_all_free()}
         if down_to == "disk" and self.store is not None:
             self.store.flush()
-            out["host"] = self.store.evict_host(self.store.host.num_blocks if self.store.host else 0)
+            out["host"] = self.store.evict_host(
+                self.store.host.num_blocks if self.store.host else 0
+            )
             self.store.flush()
         return out
 
@@ -262,6 +294,7 @@ class LLMEngine:
             "pool_free_blocks": pool.num_free_blocks,
             "pool_cached_blocks": pool.num_cached_blocks,
             "pool_evicted_blocks": pool.num_evicted,
+            "store_hits_recomputed": self.kv.num_hits_recomputed,
             "num_waiting": self.num_waiting,
             "num_running": self.num_running,
         }
@@ -270,7 +303,13 @@ class LLMEngine:
                 if isinstance(v, (int, float)):
                     out[f"store_{k}"] = v
                 elif isinstance(v, dict):  # per-tier counters
-                    out.update({f"store_{k}_{k2}": v2 for k2, v2 in v.items() if isinstance(v2, (int, float))})
+                    out.update(
+                        {
+                            f"store_{k}_{k2}": v2
+                            for k2, v2 in v.items()
+                            if isinstance(v2, (int, float))
+                        }
+                    )
         return out
 
     def check_no_leaks(self) -> None:
@@ -283,5 +322,3 @@ class LLMEngine:
         if self.store is not None:
             self.store.close()
             self.store = None
-
-

@@ -50,10 +50,16 @@ class KVCacheManager:
         self._pool = torch.zeros((layout.num_layers, *shape), dtype=layout.dtype, device=device)
         self.kv_caches = list(self._pool.unbind(0))
         self.pool = BlockPool(num_blocks, on_evict=self._demote if store is not None else None)
+        # Load-or-recompute: measured speeds (None until measured: then every hit is loaded).
+        self.prefill_tokens_per_s: float | None = None
+        self.tier_bytes_per_s: dict[str, float] = {}
+        self.num_hits_recomputed = 0  # store hits recomputed because loading them was slower
 
     # ---- hashing -------------------------------------------------------------------------
     def update_hashes(self, seq: Sequence) -> None:
-        extend_hashes(seq.block_hashes, seq.token_ids, self.block_size, self.fingerprint, seq.cache_salt)
+        extend_hashes(
+            seq.block_hashes, seq.token_ids, self.block_size, self.fingerprint, seq.cache_salt
+        )
 
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -70,13 +76,39 @@ class KVCacheManager:
         tiers: tuple[str, ...] = ()
         if self.store is not None and n_dev < len(hashes):
             tiers = tuple(self.store.lookup(hashes[n_dev:]))
+            n_load = self.num_worth_loading(tiers, len(seq.token_ids) - n_dev * self.block_size)
+            self.num_hits_recomputed += len(tiers) - n_load
+            tiers = tiers[:n_load]
         return AdmitPlan(n_dev, tiers)
+
+    def num_worth_loading(self, tiers: tuple[str, ...], num_tokens: int) -> int:
+        """How many leading store hits to load so that load + compute time is least.
+
+        Loading block i costs ``block_nbytes / bandwidth(tier_i)``; every block not loaded costs
+        ``block_size / prefill speed`` to recompute. A slow disk thus never makes TTFT worse
+        than no cache. Without measured speeds every hit is loaded.
+        """
+        if self.prefill_tokens_per_s is None or not tiers:
+            return len(tiers)
+        per_token = 1.0 / self.prefill_tokens_per_s
+        nbytes = self.layout.block_nbytes
+        best_n, best_t = 0, num_tokens * per_token
+        load_t = 0.0
+        for i, tier in enumerate(tiers):
+            bw = self.tier_bytes_per_s.get(tier)
+            if not bw:
+                break
+            load_t += nbytes / bw
+            total = load_t + (num_tokens - (i + 1) * self.block_size) * per_token
+            if total < best_t:
+                best_n, best_t = i + 1, total
+        return best_n
 
     def num_new_blocks(self, seq: Sequence, plan: AdmitPlan) -> int:
         return self.blocks_needed(len(seq.token_ids)) - plan.num_device_blocks
 
     def admit(self, seq: Sequence, plan: AdmitPlan) -> bool:
-        """Reserve blocks for the whole sequence and load cached ones; False if the pool is short."""
+        """Reserve blocks for the whole sequence and load cached ones; False if short of blocks."""
         hashes = seq.block_hashes
         dev_ids = self.pool.lookup(hashes[: plan.num_device_blocks])
         assert len(dev_ids) == plan.num_device_blocks, "device hits changed between plan and admit"
@@ -87,7 +119,9 @@ class KVCacheManager:
         seq.block_ids = dev_ids + new_ids
         n_loaded = 0
         if plan.store_tiers:
-            n_loaded = self._load(hashes[len(dev_ids) : len(dev_ids) + len(plan.store_tiers)], new_ids)
+            n_loaded = self._load(
+                hashes[len(dev_ids) : len(dev_ids) + len(plan.store_tiers)], new_ids
+            )
         n_cached_blocks = len(dev_ids) + n_loaded
         for i in range(len(dev_ids), n_cached_blocks):
             self.pool.cache_block(seq.block_ids[i], hashes[i])
@@ -151,7 +185,9 @@ class KVCacheManager:
     def read_pool_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Block-major copies of pool blocks, as uint8 ``[n, block_nbytes]`` on the CPU."""
         n = len(block_ids)
-        out = torch.empty((n, *self.layout.block_shape), dtype=self.layout.dtype, device=self.device)
+        out = torch.empty(
+            (n, *self.layout.block_shape), dtype=self.layout.dtype, device=self.device
+        )
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         gather_blocks(self.kv_caches, ids, out, self.layout)
         return out.cpu().view(torch.uint8).view(n, -1)

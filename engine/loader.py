@@ -32,23 +32,50 @@ _LLAMA3_ROPE = (
 
 BUILTIN_MODELS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
-        arch="llama", vocab_size=320, hidden_size=256, intermediate_size=688, num_layers=4,
-        num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=16384,
-        rope_theta=10000.0, bos_token_id=ByteTokenizer.bos_token_id,
+        arch="llama",
+        vocab_size=320,
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position_embeddings=16384,
+        rope_theta=10000.0,
+        bos_token_id=ByteTokenizer.bos_token_id,
         eos_token_ids=(ByteTokenizer.eos_token_id,),
     ),
     "llama-3.2-1b": ModelConfig(
-        arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-        num_heads=32, num_kv_heads=8, head_dim=64, max_position_embeddings=131072,
-        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True,
-        bos_token_id=ByteTokenizer.bos_token_id, eos_token_ids=(ByteTokenizer.eos_token_id,),
+        arch="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+        tie_word_embeddings=True,
+        bos_token_id=ByteTokenizer.bos_token_id,
+        eos_token_ids=(ByteTokenizer.eos_token_id,),
         torch_dtype="bfloat16",
     ),
     "llama-3.1-8b": ModelConfig(
-        arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-        max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
-        bos_token_id=ByteTokenizer.bos_token_id, eos_token_ids=(ByteTokenizer.eos_token_id,),
+        arch="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+        bos_token_id=ByteTokenizer.bos_token_id,
+        eos_token_ids=(ByteTokenizer.eos_token_id,),
         torch_dtype="bfloat16",
     ),
 }
@@ -74,21 +101,31 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device, builtin: bool) -> torch.dtype:
+def resolve_dtype(
+    dtype: str, checkpoint_dtype: str, device: torch.device, builtin: bool
+) -> torch.dtype:
     if dtype != "auto":
         return _DTYPES[dtype]
     if builtin:  # random shapes: bf16 on GPU, float32 on CPU (CPU matmuls are fast in fp32)
-        return torch.bfloat16 if device.type == "cuda" and checkpoint_dtype != "float32" else torch.float32
+        return (
+            torch.bfloat16
+            if device.type == "cuda" and checkpoint_dtype != "float32"
+            else torch.float32
+        )
     return _DTYPES.get(checkpoint_dtype, torch.float32)
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", seed: int = 0) -> LoadedModel:
+def load_model(
+    name_or_path: str, dtype: str = "auto", device: str = "auto", seed: int = 0
+) -> LoadedModel:
     dev = resolve_device(device)
     if name_or_path in BUILTIN_MODELS:
         cfg = BUILTIN_MODELS[name_or_path]
         dt = resolve_dtype(dtype, cfg.torch_dtype, dev, builtin=True)
         model = _random_model(cfg, dt, dev, seed)
-        return LoadedModel(model, cfg, ByteTokenizer(), f"builtin:{name_or_path}:seed={seed}", dt, dev)
+        return LoadedModel(
+            model, cfg, ByteTokenizer(), f"builtin:{name_or_path}:seed={seed}", dt, dev
+        )
     if not os.path.isdir(name_or_path):
         raise ValueError(
             f"model {name_or_path!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) "
@@ -153,7 +190,9 @@ def _weight_identity(files: list[str]) -> str:
     return "safetensors:" + h.hexdigest()
 
 
-def _checkpoint_model(cfg: ModelConfig, files: list[str], dtype: torch.dtype, dev: torch.device) -> CausalLM:
+def _checkpoint_model(
+    cfg: ModelConfig, files: list[str], dtype: torch.dtype, dev: torch.device
+) -> CausalLM:
     from safetensors.torch import load_file
 
     with torch.device("meta"):
@@ -172,7 +211,9 @@ def _checkpoint_model(cfg: ModelConfig, files: list[str], dtype: torch.dtype, de
                 continue  # e.g. rotary inv_freq buffers in old checkpoints
             p = expected[name]
             if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{fp}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                raise ValueError(
+                    f"{fp}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                )
             with torch.no_grad():
                 p.copy_(t.to(dtype))
             loaded.add(name)
@@ -189,7 +230,9 @@ def _reset_rotary(model: CausalLM, dev: torch.device) -> None:
     from engine.rope import rope_inv_freq
 
     cfg = model.config
-    model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict).to(dev)
+    model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict).to(
+        dev
+    )
 
 
 def _random_model(cfg: ModelConfig, dtype: torch.dtype, dev: torch.device, seed: int) -> CausalLM:

@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from engine.engine import LLMEngine
 from engine.sampling import SamplingParams
@@ -58,7 +58,11 @@ class EngineLoop:
 
     # ---- called from any thread ----------------------------------------------------------
     def submit(
-        self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, cache_salt: str = ""
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        cache_salt: str = "",
     ) -> RequestStream:
         """Queue a request; bad input raises ValueError here, in the caller's thread."""
         self.engine.validate(prompt_token_ids, sampling)  # reads only immutable engine state
@@ -142,5 +146,3 @@ class RequestAborted(Exception):
 
 def _aborted(req_id: str) -> RequestAborted:
     return RequestAborted(f"request {req_id} was aborted")
-
-

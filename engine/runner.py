@@ -11,7 +11,9 @@ from engine.scheduler import ScheduledSeq
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int, device: torch.device) -> None:
+    def __init__(
+        self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int, device: torch.device
+    ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -34,7 +36,9 @@ class ModelRunner:
             slot_block.extend(seq.block_ids[p // bs] for p in pos)
             slot_offset.extend(p % bs for p in pos)
             n_blocks = (end + bs - 1) // bs
-            block_ids = torch.tensor(seq.block_ids[:n_blocks], dtype=torch.int64, device=self.device)
+            block_ids = torch.tensor(
+                seq.block_ids[:n_blocks], dtype=torch.int64, device=self.device
+            )
             seqs.append(SeqSlice(item.q_start, item.q_len, block_ids))
         dev = self.device
         meta = AttnMetadata(

@@ -56,6 +56,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seq_lens: list[in
             probs = probs / probs.sum()
         gen = None
         if p.seed is not None:
-            gen = torch.Generator(device=probs.device).manual_seed((p.seed * 1_000_003 + n_out) & (2**63 - 1))
+            gen = torch.Generator(device=probs.device).manual_seed(
+                (p.seed * 1_000_003 + n_out) & (2**63 - 1)
+            )
         out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     return out

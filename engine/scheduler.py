@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.kv_manager import KVCacheManager
-from engine.sequence import Sequence, SeqStatus
+from engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

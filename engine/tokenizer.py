@@ -13,9 +13,14 @@ from typing import Protocol
 
 
 class Tokenizer(Protocol):
-    vocab_size: int
-    bos_token_id: int | None
-    eos_token_id: int | None
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
 
     def encode(self, text: str) -> list[int]: ...
 

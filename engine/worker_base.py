@@ -80,9 +80,15 @@ class WorkerBase:
         self.engine = LLMEngine(engine_config, store_config)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
         self.tier_bytes_per_s = self._measure_tiers()
+        self.engine.kv.prefill_tokens_per_s = self.prefill_tokens_per_s
+        self.engine.kv.tier_bytes_per_s = dict(self.tier_bytes_per_s)
         self.loop = EngineLoop(self.engine, name=f"{worker_id}-loop")
         self.server, port = start_kv_server(
-            BlockSinkAdapter(self), self.engine.fingerprint, host=kv_host, port=kv_port, secret=secret
+            BlockSinkAdapter(self),
+            self.engine.fingerprint,
+            host=kv_host,
+            port=kv_port,
+            secret=secret,
         )
         self.kv_address = f"{kv_host}:{port}"
 
@@ -102,11 +108,17 @@ class WorkerBase:
     def info(self) -> WorkerInfo:
         e = self.engine
         return WorkerInfo(
-            worker_id=self.worker_id, role=self.role, node=socket.gethostname(),
-            fingerprint=e.fingerprint, block_size=e.block_size,
-            block_nbytes=e.layout.block_nbytes, vocab_size=e.model_config.vocab_size,
-            max_model_len=e.max_model_len, kv_address=self.kv_address,
-            prefill_tokens_per_s=self.prefill_tokens_per_s, tier_bytes_per_s=self.tier_bytes_per_s,
+            worker_id=self.worker_id,
+            role=self.role,
+            node=socket.gethostname(),
+            fingerprint=e.fingerprint,
+            block_size=e.block_size,
+            block_nbytes=e.layout.block_nbytes,
+            vocab_size=e.model_config.vocab_size,
+            max_model_len=e.max_model_len,
+            kv_address=self.kv_address,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            tier_bytes_per_s=self.tier_bytes_per_s,
         )
 
     def stats(self) -> dict[str, float]:
@@ -126,7 +138,8 @@ class WorkerBase:
         return True
 
     def prefetch(self, hashes: list[bytes]) -> None:
-        self.loop.call(lambda eng: eng.prefetch(hashes))
+        block_hashes = [BlockHash(h) for h in hashes]
+        self.loop.call(lambda eng: eng.prefetch(block_hashes))
 
     def shutdown(self) -> None:
         self.server.stop(grace=1.0)
@@ -135,9 +148,14 @@ class WorkerBase:
 
 
 def _drain(eng: LLMEngine) -> list[tuple[str, str, list[bytes]]]:
-    out = [("stored" if k == "stored" else "removed", "device", list(h)) for k, h in eng.kv.pool.drain_events()]
+    out: list[tuple[str, str, list[bytes]]] = [
+        (kind, "device", [bytes(h) for h in hashes]) for kind, hashes in eng.kv.pool.drain_events()
+    ]
     if eng.store is not None:
-        out += [(ev.kind, ev.tier, list(ev.block_hashes)) for ev in eng.store.drain_events()]
+        out += [
+            (ev.kind, ev.tier, [bytes(h) for h in ev.block_hashes])
+            for ev in eng.store.drain_events()
+        ]
     return out
 
 

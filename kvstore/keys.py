@@ -36,7 +36,9 @@ def model_fingerprint(fields: Mapping[str, object]) -> bytes:
     return hashlib.blake2b(canonical.encode(), digest_size=HASH_NBYTES).digest()
 
 
-def hash_block(parent: bytes, token_ids: Sequence[int] | np.ndarray, extra: bytes = b"") -> BlockHash:
+def hash_block(
+    parent: bytes, token_ids: Sequence[int] | np.ndarray, extra: bytes = b""
+) -> BlockHash:
     h = hashlib.blake2b(digest_size=HASH_NBYTES)
     h.update(parent)
     h.update(np.asarray(token_ids, dtype="<i4").tobytes())
@@ -66,7 +68,9 @@ def hash_prompt_blocks(
     parent: bytes = ROOT_HASH
     extra = first_block_extra(fingerprint, cache_salt)
     for i in range(n):
-        parent = hash_block(parent, ids[i * block_size : (i + 1) * block_size], extra if i == 0 else b"")
+        parent = hash_block(
+            parent, ids[i * block_size : (i + 1) * block_size], extra if i == 0 else b""
+        )
         hashes.append(BlockHash(parent))
     return hashes
 

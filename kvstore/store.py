@@ -67,15 +67,20 @@ class TieredStore:
         self.num_disk_refused = 0  # writes the failed disk tier could not take
         if config.host_enabled:
             self.host = HostTier(
-                self.block_nbytes, config.host_capacity_bytes,
-                pin_memory=config.pin_host_memory, on_evict=self._demote,
+                self.block_nbytes,
+                config.host_capacity_bytes,
+                pin_memory=config.pin_host_memory,
+                on_evict=self._demote,
                 publish=self.events.publish,
             )
         if config.disk_enabled:
             assert config.disk_path is not None
             try:
                 self.disk = DiskTier(
-                    config.disk_path, config.disk_capacity_bytes, self.block_nbytes, fingerprint,
+                    config.disk_path,
+                    config.disk_capacity_bytes,
+                    self.block_nbytes,
+                    fingerprint,
                     write_queue_blocks=config.disk_write_queue_blocks,
                     publish=self.events.publish,
                 )
@@ -141,8 +146,10 @@ class TieredStore:
         self._release_prefetch_pins(hashes)
         num_host = sum(1 for i in range(num_loaded) if host_ok[i])
         self.metrics.record_load(
-            time.perf_counter() - start, {"host": num_host, "disk": num_loaded - num_host},
-            n - num_loaded, self.block_nbytes,
+            time.perf_counter() - start,
+            {"host": num_host, "disk": num_loaded - num_host},
+            n - num_loaded,
+            self.block_nbytes,
         )
         return num_loaded
 
@@ -223,7 +230,8 @@ class TieredStore:
                 with self._lock:
                     self.num_disk_refused += n
         self.metrics.record_put(
-            time.perf_counter() - start, {"host": sum(host_ok), "disk": sum(disk_ok)},
+            time.perf_counter() - start,
+            {"host": sum(host_ok), "disk": sum(disk_ok)},
             self.block_nbytes,
         )
         return sum(1 for a, b in zip(host_ok, disk_ok) if a or b)

@@ -19,22 +19,40 @@ from prefill_worker.worker import PrefillWorker
 
 class PrefillActor:
     def __init__(
-        self, worker_id: str, engine_config: EngineConfig, store_config: StoreConfig,
-        secret: str | None = None, kv_host: str = "127.0.0.1",
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        store_config: StoreConfig,
+        secret: str | None = None,
+        kv_host: str = "127.0.0.1",
     ) -> None:
-        self.worker = PrefillWorker(worker_id, engine_config, store_config, secret=secret, kv_host=kv_host)
+        self.worker = PrefillWorker(
+            worker_id, engine_config, store_config, secret=secret, kv_host=kv_host
+        )
 
     def info(self) -> dict[str, Any]:
         return dataclasses.asdict(self.worker.info())
 
     def prefill(
-        self, req_id: str, prompt_token_ids: list[int], sampling: dict[str, Any], cache_salt: str,
-        decode_kv_address: str | None, timeout_s: float, pull_from: str | None = None,
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        sampling: dict[str, Any],
+        cache_salt: str,
+        decode_kv_address: str | None,
+        timeout_s: float,
+        pull_from: str | None = None,
         num_pull_blocks: int = 0,
     ) -> dict[str, Any]:
         res = self.worker.prefill(
-            req_id, prompt_token_ids, SamplingParams(**sampling), cache_salt, decode_kv_address,
-            timeout_s, pull_from, num_pull_blocks,
+            req_id,
+            prompt_token_ids,
+            SamplingParams(**sampling),
+            cache_salt,
+            decode_kv_address,
+            timeout_s,
+            pull_from,
+            num_pull_blocks,
         )
         return dataclasses.asdict(res)
 

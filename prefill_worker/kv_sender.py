@@ -82,9 +82,7 @@ class KVSender:
         """Which of ``hashes`` the receiver at ``address`` holds."""
         req = strata_pb2.QueryBlocksRequest(fingerprint=fingerprint, block_hashes=list(hashes))
         try:
-            resp = self._stub(address).QueryBlocks(
-                req, timeout=deadline_s, metadata=self._metadata
-            )
+            resp = self._stub(address).QueryBlocks(req, timeout=deadline_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _transfer_error("QueryBlocks", address, e) from e
         assert len(resp.held) == len(hashes), "receiver answered QueryBlocks with a wrong count"

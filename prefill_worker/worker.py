@@ -56,8 +56,13 @@ class PrefillWorker(WorkerBase):
         self.transfer_deadline_s = transfer_deadline_s
         self._pushes = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{worker_id}-push")
         self._cancels: dict[str, threading.Event] = {}
-        self.push_stats = {"push_blocks": 0.0, "push_bytes": 0.0, "push_seconds": 0.0, "push_failures": 0.0,
-                           "pull_blocks": 0.0}
+        self.push_stats = {
+            "push_blocks": 0.0,
+            "push_bytes": 0.0,
+            "push_seconds": 0.0,
+            "push_failures": 0.0,
+            "pull_blocks": 0.0,
+        }
 
     def prefill(
         self,
@@ -90,10 +95,14 @@ class PrefillWorker(WorkerBase):
             self._cancels[req_id] = cancel
             self._pushes.submit(self._push, req_id, hashes, decode_kv_address, cancel)
         return PrefillResult(
-            req_id=req_id, first_token=token, finished=finished,
+            req_id=req_id,
+            first_token=token,
+            finished=finished,
             finish_reason=("stop" if stop else "length") if finished else None,
-            prompt_tokens=len(prompt_token_ids), cached_tokens=out.num_cached_tokens,
-            cached_by_tier=out.cached_by_tier, prefill_ms=(time.perf_counter() - t0) * 1000.0,
+            prompt_tokens=len(prompt_token_ids),
+            cached_tokens=out.num_cached_tokens,
+            cached_by_tier=out.cached_by_tier,
+            prefill_ms=(time.perf_counter() - t0) * 1000.0,
             num_blocks_to_push=len(hashes) if decode_kv_address and not finished else 0,
             num_pulled_blocks=num_pulled,
         )
@@ -106,7 +115,9 @@ class PrefillWorker(WorkerBase):
         if not todo:
             return 0
         try:
-            payloads = self.sender.pull(address, self.engine.fingerprint, todo, self.transfer_deadline_s)
+            payloads = self.sender.pull(
+                address, self.engine.fingerprint, todo, self.transfer_deadline_s
+            )
         except (StrataError, TimeoutError) as e:
             logger.warning("pull from %s failed, recomputing: %s", address, e)
             return 0
@@ -118,13 +129,20 @@ class PrefillWorker(WorkerBase):
         self.push_stats["pull_blocks"] += len(got)
         return len(got)
 
-    def _push(self, req_id: str, hashes: list[bytes], address: str, cancel: threading.Event) -> None:
+    def _push(
+        self, req_id: str, hashes: list[bytes], address: str, cancel: threading.Event
+    ) -> None:
         try:
             n, data = self.loop.call(lambda eng: eng.read_blocks(hashes))
             payloads = [data[i].numpy().data for i in range(n)]
             res = self.sender.push(
-                address, req_id, self.engine.fingerprint, hashes[:n], payloads,
-                deadline_s=self.transfer_deadline_s, cancel=cancel,
+                address,
+                req_id,
+                self.engine.fingerprint,
+                hashes[:n],
+                payloads,
+                deadline_s=self.transfer_deadline_s,
+                cancel=cancel,
             )
             self.push_stats["push_blocks"] += res.num_sent
             self.push_stats["push_bytes"] += res.nbytes

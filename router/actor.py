@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
+from collections.abc import Iterator
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from router.backend import BackendConfig, RayBackend
 from router.config import RouterConfig
@@ -32,6 +37,30 @@ class _ModelVocab:
         return self._tok.decode(ids) if self._tok is not None else ""
 
 
+class _Exposition:
+    """What ``/metrics`` shows: the router's own metrics and every worker's stats as gauges
+    labelled by worker (store hits and bytes per tier, pool occupancy, queue depth, transfer
+    bytes and seconds), read from the workers at scrape time."""
+
+    def __init__(self, metrics: RouterMetrics, backend: RayBackend) -> None:
+        self.metrics = metrics
+        self.backend = backend
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.metrics.registry.collect()
+        families: dict[str, GaugeMetricFamily] = {}
+        for worker, stats in self.backend.stats().items():
+            for key, value in stats.items():
+                name = "strata_worker_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+                fam = families.get(name)
+                if fam is None:
+                    fam = families[name] = GaugeMetricFamily(
+                        name, f"worker stat {key}", labels=["worker"]
+                    )
+                fam.add_metric([worker], float(value))
+        yield from families.values()
+
+
 class RouterActor:
     def __init__(
         self,
@@ -44,21 +73,28 @@ class RouterActor:
 
         logging.basicConfig(level=logging.INFO)
         self.backend = RayBackend(workers, backend_config)
-        cfg = RouterConfig(**{**router_config.__dict__, "max_model_len": self.backend.max_model_len})
+        cfg = RouterConfig(
+            **{**router_config.__dict__, "max_model_len": self.backend.max_model_len}
+        )
         tok = _ModelVocab(load_tokenizer(model), self.backend.vocab_size)
         self.metrics = RouterMetrics()
         self.servicer = GenerationServicer(self.backend, tok, cfg, self.metrics)
         self.server, self.port = serve(self.servicer)
         host = cfg.host if cfg.host not in ("0.0.0.0", "::", "[::]") else socket.gethostname()
         self.address = f"{host}:{self.port}"
-        self.metrics_port = None
+        self.metrics_port: int | None = None
         if cfg.metrics_port is not None:
-            http, _ = start_metrics_http(self.metrics.registry, cfg.metrics_port, addr=cfg.host)
+            exposition = CollectorRegistry(auto_describe=False)
+            exposition.register(_Exposition(self.metrics, self.backend))  # type: ignore[arg-type]
+            http, _ = start_metrics_http(exposition, cfg.metrics_port, addr=cfg.host)
             self.metrics_port = http.server_port
         logger.info("router serving gRPC on %s", self.address)
 
     def address_of(self) -> str:
         return self.address
+
+    def metrics_port_of(self) -> int | None:
+        return self.metrics_port
 
     def sync_index(self) -> None:
         self.backend.sync_index()
@@ -69,14 +105,17 @@ class RouterActor:
     def block_hashes(self, token_ids: list[int], cache_salt: str = "") -> list[bytes]:
         from kvstore.keys import hash_prompt_blocks
 
-        return hash_prompt_blocks(token_ids, self.backend.block_size, self.backend.fingerprint, cache_salt)
+        return hash_prompt_blocks(
+            token_ids, self.backend.block_size, self.backend.fingerprint, cache_salt
+        )
 
     def check_no_leaks(self) -> dict[str, bool]:
         import ray
 
         return {
             wid: ray.get(w.handle.check_no_leaks.remote(), timeout=30)
-            for wid, w in self.backend.workers.items() if w.alive
+            for wid, w in self.backend.workers.items()
+            if w.alive
         }
 
     def shutdown(self) -> None:

@@ -80,10 +80,13 @@ class RayBackend:
         self.cost = CostModel(self.block_size, first["block_nbytes"])
         for w in self.workers.values():
             self.index.add_worker(w.worker_id)
-            self.cost.update(WorkerProfile(
-                w.worker_id, w.info["prefill_tokens_per_s"],
-                load_bytes_per_s={k: v for k, v in w.info["tier_bytes_per_s"].items() if v > 0},
-            ))
+            self.cost.update(
+                WorkerProfile(
+                    w.worker_id,
+                    w.info["prefill_tokens_per_s"],
+                    load_bytes_per_s={k: v for k, v in w.info["tier_bytes_per_s"].items() if v > 0},
+                )
+            )
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
         self._stop = threading.Event()
@@ -108,7 +111,9 @@ class RayBackend:
                 if not w.alive:
                     continue
                 try:
-                    events = ray.get(w.handle.drain_events.remote(), timeout=self.config.call_timeout_s)
+                    events = ray.get(
+                        w.handle.drain_events.remote(), timeout=self.config.call_timeout_s
+                    )
                 except WORKER_DIED as e:
                     self._mark_dead(w.worker_id, e)
                     continue
@@ -181,8 +186,12 @@ class RayBackend:
 
     def _sampling(self, req: GenRequest, max_tokens: int) -> dict[str, Any]:
         return {
-            "max_tokens": max_tokens, "temperature": req.temperature, "top_k": req.top_k,
-            "top_p": req.top_p, "seed": req.seed, "stop_token_ids": tuple(req.stop_token_ids),
+            "max_tokens": max_tokens,
+            "temperature": req.temperature,
+            "top_k": req.top_k,
+            "top_p": req.top_p,
+            "seed": req.seed,
+            "stop_token_ids": tuple(req.stop_token_ids),
             "ignore_eos": req.ignore_eos,
         }
 
@@ -192,9 +201,12 @@ class RayBackend:
         res, p_id, d_id = self._prefill(req, prompt, hashes, live, end)
         tokens = [res["first_token"]]
         usage = {
-            "prompt_tokens": len(prompt), "cached_tokens": res["cached_tokens"],
-            "by_tier": dict(res["cached_by_tier"]), "ttft_ms": res["prefill_ms"],
-            "prefill": p_id, "decode": d_id,
+            "prompt_tokens": len(prompt),
+            "cached_tokens": res["cached_tokens"],
+            "by_tier": dict(res["cached_by_tier"]),
+            "ttft_ms": res["prefill_ms"],
+            "prefill": p_id,
+            "decode": d_id,
         }
         if res["num_pulled_blocks"]:
             usage["by_tier"]["remote"] = res["num_pulled_blocks"] * self.block_size
@@ -202,15 +214,23 @@ class RayBackend:
             yield TokenDelta(tuple(tokens), res["finish_reason"], self._usage(usage, tokens))
             return
         yield TokenDelta(tuple(tokens))
-        expect_transfer = True
+        expect_transfer = res["num_blocks_to_push"] > 0  # else nothing will arrive
         for attempt in range(self.config.max_retries + 1):
             try:
-                for delta in self._decode(req, prompt + tokens, d_id, expect_transfer, live, end,
-                                          req.max_tokens - len(tokens)):
+                for delta in self._decode(
+                    req,
+                    prompt + tokens,
+                    d_id,
+                    expect_transfer,
+                    live,
+                    end,
+                    req.max_tokens - len(tokens),
+                ):
                     tokens.extend(delta["token_ids"])
                     if delta["finish_reason"] is not None:
                         yield TokenDelta(
-                            tuple(delta["token_ids"]), delta["finish_reason"],
+                            tuple(delta["token_ids"]),
+                            delta["finish_reason"],
                             self._usage(usage, tokens),
                         )
                         return
@@ -231,12 +251,18 @@ class RayBackend:
 
     def _prefill(self, req: GenRequest, prompt: list[int], hashes: list, live: _Live, end: float):  # noqa: ANN001, ANN202
         for attempt in range(self.config.max_retries + 1):
-            placement = self.cost.choose_prefill(self._alive("prefill"), self.index, hashes, len(prompt))
+            placement = self.cost.choose_prefill(
+                self._alive("prefill"), self.index, hashes, len(prompt)
+            )
             p_id = placement.worker_id
             d_id = self.cost.choose_decode(self._alive("decode"), self.index, hashes)
             live.prefill, live.decode = p_id, d_id
             p, d = self.workers[p_id], self.workers[d_id]
-            pull_addr = self.workers[placement.pull_from].info["kv_address"] if placement.pull_from else None
+            pull_addr = (
+                self.workers[placement.pull_from].info["kv_address"]
+                if placement.pull_from
+                else None
+            )
             if hashes:
                 p.handle.prefetch.remote(hashes)  # the hint: start moving blocks up now
             p.in_flight += 1
@@ -244,8 +270,13 @@ class RayBackend:
             t0 = time.monotonic()
             try:
                 ref = p.handle.prefill.remote(
-                    req.req_id, prompt, self._sampling(req, req.max_tokens), req.cache_salt,
-                    d.info["kv_address"], self._remaining(end, req.req_id), pull_addr,
+                    req.req_id,
+                    prompt,
+                    self._sampling(req, req.max_tokens),
+                    req.cache_salt,
+                    d.info["kv_address"],
+                    self._remaining(end, req.req_id),
+                    pull_addr,
                     placement.num_pull_blocks,
                 )
                 res = ray.get(ref, timeout=self._remaining(end, req.req_id))
@@ -270,14 +301,26 @@ class RayBackend:
                     self.cost.profiles[p_id].queue_depth = p.in_flight
         raise NoWorkerError("no prefill worker available")
 
-    def _decode(self, req: GenRequest, token_ids: list[int], d_id: str, expect_transfer: bool,
-                live: _Live, end: float, max_tokens: int) -> Iterator[dict[str, Any]]:
+    def _decode(
+        self,
+        req: GenRequest,
+        token_ids: list[int],
+        d_id: str,
+        expect_transfer: bool,
+        live: _Live,
+        end: float,
+        max_tokens: int,
+    ) -> Iterator[dict[str, Any]]:
         d = self.workers[d_id]
         d.in_flight += 1
         self.cost.profiles[d_id].queue_depth = d.in_flight
         gen = d.handle.generate.options(num_returns="streaming").remote(
-            req.req_id, token_ids, self._sampling(req, max_tokens), req.cache_salt,
-            expect_transfer, self.config.transfer_timeout_s,
+            req.req_id,
+            token_ids,
+            self._sampling(req, max_tokens),
+            req.cache_salt,
+            expect_transfer,
+            self.config.transfer_timeout_s,
         )
         done = False
         try:
@@ -305,9 +348,13 @@ class RayBackend:
 
     def _usage(self, u: dict[str, Any], tokens: list[int]) -> Usage:
         return Usage(
-            prompt_tokens=u["prompt_tokens"], completion_tokens=len(tokens),
-            cached_tokens=u["cached_tokens"], cached_tokens_by_tier=u["by_tier"],
-            ttft_ms=u["ttft_ms"], prefill_worker=u["prefill"], decode_worker=u["decode"],
+            prompt_tokens=u["prompt_tokens"],
+            completion_tokens=len(tokens),
+            cached_tokens=u["cached_tokens"],
+            cached_tokens_by_tier=u["by_tier"],
+            ttft_ms=u["ttft_ms"],
+            prefill_worker=u["prefill"],
+            decode_worker=u["decode"],
         )
 
     def close(self) -> None:

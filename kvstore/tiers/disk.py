@@ -85,10 +85,13 @@ class DiskTier:
         # last two or three transactions are not reusable yet. Bound the pages one write
         # transaction dirties (batch size) and keep that slack free, within fill_ratio.
         dirty_pages = -(-value_footprint(self._value_nbytes, page_size) // page_size) + 2
-        self._max_batch = max(1, min(
-            _MAX_BATCH_BYTES // self._value_nbytes,
-            capacity_bytes // (32 * dirty_pages * page_size),
-        ))
+        self._max_batch = max(
+            1,
+            min(
+                _MAX_BATCH_BYTES // self._value_nbytes,
+                capacity_bytes // (32 * dirty_pages * page_size),
+            ),
+        )
         slack = (4 * self._max_batch * dirty_pages + 24) * page_size
         self._budget = max(0, min(int(capacity_bytes * fill_ratio), capacity_bytes - slack))
         # Bytes of the map one block takes, LMDB's page overhead included: a static estimate,
@@ -118,12 +121,16 @@ class DiskTier:
         if self._budget < 4 * self._value_nbytes:
             logger.warning(
                 "disk store %s: map_size %d leaves room for almost no %d-byte block (LMDB needs "
-                "slack); raise disk_capacity_bytes", path, capacity_bytes, block_nbytes,
+                "slack); raise disk_capacity_bytes",
+                path,
+                capacity_bytes,
+                block_nbytes,
             )
         self._load_index()
         self._resync_usage()
-        self._writer = threading.Thread(target=self._writer_loop, name="strata-disk-writer",
-                                        daemon=True)
+        self._writer = threading.Thread(
+            target=self._writer_loop, name="strata-disk-writer", daemon=True
+        )
         self._writer.start()
 
     # ----------------------------------------------------------------- queries
@@ -266,8 +273,10 @@ class DiskTier:
         """Wait until every queued write and delete is committed; False on timeout."""
         with self._cond:
             return self._cond.wait_for(
-                lambda: not (self._queue or self._inflight or self._deletes or self._busy)
-                or not self._writer.is_alive(),
+                lambda: (
+                    not (self._queue or self._inflight or self._deletes or self._busy)
+                    or not self._writer.is_alive()
+                ),
                 timeout_s,
             )
 
@@ -341,15 +350,14 @@ class DiskTier:
         entries: list[tuple[int, int, BlockHash, _DiskEntry]] = []
         bad: list[bytes] = []
         with self._env.begin(buffers=True) as txn:
-            access = {
-                bytes(k): _COUNTER.unpack(v)[0] for k, v in txn.cursor(db=self._access_db)
-            }
+            access = {bytes(k): _COUNTER.unpack(v)[0] for k, v in txn.cursor(db=self._access_db)}
             for k, v in txn.cursor(db=self._blocks_db):
                 h = BlockHash(bytes(k))
                 header = decode_header(v)
                 foreign = header is not None and header.fingerprint != self.fingerprint
                 if (
-                    header is None or len(h) != HASH_NBYTES
+                    header is None
+                    or len(h) != HASH_NBYTES
                     or (not foreign and len(v) != self._value_nbytes)
                 ):
                     bad.append(h)
@@ -376,13 +384,21 @@ class DiskTier:
         if old_fingerprint not in (None, self.fingerprint) or num_foreign:
             logger.info(
                 "disk store %s holds %d block(s) of another model fingerprint: never served, "
-                "evicted first", self.path, num_foreign,
+                "evicted first",
+                self.path,
+                num_foreign,
             )
         if bad:
-            logger.warning("disk store %s: %d unreadable value(s) deleted on open", self.path,
-                           len(bad))
-        logger.info("disk store %s opened: %d block(s), %d of %d bytes used", self.path,
-                    len(self._index) - num_foreign, self._used, self._budget)
+            logger.warning(
+                "disk store %s: %d unreadable value(s) deleted on open", self.path, len(bad)
+            )
+        logger.info(
+            "disk store %s opened: %d block(s), %d of %d bytes used",
+            self.path,
+            len(self._index) - num_foreign,
+            self._used,
+            self._budget,
+        )
 
     def _writer_loop(self) -> None:
         max_batch = self._max_batch
@@ -436,8 +452,12 @@ class DiskTier:
                 break
             except lmdb.MapFullError:
                 if attempt == 1:
-                    logger.warning("disk store %s is full (map_size %d): %d block(s) refused",
-                                   self.path, self.map_size, len(values))
+                    logger.warning(
+                        "disk store %s is full (map_size %d): %d block(s) refused",
+                        self.path,
+                        self.map_size,
+                        len(values),
+                    )
                     with self._lock:
                         self.num_refused += len(values)
                     break
@@ -447,8 +467,9 @@ class DiskTier:
                 self._emit("removed", extra)
         self._emit("stored", written)
 
-    def _commit(self, values: list[tuple[BlockHash, bytearray]], dirty: dict[BlockHash, int]
-                ) -> list[BlockHash]:
+    def _commit(
+        self, values: list[tuple[BlockHash, bytearray]], dirty: dict[BlockHash, int]
+    ) -> list[BlockHash]:
         if not values and not dirty:
             return []
         with self._lock:

@@ -108,8 +108,13 @@ def open_env(disk_path: str, map_size: int) -> OpenedEnv:
     try:
         try:
             env, dbs = _open_lmdb(path, map_size)
-        except (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError,
-                lmdb.IncompatibleError, _Truncated) as e:
+        except (
+            lmdb.InvalidError,
+            lmdb.VersionMismatchError,
+            lmdb.CorruptedError,
+            lmdb.IncompatibleError,
+            _Truncated,
+        ) as e:
             _quarantine(path, e)
             env, dbs = _open_lmdb(path, map_size)
     except lmdb.Error as e:
@@ -137,8 +142,15 @@ def _open_lmdb(path: Path, map_size: int) -> tuple[lmdb.Environment, dict[bytes,
                 f"references page {info['last_pgno']} of {psize} bytes"
             )
     env = lmdb.open(
-        str(path), map_size=map_size, subdir=True, max_dbs=len(DB_NAMES), sync=False,
-        metasync=False, lock=True, readahead=False, meminit=False,
+        str(path),
+        map_size=map_size,
+        subdir=True,
+        max_dbs=len(DB_NAMES),
+        sync=False,
+        metasync=False,
+        lock=True,
+        readahead=False,
+        meminit=False,
     )
     try:
         dbs = {name: env.open_db(name) for name in DB_NAMES}
@@ -152,7 +164,9 @@ def _quarantine(path: Path, reason: BaseException) -> None:
     bad = path / f"data.mdb.bad-{int(time.time() * 1000)}"
     logger.warning(
         "disk store %s is not a valid store (%s); moved it to %s and starting a fresh one",
-        path, reason, bad,
+        path,
+        reason,
+        bad,
     )
     os.replace(path / "data.mdb", bad)
     if (path / "lock.mdb").exists():

@@ -25,11 +25,16 @@ def prompt(n: int, seed: int) -> list[int]:
 def service_config(tmp_path, num_prefill: int, num_decode: int, **router_kw) -> ServiceConfig:  # noqa: ANN001, ANN003
     return ServiceConfig(
         engine=EngineConfig(model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096),
-        store=StoreConfig(host_capacity_bytes=16 << 20, disk_path=str(tmp_path / "disk"),
-                          disk_capacity_bytes=256 << 20),
+        store=StoreConfig(
+            host_capacity_bytes=16 << 20,
+            disk_path=str(tmp_path / "disk"),
+            disk_capacity_bytes=256 << 20,
+        ),
         router=RouterConfig(port=0, auth_token=TOKEN, max_model_len=4096, **router_kw),
         backend=BackendConfig(transfer_timeout_s=10.0),
-        num_prefill=num_prefill, num_decode=num_decode, secret=SECRET,
+        num_prefill=num_prefill,
+        num_decode=num_decode,
+        secret=SECRET,
     )
 
 
@@ -49,7 +54,10 @@ def reference_engine():  # noqa: ANN201
     """The single-process oracle: the same model in this process, no cache."""
     from engine.engine import LLMEngine
 
-    eng = LLMEngine(EngineConfig(model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096,
-                                 enable_prefix_caching=False))
+    eng = LLMEngine(
+        EngineConfig(
+            model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096, enable_prefix_caching=False
+        )
+    )
     yield eng
     eng.close()

@@ -19,15 +19,37 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _strata(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "up", "--port", "0", "--device-capacity", "16M",
-         "--host-capacity", "16M", "--disk-path", str(tmp_path / "kv"), "--token", "t0k"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "up",
+            "--port",
+            "0",
+            "--device-capacity",
+            "16M",
+            "--host-capacity",
+            "16M",
+            "--disk-path",
+            str(tmp_path / "kv"),
+            "--token",
+            "t0k",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
     )
     try:
         address = None
@@ -43,15 +65,34 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
         ids = ",".join(str(i % 200) for i in range(100))
         outs = []
         for _ in range(2):
-            res = _strata("generate", "--server", address, "--token", "t0k", "--prompt-ids", ids,
-                          "--max-tokens", "5", "--json")
+            res = _strata(
+                "generate",
+                "--server",
+                address,
+                "--token",
+                "t0k",
+                "--prompt-ids",
+                ids,
+                "--max-tokens",
+                "5",
+                "--json",
+            )
             assert res.returncode == 0, res.stderr
             outs.append(json.loads(res.stdout))
         assert outs[0]["output_token_ids"] == outs[1]["output_token_ids"]
         assert len(outs[0]["output_token_ids"]) == 5
         assert outs[1]["cached_tokens_by_tier"] == {"device": 96}
-        bad = _strata("generate", "--server", address, "--token", "t0k", "--prompt-ids", "1,2",
-                      "--max-tokens", "0")
+        bad = _strata(
+            "generate",
+            "--server",
+            address,
+            "--token",
+            "t0k",
+            "--prompt-ids",
+            "1,2",
+            "--max-tokens",
+            "0",
+        )
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
         stats = _strata("stats", "--server", address, "--token", "t0k")
         assert stats.returncode == 0, stats.stderr

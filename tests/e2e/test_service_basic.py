@@ -22,7 +22,9 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):  # noqa: ANN001, ANN201
-    svc = start(tmp_path_factory.mktemp("svc"), 1, 1, max_in_flight=48, max_workers=64)
+    svc = start(
+        tmp_path_factory.mktemp("svc"), 1, 1, max_in_flight=48, max_workers=64, metrics_port=0
+    )
     yield svc
     svc.shutdown()
 
@@ -48,7 +50,7 @@ def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN
 
 def test_text_prompt_and_max_tokens_one(client, reference_engine):  # noqa: ANN001
     res = client.generate(prompt="Hello, Strata!", max_tokens=1, temperature=0.0)
-    ids = list("Hello, Strata!".encode())
+    ids = list(b"Hello, Strata!")
     assert list(res.token_ids) == _expected(reference_engine, ids, 1)
     assert res.usage.completion_tokens == 1
 
@@ -62,7 +64,9 @@ def test_prefix_reuse_from_each_tier(service, client, reference_engine):  # noqa
     assert dict(warm.usage.cached_tokens_by_tier) == {"device": 624}
     p0 = service.prefill[0]
     ray.get(p0.evict_cached.remote("disk"), timeout=60)
-    from_disk = client.generate(prompt_token_ids=ids, max_tokens=8, temperature=0.0, ignore_eos=True)
+    from_disk = client.generate(
+        prompt_token_ids=ids, max_tokens=8, temperature=0.0, ignore_eos=True
+    )
     assert dict(from_disk.usage.cached_tokens_by_tier) == {"disk": 624}
     for r in (cold, warm, from_disk):
         assert list(r.token_ids) == expected
@@ -104,16 +108,26 @@ def test_32_streams_with_random_cancellations(service, client, reference_engine)
     def run(i: int) -> None:
         try:
             if i in cancel:
-                stream = client.stream(prompt_token_ids=prompts[i], max_tokens=60,
-                                       temperature=0.0, ignore_eos=True, timeout=300)
+                stream = client.stream(
+                    prompt_token_ids=prompts[i],
+                    max_tokens=60,
+                    temperature=0.0,
+                    ignore_eos=True,
+                    timeout=300,
+                )
                 for n, _ in enumerate(stream):
                     if n >= 2:
                         break  # closing the stream cancels the request on the server
                 stream.close()
                 results[i] = "cancelled"
             else:
-                results[i] = client.generate(prompt_token_ids=prompts[i], max_tokens=12,
-                                             temperature=0.0, ignore_eos=True, timeout=300)
+                results[i] = client.generate(
+                    prompt_token_ids=prompts[i],
+                    max_tokens=12,
+                    temperature=0.0,
+                    ignore_eos=True,
+                    timeout=300,
+                )
         except Exception as e:  # noqa: BLE001 - recorded and asserted below
             results[i] = e
 
@@ -153,5 +167,21 @@ def test_grpc_health_service(service):  # noqa: ANN001
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(service.address) as ch:
-        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        resp = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_prometheus_metrics_of_router_and_workers(service, client):  # noqa: ANN001
+    import urllib.request
+
+    client.generate(prompt_token_ids=list(range(40)), max_tokens=3)
+    port = ray.get(service.router.metrics_port_of.remote(), timeout=30)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    assert "strata_ttft_seconds_bucket" in text
+    assert "strata_time_between_tokens_seconds_count" in text
+    assert 'strata_worker_pool_free_blocks{worker="prefill-0"}' in text
+    assert 'strata_worker_push_bytes{worker="prefill-0"}' in text
+    assert 'strata_worker_store_host_hits{worker="decode-0"}' in text

@@ -47,8 +47,9 @@ def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN
 
 def test_shared_prefix_goes_to_the_worker_holding_it(service, client, reference_engine):  # noqa: ANN001
     shared = prompt(800, 10)
-    first = client.generate(prompt_token_ids=shared + prompt(20, 11), max_tokens=4,
-                            temperature=0.0, ignore_eos=True)
+    first = client.generate(
+        prompt_token_ids=shared + prompt(20, 11), max_tokens=4, temperature=0.0, ignore_eos=True
+    )
     holder = first.usage.prefill_worker
     _sync(service)
     for i in range(3):  # every follow-up lands on the holder and reuses the 800-token prefix
@@ -95,8 +96,9 @@ def test_killed_decode_worker_request_retried(service, client, reference_engine)
     tokens: list[int] = []
     final = None
     try:
-        for chunk in client.stream(prompt_token_ids=ids, max_tokens=120, temperature=0.0,
-                                   ignore_eos=True, timeout=240):
+        for chunk in client.stream(
+            prompt_token_ids=ids, max_tokens=120, temperature=0.0, ignore_eos=True, timeout=240
+        ):
             tokens.extend(chunk.token_ids)
             seen.extend(chunk.token_ids)
             if chunk.finish_reason:
@@ -117,8 +119,9 @@ def test_killed_prefill_worker_mid_transfer(service, client, reference_engine): 
     # token (its push to the decode worker is in flight). The decode worker then times out or
     # sees a broken stream, and recomputes what it lacks: the output stays right.
     ids = prompt(1500, 50)
-    stream = client.stream(prompt_token_ids=ids, max_tokens=10, temperature=0.0,
-                           ignore_eos=True, timeout=240)
+    stream = client.stream(
+        prompt_token_ids=ids, max_tokens=10, temperature=0.0, ignore_eos=True, timeout=240
+    )
     tokens: list[int] = []
     killed = False
     t0 = time.monotonic()

@@ -11,15 +11,28 @@ def hf_config(arch: str):  # noqa: ANN201
     import transformers as tf
 
     common = dict(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-        initializer_range=0.08, rms_norm_eps=1e-5,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.08,
+        rms_norm_eps=1e-5,
     )
     if arch in ("llama", "llama_tied"):
         return tf.LlamaConfig(
-            **common, rope_theta=50000.0, tie_word_embeddings=arch == "llama_tied",
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+            **common,
+            rope_theta=50000.0,
+            tie_word_embeddings=arch == "llama_tied",
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
         )
     if arch == "qwen2":
         return tf.Qwen2Config(**common, rope_theta=10000.0, tie_word_embeddings=False)
@@ -34,14 +47,20 @@ def write_checkpoint(arch: str, path: str, max_shard_size: str | None = None):  
     torch.manual_seed(1234)
     cfg = hf_config(arch)
     cls = {
-        "llama": tf.LlamaForCausalLM, "llama_tied": tf.LlamaForCausalLM,
-        "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM,
+        "llama": tf.LlamaForCausalLM,
+        "llama_tied": tf.LlamaForCausalLM,
+        "qwen2": tf.Qwen2ForCausalLM,
+        "mistral": tf.MistralForCausalLM,
     }[arch]
     model = cls(cfg).to(torch.float32).eval()
     if arch == "qwen2":  # make the q/k/v biases matter
         with torch.no_grad():
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
                     proj.bias.normal_(0.0, 0.5)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kw)

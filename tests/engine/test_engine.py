@@ -54,8 +54,10 @@ def test_request_larger_than_pool_is_refused(make_engine):  # noqa: ANN001
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):  # noqa: ANN001
     p = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=7)
     alone = tiny.generate([PROMPT], p)[0].output_token_ids
-    batched = tiny.generate([PROMPT, PROMPT[:20], PROMPT[5:]], [p, SamplingParams(max_tokens=5),
-                            SamplingParams(max_tokens=9, temperature=1.0, seed=3)])[0]
+    batched = tiny.generate(
+        [PROMPT, PROMPT[:20], PROMPT[5:]],
+        [p, SamplingParams(max_tokens=5), SamplingParams(max_tokens=9, temperature=1.0, seed=3)],
+    )[0]
     assert batched.output_token_ids == alone
     other = tiny.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.9, seed=8))[0]
     assert other.output_token_ids != alone

@@ -25,8 +25,10 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 def _store(tmp_path, **kw) -> StoreConfig:  # noqa: ANN001
     return StoreConfig(
-        host_capacity_bytes=kw.pop("host", 8 << 20), disk_path=str(tmp_path / "lmdb"),
-        disk_capacity_bytes=kw.pop("disk", 64 << 20), **kw,
+        host_capacity_bytes=kw.pop("host", 8 << 20),
+        disk_path=str(tmp_path / "lmdb"),
+        disk_capacity_bytes=kw.pop("disk", 64 << 20),
+        **kw,
     )
 
 
@@ -90,7 +92,9 @@ def test_corrupt_disk_block_is_recomputed(tmp_path, make_engine):  # noqa: ANN00
             if value is not None:
                 bad = bytearray(value)
                 bad[len(bad) // 2] ^= 0xFF
-                txn.put(victim, bytes(bad), db=db) if db is not None else txn.put(victim, bytes(bad))
+                txn.put(victim, bytes(bad), db=db) if db is not None else txn.put(
+                    victim, bytes(bad)
+                )
                 found = True
                 break
     env.close()
@@ -105,10 +109,48 @@ def test_corrupt_disk_block_is_recomputed(tmp_path, make_engine):  # noqa: ANN00
 def test_second_cli_process_reuses_the_first_ones_blocks(tmp_path):  # noqa: ANN001
     disk = str(tmp_path / "cli-lmdb")
     ids = ",".join(str(t) for t in _prompt(300, 7))
-    cmd = [sys.executable, "-m", "cluster.cli", "generate", "--prompt-ids", ids, "--max-tokens", "8",
-           "--disk-path", disk, "--device-capacity", "8M", "--json"]
-    outs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
-                                      timeout=300).stdout) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "generate",
+        "--prompt-ids",
+        ids,
+        "--max-tokens",
+        "8",
+        "--disk-path",
+        disk,
+        "--device-capacity",
+        "8M",
+        "--json",
+    ]
+    outs = [
+        json.loads(
+            subprocess.run(
+                cmd, check=True, capture_output=True, text=True, cwd=ROOT, timeout=300
+            ).stdout
+        )
+        for _ in range(2)
+    ]
     assert outs[0]["cached_tokens"] == 0
     assert outs[1]["cached_tokens_by_tier"] == {"disk": 288}
     assert outs[1]["output_token_ids"] == outs[0]["output_token_ids"]
+
+
+def test_slow_tier_is_recomputed_not_loaded(tmp_path, make_engine):  # noqa: ANN001
+    """Load-or-recompute: with a disk measured slower than recomputing, disk hits are skipped."""
+    eng = make_engine(_store(tmp_path), model="tiny", kv_cache_bytes=8 << 20)
+    prompt = _prompt(500, 8)
+    cold = eng.generate([prompt], GREEDY)[0]
+    eng.evict_cached("disk")
+    blk = eng.layout.block_nbytes
+    eng.kv.prefill_tokens_per_s = 16.0  # one block of 16 tokens recomputes in 1 s
+    eng.kv.tier_bytes_per_s = {"host": blk * 1000.0, "disk": blk / 10.0}  # disk: 10 s a block
+    slow = eng.generate([prompt], GREEDY)[0]
+    assert slow.num_cached_tokens == 0 and eng.kv.num_hits_recomputed == 31
+    assert slow.output_token_ids == cold.output_token_ids
+    eng.evict_cached("disk")
+    eng.kv.tier_bytes_per_s["disk"] = blk * 1000.0  # now loading wins
+    fast = eng.generate([prompt], GREEDY)[0]
+    assert fast.cached_by_tier == {"disk": 496}
+    assert fast.output_token_ids == cold.output_token_ids

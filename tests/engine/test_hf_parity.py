@@ -59,7 +59,9 @@ def test_logits_and_greedy_match(checkpoint, make_engine):  # noqa: ANN001
 def test_chunked_prefill_matches(checkpoint, make_engine):  # noqa: ANN001
     arch, path, hf = checkpoint
     # Chunks of 32 tokens over a 150-token prompt; mistral's window (48) is crossed too.
-    eng = make_engine(model=path, dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=32)
+    eng = make_engine(
+        model=path, dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=32
+    )
     prompt = _prompt(150, 2)
     ref_tokens, _ = hf_greedy(hf, prompt, N_NEW)
     out = eng.generate([prompt], SamplingParams(max_tokens=N_NEW, ignore_eos=True))[0]

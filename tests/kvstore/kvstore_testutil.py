@@ -34,5 +34,3 @@ def block_bytes(hashes: Sequence[BlockHash], nbytes: int = NBYTES) -> torch.Tens
 
 def assert_rows(out: torch.Tensor, hashes: Sequence[BlockHash]) -> None:
     assert torch.equal(out[: len(hashes)], block_bytes(hashes, out.shape[1]))
-
-

@@ -16,7 +16,9 @@ def test_roundtrip_and_idempotent_put() -> None:
     assert host.put(hashes[:1], torch.zeros((1, NBYTES), dtype=torch.uint8)) == [True]
     out = torch.zeros((4, NBYTES), dtype=torch.uint8)
     assert host.get_into([hashes[2], make_hashes(1, seed=9)[0], hashes[0]], out) == [
-        True, False, True,
+        True,
+        False,
+        True,
     ]
     assert_rows(out[0:1], hashes[2:3])
     assert torch.all(out[1] == 0)  # a miss leaves its row untouched

@@ -93,8 +93,9 @@ def test_events_and_stats_are_plain(make_store) -> None:  # noqa: ANN001
     assert {("disk", h) for h in hashes} <= stored
     assert {("host", h) for h in hashes[:2]} <= stored
     store.remove(hashes[:1])
-    removed = {(e.tier, h) for e in store.drain_events() if e.kind == "removed"
-               for h in e.block_hashes}
+    removed = {
+        (e.tier, h) for e in store.drain_events() if e.kind == "removed" for h in e.block_hashes
+    }
     assert removed == {("host", hashes[0]), ("disk", hashes[0])}
     stats = store.stats()
     json.dumps(stats)

@@ -109,8 +109,9 @@ def test_unwritable_path_disables_disk_and_keeps_serving(make_store, tmp_path, c
 
 
 def test_tiny_disk_refuses_and_host_keeps_serving(make_store, caplog) -> None:  # noqa: ANN001
-    layout = KVLayout(num_layers=2, block_size=64, num_kv_heads=2, head_dim=32,
-                       dtype=torch.float32)  # 64 KiB blocks
+    layout = KVLayout(
+        num_layers=2, block_size=64, num_kv_heads=2, head_dim=32, dtype=torch.float32
+    )  # 64 KiB blocks
     nbytes = layout.block_nbytes
     assert nbytes == 64 << 10
     with caplog.at_level(logging.WARNING):
@@ -127,8 +128,7 @@ def test_tiny_disk_refuses_and_host_keeps_serving(make_store, caplog) -> None:  
 
 
 def test_small_disk_evicts_under_pressure_without_errors(make_store) -> None:  # noqa: ANN001
-    layout = KVLayout(num_layers=2, block_size=64, num_kv_heads=2, head_dim=32,
-                       dtype=torch.float32)
+    layout = KVLayout(num_layers=2, block_size=64, num_kv_heads=2, head_dim=32, dtype=torch.float32)
     nbytes = layout.block_nbytes
     store = make_store(host_blocks=2, layout=layout, disk_capacity_bytes=1 << 20)
     hashes = make_hashes(60)
@@ -139,5 +139,3 @@ def test_small_disk_evicts_under_pressure_without_errors(make_store) -> None:  #
     disk = store.stats()["disk"]
     assert disk["write_errors"] == 0 and disk["evictions"] > 0 and disk["blocks"] >= 2
     assert store.lookup(hashes[-3:]) == ["host", "host", "disk"]  # 3rd: both slots busy
-
-

@@ -11,8 +11,7 @@ from kvstore_testutil import NBYTES, block_bytes, make_hashes
 
 
 def test_concurrent_mixed_operations_keep_invariants(make_store) -> None:  # noqa: ANN001
-    store = make_store(host_blocks=24, disk_capacity_bytes=512 << 10,
-                       disk_write_queue_blocks=32)
+    store = make_store(host_blocks=24, disk_capacity_bytes=512 << 10, disk_write_queue_blocks=32)
     universe = make_hashes(160)
     payload = {h: block_bytes([h])[0] for h in universe}
     errors: list[BaseException] = []

@@ -25,7 +25,9 @@ def workers(tmp_path_factory):  # noqa: ANN001, ANN201
         d.shutdown()
 
 
-def _run(p: PrefillWorker, d: DecodeWorker, req_id: str, prompt: list[int], sampling: SamplingParams):  # noqa: ANN202
+def _run(
+    p: PrefillWorker, d: DecodeWorker, req_id: str, prompt: list[int], sampling: SamplingParams
+):  # noqa: ANN202
     res = p.prefill(req_id, prompt, sampling, decode_kv_address=d.kv_address)
     tokens = [res.first_token]
     deltas = list(d.generate(req_id, prompt + [res.first_token], continuation(sampling)))
@@ -63,8 +65,11 @@ def test_missing_transfer_times_out_and_recomputes(workers):  # noqa: ANN001
     sampling = SamplingParams(max_tokens=6, ignore_eos=True)
     expected = p.loop.call(lambda eng: eng.generate([prompt], sampling, cache_salt="y"))[0]
     first = expected.output_token_ids[0]
-    deltas = list(d.generate("r3", prompt + [first], continuation(sampling), cache_salt="y",
-                             transfer_timeout_s=0.2))
+    deltas = list(
+        d.generate(
+            "r3", prompt + [first], continuation(sampling), cache_salt="y", transfer_timeout_s=0.2
+        )
+    )
     tokens = [first] + [t for delta in deltas for t in delta.token_ids]
     assert tokens == expected.output_token_ids
     assert d.stats()["transfers_timed_out"] >= 1
