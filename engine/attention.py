@@ -27,12 +27,27 @@ class SeqSlice:
 
 
 @dataclass(frozen=True)
+class KernelArgs:
+    """Batched tensors for the Triton kernels (built only when they are used)."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    context_lens: torch.Tensor  # [B] int32: tokens in the cache after this step
+    cu_q_lens: torch.Tensor  # [B + 1] int32: cumulative query counts
+    q_starts: torch.Tensor  # [B] int32: position of each sequence's first query
+    max_q_len: int
+    max_context_len: int
+    all_decode: bool  # every sequence has exactly one query (a pure decode step)
+    no_prefix: bool  # no sequence has cached tokens before its chunk (a cold prefill)
+
+
+@dataclass(frozen=True)
 class AttnMetadata:
     slot_block: torch.Tensor  # [T] int64: pool block receiving each token's K/V
     slot_offset: torch.Tensor  # [T] int64: offset inside that block
     seqs: tuple[SeqSlice, ...]  # in the order of the flat batch
     block_size: int
     sliding_window: int | None = None
+    kernel: KernelArgs | None = None  # set: use the Triton kernels (engine.attention_triton)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> None:
@@ -90,3 +105,30 @@ def paged_attention_ref(
         out[t0 : t0 + s.q_len] = o.transpose(0, 1)
         t0 += s.q_len
     return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttnMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Dispatch: the Triton kernels when ``meta.kernel`` is set, the torch reference otherwise.
+
+    A cold prefill on CUDA (no cached prefix) goes to PyTorch's fused attention, the fastest
+    path when there is nothing paged to read.
+    """
+    k = meta.kernel
+    if k is None or (k.no_prefix and q.is_cuda):
+        return paged_attention_ref(q, k_new, v_new, cache, meta, scale)
+    from engine.attention_triton import paged_decode_attention, paged_prefill_attention_varlen
+
+    if k.all_decode:
+        return paged_decode_attention(
+            q, cache, k.block_tables, k.context_lens, scale, max_context_len=k.max_context_len
+        )
+    return paged_prefill_attention_varlen(
+        q, cache, k.block_tables, k.cu_q_lens, k.q_starts, scale, max_q_len=k.max_q_len
+    )

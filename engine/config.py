@@ -122,6 +122,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step; also the prefill chunk size
     max_waiting: int = 1024  # queued requests beyond this are refused
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto (Triton on CUDA) | torch | triton
     seed: int = 0  # weights of built-in models
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -134,5 +135,9 @@ class EngineConfig:
             )
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch or triton, not {self.attention_backend!r}"
+            )
         if self.max_num_seqs <= 0:
             raise ValueError("max_num_seqs must be positive")

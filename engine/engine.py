@@ -63,7 +63,11 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
-            self.loaded.model, self.kv.kv_caches, config.block_size, self.device
+            self.loaded.model,
+            self.kv.kv_caches,
+            config.block_size,
+            self.device,
+            config.attention_backend,
         )
         self._seqs: dict[str, Sequence] = {}
         logger.info(

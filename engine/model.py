@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttnMetadata, paged_attention_ref, write_kv
+from engine.attention import AttnMetadata, paged_attention, write_kv
 from engine.config import ModelConfig
 from engine.rope import RotaryEmbedding, apply_rope
 
@@ -59,7 +59,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         write_kv(cache, k, v, meta)
-        o = paged_attention_ref(q, k, v, cache, meta, self.scale)
+        o = paged_attention(q, k, v, cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttnMetadata, SeqSlice
+from engine.attention import AttnMetadata, KernelArgs, SeqSlice
 from engine.model import CausalLM
 from engine.sampling import sample
 from engine.scheduler import ScheduledSeq
@@ -12,13 +12,19 @@ from engine.scheduler import ScheduledSeq
 
 class ModelRunner:
     def __init__(
-        self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int, device: torch.device
+        self,
+        model: CausalLM,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        device: torch.device,
+        attention_backend: str = "auto",
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sliding_window = model.config.sliding_window
+        self.use_kernels = select_kernels(attention_backend, device, self.sliding_window)
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
         ids: list[int] = []
@@ -47,11 +53,35 @@ class ModelRunner:
             seqs=tuple(seqs),
             block_size=bs,
             sliding_window=self.sliding_window,
+            kernel=self._kernel_args(batch) if self.use_kernels else None,
         )
         return (
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),
             meta,
+        )
+
+    def _kernel_args(self, batch: list[ScheduledSeq]) -> KernelArgs:
+        bs = self.block_size
+        ends = [item.q_start + item.q_len for item in batch]
+        max_blocks = max((e + bs - 1) // bs for e in ends)
+        tables = torch.zeros((len(batch), max_blocks), dtype=torch.int32)
+        for i, (item, end) in enumerate(zip(batch, ends)):
+            n = (end + bs - 1) // bs
+            tables[i, :n] = torch.tensor(item.seq.block_ids[:n], dtype=torch.int32)
+        q_lens = [item.q_len for item in batch]
+        cu = torch.zeros(len(batch) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+        dev = self.device
+        return KernelArgs(
+            block_tables=tables.to(dev),
+            context_lens=torch.tensor(ends, dtype=torch.int32, device=dev),
+            cu_q_lens=cu.to(dev),
+            q_starts=torch.tensor([item.q_start for item in batch], dtype=torch.int32, device=dev),
+            max_q_len=max(q_lens),
+            max_context_len=max(ends),
+            all_decode=all(n == 1 for n in q_lens),
+            no_prefix=all(item.q_start == 0 for item in batch),
         )
 
     def execute(self, batch: list[ScheduledSeq]) -> list[int | None]:
@@ -79,3 +109,22 @@ class ModelRunner:
             if item.samples:
                 result[i] = next(it)
         return result
+
+
+def select_kernels(backend: str, device: torch.device, sliding_window: int | None) -> bool:
+    """Whether attention runs in the Triton kernels: ``auto`` picks them on CUDA."""
+    if backend == "torch":
+        return False
+    if sliding_window is not None:
+        if backend == "triton":
+            raise ValueError("attention_backend=triton does not support sliding-window models")
+        return False
+    if backend == "triton":
+        return True
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
