@@ -105,8 +105,28 @@ class RayBackend:
             self.index.remove_worker(worker_id)
             self.cost.remove(worker_id)
 
+    def _observe_network(self) -> None:
+        """Worker-to-worker bandwidth, measured from the pushes so far (0 until one happened:
+        then no pull is ever planned)."""
+        nbytes = seconds = 0.0
+        for w in self.workers.values():
+            if w.alive and w.role == "prefill":
+                try:
+                    s = ray.get(w.handle.stats.remote(), timeout=self.config.call_timeout_s)
+                except Exception:  # noqa: BLE001 - measured again next time
+                    continue
+                nbytes += s.get("push_bytes", 0.0)
+                seconds += s.get("push_seconds", 0.0)
+        if nbytes > 0 and seconds > 0:
+            for profile in self.cost.profiles.values():
+                profile.net_bytes_per_s = nbytes / seconds
+
     def _poll_events(self) -> None:
+        rounds = 0
         while not self._stop.wait(self.config.event_poll_s):
+            rounds += 1
+            if rounds % 25 == 0:
+                self._observe_network()
             for w in list(self.workers.values()):
                 if not w.alive:
                     continue

@@ -73,3 +73,30 @@ def test_missing_transfer_times_out_and_recomputes(workers):  # noqa: ANN001
     tokens = [first] + [t for delta in deltas for t in delta.token_ids]
     assert tokens == expected.output_token_ids
     assert d.stats()["transfers_timed_out"] >= 1
+
+
+def test_prefill_pulls_a_prefix_from_another_worker(workers):  # noqa: ANN001
+    p, d = workers
+    prompt = [(i * 11) % 250 for i in range(260)]
+    sampling = SamplingParams(max_tokens=5, ignore_eos=True)
+    first = _run(p, d, "r4", prompt, sampling)[2]  # p computes it; d receives all full blocks
+    # d now holds the prefix: a fresh request on d's side pulls nothing from p...
+    res = p.prefill(
+        "r5",
+        prompt,
+        sampling,
+        cache_salt="other-tenant",
+        pull_from=d.kv_address,
+        num_pull_blocks=16,
+    )
+    assert res.num_pulled_blocks == 0  # ...and another tenant's salt never matches its blocks
+    d.evict_cached("host")
+    p.loop.call(lambda eng: eng.evict_cached("disk"))
+    p.loop.call(lambda eng: eng.store.remove(eng.block_hashes(prompt)))
+    res = p.prefill("r6", prompt, sampling, pull_from=d.kv_address, num_pull_blocks=16)
+    assert res.num_pulled_blocks == 16
+    assert res.cached_tokens == 16 * 16  # the pulled blocks were loaded, not recomputed
+    deltas = list(
+        d.generate("r6", prompt + [res.first_token], continuation(sampling), expect_transfer=False)
+    )
+    assert [res.first_token] + [t for x in deltas for t in x.token_ids] == first
