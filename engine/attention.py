@@ -91,6 +91,9 @@ def paged_attention_ref(
             blocks = cache.index_select(0, s.block_ids[:nb])  # [nb, 2, bs, H_kv, D]
             ks = blocks[:, 0].reshape(nb * bs, *blocks.shape[3:])[: s.ctx_len].transpose(0, 1)
             vs = blocks[:, 1].reshape(nb * bs, *blocks.shape[3:])[: s.ctx_len].transpose(0, 1)
+        # 4-D inputs [1, H, S, D]: PyTorch's fused CPU kernel takes them; 3-D ones fall back
+        # to the unfused path that materialises every score (about 10x slower at 2K tokens).
+        qs, ks, vs = qs[None], ks[None], vs[None]
         if s.q_start == 0 and meta.sliding_window is None:
             o = F.scaled_dot_product_attention(
                 qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
@@ -100,8 +103,9 @@ def paged_attention_ref(
         else:
             mask = _causal_mask(s.q_start, s.q_len, s.ctx_len, meta.sliding_window, q.device)
             o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
+                qs, ks, vs, attn_mask=mask[None, None], scale=scale, enable_gqa=True
             )
+        o = o[0]
         out[t0 : t0 + s.q_len] = o.transpose(0, 1)
         t0 += s.q_len
     return out

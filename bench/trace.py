@@ -1,0 +1,231 @@
+"""Trace replay (Mooncake format) at the trace's timestamps: TTFT, TBT, hit rate per tier.
+
+    python -m bench.trace --trace /work/shared/data/mooncake_synthetic_trace.jsonl \
+        --length-scale 16 --time-scale 1 --max-requests 1000 [--baseline] [--server HOST:PORT]
+
+``--length-scale`` divides input lengths (each hash_id becomes a block of 512/scale tokens, equal
+ids -> equal tokens); ``--time-scale`` multiplies the gaps between requests. In-process the
+requests go to an ``EngineLoop`` over a tiered store whose capacities are set with
+``--pool-tokens/--host-tokens/--disk-tokens``; ``--baseline`` keeps the device pool only. The
+unbounded hit rate is what a cache with no capacity limit would serve, from the hash_ids alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import (
+    EngineSizes,
+    build_engine,
+    builtin_vocab,
+    format_table,
+    machine_info,
+    png_path,
+    progress,
+    pyplot,
+    run_salt,
+    summarize,
+    write_json,
+)
+from bench.driver import TimedRequest, client_sender, engine_sender, hit_rates, run_requests
+from bench.trace_data import block_tokens, load_trace, prompt_tokens, unbounded_hits
+
+DEFAULT_TRACE = "/work/shared/data/mooncake_synthetic_trace.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.trace", description=__doc__.split("\n")[0])
+    p.add_argument("--trace", default=DEFAULT_TRACE)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--time-scale", type=float, default=None, help="x trace gaps (default 1)")
+    p.add_argument("--length-scale", type=float, default=None, help="/ input lengths (32)")
+    p.add_argument("--max-requests", type=int, default=None, help="default 1000")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop submitting after")
+    p.add_argument("--max-output", type=int, default=None, help="cap output tokens (default 16)")
+    p.add_argument("--pool-tokens", type=int, default=None, help="device pool (default 8192)")
+    p.add_argument("--host-tokens", type=int, default=None, help="host slab (default 4x pool)")
+    p.add_argument("--disk-tokens", type=int, default=None, help="LMDB (default 64x pool)")
+    p.add_argument("--baseline", action="store_true", help="device pool only (no host, disk)")
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true", help="a small replay, about a minute")
+    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
+    p.add_argument("--token", default=None)
+    p.add_argument("--vocab-size", type=int, default=None, help="--server: prompt id range")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _defaults(args: argparse.Namespace) -> None:
+    quick = args.quick
+    for name, full, small in (("time_scale", 1.0, 1.0), ("length_scale", 32.0, 64.0),
+                              ("max_requests", 1000, 50), ("max_output", 16, 4),
+                              ("pool_tokens", 8192, 2048)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    if args.host_tokens is None:
+        args.host_tokens = 0 if args.baseline else 4 * args.pool_tokens
+    if args.disk_tokens is None:
+        args.disk_tokens = 0 if args.baseline else 64 * args.pool_tokens
+    if args.baseline:
+        args.host_tokens = args.disk_tokens = 0
+    if args.time_scale <= 0 or args.max_requests <= 0 or args.pool_tokens <= 0:
+        raise ValueError("--time-scale, --max-requests and --pool-tokens must be positive")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _defaults(args)
+        result = run(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render_table(result))
+    path = write_json(args.out, "trace", result)
+    plot(result, png_path(path))
+    print(f"\nwrote {path} and {png_path(path)}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    max_len = args.pool_tokens - args.max_output - 16  # a request must fit the pool
+    reqs = load_trace(args.trace, args.max_requests, args.length_scale, max_len, args.max_output)
+    t_first = reqs[0].timestamp_ms
+    bar = progress(len(reqs), "trace", args.no_progress)
+
+    def timed(vocab: int) -> list[TimedRequest]:
+        return [
+            TimedRequest(f"trace-{i}", (r.timestamp_ms - t_first) / 1e3 * args.time_scale,
+                         prompt_tokens(r, i, args.length_scale, vocab, args.seed), r.output_length)
+            for i, r in enumerate(reqs)
+        ]
+
+    store_cfg: dict[str, Any] = {}
+    if args.server:
+        from router.client import StrataClient
+
+        vocab = args.vocab_size or builtin_vocab(args.model)
+        with StrataClient(args.server, token=args.token) as client:
+            records, wall = run_requests(timed(vocab), client_sender(client, run_salt()),
+                                         max_seconds=args.max_seconds,
+                                         on_done=lambda _: bar.update())
+    else:
+        from engine.loop import EngineLoop
+
+        sizes = EngineSizes(args.pool_tokens, args.host_tokens, args.disk_tokens,
+                            args.pool_tokens, args.max_batched_tokens)
+        with tempfile.TemporaryDirectory(prefix="strata-bench-trace-") as disk_dir:
+            engine = build_engine(args.model, args.dtype, sizes, disk_dir)
+            try:
+                vocab = engine.model_config.vocab_size
+                todo = timed(vocab)
+                loop = EngineLoop(engine, name="bench-trace")
+                try:
+                    records, wall = run_requests(todo, engine_sender(loop),
+                                                 max_seconds=args.max_seconds,
+                                                 on_done=lambda _: bar.update())
+                finally:
+                    loop.close()
+                store_cfg = {"pool_blocks": engine.num_blocks,
+                             "block_nbytes": engine.layout.block_nbytes,
+                             "store": engine.stats()}
+            finally:
+                engine.close()
+    bar.close()
+    return _result(args, reqs, records, wall, store_cfg)
+
+
+def _result(args: argparse.Namespace, reqs: list[Any], records: list[Any], wall: float,
+            engine_info: dict[str, Any]) -> dict[str, Any]:
+    done = [r for r in records if r.error is None]
+    ub = unbounded_hits(reqs[: len(records)], args.length_scale)
+    ub_by_id = {f"trace-{i}": n for i, n in enumerate(ub)}
+    prompt_total = sum(r.prompt_len for r in done)
+    unbounded = sum(ub_by_id[r.req_id] for r in done) / prompt_total if prompt_total else 0.0
+    out_tokens = sum(r.num_output_tokens for r in done)
+    return {
+        "benchmark": "trace", "machine": machine_info(),
+        "config": {
+            "mode": "server" if args.server else "in-process", "trace": args.trace,
+            "model": args.model, "time_scale": args.time_scale, "length_scale": args.length_scale,
+            "block_tokens": block_tokens(args.length_scale), "max_requests": args.max_requests,
+            "max_seconds": args.max_seconds, "max_output": args.max_output,
+            "pool_tokens": args.pool_tokens, "host_tokens": args.host_tokens,
+            "disk_tokens": args.disk_tokens, "baseline": args.baseline, "seed": args.seed,
+            **engine_info,
+        },
+        "num_requests": len(records), "num_finished": len(done),
+        "num_errors": len(records) - len(done),
+        "errors": sorted({r.error for r in records if r.error})[:10],
+        "wall_s": wall,
+        "ttft_s": summarize([r.ttft_s for r in done if r.ttft_s is not None]),
+        "tbt_s": summarize([g for r in done for g in r.tbt_s]),
+        "throughput": {"requests_per_s": len(done) / wall, "output_tokens_per_s": out_tokens / wall,
+                       "prompt_tokens_per_s": prompt_total / wall},
+        "hit_rate": hit_rates(records),
+        "unbounded_hit_rate": unbounded,
+        "prompt_tokens": prompt_total, "output_tokens": out_tokens,
+        "requests": [
+            {"req_id": r.req_id, "submit_s": r.submit_s, "prompt_len": r.prompt_len,
+             "ttft_s": r.ttft_s, "tbt_s": r.tbt_s, "num_cached_tokens": r.num_cached_tokens,
+             "cached_by_tier": r.cached_by_tier, "unbounded_hit_tokens": ub_by_id[r.req_id],
+             "error": r.error}
+            for r in records
+        ],
+    }
+
+
+def render_table(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    rows = []
+    for name in ("ttft_s", "tbt_s"):
+        s = result[name]
+        rows.append([name[:-2].upper() + " ms", s.get("count", 0)] + [
+            s[k] * 1e3 if k in s else None for k in ("mean", "p50", "p90", "p99")])
+    hr, tp = result["hit_rate"], result["throughput"]
+    lines = [
+        f"trace replay, {cfg['model']} ({cfg['mode']}{', baseline' if cfg['baseline'] else ''}): "
+        f"{result['num_finished']}/{result['num_requests']} requests in {result['wall_s']:.1f} s, "
+        f"time x{cfg['time_scale']:g}, lengths /{cfg['length_scale']:g}",
+        format_table(["", "n", "mean", "p50", "p90", "p99"], rows),
+        f"throughput: {tp['requests_per_s']:.2f} req/s, {tp['output_tokens_per_s']:.1f} output "
+        f"tok/s, {tp['prompt_tokens_per_s']:.0f} prompt tok/s",
+        "hit rate: " + ", ".join(f"{k} {hr[k]:.3f}" for k in ("total", "device", "host", "disk"))
+        + f"; unbounded cache {result['unbounded_hit_rate']:.3f}",
+    ]
+    if result["num_errors"]:
+        lines.append(f"errors ({result['num_errors']}): {result['errors']}")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    reqs = [r for r in result["requests"] if r["ttft_s"] is not None]
+    ax1.scatter([r["submit_s"] for r in reqs], [r["ttft_s"] for r in reqs], s=8,
+                c=[r["num_cached_tokens"] / r["prompt_len"] for r in reqs], cmap="viridis")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("submit time (s)")
+    ax1.set_ylabel("TTFT (s)  [colour: cached fraction]")
+    ax1.grid(True, alpha=0.3)
+    hr = result["hit_rate"]
+    names = ["device", "host", "disk", "total", "unbounded"]
+    vals = [hr["device"], hr["host"], hr["disk"], hr["total"], result["unbounded_hit_rate"]]
+    ax2.bar(names, vals, color=["C0", "C1", "C2", "C3", "C7"])
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("prompt-token hit rate")
+    fig.suptitle(f"trace replay, {result['config']['model']} ({result['config']['mode']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Long-context TTFT: cold versus warm from each tier, with each tier's bandwidth floor.
+
+    python -m bench.ttft --model tiny --lengths 1024,4096,16384 [--repeats 3] [--out DIR] [--quick]
+    python -m bench.ttft --model llama-3.2-1b --lengths 1024,2048
+    python -m bench.ttft --server 127.0.0.1:50051 --lengths 1024,4096
+
+In-process: one ``LLMEngine`` over a ``TieredStore`` (host slab + LMDB in a temporary directory,
+sized so every prompt fits). For every length and repeat a fresh random prompt (nothing leaks
+between measurements) is timed (``RequestResult.ttft_s``, one generated token):
+
+- cold: nothing cached;
+- device: the same prompt again, its blocks still in the pool;
+- host: the pool's free cached blocks evicted first, so the prefix loads from the host slab;
+- disk: the host tier emptied too (blocks on disk only, OS page cache dropped).
+
+Every warm run must be served by the tier it claims, with the cold run's output token; the
+benchmark aborts otherwise. Floor of a warm run = KV bytes of the cached prefix / the measured
+bandwidth of its tier (device: a large copy in the pool's dtype; host, disk: the store's probe).
+``--server`` sends the same prompts through a running service (client-side TTFT, cold and warm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import (
+    EngineSizes,
+    build_engine,
+    drop_disk_page_cache,
+    format_table,
+    kv_bytes,
+    machine_info,
+    memory_copy_bandwidth,
+    parse_ints,
+    png_path,
+    progress,
+    pyplot,
+    random_prompt,
+    write_json,
+)
+from kvstore.errors import StrataError
+
+MODES = ("cold", "device", "host", "disk")
+DEFAULT_LENGTHS = "1024,4096,16384"
+QUICK_LENGTHS = "256,1024"
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark would time the wrong thing (wrong tier, different output)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.ttft", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", help="built-in shape or checkpoint dir")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--lengths", default=None, help=f"prompt lengths (default {DEFAULT_LENGTHS})")
+    p.add_argument("--repeats", type=int, default=None, help="runs per length (default 3)")
+    p.add_argument("--max-batched-tokens", type=int, default=2048, help="prefill chunk size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for JSON + PNG (bench/results)")
+    p.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, 1 repeat")
+    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
+    p.add_argument("--token", default=None, help="bearer token for --server")
+    p.add_argument("--vocab-size", type=int, default=None, help="--server: prompt id range")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        lengths = parse_ints(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS),
+                             "--lengths")
+        repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+        if repeats < 1:
+            raise ValueError("--repeats must be at least 1")
+        if args.server:
+            from bench.ttft_server import run_server
+
+            result = run_server(args, lengths, repeats)
+        else:
+            result = run_inprocess(args, lengths, repeats)
+    except (ValueError, BenchmarkError, StrataError) as e:  # StrataError: --server failed
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render_table(result))
+    path = write_json(args.out, "ttft", result)
+    plot(result, png_path(path))
+    print(f"\nwrote {path} and {png_path(path)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- in-process
+def run_inprocess(args: argparse.Namespace, lengths: list[int], repeats: int) -> dict[str, Any]:
+    from engine.sampling import SamplingParams
+
+    longest = max(lengths)
+    total = sum(lengths) * repeats + 4 * longest  # every prompt (plus warm-up) fits host and disk
+    sizes = EngineSizes(
+        pool_tokens=2 * (longest + 1) + 64, host_tokens=total, disk_tokens=2 * total,
+        max_model_len=longest + 1, max_batched_tokens=args.max_batched_tokens,
+    )
+    sampling = SamplingParams(max_tokens=1)
+    with tempfile.TemporaryDirectory(prefix="strata-bench-ttft-") as disk_dir:
+        engine = build_engine(args.model, args.dtype, sizes, disk_dir)
+        try:
+            assert engine.store is not None and engine.store.disk is not None, "store tiers missing"
+            probe_blocks = max(64, (32 << 20) // engine.layout.block_nbytes)  # past the CPU caches
+            bandwidth = dict(engine.store.measure_bandwidth(num_blocks=probe_blocks))
+            bandwidth["device"] = memory_copy_bandwidth(engine.layout.dtype, engine.device)
+            vocab = engine.model_config.vocab_size
+            bar = progress((repeats * len(lengths) + 1) * len(MODES), "ttft", args.no_progress)
+            # Warm-up cycle (first-call costs of every path), not recorded.
+            _cycle(engine, random_prompt(-1, min(lengths), vocab), sampling, bar)
+            samples: list[dict[str, Any]] = []
+            for rep in range(repeats):
+                for length in lengths:
+                    seed = args.seed * 1_000_003 + rep * 7919 + length
+                    prompt = random_prompt(seed, length, vocab)
+                    for mode, res in _cycle(engine, prompt, sampling, bar):
+                        samples.append({
+                            "length": length, "repeat": rep, "mode": mode, "ttft_s": res.ttft_s,
+                            "num_cached_tokens": res.num_cached_tokens,
+                            "cached_by_tier": res.cached_by_tier,
+                            "output_token_ids": res.output_token_ids,
+                        })
+            bar.close()
+            summary = _summarize(engine, lengths, samples, bandwidth)
+            config = {
+                "mode": "in-process", "model": args.model, "dtype": str(engine.layout.dtype),
+                "device": str(engine.device), "lengths": lengths, "repeats": repeats,
+                "block_size": engine.block_size, "block_nbytes": engine.layout.block_nbytes,
+                "pool_blocks": engine.num_blocks, "max_batched_tokens": args.max_batched_tokens,
+                "host_capacity_bytes": engine.store.config.host_capacity_bytes,
+                "disk_capacity_bytes": engine.store.config.disk_capacity_bytes,
+                "seed": args.seed, "generated_tokens": sampling.max_tokens,
+            }
+        finally:
+            engine.close()
+    return {
+        "benchmark": "ttft", "machine": machine_info(), "config": config,
+        "bandwidth_gbps": bandwidth, "samples": samples, "summary": summary,
+    }
+
+
+def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any) -> list[tuple[str, Any]]:  # noqa: ANN401
+    """Cold, then warm from device, host and disk; each run checked before it counts."""
+    store = engine.store
+    hashes = engine.block_hashes(prompt)
+    num_hit = (len(prompt) - 1) // engine.block_size  # leading blocks a warm run can reuse
+    expect_tokens = num_hit * engine.block_size
+    out: list[tuple[str, Any]] = []
+    cold = None
+    for mode in MODES:
+        if mode == "host":
+            engine.kv.pool.evict_all_free()
+            _expect_lookup(store, hashes[:num_hit], "host")
+        elif mode == "disk":
+            engine.kv.pool.evict_all_free()
+            store.flush()
+            store.evict_host(store.host.num_slots)
+            _expect_lookup(store, hashes[:num_hit], "disk")
+            drop_disk_page_cache(store.disk.path)
+        store.flush()  # no write-behind traffic during the timed run
+        res = engine.generate([prompt], sampling)[0]
+        if mode == "cold":
+            cold = res
+            if res.num_cached_tokens:
+                raise BenchmarkError(
+                    f"cold run of {len(prompt)} tokens found {res.cached_by_tier} cached: "
+                    "prompts must be distinct")
+        else:
+            assert cold is not None
+            want = {mode: expect_tokens} if expect_tokens else {}
+            if res.cached_by_tier != want:
+                raise BenchmarkError(
+                    f"warm-{mode} run of {len(prompt)} tokens was served by {res.cached_by_tier}, "
+                    f"expected {want}")
+            if res.output_token_ids != cold.output_token_ids:
+                raise BenchmarkError(
+                    f"warm-{mode} output {res.output_token_ids} != cold {cold.output_token_ids}")
+        out.append((mode, res))
+        bar.update(1)
+    return out
+
+
+def _expect_lookup(store: Any, hashes: list[Any], tier: str) -> None:  # noqa: ANN401
+    tiers = store.lookup(hashes)
+    if len(tiers) != len(hashes) or any(t != tier for t in tiers):
+        found = {t: tiers.count(t) for t in set(tiers)}
+        raise BenchmarkError(
+            f"before the warm-{tier} run the store holds {found} of {len(hashes)} blocks; "
+            f"expected all on {tier}")
+
+
+def _summarize(
+    engine: Any, lengths: list[int], samples: list[dict[str, Any]], bandwidth: dict[str, float]  # noqa: ANN401
+) -> list[dict[str, Any]]:
+    rows = []
+    for length in lengths:
+        row: dict[str, Any] = {"length": length}
+        cached = ((length - 1) // engine.block_size) * engine.block_size
+        row["cached_tokens"] = cached
+        row["kv_bytes"] = kv_bytes(engine, cached)
+        for mode in MODES:
+            xs = [s["ttft_s"] for s in samples if s["length"] == length and s["mode"] == mode]
+            row[f"{mode}_s"] = statistics.median(xs)
+        for tier in MODES[1:]:
+            floor = row["kv_bytes"] / (bandwidth[tier] * 1e9)
+            row[f"{tier}_floor_s"] = floor
+            row[f"{tier}_over_floor"] = row[f"{tier}_s"] / floor if floor > 0 else None
+            row[f"{tier}_over_cold"] = row[f"{tier}_s"] / row["cold_s"]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- output
+def render_table(result: dict[str, Any]) -> str:
+    cfg, bw = result["config"], result["bandwidth_gbps"]
+    head = f"TTFT, model {cfg['model']} ({cfg['mode']}), medians of {cfg['repeats']} run(s)"
+    if cfg["mode"] == "server":
+        rows = [[r["length"], r["cold_s"] * 1e3, r["warm_s"] * 1e3, r["warm_over_cold"],
+                 r["warm_tiers"]] for r in result["summary"]]
+        return head + "\n" + format_table(
+            ["tokens", "cold ms", "warm ms", "warm/cold", "warm served by"], rows)
+    headers = ["tokens", "cold ms"]
+    for tier in MODES[1:]:
+        headers += [f"{tier} ms", "floor ms", "x floor", "/cold"]
+    rows = []
+    for r in result["summary"]:
+        row: list[object] = [r["length"], r["cold_s"] * 1e3]
+        for tier in MODES[1:]:
+            row += [r[f"{tier}_s"] * 1e3, r[f"{tier}_floor_s"] * 1e3, r[f"{tier}_over_floor"],
+                    r[f"{tier}_over_cold"]]
+        rows.append(row)
+    bws = ", ".join(f"{t} {bw[t]:.2f} GB/s" for t in MODES[1:] if t in bw)
+    return f"{head}; {cfg['dtype']} on {cfg['device']}\nbandwidth: {bws}\n" + format_table(
+        headers, rows)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    plt = pyplot()
+    summary = result["summary"]
+    xs = [r["length"] for r in summary]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    modes = ("cold", "warm") if result["config"]["mode"] == "server" else MODES
+    for i, mode in enumerate(modes):
+        color = f"C{i}"
+        ax.plot(xs, [r[f"{mode}_s"] for r in summary], "o-", color=color, label=mode)
+        if f"{mode}_floor_s" in summary[0]:
+            ax.plot(xs, [max(r[f"{mode}_floor_s"], 1e-7) for r in summary], "--", color=color,
+                    label=f"{mode} floor")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT (s)")
+    ax.set_title(f"TTFT, {result['config']['model']} ({result['config']['mode']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

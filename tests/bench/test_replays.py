@@ -1,0 +1,89 @@
+"""bench.trace, bench.longdoc and bench.decode end to end in-process, small: the JSON adds up."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from bench import cli, decode, longdoc, trace
+
+TRACE = "/work/shared/data/mooncake_synthetic_trace.jsonl"
+
+
+def _load(out_dir: str, name: str) -> dict:
+    [path] = glob.glob(os.path.join(out_dir, f"{name}-*.json"))
+    assert os.path.getsize(path.replace(".json", ".png")) > 1000
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.mark.skipif(not os.path.exists(TRACE), reason="shared trace file not present")
+@pytest.mark.parametrize("baseline", [False, True])
+def test_trace_quick(tmp_path, baseline: bool) -> None:
+    argv = ["--quick", "--trace", TRACE, "--max-requests", "50", "--time-scale", "0.25",
+            "--out", str(tmp_path), "--no-progress"] + (["--baseline"] if baseline else [])
+    assert trace.main(argv) == 0
+    data = _load(str(tmp_path), "trace")
+    assert data["num_requests"] == data["num_finished"] == 50 and data["num_errors"] == 0
+    reqs = data["requests"]
+    assert data["ttft_s"]["count"] == 50
+    # every token after the first is one gap; outputs capped at --max-output 4 in quick mode
+    assert data["tbt_s"]["count"] == sum(len(r["tbt_s"]) for r in reqs)
+    assert data["prompt_tokens"] == sum(r["prompt_len"] for r in reqs)
+    hr = data["hit_rate"]
+    assert all(0.0 <= v <= 1.0 for v in hr.values())
+    assert hr["device"] + hr["host"] + hr["disk"] == pytest.approx(hr["total"])
+    for r in reqs:
+        assert sum(r["cached_by_tier"].values()) == r["num_cached_tokens"] <= r["prompt_len"]
+    # the first 50 requests share a few prefixes: the cache finds them, never more than possible
+    assert 0.0 < hr["total"] <= data["unbounded_hit_rate"] <= 1.0
+    if baseline:
+        assert data["config"]["host_tokens"] == data["config"]["disk_tokens"] == 0
+        assert hr["host"] == hr["disk"] == 0.0
+
+
+def test_longdoc_quick_reloads_from_lower_tiers(tmp_path) -> None:
+    assert longdoc.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = _load(str(tmp_path), "longdoc")
+    cfg = data["config"]
+    assert cfg["host_tokens"] < cfg["working_set_tokens"]  # eviction must happen
+    rounds = data["rounds"]
+    assert [r["round"] for r in rounds] == list(range(cfg["questions"]))
+    for r in rounds:
+        assert r["num_requests"] == cfg["docs"] and r["num_errors"] == 0
+        assert r["ttft_s"]["count"] == cfg["docs"]
+        hr = r["hit_rate"]
+        assert all(0.0 <= v <= 1.0 for v in hr.values())
+        assert hr["device"] + hr["host"] + hr["disk"] == pytest.approx(hr["total"])
+        assert sum(r["cached_tokens_by_tier"].values()) == sum(
+            q["num_cached_tokens"] for q in r["requests"])
+    assert rounds[0]["hit_rate"]["total"] == 0.0  # cold
+    later = rounds[1:]
+    # a later question reuses (almost) the whole document, some of it reloaded from below the pool
+    assert all(r["hit_rate"]["total"] > 0.5 for r in later)
+    assert sum(r["cached_tokens_by_tier"]["host"] + r["cached_tokens_by_tier"]["disk"]
+               for r in later) > 0
+
+
+def test_decode_quick(tmp_path) -> None:
+    argv = ["--quick", "--batches", "1,4", "--steps", "4", "--out", str(tmp_path), "--no-progress"]
+    assert decode.main(argv) == 0
+    data = _load(str(tmp_path), "decode")
+    assert [r["batch"] for r in data["rows"]] == [1, 4]
+    for r in data["rows"]:
+        assert r["steps"] == 4 and len(r["step_s"]) == 4
+        assert r["tokens_per_s"] > 0 and r["roofline_tokens_per_s"] > 0
+        assert r["bytes_per_step"] > data["config"]["weight_bytes"]
+    assert data["roofline"]["copy_bandwidth_gbps"] > 0
+    assert data["roofline"]["name"] == (
+        "HBM roofline" if data["machine"]["cuda"] else "host-memory-bandwidth analogue")
+
+
+def test_cli_dispatch(capsys) -> None:
+    assert cli.main(["nope"]) == 2
+    assert cli.main(["--help"]) == 0
+    assert "ttft" in capsys.readouterr().out
+    assert cli.main(["trace", "--trace", "/nonexistent/trace.jsonl", "--quick"]) == 2
