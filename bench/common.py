@@ -163,23 +163,6 @@ def memory_copy_bandwidth(
     return 2 * src.numel() * elem / best / 1e9
 
 
-def drop_disk_page_cache(disk_path: str) -> bool:
-    """fsync + POSIX_FADV_DONTNEED on the LMDB data file, so reads come from the disk."""
-    data_file = os.path.join(disk_path, "data.mdb")
-    try:
-        fd = os.open(data_file, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class EngineSizes:
     pool_tokens: int  # device pool capacity in tokens

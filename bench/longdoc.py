@@ -42,6 +42,7 @@ from bench.driver import (
     hit_rates,
     run_requests,
 )
+from bench.service import add_service_flags, server_target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="4 docs x 512 tokens, 2 rounds")
-    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
-    p.add_argument("--token", default=None)
-    p.add_argument("--vocab-size", type=int, default=None, help="--server: prompt id range")
+    add_service_flags(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -129,18 +128,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       on_done=lambda _: bar.update())
             per_round.append(records)
 
-    if args.server:
+    longest = args.doc_tokens + args.question_tokens + args.max_tokens
+    sizes = EngineSizes(args.pool_tokens, args.host_tokens, args.disk_tokens, longest,
+                        args.max_batched_tokens)
+    mode = "in-process"
+    if args.server or args.start_service:
         from router.client import StrataClient
 
-        with StrataClient(args.server, token=args.token) as client:
+        mode = "started service" if args.start_service else "server"
+        with server_target(args, sizes) as target, \
+                StrataClient(target.address, token=args.token) as client:
             vocab = args.vocab_size or builtin_vocab(args.model)
             play(client_sender(client, run_salt()), _rounds(args, vocab))
     else:
         from engine.loop import EngineLoop
 
-        longest = args.doc_tokens + args.question_tokens + args.max_tokens
-        sizes = EngineSizes(args.pool_tokens, args.host_tokens, args.disk_tokens, longest,
-                            args.max_batched_tokens)
         with tempfile.TemporaryDirectory(prefix="strata-bench-longdoc-") as disk_dir:
             engine = build_engine(args.model, args.dtype, sizes, disk_dir)
             try:
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = {k: getattr(args, k) for k in (
         "model", "docs", "doc_tokens", "questions", "question_tokens", "concurrency", "max_tokens",
         "pool_tokens", "host_tokens", "disk_tokens", "max_batched_tokens", "seed")}
-    config["mode"] = "server" if args.server else "in-process"
+    config["mode"] = mode
     config["working_set_tokens"] = args.docs * args.doc_tokens
     config.update(engine_info)
     return {"benchmark": "longdoc", "machine": machine_info(), "config": config,

@@ -1,6 +1,6 @@
 """Trace replay (Mooncake format) at the trace's timestamps: TTFT, TBT, hit rate per tier.
 
-    python -m bench.trace --trace /work/shared/data/mooncake_synthetic_trace.jsonl \
+    python -m bench.trace --trace bench/data/mooncake_synthetic_trace.jsonl \
         --length-scale 16 --time-scale 1 --max-requests 1000 [--baseline] [--server HOST:PORT]
 
 ``--length-scale`` divides input lengths (each hash_id becomes a block of 512/scale tokens, equal
@@ -13,6 +13,7 @@ unbounded hit rate is what a cache with no capacity limit would serve, from the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -32,9 +33,11 @@ from bench.common import (
     write_json,
 )
 from bench.driver import TimedRequest, client_sender, engine_sender, hit_rates, run_requests
+from bench.service import add_service_flags, server_target
 from bench.trace_data import block_tokens, load_trace, prompt_tokens, unbounded_hits
 
-DEFAULT_TRACE = "/work/shared/data/mooncake_synthetic_trace.jsonl"
+DEFAULT_TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                             "mooncake_synthetic_trace.jsonl")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-tokens", type=int, default=None, help="host slab (default 4x pool)")
     p.add_argument("--disk-tokens", type=int, default=None, help="LMDB (default 64x pool)")
     p.add_argument("--baseline", action="store_true", help="device pool only (no host, disk)")
+    p.add_argument("--with-baseline", action="store_true",
+                   help="replay twice in one run, with the tiers and then without (--baseline), "
+                        "and report the gain of offloading side by side")
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="a small replay, about a minute")
-    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
-    p.add_argument("--token", default=None)
-    p.add_argument("--vocab-size", type=int, default=None, help="--server: prompt id range")
+    add_service_flags(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -83,7 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _defaults(args)
+        if args.with_baseline and args.baseline:
+            raise ValueError("give --baseline or --with-baseline, not both")
         result = run(args)
+        if args.with_baseline:
+            base = argparse.Namespace(**{**vars(args), "baseline": True, "host_tokens": 0,
+                                         "disk_tokens": 0})
+            result["baseline"] = run(base)
+            result["offload_gain"] = offload_gain(result, result["baseline"])
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -108,19 +119,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
 
     store_cfg: dict[str, Any] = {}
-    if args.server:
+    sizes = EngineSizes(args.pool_tokens, args.host_tokens, args.disk_tokens,
+                        args.pool_tokens, args.max_batched_tokens)
+    args.mode = "in-process"
+    if args.server or args.start_service:
         from router.client import StrataClient
 
-        vocab = args.vocab_size or builtin_vocab(args.model)
-        with StrataClient(args.server, token=args.token) as client:
+        args.mode = "started service" if args.start_service else "server"
+        with server_target(args, sizes) as target, \
+                StrataClient(target.address, token=args.token) as client:
+            vocab = args.vocab_size or builtin_vocab(args.model)
             records, wall = run_requests(timed(vocab), client_sender(client, run_salt()),
                                          max_seconds=args.max_seconds,
                                          on_done=lambda _: bar.update())
     else:
         from engine.loop import EngineLoop
 
-        sizes = EngineSizes(args.pool_tokens, args.host_tokens, args.disk_tokens,
-                            args.pool_tokens, args.max_batched_tokens)
         with tempfile.TemporaryDirectory(prefix="strata-bench-trace-") as disk_dir:
             engine = build_engine(args.model, args.dtype, sizes, disk_dir)
             try:
@@ -153,7 +167,7 @@ def _result(args: argparse.Namespace, reqs: list[Any], records: list[Any], wall:
     return {
         "benchmark": "trace", "machine": machine_info(),
         "config": {
-            "mode": "server" if args.server else "in-process", "trace": args.trace,
+            "mode": args.mode, "trace": args.trace,
             "model": args.model, "time_scale": args.time_scale, "length_scale": args.length_scale,
             "block_tokens": block_tokens(args.length_scale), "max_requests": args.max_requests,
             "max_seconds": args.max_seconds, "max_output": args.max_output,
@@ -182,7 +196,29 @@ def _result(args: argparse.Namespace, reqs: list[Any], records: list[Any], wall:
     }
 
 
+def offload_gain(tiered: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The same replay with and without the tiers below the pool: baseline / tiered TTFT (above
+    1: offloading is faster), hit rates and throughput of both."""
+    out: dict[str, Any] = {}
+    for k in ("mean", "p50", "p90", "p99"):
+        if k in tiered["ttft_s"] and k in base["ttft_s"]:
+            out[f"ttft_{k}_speedup"] = base["ttft_s"][k] / tiered["ttft_s"][k]
+    out["hit_rate"] = {"tiered": tiered["hit_rate"]["total"], "baseline": base["hit_rate"]["total"]}
+    out["prompt_tokens_per_s"] = {"tiered": tiered["throughput"]["prompt_tokens_per_s"],
+                                  "baseline": base["throughput"]["prompt_tokens_per_s"]}
+    return out
+
+
 def render_table(result: dict[str, Any]) -> str:
+    if "baseline" in result:
+        g = result["offload_gain"]
+        inner = {k: v for k, v in result.items() if k not in ("baseline", "offload_gain")}
+        speedups = ", ".join(f"{k.split('_')[1]} x{v:.2f}" for k, v in g.items()
+                             if k.endswith("_speedup"))
+        return (render_table(inner) + "\n\n" + render_table(result["baseline"])
+                + f"\n\noffloading against the device pool alone, same run: TTFT {speedups} "
+                f"(baseline / tiered); hit rate {g['hit_rate']['tiered']:.3f} vs "
+                f"{g['hit_rate']['baseline']:.3f}")
     cfg = result["config"]
     rows = []
     for name in ("ttft_s", "tbt_s"):
@@ -211,6 +247,11 @@ def plot(result: dict[str, Any], path: str) -> None:
     reqs = [r for r in result["requests"] if r["ttft_s"] is not None]
     ax1.scatter([r["submit_s"] for r in reqs], [r["ttft_s"] for r in reqs], s=8,
                 c=[r["num_cached_tokens"] / r["prompt_len"] for r in reqs], cmap="viridis")
+    if "baseline" in result:
+        base = [r for r in result["baseline"]["requests"] if r["ttft_s"] is not None]
+        ax1.scatter([r["submit_s"] for r in base], [r["ttft_s"] for r in base], s=8, marker="x",
+                    c="0.6", label="baseline (device pool only)")
+        ax1.legend(fontsize=8)
     ax1.set_yscale("log")
     ax1.set_xlabel("submit time (s)")
     ax1.set_ylabel("TTFT (s)  [colour: cached fraction]")
@@ -218,7 +259,12 @@ def plot(result: dict[str, Any], path: str) -> None:
     hr = result["hit_rate"]
     names = ["device", "host", "disk", "total", "unbounded"]
     vals = [hr["device"], hr["host"], hr["disk"], hr["total"], result["unbounded_hit_rate"]]
-    ax2.bar(names, vals, color=["C0", "C1", "C2", "C3", "C7"])
+    colors = ["C0", "C1", "C2", "C3", "C7"]
+    if "baseline" in result:
+        names.append("baseline")
+        vals.append(result["baseline"]["hit_rate"]["total"])
+        colors.append("0.6")
+    ax2.bar(names, vals, color=colors)
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("prompt-token hit rate")
     fig.suptitle(f"trace replay, {result['config']['model']} ({result['config']['mode']})")

@@ -3,6 +3,7 @@
     python -m bench.ttft --model tiny --lengths 1024,4096,16384 [--repeats 3] [--out DIR] [--quick]
     python -m bench.ttft --model llama-3.2-1b --lengths 1024,2048
     python -m bench.ttft --server 127.0.0.1:50051 --lengths 1024,4096
+    python -m bench.ttft --start-service --with-inprocess --lengths 1024,4096,16384
 
 In-process: one ``LLMEngine`` over a ``TieredStore`` (host slab + LMDB in a temporary directory,
 sized so every prompt fits). For every length and repeat a fresh random prompt (nothing leaks
@@ -16,7 +17,10 @@ between measurements) is timed (``RequestResult.ttft_s``, one generated token):
 Every warm run must be served by the tier it claims, with the cold run's output token; the
 benchmark aborts otherwise. Floor of a warm run = KV bytes of the cached prefix / the measured
 bandwidth of its tier (device: a large copy in the pool's dtype; host, disk: the store's probe).
-``--server`` sends the same prompts through a running service (client-side TTFT, cold and warm).
+``--server`` sends the same prompts through a running service (client-side TTFT, cold and warm);
+``--start-service`` starts one for the run and times every tier through it (``bench.ttft_server``);
+``--with-inprocess`` adds the in-process run to either, so the service's overhead is a ratio
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from typing import Any
 from bench.common import (
     EngineSizes,
     build_engine,
-    drop_disk_page_cache,
     format_table,
     kv_bytes,
     machine_info,
@@ -43,6 +46,8 @@ from bench.common import (
     random_prompt,
     write_json,
 )
+from bench.service import add_service_flags, server_target
+from kvstore.bandwidth import drop_page_cache
 from kvstore.errors import StrataError
 
 MODES = ("cold", "device", "host", "disk")
@@ -64,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for JSON + PNG (bench/results)")
     p.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, 1 repeat")
-    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
-    p.add_argument("--token", default=None, help="bearer token for --server")
-    p.add_argument("--vocab-size", type=int, default=None, help="--server: prompt id range")
+    add_service_flags(p)
+    p.add_argument("--with-inprocess", action="store_true",
+                   help="with --server/--start-service: time the in-process engine too, in the "
+                        "same run, and report the service's overhead")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -79,10 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
         if repeats < 1:
             raise ValueError("--repeats must be at least 1")
-        if args.server:
+        if args.server or args.start_service:
             from bench.ttft_server import run_server
 
-            result = run_server(args, lengths, repeats)
+            local = run_inprocess(args, lengths, repeats) if args.with_inprocess else None
+            with server_target(args, _sizes(args, lengths, repeats)) as target:
+                result = run_server(args, target, lengths, repeats)
+            if local is not None:
+                result["inprocess"] = local
+                result["service_over_inprocess"] = _overhead(result, local)
+        elif args.with_inprocess:
+            raise ValueError("--with-inprocess goes with --server or --start-service")
         else:
             result = run_inprocess(args, lengths, repeats)
     except (ValueError, BenchmarkError, StrataError) as e:  # StrataError: --server failed
@@ -95,16 +108,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _overhead(served: dict[str, Any], local: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per length: service TTFT - in-process TTFT (ms) and their ratio, cold and warm."""
+    rows = []
+    for srv, loc in zip(served["summary"], local["summary"], strict=True):
+        row: dict[str, Any] = {"length": srv["length"]}
+        for mode in served["config"]["modes"]:
+            loc_mode = "device" if mode == "warm" else mode
+            row[f"{mode}_extra_ms"] = (srv[f"{mode}_s"] - loc[f"{loc_mode}_s"]) * 1e3
+            row[f"{mode}_ratio"] = srv[f"{mode}_s"] / loc[f"{loc_mode}_s"]
+        rows.append(row)
+    return rows
+
+
+def _sizes(args: argparse.Namespace, lengths: list[int], repeats: int) -> EngineSizes:
+    longest = max(lengths)
+    total = sum(lengths) * repeats + 4 * longest  # every prompt (plus warm-up) fits host and disk
+    return EngineSizes(
+        pool_tokens=2 * (longest + 1) + 64, host_tokens=total, disk_tokens=2 * total,
+        max_model_len=longest + 1, max_batched_tokens=args.max_batched_tokens,
+    )
+
+
 # ---------------------------------------------------------------------------- in-process
 def run_inprocess(args: argparse.Namespace, lengths: list[int], repeats: int) -> dict[str, Any]:
     from engine.sampling import SamplingParams
 
-    longest = max(lengths)
-    total = sum(lengths) * repeats + 4 * longest  # every prompt (plus warm-up) fits host and disk
-    sizes = EngineSizes(
-        pool_tokens=2 * (longest + 1) + 64, host_tokens=total, disk_tokens=2 * total,
-        max_model_len=longest + 1, max_batched_tokens=args.max_batched_tokens,
-    )
+    sizes = _sizes(args, lengths, repeats)
     sampling = SamplingParams(max_tokens=1)
     with tempfile.TemporaryDirectory(prefix="strata-bench-ttft-") as disk_dir:
         engine = build_engine(args.model, args.dtype, sizes, disk_dir)
@@ -165,7 +195,7 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any) -> list[tupl
             store.flush()
             store.evict_host(store.host.num_slots)
             _expect_lookup(store, hashes[:num_hit], "disk")
-            drop_disk_page_cache(store.disk.path)
+            drop_page_cache(store.disk.path)
         store.flush()  # no write-behind traffic during the timed run
         res = engine.generate([prompt], sampling)[0]
         if mode == "cold":
@@ -224,10 +254,27 @@ def render_table(result: dict[str, Any]) -> str:
     cfg, bw = result["config"], result["bandwidth_gbps"]
     head = f"TTFT, model {cfg['model']} ({cfg['mode']}), medians of {cfg['repeats']} run(s)"
     if cfg["mode"] == "server":
-        rows = [[r["length"], r["cold_s"] * 1e3, r["warm_s"] * 1e3, r["warm_over_cold"],
-                 r["warm_tiers"]] for r in result["summary"]]
-        return head + "\n" + format_table(
-            ["tokens", "cold ms", "warm ms", "warm/cold", "warm served by"], rows)
+        headers, rows = ["tokens", "cold ms"], []
+        for mode in cfg["modes"][1:]:
+            headers += [f"{mode} ms", "/cold", "x floor", "served by"]
+        for r in result["summary"]:
+            row: list[object] = [r["length"], r["cold_s"] * 1e3]
+            for mode in cfg["modes"][1:]:
+                row += [r[f"{mode}_s"] * 1e3, r[f"{mode}_over_cold"], r.get(f"{mode}_over_floor"),
+                        ",".join(f"{t}:{n}" for t, n in r[f"{mode}_tiers"].items())]
+            rows.append(row)
+        where = "a service it started" if cfg["started_service"] else cfg["server"]
+        out = f"{head}, through {where} (client-side TTFT)\n" + format_table(headers, rows)
+        if "inprocess" in result:
+            modes = cfg["modes"]
+            over = [[r["length"]]
+                    + [x for m in modes for x in (r[f"{m}_extra_ms"], r[f"{m}_ratio"])]
+                    for r in result["service_over_inprocess"]]
+            out += ("\n\n" + render_table(result["inprocess"])
+                    + "\n\nservice over in-process, same run (extra ms, ratio)\n"
+                    + format_table(["tokens"] + [h for m in modes for h in (f"{m} +ms", "x")],
+                                   over))
+        return out
     headers = ["tokens", "cold ms"]
     for tier in MODES[1:]:
         headers += [f"{tier} ms", "floor ms", "x floor", "/cold"]
@@ -248,7 +295,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     summary = result["summary"]
     xs = [r["length"] for r in summary]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    modes = ("cold", "warm") if result["config"]["mode"] == "server" else MODES
+    modes = result["config"].get("modes") or MODES
     for i, mode in enumerate(modes):
         color = f"C{i}"
         ax.plot(xs, [r[f"{mode}_s"] for r in summary], "o-", color=color, label=mode)

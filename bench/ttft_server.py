@@ -1,9 +1,13 @@
-"""``bench.ttft --server HOST:PORT``: the same prompts through a running service, cold then warm.
+"""``bench.ttft --server HOST:PORT | --start-service``: TTFT through the service's gRPC API.
 
-TTFT is measured client side (send -> first streamed token); the tiers of a remote service
-cannot be evicted from outside, so only cold and warm are timed, and the usage's
-``cached_tokens_by_tier`` says which tier served each warm run. Each run uses its own cache
-salt, so nothing cached by an earlier run is hit.
+TTFT is measured client side (send -> first streamed token). Against a running service
+(``--server``) the tiers cannot be emptied from outside, so each prompt is timed cold and then
+warm, and the usage's ``cached_tokens_by_tier`` says which tier served the warm run. A service
+this run started (``--start-service``) is its own: before the warm-host and warm-disk runs every
+worker's free cached blocks are pushed down to that tier (the LMDB pages dropped from the OS
+cache), so each tier is timed, and checked, as in-process; the floors of host and disk use the
+load speeds the prefill worker measured at start-up. Each run uses its own cache salt, so nothing
+cached by an earlier run is hit.
 """
 
 from __future__ import annotations
@@ -13,58 +17,91 @@ import statistics
 from typing import Any
 
 from bench.common import builtin_vocab, machine_info, progress, random_prompt, run_salt
+from bench.service import Target
 from bench.ttft import BenchmarkError
 
 
-def run_server(args: argparse.Namespace, lengths: list[int], repeats: int) -> dict[str, Any]:
+def run_server(
+    args: argparse.Namespace, target: Target, lengths: list[int], repeats: int
+) -> dict[str, Any]:
     from router.client import StrataClient
 
+    tiered = target.evict is not None
+    modes = ("cold", "device", "host", "disk") if tiered else ("cold", "warm")
     vocab = args.vocab_size or builtin_vocab(args.model)
     samples: list[dict[str, Any]] = []
-    bar = progress(repeats * len(lengths) * 2, "ttft (server)", args.no_progress)
+    bar = progress(repeats * len(lengths) * len(modes), "ttft (server)", args.no_progress)
     salt = run_salt()  # this run's prompts never hit blocks of an earlier run
-    with StrataClient(args.server, token=args.token) as client:
+    with StrataClient(target.address, token=args.token) as client:
+        # Warm-up (first-call costs of every path), not recorded.
+        _cycle(client, target, random_prompt(-1, min(lengths), vocab), modes, salt)
         for rep in range(repeats):
             for length in lengths:
                 prompt = random_prompt(args.seed * 1_000_003 + rep * 7919 + length, length, vocab)
-                cold = None
-                for mode in ("cold", "warm"):
-                    res = client.generate(prompt_token_ids=prompt, max_tokens=1, temperature=0.0,
-                                          cache_salt=salt)
-                    by_tier = dict(res.usage.cached_tokens_by_tier)
-                    if mode == "cold":
-                        cold = res
-                        if res.usage.cached_tokens:
-                            raise BenchmarkError(f"cold run found {by_tier} cached")
-                    else:
-                        assert cold is not None
-                        if not res.usage.cached_tokens:
-                            raise BenchmarkError(
-                                f"warm run of {length} tokens found nothing cached")
-                        if res.token_ids != cold.token_ids:
-                            raise BenchmarkError(f"warm output {res.token_ids} != {cold.token_ids}")
+                for mode, res in _cycle(client, target, prompt, modes, salt):
                     samples.append({
                         "length": length, "repeat": rep, "mode": mode,
                         "ttft_s": res.ttft_ms_client / 1e3,
                         "ttft_server_s": res.ttft_ms_server / 1e3,
-                        "num_cached_tokens": res.usage.cached_tokens, "cached_by_tier": by_tier,
+                        "num_cached_tokens": res.usage.cached_tokens,
+                        "cached_by_tier": dict(res.usage.cached_tokens_by_tier),
                         "output_token_ids": res.token_ids,
                     })
                     bar.update(1)
     bar.close()
+    info = target.worker_info or {}
+    tier_gbps = {t: v / 1e9 for t, v in (info.get("tier_bytes_per_s") or {}).items()}
     summary = []
     for length in lengths:
         row: dict[str, Any] = {"length": length}
-        for mode in ("cold", "warm"):
+        for mode in modes:
             xs = [s for s in samples if s["length"] == length and s["mode"] == mode]
             row[f"{mode}_s"] = statistics.median(s["ttft_s"] for s in xs)
-        row["warm_over_cold"] = row["warm_s"] / row["cold_s"]
-        row["warm_tiers"] = next(
-            s["cached_by_tier"] for s in samples if s["length"] == length and s["mode"] == "warm")
+        warm = [m for m in modes if m != "cold"]
+        for mode in warm:
+            row[f"{mode}_over_cold"] = row[f"{mode}_s"] / row["cold_s"]
+            row[f"{mode}_tiers"] = next(s["cached_by_tier"] for s in samples
+                                        if s["length"] == length and s["mode"] == mode)
+            if mode in tier_gbps and info.get("block_nbytes"):
+                cached_blocks = (length - 1) // info["block_size"]
+                floor = cached_blocks * info["block_nbytes"] / (tier_gbps[mode] * 1e9)
+                row[f"{mode}_floor_s"] = floor
+                row[f"{mode}_over_floor"] = row[f"{mode}_s"] / floor if floor > 0 else None
         summary.append(row)
     return {
         "benchmark": "ttft", "machine": machine_info(),
-        "config": {"mode": "server", "server": args.server, "model": args.model,
-                   "lengths": lengths, "repeats": repeats, "seed": args.seed},
-        "bandwidth_gbps": {}, "samples": samples, "summary": summary,
+        "config": {"mode": "server", "server": target.address, "started_service": tiered,
+                   "model": args.model, "lengths": lengths, "repeats": repeats,
+                   "modes": list(modes), "seed": args.seed,
+                   "block_size": info.get("block_size"), "block_nbytes": info.get("block_nbytes")},
+        "bandwidth_gbps": tier_gbps, "samples": samples, "summary": summary,
     }
+
+
+def _cycle(client: Any, target: Target, prompt: list[int], modes: tuple[str, ...],  # noqa: ANN401
+           salt: str) -> list[tuple[str, Any]]:
+    """Cold, then each warm mode; every warm run checked (tier, output) before it counts."""
+    out: list[tuple[str, Any]] = []
+    cold = None
+    for mode in modes:
+        if mode in ("host", "disk"):
+            assert target.evict is not None
+            target.evict(mode)
+        res = client.generate(prompt_token_ids=prompt, max_tokens=1, temperature=0.0,
+                              cache_salt=salt)
+        by_tier = dict(res.usage.cached_tokens_by_tier)
+        if mode == "cold":
+            cold = res
+            if res.usage.cached_tokens:
+                raise BenchmarkError(f"cold run of {len(prompt)} tokens found {by_tier} cached")
+        else:
+            assert cold is not None
+            if not res.usage.cached_tokens:
+                raise BenchmarkError(f"warm run of {len(prompt)} tokens found nothing cached")
+            if mode != "warm" and set(by_tier) != {mode}:
+                raise BenchmarkError(
+                    f"warm-{mode} run of {len(prompt)} tokens was served by {by_tier}")
+            if res.token_ids != cold.token_ids:
+                raise BenchmarkError(f"warm output {res.token_ids} != {cold.token_ids}")
+        out.append((mode, res))
+    return out

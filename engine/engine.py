@@ -18,6 +18,7 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import RequestResult, Sequence, StepOutput
+from kvstore.bandwidth import drop_page_cache
 from kvstore.config import StoreConfig
 from kvstore.keys import BlockHash, hash_prompt_blocks, model_fingerprint
 from kvstore.layout import KVLayout
@@ -288,6 +289,8 @@ class LLMEngine:
                 self.store.host.num_blocks if self.store.host else 0
             )
             self.store.flush()
+            if self.store.disk is not None:
+                drop_page_cache(self.store.disk.path)  # later loads read the disk, not RAM
         return out
 
     # ---- introspection -------------------------------------------------------------------

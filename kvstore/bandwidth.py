@@ -45,7 +45,7 @@ def measure_bandwidth(
             raise StoreError("disk bandwidth probe: the write-behind queue refused the blocks")
         times = []
         for _ in range(repeats):
-            _drop_page_cache(disk.path)
+            drop_page_cache(disk.path)
             times.append(_timed(lambda: disk.get_into(hashes, dst)))
         assert torch.equal(dst, src), "disk bandwidth probe read back different bytes"
         for h in hashes:
@@ -61,16 +61,20 @@ def _timed(fn: Callable[[], object]) -> float:
     return max(time.perf_counter() - start, 1e-9)
 
 
-def _drop_page_cache(disk_path: str) -> None:
+def drop_page_cache(disk_path: str) -> bool:
+    """fsync + POSIX_FADV_DONTNEED on the LMDB data file, so later reads come from the disk.
+
+    Best effort: False where it could not be done (then reads may hit the page cache)."""
     data_file = os.path.join(disk_path, "data.mdb")
     try:
         fd = os.open(data_file, os.O_RDONLY)
     except OSError:
-        return
+        return False
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
     except OSError:
-        pass  # best effort: then the figure is the page-cache read speed
+        return False  # then a read figure is the page-cache read speed
     finally:
         os.close(fd)

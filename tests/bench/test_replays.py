@@ -10,7 +10,7 @@ import pytest
 
 from bench import cli, decode, longdoc, trace
 
-TRACE = "/work/shared/data/mooncake_synthetic_trace.jsonl"
+TRACE = trace.DEFAULT_TRACE
 
 
 def _load(out_dir: str, name: str) -> dict:
@@ -20,29 +20,41 @@ def _load(out_dir: str, name: str) -> dict:
         return json.load(f)
 
 
-@pytest.mark.skipif(not os.path.exists(TRACE), reason="shared trace file not present")
-@pytest.mark.parametrize("baseline", [False, True])
-def test_trace_quick(tmp_path, baseline: bool) -> None:
+@pytest.mark.parametrize("with_baseline", [False, True])
+def test_trace_quick(tmp_path, with_baseline: bool) -> None:
     argv = ["--quick", "--trace", TRACE, "--max-requests", "50", "--time-scale", "0.25",
-            "--out", str(tmp_path), "--no-progress"] + (["--baseline"] if baseline else [])
+            "--out", str(tmp_path), "--no-progress"]
+    argv += ["--with-baseline"] if with_baseline else []
     assert trace.main(argv) == 0
     data = _load(str(tmp_path), "trace")
-    assert data["num_requests"] == data["num_finished"] == 50 and data["num_errors"] == 0
-    reqs = data["requests"]
-    assert data["ttft_s"]["count"] == 50
-    # every token after the first is one gap; outputs capped at --max-output 4 in quick mode
-    assert data["tbt_s"]["count"] == sum(len(r["tbt_s"]) for r in reqs)
-    assert data["prompt_tokens"] == sum(r["prompt_len"] for r in reqs)
-    hr = data["hit_rate"]
-    assert all(0.0 <= v <= 1.0 for v in hr.values())
-    assert hr["device"] + hr["host"] + hr["disk"] == pytest.approx(hr["total"])
-    for r in reqs:
-        assert sum(r["cached_by_tier"].values()) == r["num_cached_tokens"] <= r["prompt_len"]
-    # the first 50 requests share a few prefixes: the cache finds them, never more than possible
-    assert 0.0 < hr["total"] <= data["unbounded_hit_rate"] <= 1.0
-    if baseline:
-        assert data["config"]["host_tokens"] == data["config"]["disk_tokens"] == 0
-        assert hr["host"] == hr["disk"] == 0.0
+    runs = [data, data["baseline"]] if with_baseline else [data]
+    for run in runs:
+        assert run["num_requests"] == run["num_finished"] == 50 and run["num_errors"] == 0
+        reqs = run["requests"]
+        assert run["ttft_s"]["count"] == 50
+        # every token after the first is one gap; outputs capped at --max-output 4 in quick mode
+        assert run["tbt_s"]["count"] == sum(len(r["tbt_s"]) for r in reqs)
+        assert run["prompt_tokens"] == sum(r["prompt_len"] for r in reqs)
+        hr = run["hit_rate"]
+        assert all(0.0 <= v <= 1.0 for v in hr.values())
+        assert hr["device"] + hr["host"] + hr["disk"] == pytest.approx(hr["total"])
+        for r in reqs:
+            assert sum(r["cached_by_tier"].values()) == r["num_cached_tokens"] <= r["prompt_len"]
+        # the first 50 requests share a few prefixes: the cache finds them, never more than possible
+        assert 0.0 < hr["total"] <= run["unbounded_hit_rate"] <= 1.0
+    if with_baseline:
+        base = data["baseline"]
+        assert not data["config"]["baseline"] and data["config"]["host_tokens"] > 0
+        assert base["config"]["baseline"]
+        assert base["config"]["host_tokens"] == base["config"]["disk_tokens"] == 0
+        assert base["hit_rate"]["host"] == base["hit_rate"]["disk"] == 0.0
+        # both replays sent the same requests
+        assert [r["prompt_len"] for r in base["requests"]] == [
+            r["prompt_len"] for r in data["requests"]]
+        gain = data["offload_gain"]
+        assert gain["ttft_p50_speedup"] == pytest.approx(
+            base["ttft_s"]["p50"] / data["ttft_s"]["p50"])
+        assert gain["hit_rate"]["tiered"] >= gain["hit_rate"]["baseline"]
 
 
 def test_longdoc_quick_reloads_from_lower_tiers(tmp_path) -> None:

@@ -1,0 +1,115 @@
+"""``--start-service``: run a benchmark through a service this process starts and stops.
+
+The service is the real one (Ray actors for one prefill and one decode worker, the router's gRPC
+API on loopback), sized in tokens like the in-process benchmarks: the device pool, the host slab
+and LMDB (in a temporary directory) of each worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from bench.common import EngineSizes
+
+logger = logging.getLogger(__name__)
+
+
+def add_service_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
+    p.add_argument("--start-service", action="store_true",
+                   help="start a local service (1 prefill + 1 decode worker) sized like the "
+                        "in-process run, benchmark it through gRPC, stop it")
+    p.add_argument("--token", default=None, help="bearer token for --server")
+    p.add_argument("--vocab-size", type=int, default=None, help="--server: prompt id range")
+
+
+def model_shape(model: str, dtype: str) -> tuple[int, int]:
+    """(vocabulary size, KV bytes per token) of a built-in shape or a checkpoint directory."""
+    from engine.loader import BUILTIN_MODELS, read_config, resolve_device, resolve_dtype
+
+    dev = resolve_device("auto")
+    if model in BUILTIN_MODELS:
+        mc = BUILTIN_MODELS[model]
+        dt = resolve_dtype(dtype, mc.torch_dtype, dev, builtin=True)
+    else:
+        mc = read_config(model)
+        dt = resolve_dtype(dtype, mc.torch_dtype, dev, builtin=False)
+    elem = dt.itemsize
+    return mc.vocab_size, 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a benchmark sends its requests, and (for a service it started) how to push every
+    worker's free cached blocks down to a tier (``"host"`` or ``"disk"``)."""
+
+    address: str
+    evict: Callable[[str], None] | None = None
+    worker_info: dict[str, Any] | None = None  # prefill-0's WorkerInfo (block size, tier speeds)
+
+
+@contextlib.contextmanager
+def local_service(model: str, dtype: str, sizes: EngineSizes) -> Iterator[Target]:
+    """Start the service on an embedded Ray cluster; yield it as a ``Target``; stop it."""
+    from cluster.config import ServiceConfig
+    from cluster.launcher import launch
+    from engine.config import EngineConfig
+    from kvstore.config import StoreConfig
+    from router.config import RouterConfig
+
+    block_size = EngineConfig().block_size
+    _, per_token = model_shape(model, dtype)
+
+    def nbytes(tokens: int) -> int:
+        return -(-tokens // block_size) * block_size * per_token if tokens > 0 else 0
+
+    with tempfile.TemporaryDirectory(prefix="strata-bench-service-") as disk_dir:
+        use_disk = sizes.disk_tokens > 0
+        cfg = ServiceConfig(
+            engine=EngineConfig(model=model, dtype=dtype, max_model_len=sizes.max_model_len,
+                                max_num_batched_tokens=sizes.max_batched_tokens,
+                                kv_cache_bytes=nbytes(sizes.pool_tokens)),
+            store=StoreConfig(
+                host_capacity_bytes=nbytes(sizes.host_tokens),
+                disk_path=os.path.join(disk_dir, "kv") if use_disk else None,
+                disk_capacity_bytes=max(nbytes(sizes.disk_tokens), 64 << 20) if use_disk else 0,
+                disk_write_queue_blocks=4096,
+            ),
+            router=RouterConfig(host="127.0.0.1", port=0, max_model_len=sizes.max_model_len),
+            num_prefill=1, num_decode=1,
+        )
+        svc = launch(cfg)
+        logger.info("benchmark service at %s", svc.address)
+
+        import ray
+
+        def evict(down_to: str) -> None:
+            ray.get([w.evict_cached.remote(down_to) for w in svc.prefill + svc.decode],
+                    timeout=120)
+
+        try:
+            info = ray.get(svc.prefill[0].info.remote(), timeout=120)
+            yield Target(svc.address, evict, info)
+        finally:
+            svc.shutdown()
+
+
+@contextlib.contextmanager
+def server_target(args: argparse.Namespace, sizes: EngineSizes) -> Iterator[Target]:
+    """The service at ``--server``, or one started for this run (``--start-service``)."""
+    if args.server and args.start_service:
+        raise ValueError("give --server or --start-service, not both")
+    if not args.start_service:
+        yield Target(args.server)
+        return
+    if args.vocab_size is None:
+        args.vocab_size = model_shape(args.model, args.dtype)[0]
+    with local_service(args.model, args.dtype, sizes) as target:
+        yield target

@@ -1,0 +1,87 @@
+"""ttft, longdoc and trace in ``--quick`` mode through the real service (``--start-service``:
+Ray actors, gRPC on loopback): the JSON adds up."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from bench import longdoc, trace, ttft
+
+
+def _load(out_dir: str, name: str) -> dict:
+    [path] = glob.glob(os.path.join(out_dir, f"{name}-*.json"))
+    assert os.path.getsize(path.replace(".json", ".png")) > 1000
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_hit_rates(hr: dict) -> None:
+    assert all(0.0 <= v <= 1.0 for v in hr.values())
+    assert hr["device"] + hr["host"] + hr["disk"] == pytest.approx(hr["total"])
+
+
+def test_ttft_through_service(tmp_path) -> None:
+    argv = ["--quick", "--start-service", "--out", str(tmp_path), "--no-progress"]
+    assert ttft.main(argv) == 0
+    data = _load(str(tmp_path), "ttft")
+    cfg = data["config"]
+    assert cfg["mode"] == "server" and cfg["started_service"]
+    assert cfg["modes"] == ["cold", "device", "host", "disk"]
+    lengths = cfg["lengths"]
+    assert [r["length"] for r in data["summary"]] == lengths
+    assert len(data["samples"]) == 4 * len(lengths)
+    for s in data["samples"]:
+        if s["mode"] == "cold":
+            assert s["num_cached_tokens"] == 0 and s["cached_by_tier"] == {}
+        else:  # every full block before the last token is reused, from the tier named
+            assert s["cached_by_tier"] == {s["mode"]: (s["length"] - 1) // 16 * 16}
+        assert 0 < s["ttft_server_s"] <= s["ttft_s"]
+    outputs = {(s["length"], tuple(s["output_token_ids"])) for s in data["samples"]}
+    assert len(outputs) == len(lengths)  # cold and every warm run gave the same token
+    for r in data["summary"]:
+        for tier in ("device", "host", "disk"):
+            assert r[f"{tier}_over_cold"] == pytest.approx(r[f"{tier}_s"] / r["cold_s"])
+        for tier in ("host", "disk"):  # floors from the worker's measured load speeds
+            assert r[f"{tier}_floor_s"] > 0
+
+
+def test_longdoc_through_service(tmp_path) -> None:
+    argv = ["--quick", "--start-service", "--out", str(tmp_path), "--no-progress"]
+    assert longdoc.main(argv) == 0
+    data = _load(str(tmp_path), "longdoc")
+    cfg = data["config"]
+    assert cfg["mode"] == "started service"
+    assert cfg["host_tokens"] < cfg["working_set_tokens"]
+    rounds = data["rounds"]
+    assert [r["round"] for r in rounds] == list(range(cfg["questions"]))
+    for r in rounds:
+        assert r["num_requests"] == cfg["docs"] and r["num_errors"] == 0
+        assert r["ttft_s"]["count"] == cfg["docs"]
+        _check_hit_rates(r["hit_rate"])
+        assert sum(r["cached_tokens_by_tier"].values()) == sum(
+            q["num_cached_tokens"] for q in r["requests"])
+    assert rounds[0]["hit_rate"]["total"] == 0.0
+    assert all(r["hit_rate"]["total"] > 0.5 for r in rounds[1:])
+    assert sum(r["cached_tokens_by_tier"]["host"] + r["cached_tokens_by_tier"]["disk"]
+               for r in rounds[1:]) > 0
+
+
+def test_trace_through_service(tmp_path) -> None:
+    argv = ["--quick", "--start-service", "--max-requests", "50", "--time-scale", "0.25",
+            "--out", str(tmp_path), "--no-progress"]
+    assert trace.main(argv) == 0
+    data = _load(str(tmp_path), "trace")
+    assert data["config"]["mode"] == "started service"
+    assert data["num_requests"] == data["num_finished"] == 50 and data["num_errors"] == 0
+    assert data["ttft_s"]["count"] == 50
+    reqs = data["requests"]
+    assert data["tbt_s"]["count"] == sum(len(r["tbt_s"]) for r in reqs)
+    assert data["prompt_tokens"] == sum(r["prompt_len"] for r in reqs)
+    _check_hit_rates(data["hit_rate"])
+    for r in reqs:
+        assert sum(r["cached_by_tier"].values()) == r["num_cached_tokens"] <= r["prompt_len"]
+    assert 0.0 < data["hit_rate"]["total"] <= data["unbounded_hit_rate"] <= 1.0
