@@ -11,6 +11,7 @@ COMMANDS = {
     "longdoc": "bench.longdoc",
     "trace": "bench.trace",
     "decode": "bench.decode",
+    "transfer": "bench.transfer",
 }
 
 

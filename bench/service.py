@@ -53,6 +53,7 @@ class Target:
     address: str
     evict: Callable[[str], None] | None = None
     worker_info: dict[str, Any] | None = None  # prefill-0's WorkerInfo (block size, tier speeds)
+    prefill_stats: Callable[[], list[dict[str, float]]] | None = None  # each prefill worker's
 
 
 @contextlib.contextmanager
@@ -96,7 +97,8 @@ def local_service(model: str, dtype: str, sizes: EngineSizes) -> Iterator[Target
 
         try:
             info = ray.get(svc.prefill[0].info.remote(), timeout=120)
-            yield Target(svc.address, evict, info)
+            yield Target(svc.address, evict, info, lambda: ray.get(
+                [w.stats.remote() for w in svc.prefill], timeout=120))
         finally:
             svc.shutdown()
 

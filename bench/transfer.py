@@ -56,7 +56,7 @@ def _serve(port_q: Any, stop: Any) -> None:
     server.stop(0)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--total-mib", type=int, default=256)
     ap.add_argument("--block-kib", type=int, default=2048)
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             stop.set()
             proc.join(10)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

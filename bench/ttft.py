@@ -125,8 +125,9 @@ def _sizes(args: argparse.Namespace, lengths: list[int], repeats: int) -> Engine
     longest = max(lengths)
     total = sum(lengths) * repeats + 4 * longest  # every prompt (plus warm-up) fits host and disk
     return EngineSizes(
-        pool_tokens=2 * (longest + 1) + 64, host_tokens=total, disk_tokens=2 * total,
-        max_model_len=longest + 1, max_batched_tokens=args.max_batched_tokens,
+        pool_tokens=2 * (longest + 2) + 64, host_tokens=total, disk_tokens=2 * total,
+        max_model_len=longest + 2, max_batched_tokens=args.max_batched_tokens,  # through the
+        # service each prompt gets two tokens (the second from the decode worker)
     )
 
 
@@ -265,6 +266,10 @@ def render_table(result: dict[str, Any]) -> str:
             rows.append(row)
         where = "a service it started" if cfg["started_service"] else cfg["server"]
         out = f"{head}, through {where} (client-side TTFT)\n" + format_table(headers, rows)
+        if result.get("kv_transfer"):
+            t = result["kv_transfer"]
+            out += (f"\nprefill -> decode KV pushes: {t['blocks']:.0f} blocks, "
+                    f"{t['bytes'] / 2**20:.1f} MiB in {t['seconds']:.3f} s = {t['gbps']:.2f} GB/s")
         if "inprocess" in result:
             modes = cfg["modes"]
             over = [[r["length"]]

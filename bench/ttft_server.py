@@ -6,8 +6,10 @@ warm, and the usage's ``cached_tokens_by_tier`` says which tier served the warm 
 this run started (``--start-service``) is its own: before the warm-host and warm-disk runs every
 worker's free cached blocks are pushed down to that tier (the LMDB pages dropped from the OS
 cache), so each tier is timed, and checked, as in-process; the floors of host and disk use the
-load speeds the prefill worker measured at start-up. Each run uses its own cache salt, so nothing
-cached by an earlier run is hit.
+load speeds the prefill worker measured at start-up. Each request asks for two tokens, so its KV
+crosses from the prefill to the decode worker (the second token comes from there); the pushes
+of the run are reported. Each run uses its own cache salt, so nothing cached by an earlier run
+is hit.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def run_server(
                     })
                     bar.update(1)
     bar.close()
+    transfer = _transfer(target.prefill_stats()) if target.prefill_stats else None
     info = target.worker_info or {}
     tier_gbps = {t: v / 1e9 for t, v in (info.get("tier_bytes_per_s") or {}).items()}
     summary = []
@@ -75,7 +78,17 @@ def run_server(
                    "modes": list(modes), "seed": args.seed,
                    "block_size": info.get("block_size"), "block_nbytes": info.get("block_nbytes")},
         "bandwidth_gbps": tier_gbps, "samples": samples, "summary": summary,
+        "kv_transfer": transfer,
     }
+
+
+def _transfer(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Prefill -> decode KV pushes of the whole run (warm-up included), as the prefill workers
+    counted them: blocks, bytes, seconds spent pushing, GB/s."""
+    out = {k: sum(s.get(f"push_{k}", 0.0) for s in stats)
+           for k in ("blocks", "bytes", "seconds", "failures")}
+    out["gbps"] = out["bytes"] / out["seconds"] / 1e9 if out["seconds"] > 0 else 0.0
+    return out
 
 
 def _cycle(client: Any, target: Target, prompt: list[int], modes: tuple[str, ...],  # noqa: ANN401
@@ -87,7 +100,7 @@ def _cycle(client: Any, target: Target, prompt: list[int], modes: tuple[str, ...
         if mode in ("host", "disk"):
             assert target.evict is not None
             target.evict(mode)
-        res = client.generate(prompt_token_ids=prompt, max_tokens=1, temperature=0.0,
+        res = client.generate(prompt_token_ids=prompt, max_tokens=2, temperature=0.0,
                               cache_salt=salt)
         by_tier = dict(res.usage.cached_tokens_by_tier)
         if mode == "cold":

@@ -127,8 +127,8 @@ class KVReceiverServicer(strata_pb2_grpc.KVTransferServicer):
         sink: BlockSink,
         fingerprint: bytes,
         secret: str | None = None,
-        batch_blocks: int = 8,
-        batch_bytes: int = 64 << 20,
+        batch_blocks: int = 64,
+        batch_bytes: int = 16 << 20,
         chunk_bytes: int = kv_wire.DEFAULT_CHUNK_BYTES,
     ) -> None:
         if not fingerprint:

@@ -124,6 +124,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto (Triton on CUDA) | torch | triton
     seed: int = 0  # weights of built-in models
+    # torch intra-op threads of a worker process; None: one per core. Ray starts actors with
+    # OMP_NUM_THREADS=1, which would leave a CPU worker's prefill on a single core.
+    cpu_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +136,8 @@ class EngineConfig:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
             )
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -77,6 +77,7 @@ class WorkerBase:
         from decode_worker.kv_receiver import start_kv_server
 
         self.worker_id = worker_id
+        torch.set_num_threads(engine_config.cpu_threads or os.cpu_count() or 1)
         self.engine = LLMEngine(engine_config, store_config)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
         self.tier_bytes_per_s = self._measure_tiers()

@@ -47,6 +47,8 @@ def test_ttft_through_service(tmp_path) -> None:
             assert r[f"{tier}_over_cold"] == pytest.approx(r[f"{tier}_s"] / r["cold_s"])
         for tier in ("host", "disk"):  # floors from the worker's measured load speeds
             assert r[f"{tier}_floor_s"] > 0
+    t = data["kv_transfer"]  # every request's prompt KV went from prefill-0 to decode-0
+    assert t["blocks"] > 0 and t["bytes"] > 0 and t["gbps"] > 0 and t["failures"] == 0
 
 
 def test_longdoc_through_service(tmp_path) -> None:
