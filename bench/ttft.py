@@ -307,11 +307,16 @@ def plot(result: dict[str, Any], path: str) -> None:
         if f"{mode}_floor_s" in summary[0]:
             ax.plot(xs, [max(r[f"{mode}_floor_s"], 1e-7) for r in summary], "--", color=color,
                     label=f"{mode} floor")
+        if "inprocess" in result:
+            loc = result["inprocess"]["summary"]
+            ax.plot(xs, [r[f"{mode}_s"] for r in loc], "x:", color=color, alpha=0.7,
+                    label=f"{mode} in-process")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("TTFT (s)")
-    ax.set_title(f"TTFT, {result['config']['model']} ({result['config']['mode']})")
+    where = "through the service" if result["config"]["mode"] == "server" else "in-process"
+    ax.set_title(f"TTFT, {result['config']['model']} ({where})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
