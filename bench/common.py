@@ -10,7 +10,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +126,20 @@ def write_json(out_dir: str | None, name: str, payload: dict[str, Any]) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1, sort_keys=False)
     return path
+
+
+def report(
+    out_dir: str | None,
+    name: str,
+    result: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    draw: Callable[[dict[str, Any], str], None],
+) -> None:
+    """Print the table, write the JSON and draw the PNG beside it."""
+    print(render(result))
+    path = write_json(out_dir, name, result)
+    draw(result, png_path(path))
+    print(f"\nwrote {path} and {png_path(path)}")
 
 
 def png_path(json_path: str) -> str:

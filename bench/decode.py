@@ -26,11 +26,10 @@ from bench.common import (
     machine_info,
     memory_copy_bandwidth,
     parse_ints,
-    png_path,
     progress,
     pyplot,
     random_prompt,
-    write_json,
+    report,
 )
 
 
@@ -58,10 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render_table(result))
-    path = write_json(args.out, "decode", result)
-    plot(result, png_path(path))
-    print(f"\nwrote {path} and {png_path(path)}")
+    report(args.out, "decode", result, render_table, plot)
     return 0
 
 

@@ -26,13 +26,12 @@ from bench.common import (
     builtin_vocab,
     format_table,
     machine_info,
-    png_path,
     progress,
     pyplot,
     random_prompt,
+    report,
     run_salt,
     summarize,
-    write_json,
 )
 from bench.driver import (
     RequestRecord,
@@ -92,10 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render_table(result))
-    path = write_json(args.out, "longdoc", result)
-    plot(result, png_path(path))
-    print(f"\nwrote {path} and {png_path(path)}")
+    report(args.out, "longdoc", result, render_table, plot)
     return 0
 
 

@@ -25,12 +25,11 @@ from bench.common import (
     builtin_vocab,
     format_table,
     machine_info,
-    png_path,
     progress,
     pyplot,
+    report,
     run_salt,
     summarize,
-    write_json,
 )
 from bench.driver import TimedRequest, client_sender, engine_sender, hit_rates, run_requests
 from bench.service import add_service_flags, server_target
@@ -98,10 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render_table(result))
-    path = write_json(args.out, "trace", result)
-    plot(result, png_path(path))
-    print(f"\nwrote {path} and {png_path(path)}")
+    report(args.out, "trace", result, render_table, plot)
     return 0
 
 

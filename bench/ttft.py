@@ -40,11 +40,10 @@ from bench.common import (
     machine_info,
     memory_copy_bandwidth,
     parse_ints,
-    png_path,
     progress,
     pyplot,
     random_prompt,
-    write_json,
+    report,
 )
 from bench.service import add_service_flags, server_target
 from kvstore.bandwidth import drop_page_cache
@@ -101,10 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, BenchmarkError, StrataError) as e:  # StrataError: --server failed
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render_table(result))
-    path = write_json(args.out, "ttft", result)
-    plot(result, png_path(path))
-    print(f"\nwrote {path} and {png_path(path)}")
+    report(args.out, "ttft", result, render_table, plot)
     return 0
 
 
