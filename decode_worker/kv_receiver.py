@@ -191,7 +191,12 @@ class KVReceiverServicer(strata_pb2_grpc.KVTransferServicer):
                     raise _ProtocolError(f"req_id changed: {req_id!r} -> {chunk.req_id!r}")
                 if chunk.fingerprint and chunk.fingerprint != self.fingerprint:
                     raise _ProtocolError("fingerprint changed mid-stream")
-                asm.add(chunk)
+                try:
+                    parts = kv_wire.unpacked(chunk)
+                except ValueError as e:
+                    raise _ProtocolError(str(e)) from None
+                for part in parts:
+                    asm.add(part)
                 if chunk.last:
                     break
                 nxt = next(request_iterator, None)
@@ -228,12 +233,17 @@ class KVReceiverServicer(strata_pb2_grpc.KVTransferServicer):
             batch = hashes[start : start + PULL_READ_BATCH]
             payloads = self.sink.read_blocks(batch)
             assert len(payloads) == len(batch), "sink.read_blocks returned a wrong count"
-            for i, payload in enumerate(payloads):
-                if payload is None:
-                    continue
-                yield from kv_wire.block_chunks(
-                    request.req_id, self.fingerprint, batch[i], start + i, payload, chunk_bytes
-                )
+            yield from kv_wire.pack_chunks(
+                (
+                    chunk
+                    for i, payload in enumerate(payloads)
+                    if payload is not None
+                    for chunk in kv_wire.block_chunks(
+                        request.req_id, self.fingerprint, batch[i], start + i, payload, chunk_bytes
+                    )
+                ),
+                min(chunk_bytes, kv_wire.PACK_BYTES),
+            )
         yield strata_pb2.BlockChunk(req_id=request.req_id, last=True)
 
 

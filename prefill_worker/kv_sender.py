@@ -48,9 +48,15 @@ class KVSender:
         secret: str | None = None,
         chunk_bytes: int = kv_wire.DEFAULT_CHUNK_BYTES,
         max_message_bytes: int = kv_wire.MAX_MESSAGE_BYTES,
+        pack_bytes: int = kv_wire.PACK_BYTES,
     ) -> None:
         kv_wire.check_chunk_bytes(chunk_bytes, max_message_bytes)
+        if pack_bytes < 0:
+            raise ValueError(
+                f"pack_bytes must be >= 0 (0: one block per message), got {pack_bytes}"
+            )
         self.chunk_bytes = chunk_bytes
+        self.pack_bytes = pack_bytes  # whole blocks share a message up to this many bytes
         self.max_message_bytes = max_message_bytes
         self._metadata: tuple[tuple[str, str], ...] = (
             ((kv_wire.SECRET_METADATA_KEY, secret),) if secret is not None else ()
@@ -114,17 +120,22 @@ class KVSender:
         state = {"nbytes": 0}
         failure: list[Exception] = []
 
+        def block_chunks() -> Iterator[strata_pb2.BlockChunk]:
+            for i in todo:
+                payload = payloads(i) if callable(payloads) else payloads[i]
+                for chunk in kv_wire.block_chunks(
+                    req_id, fingerprint, hashes[i], i, payload, self.chunk_bytes
+                ):
+                    if cancel is not None and cancel.is_set():
+                        raise _StopPush("cancelled")
+                    state["nbytes"] += len(chunk.data)
+                    yield chunk
+
         def chunks() -> Iterator[strata_pb2.BlockChunk]:
             try:
-                for i in todo:
-                    payload = payloads(i) if callable(payloads) else payloads[i]
-                    for chunk in kv_wire.block_chunks(
-                        req_id, fingerprint, hashes[i], i, payload, self.chunk_bytes
-                    ):
-                        if cancel is not None and cancel.is_set():
-                            raise _StopPush("cancelled")
-                        state["nbytes"] += len(chunk.data)
-                        yield chunk
+                yield from kv_wire.pack_chunks(
+                    block_chunks(), min(self.chunk_bytes, self.pack_bytes)
+                )
             except Exception as e:  # ends the stream without `last`: the receiver drops it
                 failure.append(e)
                 return
@@ -176,20 +187,27 @@ class KVSender:
         got_last = False
         stream = self._stub(address).PullBlocks(req, timeout=deadline_s, metadata=self._metadata)
         try:
-            for chunk in stream:
-                if chunk.last:
+            for message in stream:
+                if message.last:
                     got_last = True
                     break
-                i = chunk.block_index
-                if i >= len(hashes) or chunk.block_hash != hashes[i]:
-                    raise TransferError(f"pull from {address}: unexpected block index {i}")
-                if chunk.offset != filled:
-                    raise TransferError(f"pull from {address}: chunks of block {i} out of order")
-                parts.append(chunk.data)
-                filled += len(chunk.data)
-                if filled == chunk.total_nbytes:
-                    out[i] = parts[0] if len(parts) == 1 else b"".join(parts)
-                    parts, filled = [], 0
+                try:
+                    chunks = kv_wire.unpacked(message)
+                except ValueError as e:
+                    raise TransferError(f"pull from {address}: {e}") from None
+                for chunk in chunks:
+                    i = chunk.block_index
+                    if i >= len(hashes) or chunk.block_hash != hashes[i]:
+                        raise TransferError(f"pull from {address}: unexpected block index {i}")
+                    if chunk.offset != filled:
+                        raise TransferError(
+                            f"pull from {address}: chunks of block {i} out of order"
+                        )
+                    parts.append(chunk.data)
+                    filled += len(chunk.data)
+                    if filled == chunk.total_nbytes:
+                        out[i] = parts[0] if len(parts) == 1 else b"".join(parts)
+                        parts, filled = [], 0
         except grpc.RpcError as e:
             raise _transfer_error("PullBlocks", address, e) from e
         finally:

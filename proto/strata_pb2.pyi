@@ -130,7 +130,7 @@ class QueryBlocksResponse(_message.Message):
     def __init__(self, held: _Optional[_Iterable[bool]] = ..., num_leading_held: _Optional[int] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
-    __slots__ = ("req_id", "fingerprint", "block_hash", "block_index", "offset", "total_nbytes", "data", "last")
+    __slots__ = ("req_id", "fingerprint", "block_hash", "block_index", "offset", "total_nbytes", "data", "last", "more")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class BlockChunk(_message.Message):
     TOTAL_NBYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     fingerprint: bytes
     block_hash: bytes
@@ -147,7 +148,8 @@ class BlockChunk(_message.Message):
     total_nbytes: int
     data: bytes
     last: bool
-    def __init__(self, req_id: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., block_hash: _Optional[bytes] = ..., block_index: _Optional[int] = ..., offset: _Optional[int] = ..., total_nbytes: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[BlockChunk]
+    def __init__(self, req_id: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., block_hash: _Optional[bytes] = ..., block_index: _Optional[int] = ..., offset: _Optional[int] = ..., total_nbytes: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[BlockChunk, _Mapping]]] = ...) -> None: ...
 
 class PushBlocksResponse(_message.Message):
     __slots__ = ("num_blocks", "nbytes")

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from bench import cli, decode, longdoc, trace
+from bench import cli, decode, longdoc, trace, transfer
 
 TRACE = trace.DEFAULT_TRACE
 
@@ -92,6 +92,18 @@ def test_decode_quick(tmp_path) -> None:
     assert data["roofline"]["copy_bandwidth_gbps"] > 0
     assert data["roofline"]["name"] == (
         "HBM roofline" if data["machine"]["cuda"] else "host-memory-bandwidth analogue")
+
+
+def test_transfer_quick(tmp_path) -> None:
+    argv = ["--quick", "--block-kib", "32,1024", "--pack-kib", "0,256", "--out", str(tmp_path),
+            "--no-progress"]
+    assert transfer.main(argv) == 0
+    data = _load(str(tmp_path), "transfer")
+    assert [(r["block_kib"], r["pack_kib"]) for r in data["rows"]] == [
+        (32, 0), (32, 256), (1024, 0), (1024, 256)]
+    for r in data["rows"]:
+        assert r["num_blocks"] * r["block_kib"] * 1024 == r["nbytes"] == 32 << 20
+        assert len(r["seconds"]) == 2 and 0 < r["gbps"] <= r["best_gbps"]
 
 
 def test_cli_dispatch(capsys) -> None:

@@ -13,8 +13,8 @@ import pytest
 from decode_worker.kv_receiver import start_kv_server
 from kvstore.errors import TransferError
 from kvstore.keys import BlockHash
+from proto import kv_wire, strata_pb2_grpc
 from proto import strata_pb2 as pb
-from proto import strata_pb2_grpc
 
 FP = b"F" * 16
 SECRET = "s3cret"
@@ -101,6 +101,28 @@ def test_push_reassembles_chunks_and_writes_in_batches(server) -> None:
         metadata=MD,
     )
     assert list(q.held) == [True, True, False, True] and q.num_leading_held == 2
+
+
+def test_packed_small_blocks_are_unpacked_in_order(server) -> None:
+    sink, stub = server
+    blocks = [bytes([i]) * (20 + i) for i in range(10)]
+    messages = list(kv_wire.pack_chunks(_chunks("rp", blocks, chunk=1000), 100))
+    assert len(messages) < len(blocks)  # several blocks travelled in one message
+    resp = stub.PushBlocks(iter(messages), timeout=10, metadata=MD)
+    assert resp.num_blocks == 10 and resp.nbytes == sum(map(len, blocks))
+    assert sink.done == {"rp": True}
+    assert [sink.blocks[_h(i)] for i in range(10)] == blocks
+
+
+def test_packed_partial_block_is_refused(server) -> None:
+    sink, stub = server
+    head, part = list(_chunks("rq", [b"a" * 10, b"b" * 100], chunk=40))[:2]
+    head.more.append(part)  # a piece of a split block may not be packed
+    with pytest.raises(grpc.RpcError) as e:
+        stub.PushBlocks(iter([head, pb.BlockChunk(req_id="rq", last=True)]), timeout=5, metadata=MD)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "whole block" in e.value.details()
+    assert sink.done == {"rq": False}
 
 
 def test_wrong_or_missing_secret_is_unauthenticated(server) -> None:
