@@ -116,12 +116,12 @@ def run(args: argparse.Namespace, total: int, blocks_kib: list[int], pack_kib: l
             slab = np.random.default_rng(0).integers(0, 255, (num_blocks, block_nbytes),
                                                      dtype=np.uint8)
             payloads = [memoryview(slab[i]) for i in range(num_blocks)]
-            for pack in pack_kib:
-                sender = KVSender(secret=SECRET, chunk_bytes=args.chunk_kib << 10,
-                                  pack_bytes=pack << 10)
-                secs = []
-                try:
-                    for _ in range(repeats):
+            senders = [KVSender(secret=SECRET, chunk_bytes=args.chunk_kib << 10,
+                                pack_bytes=pack << 10) for pack in pack_kib]
+            secs: list[list[float]] = [[] for _ in pack_kib]
+            try:
+                for _ in range(repeats):  # settings interleaved, so drifts hit all alike
+                    for k, sender in enumerate(senders):
                         # fresh hashes every push, so QueryBlocks never lets a block be skipped
                         rep_id += 1
                         tokens = np.arange(16 * num_blocks) + rep_id * 1_000_003
@@ -129,17 +129,19 @@ def run(args: argparse.Namespace, total: int, blocks_kib: list[int], pack_kib: l
                         t0 = time.perf_counter()
                         res = sender.push(addr, f"bench-{rep_id}", FP, hashes, payloads,
                                           deadline_s=600)
-                        secs.append(time.perf_counter() - t0)
+                        secs[k].append(time.perf_counter() - t0)
                         if res.num_sent != num_blocks:
                             raise RuntimeError(f"push sent {res.num_sent} of {num_blocks} blocks")
                         bar.update(1)
-                finally:
+            finally:
+                for sender in senders:
                     sender.close()
-                nbytes = num_blocks * block_nbytes
+            nbytes = num_blocks * block_nbytes
+            for pack, ss in zip(pack_kib, secs, strict=True):
                 rows.append({"block_kib": block_kib, "pack_kib": pack, "num_blocks": num_blocks,
-                             "nbytes": nbytes, "seconds": secs,
-                             "gbps": nbytes / statistics.median(secs) / 1e9,
-                             "best_gbps": nbytes / min(secs) / 1e9})
+                             "nbytes": nbytes, "seconds": ss,
+                             "gbps": nbytes / statistics.median(ss) / 1e9,
+                             "best_gbps": nbytes / min(ss) / 1e9})
     finally:
         bar.close()
         if proc is None:

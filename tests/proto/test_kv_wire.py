@@ -27,17 +27,20 @@ def test_pack_keeps_order_and_bounds_message_size() -> None:
     assert all(s <= 100 for s in sizes)
     # 30+30+30 | 30 | split x3 | 10+60 | 40 : whole blocks share a message while they fit
     assert [len(kv_wire.unpacked(m)) for m in messages] == [3, 1, 1, 1, 1, 2, 1]
+    # blocks above max_block_bytes travel alone
+    alone = list(kv_wire.pack_chunks(iter(_blocks([30, 30, 30])), 100, max_block_bytes=20))
+    assert [len(kv_wire.unpacked(m)) for m in alone] == [1, 1, 1]
     closing = pb.BlockChunk(req_id="r", last=True)
     tail = list(kv_wire.pack_chunks(iter(_blocks([5, 5]) + [closing]), 100))
     assert tail[-1].last and not tail[-1].more and len(kv_wire.unpacked(tail[0])) == 2
 
 
 def test_unpacked_refuses_a_malformed_pack() -> None:
-    head, part = _blocks([10, 250])[:2]  # `part` is the first piece of a split block
+    head, _, part = _blocks([10, 250])[:3]  # `part` is the second piece of a split block
     bad = pb.BlockChunk()
     bad.CopyFrom(head)
     bad.more.append(part)
-    with pytest.raises(ValueError, match="whole block"):
+    with pytest.raises(ValueError, match="must start a block"):
         kv_wire.unpacked(bad)
     nested = pb.BlockChunk()
     nested.CopyFrom(head)
