@@ -8,6 +8,13 @@ mean is in the JSON too). Roofline of one step = (weight bytes + K/V bytes read 
 mean context) / measured copy bandwidth (bytes read + written of a large tensor copy). On CUDA
 that is the HBM roofline; on a CPU the column is the host-memory-bandwidth analogue and is named
 so. The tiered store is off here: decode does not touch it.
+
+``--start-service`` / ``--server HOST:PORT``: the same batches through the service. For each batch
+size B, B streams are opened at once (prompt ``--prompt-tokens``, ``--steps`` + 1 tokens each);
+the client records every token's arrival. Decode tokens/s = tokens arriving after the last of
+the B streams got its first token / the time from then to the last token (the steady state, all
+B decoding together); ms/token = the median gap between a stream's tokens. No roofline there:
+the client cannot see the worker's step.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +30,7 @@ from typing import Any
 from bench.common import (
     EngineSizes,
     build_engine,
+    builtin_vocab,
     format_table,
     machine_info,
     memory_copy_bandwidth,
@@ -30,7 +39,11 @@ from bench.common import (
     pyplot,
     random_prompt,
     report,
+    run_salt,
+    summarize,
 )
+from bench.service import add_service_flags, server_target
+from kvstore.errors import StrataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="32-token prompts, 8 steps")
     p.add_argument("--no-progress", action="store_true")
+    add_service_flags(p)
     return p
 
 
@@ -53,8 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         batches = parse_ints(args.batches or "1,8,32,64", "--batches")
         prompt_tokens = args.prompt_tokens or (32 if args.quick else 128)
         steps = args.steps or (8 if args.quick else 32)
-        result = run(args, batches, prompt_tokens, steps)
-    except ValueError as e:
+        if args.server or args.start_service:
+            max_b = max(batches)
+            ctx = prompt_tokens + steps + 1
+            sizes = EngineSizes(pool_tokens=max_b * (ctx + 32) + 256, host_tokens=0,
+                                disk_tokens=0, max_model_len=ctx + 16,
+                                max_batched_tokens=max(2048, prompt_tokens))
+            with server_target(args, sizes) as target:
+                result = run_server(args, target.address, batches, prompt_tokens, steps)
+        else:
+            result = run(args, batches, prompt_tokens, steps)
+    except (ValueError, StrataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report(args.out, "decode", result, render_table, plot)
@@ -110,6 +133,70 @@ def run(
         engine.close()
 
 
+def run_server(args: argparse.Namespace, address: str, batches: list[int], prompt_tokens: int,
+               steps: int) -> dict[str, Any]:
+    from router.client import StrataClient
+
+    vocab = args.vocab_size or builtin_vocab(args.model)
+    salt = run_salt()
+    bar = progress(len(batches) + 1, "decode (server)", args.no_progress)
+    rows = []
+    with StrataClient(address, token=args.token) as client:
+        _stream_batch(client, 1, prompt_tokens, steps, vocab, -1, salt)  # warm-up
+        bar.update(1)
+        for b in batches:
+            arrivals = _stream_batch(client, b, prompt_tokens, steps, vocab, args.seed + b, salt)
+            t0 = max(a[0] for a in arrivals)  # from here on all b streams decode together
+            t1 = max(a[-1] for a in arrivals)
+            steady = sum(1 for a in arrivals for t in a if t > t0)
+            gaps = [y - x for a in arrivals for x, y in zip(a, a[1:])]
+            rows.append({
+                "batch": b, "tokens": sum(len(a) for a in arrivals), "steady_tokens": steady,
+                "steady_s": t1 - t0, "tokens_per_s": steady / (t1 - t0) if t1 > t0 else 0.0,
+                "ms_per_token": statistics.median(gaps) * 1e3 if gaps else None,
+                "tbt_s": summarize(gaps),
+            })
+            bar.update(1)
+    bar.close()
+    return {
+        "benchmark": "decode", "machine": machine_info(),
+        "config": {"mode": "server", "server": address, "model": args.model,
+                   "batches": batches, "prompt_tokens": prompt_tokens, "steps": steps,
+                   "seed": args.seed},
+        "rows": rows,
+    }
+
+
+def _stream_batch(client: Any, batch: int, prompt_tokens: int, steps: int, vocab: int,  # noqa: ANN401
+                  seed: int, salt: str) -> list[list[float]]:
+    """Open ``batch`` streams at once; each one's token arrival times (one entry a token)."""
+    arrivals: list[list[float]] = [[] for _ in range(batch)]
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            for chunk in client.stream(
+                prompt_token_ids=random_prompt(seed * 1009 + i, prompt_tokens, vocab),
+                max_tokens=steps + 1, temperature=0.0, ignore_eos=True, cache_salt=salt,
+                timeout=600.0,
+            ):
+                now = time.perf_counter()
+                arrivals[i].extend([now] * len(chunk.token_ids))
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(batch)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    if any(len(a) != steps + 1 for a in arrivals):
+        raise StrataError(f"a stream ended early: {[len(a) for a in arrivals]} tokens")
+    return arrivals
+
+
 def _measure(engine: Any, batch: int, prompt_tokens: int, sampling: Any, vocab: int,  # noqa: ANN401
              seed: int) -> list[float]:
     """Seconds of each decode step of ``batch`` requests, after their prefill."""
@@ -130,7 +217,14 @@ def _measure(engine: Any, batch: int, prompt_tokens: int, sampling: Any, vocab: 
 
 
 def render_table(result: dict[str, Any]) -> str:
-    cfg, roof = result["config"], result["roofline"]
+    cfg = result["config"]
+    if cfg.get("mode") == "server":
+        rows = [[r["batch"], r["tokens_per_s"], r["ms_per_token"], r["tbt_s"].get("p90", 0) * 1e3]
+                for r in result["rows"]]
+        return (f"decode through the service at {cfg['server']}, {cfg['model']}, prompt "
+                f"{cfg['prompt_tokens']} tokens, {cfg['steps'] + 1} tokens a stream "
+                "(client side)\n" + format_table(["batch", "tok/s", "ms/token", "p90 ms"], rows))
+    roof = result["roofline"]
     rows = [[r["batch"], r["tokens_per_s"], r["ms_per_step"], r["roofline_tokens_per_s"],
              r["fraction_of_roofline"]] for r in result["rows"]]
     head = (f"decode, {cfg['model']} {cfg['dtype']} on {cfg['device']}, prompt "
@@ -146,14 +240,17 @@ def plot(result: dict[str, Any], path: str) -> None:
     xs = [r["batch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, [r["tokens_per_s"] for r in rows], "o-", label="measured")
-    ax.plot(xs, [r["roofline_tokens_per_s"] for r in rows], "--", label=result["roofline"]["name"])
+    if "roofline" in result:
+        ax.plot(xs, [r["roofline_tokens_per_s"] for r in rows], "--",
+                label=result["roofline"]["name"])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    ax.set_title(f"decode throughput, {result['config']['model']}")
+    where = "through the service" if result["config"].get("mode") == "server" else "in-process"
+    ax.set_title(f"decode throughput, {result['config']['model']} ({where})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,5 +1,5 @@
-"""ttft, longdoc and trace in ``--quick`` mode through the real service (``--start-service``:
-Ray actors, gRPC on loopback): the JSON adds up."""
+"""ttft, longdoc, trace and decode in ``--quick`` mode through the real service
+(``--start-service``: Ray actors, gRPC on loopback): the JSON adds up."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from bench import longdoc, trace, ttft
+from bench import decode, longdoc, trace, ttft
 
 
 def _load(out_dir: str, name: str) -> dict:
@@ -87,3 +87,17 @@ def test_trace_through_service(tmp_path) -> None:
     for r in reqs:
         assert sum(r["cached_by_tier"].values()) == r["num_cached_tokens"] <= r["prompt_len"]
     assert 0.0 < data["hit_rate"]["total"] <= data["unbounded_hit_rate"] <= 1.0
+
+
+def test_decode_through_service(tmp_path) -> None:
+    argv = ["--quick", "--start-service", "--batches", "1,4", "--steps", "6", "--out",
+            str(tmp_path), "--no-progress"]
+    assert decode.main(argv) == 0
+    data = _load(str(tmp_path), "decode")
+    assert data["config"]["mode"] == "server"
+    assert [r["batch"] for r in data["rows"]] == [1, 4]
+    for r in data["rows"]:
+        assert r["tokens"] == r["batch"] * 7  # every stream got all its tokens
+        assert 0 < r["steady_tokens"] < r["tokens"] and r["steady_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["steady_tokens"] / r["steady_s"])
+        assert r["tbt_s"]["count"] == r["batch"] * 6 and r["ms_per_token"] > 0
