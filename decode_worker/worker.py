@@ -96,7 +96,7 @@ class DecodeWorker(WorkerBase):
         transfer_ms = (time.perf_counter() - t0) * 1000.0
         stream = self.loop.submit(req_id, list(token_ids), sampling, cache_salt)
         try:
-            for out in stream.iter(timeout=step_timeout_s):
+            for out in stream.iter_merged(timeout=step_timeout_s):
                 yield DecodeDelta(
                     out.new_token_ids,
                     out.finish_reason,

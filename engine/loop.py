@@ -7,6 +7,7 @@ reading or writing KV blocks) runs on the loop thread; callers get per-request s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -45,6 +46,30 @@ class RequestStream:
             yield out
             if out.finished:
                 return
+
+    def iter_merged(self, timeout: float | None = None) -> Iterator[StepOutput]:
+        """Like ``iter``, but the outputs already waiting when one is taken are merged into it
+        (their tokens concatenated, the latest counters kept): a consumer slower than the engine
+        gets fewer, larger deltas instead of falling further behind."""
+        while True:
+            out = self.get(timeout)
+            error: BaseException | None = None
+            while not out.finished:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, BaseException):
+                    error = item
+                    break
+                out = dataclasses.replace(
+                    item, new_token_ids=out.new_token_ids + item.new_token_ids
+                )
+            yield out
+            if out.finished:
+                return
+            if error is not None:
+                raise error
 
 
 class EngineLoop:
