@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -51,6 +52,25 @@ def machine_info() -> dict[str, Any]:
     except (ValueError, OSError):
         pass
     return info
+
+
+def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags every model benchmark has: ``--model``, ``--dtype``."""
+    p = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n")[0])
+    p.add_argument("--model", default="tiny", help="built-in shape or checkpoint directory")
+    p.add_argument("--dtype", default="auto")
+    return p
+
+
+def add_run_flags(p: argparse.ArgumentParser, quick_help: str) -> None:
+    """``--seed``, ``--out``, ``--quick``, ``--no-progress`` and the service flags."""
+    from bench.service import add_service_flags
+
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for JSON + PNG (bench/results)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--no-progress", action="store_true")
+    add_service_flags(p)
 
 
 def parse_ints(text: str, what: str) -> list[int]:

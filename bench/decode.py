@@ -29,11 +29,13 @@ from typing import Any
 
 from bench.common import (
     EngineSizes,
+    add_run_flags,
     build_engine,
     builtin_vocab,
     format_table,
     machine_info,
     memory_copy_bandwidth,
+    new_parser,
     parse_ints,
     progress,
     pyplot,
@@ -42,22 +44,16 @@ from bench.common import (
     run_salt,
     summarize,
 )
-from bench.service import add_service_flags, server_target
+from bench.service import server_target
 from kvstore.errors import StrataError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.decode", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--dtype", default="auto")
+    p = new_parser("bench.decode", __doc__)
     p.add_argument("--batches", default=None, help="batch sizes (default 1,8,32,64)")
     p.add_argument("--prompt-tokens", type=int, default=None, help="default 128")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    p.add_argument("--quick", action="store_true", help="32-token prompts, 8 steps")
-    p.add_argument("--no-progress", action="store_true")
-    add_service_flags(p)
+    add_run_flags(p, "32-token prompts, 8 steps")
     return p
 
 

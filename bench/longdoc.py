@@ -22,10 +22,12 @@ from typing import Any
 
 from bench.common import (
     EngineSizes,
+    add_run_flags,
     build_engine,
     builtin_vocab,
     format_table,
     machine_info,
+    new_parser,
     progress,
     pyplot,
     random_prompt,
@@ -41,13 +43,11 @@ from bench.driver import (
     hit_rates,
     run_requests,
 )
-from bench.service import add_service_flags, server_target
+from bench.service import server_target
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.longdoc", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--dtype", default="auto")
+    p = new_parser("bench.longdoc", __doc__)
     p.add_argument("--docs", type=int, default=None, help="documents (default 8)")
     p.add_argument("--doc-tokens", type=int, default=None, help="tokens each (default 2048)")
     p.add_argument("--questions", type=int, default=None, help="per document = rounds (3)")
@@ -58,11 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-tokens", type=int, default=None, help="host slab (default docs/2)")
     p.add_argument("--disk-tokens", type=int, default=None, help="LMDB (default 4x all docs)")
     p.add_argument("--max-batched-tokens", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    p.add_argument("--quick", action="store_true", help="4 docs x 512 tokens, 2 rounds")
-    add_service_flags(p)
-    p.add_argument("--no-progress", action="store_true")
+    add_run_flags(p, "4 docs x 512 tokens, 2 rounds")
     return p
 
 

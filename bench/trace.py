@@ -21,10 +21,12 @@ from typing import Any
 
 from bench.common import (
     EngineSizes,
+    add_run_flags,
     build_engine,
     builtin_vocab,
     format_table,
     machine_info,
+    new_parser,
     progress,
     pyplot,
     report,
@@ -32,7 +34,7 @@ from bench.common import (
     summarize,
 )
 from bench.driver import TimedRequest, client_sender, engine_sender, hit_rates, run_requests
-from bench.service import add_service_flags, server_target
+from bench.service import server_target
 from bench.trace_data import block_tokens, load_trace, prompt_tokens, unbounded_hits
 
 DEFAULT_TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
@@ -40,10 +42,8 @@ DEFAULT_TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.trace", description=__doc__.split("\n")[0])
+    p = new_parser("bench.trace", __doc__)
     p.add_argument("--trace", default=DEFAULT_TRACE)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--time-scale", type=float, default=None, help="x trace gaps (default 1)")
     p.add_argument("--length-scale", type=float, default=None, help="/ input lengths (32)")
     p.add_argument("--max-requests", type=int, default=None, help="default 1000")
@@ -57,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay twice in one run, with the tiers and then without (--baseline), "
                         "and report the gain of offloading side by side")
     p.add_argument("--max-batched-tokens", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    p.add_argument("--quick", action="store_true", help="a small replay, about a minute")
-    add_service_flags(p)
-    p.add_argument("--no-progress", action="store_true")
+    add_run_flags(p, "a small replay, about a minute")
     return p
 
 

@@ -34,18 +34,20 @@ from typing import Any
 
 from bench.common import (
     EngineSizes,
+    add_run_flags,
     build_engine,
     format_table,
     kv_bytes,
     machine_info,
     memory_copy_bandwidth,
+    new_parser,
     parse_ints,
     progress,
     pyplot,
     random_prompt,
     report,
 )
-from bench.service import add_service_flags, server_target
+from bench.service import server_target
 from kvstore.bandwidth import drop_page_cache
 from kvstore.errors import StrataError
 
@@ -59,20 +61,14 @@ class BenchmarkError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.ttft", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help="built-in shape or checkpoint dir")
-    p.add_argument("--dtype", default="auto")
+    p = new_parser("bench.ttft", __doc__)
     p.add_argument("--lengths", default=None, help=f"prompt lengths (default {DEFAULT_LENGTHS})")
     p.add_argument("--repeats", type=int, default=None, help="runs per length (default 3)")
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="prefill chunk size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for JSON + PNG (bench/results)")
-    p.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, 1 repeat")
-    add_service_flags(p)
+    add_run_flags(p, f"lengths {QUICK_LENGTHS}, 1 repeat")
     p.add_argument("--with-inprocess", action="store_true",
                    help="with --server/--start-service: time the in-process engine too, in the "
                         "same run, and report the service's overhead")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
