@@ -233,17 +233,8 @@ class KVReceiverServicer(strata_pb2_grpc.KVTransferServicer):
             batch = hashes[start : start + PULL_READ_BATCH]
             payloads = self.sink.read_blocks(batch)
             assert len(payloads) == len(batch), "sink.read_blocks returned a wrong count"
-            yield from kv_wire.pack_chunks(
-                (
-                    chunk
-                    for i, payload in enumerate(payloads)
-                    if payload is not None
-                    for chunk in kv_wire.block_chunks(
-                        request.req_id, self.fingerprint, batch[i], start + i, payload, chunk_bytes
-                    )
-                ),
-                min(chunk_bytes, kv_wire.PACK_BYTES),
-            )
+            held = ((batch[i], start + i, p) for i, p in enumerate(payloads) if p is not None)
+            yield from kv_wire.block_messages(request.req_id, self.fingerprint, held, chunk_bytes)
         yield strata_pb2.BlockChunk(req_id=request.req_id, last=True)
 
 

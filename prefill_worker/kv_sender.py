@@ -24,7 +24,7 @@ from proto import kv_wire, strata_pb2, strata_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-Payload = bytes | bytearray | memoryview
+Payload = kv_wire.Payload
 PayloadSource = Sequence[Payload] | Callable[[int], Payload]
 
 
@@ -120,21 +120,18 @@ class KVSender:
         state = {"nbytes": 0}
         failure: list[Exception] = []
 
-        def block_chunks() -> Iterator[strata_pb2.BlockChunk]:
+        def blocks() -> Iterator[tuple[bytes, int, Payload]]:
             for i in todo:
                 payload = payloads(i) if callable(payloads) else payloads[i]
-                for chunk in kv_wire.block_chunks(
-                    req_id, fingerprint, hashes[i], i, payload, self.chunk_bytes
-                ):
-                    if cancel is not None and cancel.is_set():
-                        raise _StopPush("cancelled")
-                    state["nbytes"] += len(chunk.data)
-                    yield chunk
+                if cancel is not None and cancel.is_set():
+                    raise _StopPush("cancelled")
+                state["nbytes"] += memoryview(payload).nbytes
+                yield hashes[i], i, payload
 
         def chunks() -> Iterator[strata_pb2.BlockChunk]:
             try:
-                yield from kv_wire.pack_chunks(
-                    block_chunks(), min(self.chunk_bytes, self.pack_bytes)
+                yield from kv_wire.block_messages(
+                    req_id, fingerprint, blocks(), self.chunk_bytes, self.pack_bytes
                 )
             except Exception as e:  # ends the stream without `last`: the receiver drops it
                 failure.append(e)

@@ -7,9 +7,9 @@ message sizes, and how one block becomes a run of ``BlockChunk`` messages.
 A push stream is: for each block, chunks with increasing ``offset`` covering ``[0,
 total_nbytes)``; then the final chunk of the stream has ``last`` set (it may carry the last
 piece of the last block, or be an empty closing chunk with no ``block_hash``). A stream that ends
-without ``last`` was cut off and is discarded by the receiver. Consecutive whole blocks smaller
-than a chunk travel together: the first one's message carries the next ones in ``more``
-(``pack_chunks``; ``unpacked`` restores the flat order on the receiving side).
+without ``last`` was cut off and is discarded by the receiver. Consecutive small blocks travel
+together: the first one's message carries the next ones in ``more`` (``block_messages``;
+``unpacked`` restores the flat order on the receiving side).
 """
 
 from __future__ import annotations
@@ -49,34 +49,49 @@ def check_chunk_bytes(chunk_bytes: int, max_message_bytes: int = MAX_MESSAGE_BYT
         )
 
 
-def pack_chunks(
-    chunks: Iterable[strata_pb2.BlockChunk],
-    max_bytes: int,
-    max_block_bytes: int = PACK_MAX_BLOCK_BYTES,
-) -> Iterator[strata_pb2.BlockChunk]:
-    """Pack runs of small whole blocks into messages of at most ``max_bytes`` of data, keeping
-    the order; larger or split blocks and the closing chunk pass through alone.
+Payload = bytes | bytearray | memoryview
 
-    ``chunks`` come from ``block_chunks`` with a chunk size of at least ``max_bytes``, so a block
-    of at most ``max_bytes`` is one chunk: sizes are read from ``total_nbytes``, never from the
-    data (reading ``data`` copies it)."""
-    limit = min(max_bytes, max_block_bytes)
+
+def block_messages(
+    req_id: str,
+    fingerprint: bytes,
+    blocks: Iterable[tuple[bytes, int, Payload]],
+    chunk_bytes: int,
+    pack_bytes: int = PACK_BYTES,
+) -> Iterator[strata_pb2.BlockChunk]:
+    """The messages of a run of ``(block_hash, block_index, payload)`` blocks, in order: a block
+    of at most ``PACK_MAX_BLOCK_BYTES`` joins the message before it while that stays within
+    ``pack_bytes`` of data (``pack_bytes=0``: one message per block); a larger one is split into
+    ``block_chunks``. The closing ``last`` chunk is the caller's."""
+    limit = min(pack_bytes, chunk_bytes)
     head: strata_pb2.BlockChunk | None = None
     size = 0
-    for chunk in chunks:
-        n = chunk.total_nbytes
-        small = bool(chunk.block_hash) and chunk.offset == 0 and n <= limit and not chunk.last
-        if head is not None and small and size + n <= max_bytes:
-            head.more.append(chunk)
-            size += n
+    for block_hash, block_index, payload in blocks:
+        n = len(payload) if isinstance(payload, bytes) else memoryview(payload).nbytes
+        if 0 < n <= min(limit, PACK_MAX_BLOCK_BYTES):
+            data = payload if isinstance(payload, bytes) else bytes(memoryview(payload).cast("B"))
+            if head is not None and size + n <= limit:
+                head.more.add(
+                    block_hash=block_hash, block_index=block_index, total_nbytes=n, data=data
+                )
+                size += n
+                continue
+            if head is not None:
+                yield head
+            head = strata_pb2.BlockChunk(
+                req_id=req_id,
+                fingerprint=fingerprint,
+                block_hash=block_hash,
+                block_index=block_index,
+                total_nbytes=n,
+                data=data,
+            )
+            size = n
             continue
         if head is not None:
             yield head
             head = None
-        if small:
-            head, size = chunk, n
-        else:
-            yield chunk
+        yield from block_chunks(req_id, fingerprint, block_hash, block_index, payload, chunk_bytes)
     if head is not None:
         yield head
 
@@ -97,7 +112,7 @@ def block_chunks(
     fingerprint: bytes,
     block_hash: bytes,
     block_index: int,
-    payload: bytes | bytearray | memoryview,
+    payload: Payload,
     chunk_bytes: int,
 ) -> Iterator[strata_pb2.BlockChunk]:
     """Split one block into chunks of at most ``chunk_bytes`` (``last`` is left unset)."""

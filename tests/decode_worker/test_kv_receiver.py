@@ -106,7 +106,9 @@ def test_push_reassembles_chunks_and_writes_in_batches(server) -> None:
 def test_packed_small_blocks_are_unpacked_in_order(server) -> None:
     sink, stub = server
     blocks = [bytes([i]) * (20 + i) for i in range(10)]
-    messages = list(kv_wire.pack_chunks(_chunks("rp", blocks, chunk=1000), 100))
+    held = [(_h(i), i, b) for i, b in enumerate(blocks)]
+    messages = list(kv_wire.block_messages("rp", FP, held, 1000, 100))
+    messages.append(pb.BlockChunk(req_id="rp", last=True))
     assert len(messages) < len(blocks)  # several blocks travelled in one message
     resp = stub.PushBlocks(iter(messages), timeout=10, metadata=MD)
     assert resp.num_blocks == 10 and resp.nbytes == sum(map(len, blocks))
