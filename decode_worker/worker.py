@@ -112,7 +112,7 @@ class DecodeWorker(WorkerBase):
             raise
 
     def abort(self, req_id: str) -> None:
-        self.loop.abort(req_id)
+        super().abort(req_id)
         with self._lock:
             slot = self._transfers.get(req_id)
             if slot is not None:  # still waiting for its blocks: wake it, it will not decode

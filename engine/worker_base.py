@@ -6,12 +6,14 @@ Workers are plain classes (testable without Ray); ``prefill_worker.actor`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -138,6 +140,10 @@ class WorkerBase:
         self.loop.call(lambda eng: eng.check_no_leaks())
         return True
 
+    def abort(self, req_id: str) -> None:
+        """Stop ``req_id`` and free its blocks (the roles also drop their transfer state)."""
+        self.loop.abort(req_id)
+
     def prefetch(self, hashes: list[bytes]) -> None:
         block_hashes = [BlockHash(h) for h in hashes]
         self.loop.call(lambda eng: eng.prefetch(block_hashes))
@@ -146,6 +152,50 @@ class WorkerBase:
         self.server.stop(grace=1.0)
         self.loop.close()
         self.engine.close()
+
+
+class WorkerActorBase:
+    """What the Ray actor shells of both roles share: the worker (``worker_class``) is built in
+    the actor's process, and calls and results cross the actor boundary as plain values, so the
+    router's process never imports torch or the engine. Ray exposes inherited methods."""
+
+    worker_class: type[WorkerBase] = WorkerBase
+
+    def __init__(
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        store_config: StoreConfig,
+        secret: str | None = None,
+        kv_host: str = "127.0.0.1",
+    ) -> None:
+        self.worker = self.worker_class(
+            worker_id, engine_config, store_config, secret=secret, kv_host=kv_host
+        )
+
+    def info(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.worker.info())
+
+    def prefetch(self, hashes: list[bytes]) -> None:
+        self.worker.prefetch(hashes)
+
+    def abort(self, req_id: str) -> None:
+        self.worker.abort(req_id)
+
+    def stats(self) -> dict[str, float]:
+        return self.worker.stats()
+
+    def drain_events(self) -> list[tuple[str, str, list[bytes]]]:
+        return self.worker.drain_events()
+
+    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
+        return self.worker.evict_cached(down_to)
+
+    def check_no_leaks(self) -> bool:
+        return self.worker.check_no_leaks()
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
 
 
 def _drain(eng: LLMEngine) -> list[tuple[str, str, list[bytes]]]:

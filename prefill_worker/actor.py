@@ -1,8 +1,4 @@
-"""The Ray actor shell of ``PrefillWorker`` (placed by the custom resource ``prefill``).
-
-Arguments and results cross the actor boundary as plain dicts, so the router's process never
-imports torch or the engine.
-"""
+"""The Ray actor shell of ``PrefillWorker`` (placed by the custom resource ``prefill``)."""
 
 from __future__ import annotations
 
@@ -11,27 +7,14 @@ from typing import Any
 
 import ray
 
-from engine.config import EngineConfig
 from engine.sampling import SamplingParams
-from kvstore.config import StoreConfig
+from engine.worker_base import WorkerActorBase
 from prefill_worker.worker import PrefillWorker
 
 
-class PrefillActor:
-    def __init__(
-        self,
-        worker_id: str,
-        engine_config: EngineConfig,
-        store_config: StoreConfig,
-        secret: str | None = None,
-        kv_host: str = "127.0.0.1",
-    ) -> None:
-        self.worker = PrefillWorker(
-            worker_id, engine_config, store_config, secret=secret, kv_host=kv_host
-        )
-
-    def info(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.worker.info())
+class PrefillActor(WorkerActorBase):
+    worker_class = PrefillWorker
+    worker: PrefillWorker
 
     def prefill(
         self,
@@ -55,27 +38,6 @@ class PrefillActor:
             num_pull_blocks,
         )
         return dataclasses.asdict(res)
-
-    def prefetch(self, hashes: list[bytes]) -> None:
-        self.worker.prefetch(hashes)
-
-    def abort(self, req_id: str) -> None:
-        self.worker.abort(req_id)
-
-    def stats(self) -> dict[str, float]:
-        return self.worker.stats()
-
-    def drain_events(self) -> list[tuple[str, str, list[bytes]]]:
-        return self.worker.drain_events()
-
-    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
-        return self.worker.evict_cached(down_to)
-
-    def check_no_leaks(self) -> bool:
-        return self.worker.check_no_leaks()
-
-    def shutdown(self) -> None:
-        self.worker.shutdown()
 
 
 def prefill_actor_class(**options: Any):  # noqa: ANN201

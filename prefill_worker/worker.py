@@ -154,7 +154,7 @@ class PrefillWorker(WorkerBase):
             self._cancels.pop(req_id, None)
 
     def abort(self, req_id: str) -> None:
-        self.loop.abort(req_id)
+        super().abort(req_id)
         cancel = self._cancels.get(req_id)
         if cancel is not None:
             cancel.set()
