@@ -10,6 +10,22 @@ import time
 
 from cluster.sizes import parse_size
 
+# ServiceConfig field -> `strata up` flag (the flags shared with `generate` and `demo`)
+ENGINE_FLAGS = {
+    "model": "model",
+    "dtype": "dtype",
+    "device": "device",
+    "block_size": "block_size",
+    "max_model_len": "max_model_len",
+    "max_num_batched_tokens": "max_batched_tokens",
+    "kv_cache_bytes": "device_capacity",
+}
+STORE_FLAGS = {
+    "host_capacity_bytes": "host_capacity",
+    "disk_path": "disk_path",
+    "disk_capacity_bytes": "disk_capacity",
+}
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -117,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--token", default=None, help="require this bearer token from clients")
     up.add_argument("--secret", default=None, help="shared secret of the KV transfer API")
     up.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    # A flag left out keeps the YAML's value (or the default): nothing set means "not given".
+    up.set_defaults(**{a: None for a in (*ENGINE_FLAGS.values(), *STORE_FLAGS.values())})
     up.add_argument(
         "--detach",
         action="store_true",

@@ -46,27 +46,15 @@ def _run_service(args: argparse.Namespace) -> int:
     import ray
 
     from cluster.config import ServiceConfig
+    from cluster.generate import engine_config_from_args, store_config_from_args
     from cluster.launcher import launch
-    from engine.config import EngineConfig
-    from kvstore.config import StoreConfig
     from router.client import StrataClient
     from router.config import RouterConfig
 
     with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
         cfg = ServiceConfig(
-            engine=EngineConfig(
-                model=args.model,
-                dtype=args.dtype,
-                device=args.device,
-                block_size=args.block_size,
-                kv_cache_bytes=args.device_capacity,
-                max_model_len=args.max_model_len,
-            ),
-            store=StoreConfig(
-                host_capacity_bytes=args.host_capacity,
-                disk_path=args.disk_path or tmp,
-                disk_capacity_bytes=args.disk_capacity,
-            ),
+            engine=engine_config_from_args(args),
+            store=store_config_from_args(args, args.disk_path or tmp),
             router=RouterConfig(port=0),
         )
         t0 = time.perf_counter()

@@ -9,26 +9,29 @@ import time
 from cluster.cli import _ids, print_result
 
 
-def engine_from_args(args: argparse.Namespace):  # noqa: ANN201
+def engine_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - an EngineConfig
+    from cluster.cli import ENGINE_FLAGS
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
+
+    return EngineConfig(**{f: getattr(args, a) for f, a in ENGINE_FLAGS.items()})
+
+
+def store_config_from_args(args: argparse.Namespace, disk_path: str | None = None):  # noqa: ANN201
+    """The store flags; ``disk_path`` overrides ``--disk-path`` (no path: no disk tier)."""
     from kvstore.config import StoreConfig
 
-    cfg = EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        kv_cache_bytes=args.device_capacity,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_batched_tokens,
-    )
-    store = StoreConfig(
+    path = disk_path or args.disk_path
+    return StoreConfig(
         host_capacity_bytes=args.host_capacity,
-        disk_path=args.disk_path,
-        disk_capacity_bytes=args.disk_capacity if args.disk_path else 0,
+        disk_path=path,
+        disk_capacity_bytes=args.disk_capacity if path else 0,
     )
-    return LLMEngine(cfg, store)
+
+
+def engine_from_args(args: argparse.Namespace):  # noqa: ANN201
+    from engine.engine import LLMEngine
+
+    return LLMEngine(engine_config_from_args(args), store_config_from_args(args))
 
 
 def run_generate(args: argparse.Namespace) -> int:

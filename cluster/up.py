@@ -8,29 +8,20 @@ import signal
 import sys
 import threading
 
+from cluster.cli import ENGINE_FLAGS, STORE_FLAGS
 from cluster.config import ServiceConfig
 
 
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
+    """The flags given on the command line (``strata up`` leaves the others at None)."""
+    return {f: getattr(args, a) for f, a in flags.items() if getattr(args, a) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """The YAML (or the defaults), overridden by the flags that were given."""
     cfg = ServiceConfig.from_yaml(args.config) if args.config else ServiceConfig()
-    eng = dataclasses.replace(
-        cfg.engine,
-        model=args.model if args.model != "tiny" or not args.config else cfg.engine.model,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        max_model_len=args.max_model_len or cfg.engine.max_model_len,
-        max_num_batched_tokens=args.max_batched_tokens,
-        kv_cache_bytes=args.device_capacity
-        if args.device_capacity is not None
-        else cfg.engine.kv_cache_bytes,
-    )
-    store = dataclasses.replace(
-        cfg.store,
-        host_capacity_bytes=args.host_capacity,
-        disk_path=args.disk_path or cfg.store.disk_path,
-        disk_capacity_bytes=args.disk_capacity,
-    )
+    eng = dataclasses.replace(cfg.engine, **_given(args, ENGINE_FLAGS))
+    store = dataclasses.replace(cfg.store, **_given(args, STORE_FLAGS))
     router_kw = {
         k: v
         for k, v in (

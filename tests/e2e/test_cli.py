@@ -112,3 +112,24 @@ def test_service_config_yaml(tmp_path):  # noqa: ANN001
     bad.write_text("engine: {modell: tiny}\n")
     with pytest.raises(ValueError, match="unknown engine keys"):
         ServiceConfig.from_yaml(str(bad))
+
+
+def test_up_flags_override_the_yaml_only_when_given(tmp_path) -> None:  # noqa: ANN001
+    from cluster.cli import build_parser
+    from cluster.up import config_from_args
+
+    yaml_path = tmp_path / "svc.yaml"
+    yaml_path.write_text(
+        "engine: {model: llama-3.2-1b, block_size: 32, max_num_batched_tokens: 512}\n"
+        "store: {host_capacity_bytes: 3G, disk_capacity_bytes: 2G}\n"
+    )
+    plain = config_from_args(build_parser().parse_args(["up", "--config", str(yaml_path)]))
+    assert (plain.engine.model, plain.engine.block_size) == ("llama-3.2-1b", 32)
+    assert plain.engine.max_num_batched_tokens == 512
+    assert (plain.store.host_capacity_bytes, plain.store.disk_capacity_bytes) == (3 << 30, 2 << 30)
+    argv = ["up", "--config", str(yaml_path), "--model", "tiny", "--host-capacity", "1G"]
+    flagged = config_from_args(build_parser().parse_args(argv))
+    assert flagged.engine.model == "tiny" and flagged.store.host_capacity_bytes == 1 << 30
+    assert flagged.engine.block_size == 32 and flagged.store.disk_capacity_bytes == 2 << 30
+    bare = config_from_args(build_parser().parse_args(["up"]))  # no YAML: the defaults
+    assert bare.engine.model == "tiny" and bare.engine.max_num_batched_tokens == 2048
