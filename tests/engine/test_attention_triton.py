@@ -47,7 +47,7 @@ def _paged(
     return cache.to(dtype), tables
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert got.dtype == want.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -64,10 +64,10 @@ def test_decode_matches_reference_ragged_split_k(dtype: torch.dtype) -> None:
     # partition of 8 tokens with 8-token iterations: 33 tokens span 5 partitions
     got = paged_decode_attention(q, cache, tables, ctx, partition_size=8, block_n=8)
     want = paged_decode_attention_ref(q, cache, tables, ctx)
-    _close(got, want, dtype)
+    _assert_close(got, want, dtype)
     # the same with one partition per sequence (no split) and a wider inner loop
     got_one = paged_decode_attention(q, cache, tables, ctx, partition_size=64, block_n=16)
-    _close(got_one, want, dtype)
+    _assert_close(got_one, want, dtype)
 
 
 def test_decode_len_one_returns_that_value_and_custom_scale() -> None:
@@ -138,7 +138,7 @@ def test_prefill_matches_reference(dtype: torch.dtype, q_start: int, num_tokens:
     got = paged_prefill_attention(
         q.to(device), cache.to(device), tables[0].to(device), q_start, block_m=16, block_n=16
     )
-    _close(got.cpu(), want, dtype)
+    _assert_close(got.cpu(), want, dtype)
 
 
 def test_prefill_last_row_equals_decode() -> None:
