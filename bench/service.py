@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -96,7 +97,7 @@ def local_service(model: str, dtype: str, sizes: EngineSizes) -> Iterator[Target
                     timeout=120)
 
         try:
-            info = ray.get(svc.prefill[0].info.remote(), timeout=120)
+            info = dataclasses.asdict(ray.get(svc.prefill[0].info.remote(), timeout=120))
             yield Target(svc.address, evict, info, lambda: ray.get(
                 [w.stats.remote() for w in svc.prefill], timeout=120))
         finally:

@@ -125,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--address", default=None, help="Ray cluster address (e.g. auto); default: embedded"
     )
-    up.add_argument("--prefill", type=int, default=None, help="prefill workers")
+    up.add_argument(
+        "--prefill",
+        type=int,
+        default=None,
+        help="prefill workers (default 1; 0: colocated, decode workers compute prompts too)",
+    )
     up.add_argument("--decode", type=int, default=None, help="decode workers")
     up.add_argument("--config", default=None, help="service YAML (flags override it)")
     up.add_argument("--host", default=None, help="gRPC bind address (default 127.0.0.1)")

@@ -9,7 +9,10 @@ YAML shape (every key optional)::
     engine: {model: tiny, dtype: auto, block_size: 16, kv_cache_bytes: 256M}
     store: {host_capacity_bytes: 1G, disk_path: /nvme/strata, disk_capacity_bytes: 64G}
     router: {host: 127.0.0.1, port: 50051, auth_token: null, metrics_port: null}
-    backend: {transfer_timeout_s: 30}
+    backend: {transfer_timeout_s: 30, max_buffered_tokens: 4096}
+    transfer: {frame_bytes: 4M, shm_bytes: 256M, num_channels: 1}
+
+``num_prefill: 0`` runs the service colocated: decode workers compute prompts too (no handoff).
 """
 
 from __future__ import annotations
@@ -22,10 +25,18 @@ from typing import Any
 from cluster.sizes import parse_size
 from engine.config import EngineConfig
 from kvstore.config import StoreConfig
+from kvtransfer.config import TransferConfig
 from router.backend import BackendConfig
 from router.config import RouterConfig
 
-_SIZE_FIELDS = {"kv_cache_bytes", "host_capacity_bytes", "disk_capacity_bytes", "max_message_bytes"}
+_SIZE_FIELDS = {
+    "kv_cache_bytes",
+    "host_capacity_bytes",
+    "disk_capacity_bytes",
+    "max_message_bytes",
+    "frame_bytes",
+    "shm_bytes",
+}
 
 
 @dataclass(frozen=True)
@@ -34,14 +45,18 @@ class ServiceConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     num_prefill: int = 1
     num_decode: int = 1
     secret: str | None = None  # shared secret on the KVTransfer API between workers
     namespace: str = "strata"  # Ray namespace of the named actors
 
     def __post_init__(self) -> None:
-        if self.num_prefill < 1 or self.num_decode < 1:
-            raise ValueError("the service needs at least one prefill and one decode worker")
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError(
+                "the service needs at least one decode worker, and num_prefill >= 0 "
+                "(0: decode workers compute prompts too)"
+            )
 
     def store_for(self, worker_id: str) -> StoreConfig:
         """Each worker gets its own LMDB directory under ``store.disk_path``."""
@@ -58,6 +73,7 @@ class ServiceConfig:
             "store": StoreConfig,
             "router": RouterConfig,
             "backend": BackendConfig,
+            "transfer": TransferConfig,
         }
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():

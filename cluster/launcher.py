@@ -58,7 +58,7 @@ def connect(address: str | None, cfg: ServiceConfig) -> bool:
         namespace=cfg.namespace,
         runtime_env=runtime_env,
         include_dashboard=False,
-        resources={"prefill": float(cfg.num_prefill), "decode": float(cfg.num_decode)},
+        resources={"prefill": float(max(cfg.num_prefill, 1)), "decode": float(cfg.num_decode)},
         num_cpus=max(2, os.cpu_count() or 2),
         object_store_memory=256 << 20,
         logging_level=logging.WARNING,
@@ -92,7 +92,7 @@ def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False)
         opts = {**common, "resources": _role_resources("prefill"), "name": f"strata-{wid}"}
         prefill.append(
             prefill_actor_class(**opts).remote(
-                wid, cfg.engine, cfg.store_for(wid), cfg.secret, kv_host
+                wid, cfg.engine, cfg.store_for(wid), cfg.secret, kv_host, transfer=cfg.transfer
             )
         )
     for i in range(cfg.num_decode):
@@ -107,7 +107,7 @@ def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False)
     router = (
         ray.remote(RouterActor)
         .options(name=ROUTER_NAME, **common)
-        .remote(workers, cfg.engine.model, cfg.router, cfg.backend)
+        .remote(workers, cfg.engine.model, cfg.router, cfg.backend, cfg.secret)
     )
     try:
         grpc_address = ray.get(router.address_of.remote(), timeout=600)

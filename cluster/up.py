@@ -38,8 +38,8 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         engine=eng,
         store=store,
         router=router,
-        num_prefill=args.prefill or cfg.num_prefill,
-        num_decode=args.decode or cfg.num_decode,
+        num_prefill=args.prefill if args.prefill is not None else cfg.num_prefill,
+        num_decode=args.decode if args.decode is not None else cfg.num_decode,
         secret=args.secret if args.secret is not None else cfg.secret,
     )
 

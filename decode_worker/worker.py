@@ -1,39 +1,34 @@
-"""``DecodeWorker``: receives a request's KV blocks over gRPC, admits the request once they are in
-place, and decodes it in a continuous batch, streaming tokens back.
+"""``DecodeWorker``: receives a request's KV blocks while its prefill runs, admits the request
+once they are in place, and decodes it in a continuous batch. Its tokens go to the router on the
+worker's output stream (``OutputHub``): one message per engine step, every sequence in it.
 
-If the transfer fails or does not arrive in time, the request is still served: the engine
-computes whatever KV it does not hold (correct output, slower), never hangs.
+If the push fails or does not finish within the request's transfer timeout, the request is
+still served: the engine computes whatever KV it does not hold (correct output, slower), and a
+stalled push stream is cancelled on both sides. Nothing waits forever.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 
+import grpc
+
+from decode_worker.admission import Admissions
+from decode_worker.outputs import OutputHub
 from engine.config import EngineConfig
-from engine.sampling import SamplingParams
+from engine.loop import OutputSink, RequestAborted
 from engine.worker_base import WorkerBase
 from kvstore.config import StoreConfig
+from proto import strata_pb2_grpc
+from proto.worker_api import DECODE, DecodeRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DecodeDelta:
-    token_ids: tuple[int, ...]
-    finish_reason: str | None  # set on the last delta
-    cached_tokens: int  # of the sequence handed over (prompt + first token)
-    cached_by_tier: dict[str, int]
-    transfer_ms: float  # waiting for the prefill worker's blocks (0 if none expected)
-
-
 class DecodeWorker(WorkerBase):
-    role = "decode"
+    role = DECODE
 
     def __init__(
         self,
@@ -43,84 +38,75 @@ class DecodeWorker(WorkerBase):
         secret: str | None = None,
         kv_host: str = "127.0.0.1",
         kv_port: int = 0,
+        advertise_host: str | None = None,
     ) -> None:
-        super().__init__(worker_id, engine_config, store_config, secret, kv_host, kv_port)
-        self._transfers: dict[str, tuple[threading.Event, list[bool]]] = {}
-        self._aborted: set[str] = set()
-        self._lock = threading.Lock()
+        self.hub = OutputHub(secret)  # before the base class: it wires the loop and server to it
+        self._stats_lock = threading.Lock()
         self.transfer_stats = {
             "transfers_ok": 0.0,
             "transfers_failed": 0.0,
             "transfers_timed_out": 0.0,
+            "transfer_wait_seconds": 0.0,  # requests' waits for their pushes, summed
         }
+        super().__init__(
+            worker_id, engine_config, store_config, secret, kv_host, kv_port, advertise_host
+        )
+        self.admissions = Admissions(self._admit, self._aborted_while_waiting)
 
-    def _transfer_slot(self, req_id: str) -> tuple[threading.Event, list[bool]]:
-        with self._lock:
-            slot = self._transfers.get(req_id)
-            if slot is None:
-                slot = self._transfers[req_id] = (threading.Event(), [False])
-            return slot
+    def _outputs(self) -> OutputSink:
+        return self.hub.publish
+
+    def _add_services(self, server: grpc.Server) -> None:
+        strata_pb2_grpc.add_WorkerOutputsServicer_to_server(self.hub, server)
+
+    # ---- requests ------------------------------------------------------------------------
+    def start(self, req: DecodeRequest) -> None:
+        """Take ``req``: admitted at once, or when its pushed blocks have landed. Returns at
+        once; its tokens, or its error, come out on the output stream."""
+        self.admissions.arrive(req)
 
     def on_transfer_done(self, req_id: str, ok: bool) -> None:
-        event, result = self._transfer_slot(req_id)
-        result[0] = ok
-        event.set()
+        self.admissions.pushed(req_id, ok)
 
-    def generate(
-        self,
-        req_id: str,
-        token_ids: list[int],
-        sampling: SamplingParams,
-        cache_salt: str = "",
-        expect_transfer: bool = True,
-        transfer_timeout_s: float = 30.0,
-        step_timeout_s: float = 120.0,
-    ) -> Iterator[DecodeDelta]:
-        """Decode ``sampling.max_tokens`` tokens after ``token_ids`` (prompt + first token)."""
-        t0 = time.perf_counter()
-        if expect_transfer:
-            event, result = self._transfer_slot(req_id)
-            arrived = event.wait(transfer_timeout_s)
-            key = (
-                "transfers_ok"
-                if arrived and result[0]
-                else ("transfers_failed" if arrived else "transfers_timed_out")
+    def _admit(self, req: DecodeRequest, outcome: str, waited_s: float) -> None:
+        with self._stats_lock:
+            key = {"ok": "transfers_ok", "failed": "transfers_failed"}.get(outcome)
+            if outcome == "timed_out":
+                key = "transfers_timed_out"
+            if key is not None:
+                self.transfer_stats[key] += 1
+            self.transfer_stats["transfer_wait_seconds"] += waited_s
+        if outcome == "timed_out" and self.receiver.cancel_transfer(req.req_id):
+            logger.warning(
+                "push of %s stalled past %.1f s: cancelled; computing what is missing",
+                req.req_id,
+                req.transfer_timeout_s,
             )
-            self.transfer_stats[key] += 1
-        with self._lock:
-            self._transfers.pop(req_id, None)
-            if req_id in self._aborted:
-                self._aborted.discard(req_id)
-                yield DecodeDelta((), "abort", 0, {}, 0.0)
-                return
-        transfer_ms = (time.perf_counter() - t0) * 1000.0
-        stream = self.loop.submit(req_id, list(token_ids), sampling, cache_salt)
-        try:
-            for out in stream.iter_merged(timeout=step_timeout_s):
-                yield DecodeDelta(
-                    out.new_token_ids,
-                    out.finish_reason,
-                    out.num_cached_tokens,
-                    out.cached_by_tier,
-                    transfer_ms,
-                )
-        except queue.Empty:
-            self.loop.abort(req_id)
-            raise TimeoutError(f"decode of {req_id}: no token for {step_timeout_s:.0f} s") from None
-        except GeneratorExit:  # the consumer went away (cancelled): free the blocks
-            self.loop.abort(req_id)
-            raise
+        self.loop.submit_published(req.req_id, list(req.token_ids), req.sampling, req.cache_salt)
+
+    def _aborted_while_waiting(self, req_id: str) -> None:
+        self.receiver.cancel_transfer(req_id)
+        self.hub.publish([], {req_id: RequestAborted(f"request {req_id} was aborted")})
 
     def abort(self, req_id: str) -> None:
-        super().abort(req_id)
-        with self._lock:
-            slot = self._transfers.get(req_id)
-            if slot is not None:  # still waiting for its blocks: wake it, it will not decode
-                self._aborted.add(req_id)
-                slot[0].set()
+        if not self.admissions.abort(req_id):
+            super().abort(req_id)  # admitted (or never seen): the loop aborts it if it runs
 
     def stats(self) -> dict[str, float]:
-        return {**super().stats(), **self.transfer_stats}
+        with self._stats_lock:
+            t = dict(self.transfer_stats)
+        return {
+            **super().stats(),
+            **t,
+            "admissions_waiting": float(self.admissions.num_waiting),
+            "output_messages": float(self.hub.num_messages),
+            "shm_torn_frames": float(self.receiver.num_torn),
+        }
+
+    def shutdown(self) -> None:
+        self.admissions.close()
+        self.hub.close()
+        super().shutdown()
 
 
 def continuation(sampling: SamplingParams) -> SamplingParams:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +28,16 @@ from kvstore.layout import KVLayout
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
+
+# (index of the first block, pool block ids): a watched request's newly computed full blocks
+BlockListener = Callable[[int, list[int]], None]
+
+
+@dataclass(slots=True)
+class _Watch:
+    listener: BlockListener
+    num_blocks: int  # blocks to report (the prompt's full blocks)
+    num_reported: int = 0
 
 
 class LLMEngine:
@@ -71,6 +83,7 @@ class LLMEngine:
             config.attention_backend,
         )
         self._seqs: dict[str, Sequence] = {}
+        self._watches: dict[str, _Watch] = {}
         logger.info(
             "engine ready: model=%s dtype=%s device=%s pool=%d blocks of %d tokens (%.1f MiB)",
             config.model,
@@ -141,7 +154,35 @@ class LLMEngine:
         self._seqs[req_id] = seq
         self.scheduler.add(seq)
 
+    def watch_blocks(self, req_id: str, listener: BlockListener, num_blocks: int) -> None:
+        """Report ``req_id``'s first ``num_blocks`` full blocks as steps compute them (loaded
+        prefix blocks count as computed by the first step): ``listener(first_index, block_ids)``
+        runs on this thread right after the step, while the blocks are still the request's, so
+        it can copy them out (``kv.read_pool_blocks_into``). Ends when the request does."""
+        if req_id not in self._seqs:
+            raise ValueError(f"unknown request {req_id!r}")
+        if num_blocks > 0:
+            self._watches[req_id] = _Watch(listener, num_blocks)
+
+    def _report_blocks(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            w = self._watches.get(seq.req_id)
+            if w is None:
+                continue
+            n = min(seq.num_computed_tokens // self.block_size, w.num_blocks)
+            if n > w.num_reported:
+                first, w.num_reported = w.num_reported, n
+                try:
+                    w.listener(first, seq.block_ids[first:n])
+                except Exception:  # noqa: BLE001 - a listener failure must not fail the step
+                    logger.exception("block listener of %s failed; unwatching", seq.req_id)
+                    del self._watches[seq.req_id]
+                    continue
+            if w.num_reported >= w.num_blocks:
+                self._watches.pop(seq.req_id, None)
+
     def abort(self, req_id: str) -> bool:
+        self._watches.pop(req_id, None)
         seq = self._seqs.pop(req_id, None)
         if seq is None:
             return False
@@ -177,8 +218,11 @@ class LLMEngine:
             reason = self._finish_reason(seq, tok)
             outputs.append(self._output(seq, (tok,), reason))
         self.kv.register_computed([item.seq for item in batch])
+        if self._watches:
+            self._report_blocks([item.seq for item in batch])
         for out in outputs:
             if out.finished:
+                self._watches.pop(out.req_id, None)
                 seq = self._seqs.pop(out.req_id)
                 self.scheduler.finish(seq, out.finish_reason or "stop")
         return outputs

@@ -192,6 +192,21 @@ class KVCacheManager:
         gather_blocks(self.kv_caches, ids, out, self.layout)
         return out.cpu().view(torch.uint8).view(n, -1)
 
+    def read_pool_blocks_into(self, block_ids: list[int], out: torch.Tensor) -> None:
+        """Copy pool blocks block-major into ``out`` (uint8 ``[n, block_nbytes]``, e.g. a view of
+        a shared-memory slot or a host buffer); synchronous."""
+        n = len(block_ids)
+        assert out.dtype == torch.uint8 and out.shape == (n, self.layout.block_nbytes), out.shape
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        dst = out.view(self.layout.dtype).view(n, *self.layout.block_shape)
+        if out.device == self.device:
+            gather_blocks(self.kv_caches, ids, dst, self.layout)
+            return
+        shape = (n, *self.layout.block_shape)
+        tmp = torch.empty(shape, dtype=self.layout.dtype, device=self.device)
+        gather_blocks(self.kv_caches, ids, tmp, self.layout)
+        dst.copy_(tmp)
+
     def write_pool_blocks(self, hashes: list[BlockHash], data: torch.Tensor) -> int:
         """Insert blocks (uint8 ``[n, block_nbytes]``) into the pool as free cached blocks."""
         todo = [i for i, h in enumerate(hashes) if not self.pool.contains(h)]

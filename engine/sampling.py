@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from proto.worker_api import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16  # tokens to generate, the first one included
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    seed: int | None = None  # per-request seed: same seed, same tokens, on any worker
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False  # keep going past the model's EOS token
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+__all__ = ["SamplingParams", "sample"]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seq_lens: list[int]) -> list[int]:

@@ -6,15 +6,17 @@ Workers are plain classes (testable without Ray); ``prefill_worker.actor`` and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent import futures
+from concurrent.futures import Future
 from typing import Any
 
+import grpc
 import torch
 
 from engine.config import EngineConfig
@@ -22,27 +24,23 @@ from engine.engine import LLMEngine
 from engine.loop import EngineLoop
 from kvstore.config import StoreConfig
 from kvstore.keys import BlockHash
+from kvtransfer import wire
+from kvtransfer.receiver import KVReceiver, add_to_server
+from proto.worker_api import WorkerInfo
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    worker_id: str  # unique in the cluster, e.g. "prefill-0"
-    role: str  # "prefill" | "decode"
-    node: str  # host name of the node the worker runs on
-    fingerprint: bytes  # model fingerprint: blocks are only shared between equal ones
-    block_size: int  # tokens per KV block
-    block_nbytes: int  # bytes of one block (all layers, K and V)
-    vocab_size: int
-    max_model_len: int
-    kv_address: str | None  # host:port of the worker's KVTransfer server
-    prefill_tokens_per_s: float  # measured at start-up
-    tier_bytes_per_s: dict[str, float] = field(default_factory=dict)  # measured load speed
+def bytes_tensor(data: memoryview, block_nbytes: int) -> torch.Tensor:
+    """uint8 ``[n, block_nbytes]`` over ``data`` without a copy (read-only buffers too: the
+    engine only reads it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given buffer is not writable"
+        return torch.frombuffer(data, dtype=torch.uint8).view(-1, block_nbytes)
 
 
 class BlockSinkAdapter:
-    """The engine side of a worker's KVTransfer server; every call runs on the loop thread."""
+    """The engine side of a worker's KV receiver; every engine call runs on the loop thread."""
 
     def __init__(self, worker: WorkerBase) -> None:
         self.w = worker
@@ -50,13 +48,15 @@ class BlockSinkAdapter:
     def has_blocks(self, hashes: Sequence[BlockHash]) -> list[bool]:
         return self.w.loop.call(lambda eng: eng.has_blocks(list(hashes)))
 
-    def write_blocks(self, req_id: str, hashes: Sequence[BlockHash], payloads: list) -> int:  # noqa: ANN001
-        data = torch.stack([torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads])
-        return self.w.loop.call(lambda eng: eng.write_blocks(list(hashes), data))
+    def write_blocks(
+        self, req_id: str, hashes: list[BlockHash], data: memoryview, block_nbytes: int
+    ) -> Future[int]:
+        tensor = bytes_tensor(data, block_nbytes)
+        return self.w.loop.post(lambda eng: eng.write_blocks(hashes, tensor))
 
-    def read_blocks(self, hashes: Sequence[BlockHash]) -> list[bytes | None]:
+    def read_blocks(self, hashes: Sequence[BlockHash]) -> tuple[int, memoryview]:
         n, data = self.w.loop.call(lambda eng: eng.read_blocks(list(hashes)))
-        return [data[i].numpy().tobytes() if i < n else None for i in range(len(hashes))]
+        return n, data.numpy().data.cast("B")
 
     def transfer_done(self, req_id: str, ok: bool) -> None:
         self.w.on_transfer_done(req_id, ok)
@@ -75,25 +75,37 @@ class WorkerBase:
         secret: str | None = None,
         kv_host: str = "127.0.0.1",
         kv_port: int = 0,
+        advertise_host: str | None = None,
     ) -> None:
-        from decode_worker.kv_receiver import start_kv_server
-
         self.worker_id = worker_id
+        self.secret = secret
         torch.set_num_threads(engine_config.cpu_threads or os.cpu_count() or 1)
         self.engine = LLMEngine(engine_config, store_config)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
         self.tier_bytes_per_s = self._measure_tiers()
         self.engine.kv.prefill_tokens_per_s = self.prefill_tokens_per_s
         self.engine.kv.tier_bytes_per_s = dict(self.tier_bytes_per_s)
-        self.loop = EngineLoop(self.engine, name=f"{worker_id}-loop")
-        self.server, port = start_kv_server(
-            BlockSinkAdapter(self),
-            self.engine.fingerprint,
-            host=kv_host,
-            port=kv_port,
-            secret=secret,
+        self.loop = EngineLoop(self.engine, name=f"{worker_id}-loop", on_outputs=self._outputs())
+        self.receiver = KVReceiver(BlockSinkAdapter(self), self.engine.fingerprint, secret=secret)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"{worker_id}-grpc"),
+            options=wire.channel_options(),
         )
-        self.kv_address = f"{kv_host}:{port}"
+        add_to_server(self.receiver, self.server)
+        self._add_services(self.server)
+        port = self.server.add_insecure_port(f"{kv_host}:{kv_port}")
+        if port == 0:
+            raise OSError(f"could not bind the worker's gRPC server to {kv_host}:{kv_port}")
+        self.server.start()
+        self.kv_address = f"{advertise_host or kv_host}:{port}"
+        logger.info("%s serving KV transfer on %s", worker_id, self.kv_address)
+
+    def _outputs(self):  # noqa: ANN202 - engine.loop.OutputSink | None
+        """The loop's sink of published outputs (decode workers publish theirs)."""
+        return None
+
+    def _add_services(self, server: grpc.Server) -> None:
+        """Register the role's own gRPC services on the worker's server (before it starts)."""
 
     def on_transfer_done(self, req_id: str, ok: bool) -> None:
         """A push of ``req_id``'s blocks into this worker ended (``ok``: completely)."""
@@ -111,6 +123,7 @@ class WorkerBase:
     def info(self) -> WorkerInfo:
         e = self.engine
         return WorkerInfo(
+            pid=os.getpid(),
             worker_id=self.worker_id,
             role=self.role,
             node=socket.gethostname(),
@@ -152,6 +165,7 @@ class WorkerBase:
         self.server.stop(grace=1.0)
         self.loop.close()
         self.engine.close()
+        self.receiver.segments.close()
 
 
 class WorkerActorBase:
@@ -168,13 +182,14 @@ class WorkerActorBase:
         store_config: StoreConfig,
         secret: str | None = None,
         kv_host: str = "127.0.0.1",
+        **worker_kwargs: Any,
     ) -> None:
         self.worker = self.worker_class(
-            worker_id, engine_config, store_config, secret=secret, kv_host=kv_host
+            worker_id, engine_config, store_config, secret=secret, kv_host=kv_host, **worker_kwargs
         )
 
-    def info(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.worker.info())
+    def info(self) -> WorkerInfo:
+        return self.worker.info()
 
     def prefetch(self, hashes: list[bytes]) -> None:
         self.worker.prefetch(hashes)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstrata.proto\x12\tstrata.v1\"\xba\x02\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\ncache_salt\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x94\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12G\n\x15\x63\x61\x63hed_tokens_by_tier\x18\x04 \x03(\x0b\x32(.strata.v1.Usage.CachedTokensByTierEntry\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x1a\x39\n\x17\x43\x61\x63hedTokensByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x7f\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.strata.v1.Usage\"\x0e\n\x0cStatsRequest\"s\n\x0bWorkerStats\x12\x34\n\x07metrics\x18\x01 \x03(\x0b\x32#.strata.v1.WorkerStats.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\rStatsResponse\x12\x36\n\x07workers\x18\x01 \x03(\x0b\x32%.strata.v1.StatsResponse.WorkersEntry\x1a\x46\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.strata.v1.WorkerStats:\x02\x38\x01\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"?\n\x12QueryBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"=\n\x13QueryBlocksResponse\x12\x0c\n\x04held\x18\x01 \x03(\x08\x12\x18\n\x10num_leading_held\x18\x02 \x01(\r\"\xc1\x01\n\nBlockChunk\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12\x13\n\x0b\x62lock_index\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x14\n\x0ctotal_nbytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12#\n\x04more\x18\t \x03(\x0b\x32\x15.strata.v1.BlockChunk\"8\n\x12PushBlocksResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"c\n\x11PullBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0e\n\x06req_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r2\xce\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.strata.v1.GenerateRequest\x1a\x1b.strata.v1.GenerateResponse0\x01\x12:\n\x05Stats\x12\x17.strata.v1.StatsRequest\x1a\x18.strata.v1.StatsResponse\x12=\n\x06Health\x12\x18.strata.v1.HealthRequest\x1a\x19.strata.v1.HealthResponse2\xe5\x01\n\nKVTransfer\x12L\n\x0bQueryBlocks\x12\x1d.strata.v1.QueryBlocksRequest\x1a\x1e.strata.v1.QueryBlocksResponse\x12\x44\n\nPushBlocks\x12\x15.strata.v1.BlockChunk\x1a\x1d.strata.v1.PushBlocksResponse(\x01\x12\x43\n\nPullBlocks\x12\x1c.strata.v1.PullBlocksRequest\x1a\x15.strata.v1.BlockChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstrata.proto\x12\tstrata.v1\"\xba\x02\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\ncache_salt\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x94\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12G\n\x15\x63\x61\x63hed_tokens_by_tier\x18\x04 \x03(\x0b\x32(.strata.v1.Usage.CachedTokensByTierEntry\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x1a\x39\n\x17\x43\x61\x63hedTokensByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x7f\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.strata.v1.Usage\"\x0e\n\x0cStatsRequest\"s\n\x0bWorkerStats\x12\x34\n\x07metrics\x18\x01 \x03(\x0b\x32#.strata.v1.WorkerStats.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\rStatsResponse\x12\x36\n\x07workers\x18\x01 \x03(\x0b\x32%.strata.v1.StatsResponse.WorkersEntry\x1a\x46\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.strata.v1.WorkerStats:\x02\x38\x01\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"?\n\x12QueryBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"=\n\x13QueryBlocksResponse\x12\x0c\n\x04held\x18\x01 \x03(\x08\x12\x18\n\x10num_leading_held\x18\x02 \x01(\r\"\xe2\x01\n\x0b\x46rameHeader\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x13\n\x0bshm_segment\x18\x04 \x01(\t\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x15\n\rblock_indices\x18\x06 \x03(\r\x12\x14\n\x0c\x62lock_nbytes\x18\x07 \x01(\x04\x12\x12\n\nshm_offset\x18\x08 \x01(\x04\x12\x12\n\nshm_nbytes\x18\t \x01(\x04\x12\x0f\n\x07shm_gen\x18\x0b \x01(\x04\x12\x0c\n\x04last\x18\n \x01(\x08\"b\n\tPushReply\x12\x0c\n\x04held\x18\x01 \x03(\x08\x12\x0e\n\x06shm_ok\x18\x02 \x01(\x08\x12\x13\n\x0b\x66rames_done\x18\x03 \x01(\x04\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"H\n\x0bPullRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0e\n\x06req_id\x18\x03 \x01(\t\"&\n\x10SubscribeRequest\x12\x12\n\nsubscriber\x18\x01 \x01(\t\",\n\x0bOutputError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xfb\x02\n\x0bStepOutputs\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07req_ids\x18\x02 \x03(\t\x12\x12\n\nnum_tokens\x18\x03 \x03(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x16\n\x0e\x66inish_reasons\x18\x05 \x03(\t\x12\x32\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\".strata.v1.StepOutputs.ErrorsEntry\x12\x11\n\tnum_steps\x18\x07 \x01(\r\x12\x39\n\ncache_hits\x18\x08 \x03(\x0b\x32%.strata.v1.StepOutputs.CacheHitsEntry\x1a\x45\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.strata.v1.OutputError:\x02\x38\x01\x1a\x46\n\x0e\x43\x61\x63heHitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.strata.v1.CacheHits:\x02\x38\x01\"\x80\x01\n\tCacheHits\x12>\n\x0etokens_by_tier\x18\x01 \x03(\x0b\x32&.strata.v1.CacheHits.TokensByTierEntry\x1a\x33\n\x11TokensByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32\xce\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.strata.v1.GenerateRequest\x1a\x1b.strata.v1.GenerateResponse0\x01\x12:\n\x05Stats\x12\x17.strata.v1.StatsRequest\x1a\x18.strata.v1.StatsResponse\x12=\n\x06Health\x12\x18.strata.v1.HealthRequest\x1a\x19.strata.v1.HealthResponse2Z\n\nKVTransfer\x12L\n\x0bQueryBlocks\x12\x1d.strata.v1.QueryBlocksRequest\x1a\x1e.strata.v1.QueryBlocksResponse2S\n\rWorkerOutputs\x12\x42\n\tSubscribe\x12\x1b.strata.v1.SubscribeRequest\x1a\x16.strata.v1.StepOutputs0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSTATS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_STATSRESPONSE_WORKERSENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_options = b'8\001'
+  _globals['_STEPOUTPUTS_ERRORSENTRY']._loaded_options = None
+  _globals['_STEPOUTPUTS_ERRORSENTRY']._serialized_options = b'8\001'
+  _globals['_STEPOUTPUTS_CACHEHITSENTRY']._loaded_options = None
+  _globals['_STEPOUTPUTS_CACHEHITSENTRY']._serialized_options = b'8\001'
+  _globals['_CACHEHITS_TOKENSBYTIERENTRY']._loaded_options = None
+  _globals['_CACHEHITS_TOKENSBYTIERENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=28
   _globals['_GENERATEREQUEST']._serialized_end=342
   _globals['_USAGE']._serialized_start=345
@@ -63,14 +69,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYBLOCKSREQUEST']._serialized_end=1162
   _globals['_QUERYBLOCKSRESPONSE']._serialized_start=1164
   _globals['_QUERYBLOCKSRESPONSE']._serialized_end=1225
-  _globals['_BLOCKCHUNK']._serialized_start=1228
-  _globals['_BLOCKCHUNK']._serialized_end=1421
-  _globals['_PUSHBLOCKSRESPONSE']._serialized_start=1423
-  _globals['_PUSHBLOCKSRESPONSE']._serialized_end=1479
-  _globals['_PULLBLOCKSREQUEST']._serialized_start=1481
-  _globals['_PULLBLOCKSREQUEST']._serialized_end=1580
-  _globals['_GENERATION']._serialized_start=1583
-  _globals['_GENERATION']._serialized_end=1789
-  _globals['_KVTRANSFER']._serialized_start=1792
-  _globals['_KVTRANSFER']._serialized_end=2021
+  _globals['_FRAMEHEADER']._serialized_start=1228
+  _globals['_FRAMEHEADER']._serialized_end=1454
+  _globals['_PUSHREPLY']._serialized_start=1456
+  _globals['_PUSHREPLY']._serialized_end=1554
+  _globals['_PULLREQUEST']._serialized_start=1556
+  _globals['_PULLREQUEST']._serialized_end=1628
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1630
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1668
+  _globals['_OUTPUTERROR']._serialized_start=1670
+  _globals['_OUTPUTERROR']._serialized_end=1714
+  _globals['_STEPOUTPUTS']._serialized_start=1717
+  _globals['_STEPOUTPUTS']._serialized_end=2096
+  _globals['_STEPOUTPUTS_ERRORSENTRY']._serialized_start=1955
+  _globals['_STEPOUTPUTS_ERRORSENTRY']._serialized_end=2024
+  _globals['_STEPOUTPUTS_CACHEHITSENTRY']._serialized_start=2026
+  _globals['_STEPOUTPUTS_CACHEHITSENTRY']._serialized_end=2096
+  _globals['_CACHEHITS']._serialized_start=2099
+  _globals['_CACHEHITS']._serialized_end=2227
+  _globals['_CACHEHITS_TOKENSBYTIERENTRY']._serialized_start=2176
+  _globals['_CACHEHITS_TOKENSBYTIERENTRY']._serialized_end=2227
+  _globals['_GENERATION']._serialized_start=2230
+  _globals['_GENERATION']._serialized_end=2436
+  _globals['_KVTRANSFER']._serialized_start=2438
+  _globals['_KVTRANSFER']._serialized_end=2528
+  _globals['_WORKEROUTPUTS']._serialized_start=2530
+  _globals['_WORKEROUTPUTS']._serialized_end=2613
 # @@protoc_insertion_point(module_scope)

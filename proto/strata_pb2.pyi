@@ -129,44 +129,113 @@ class QueryBlocksResponse(_message.Message):
     num_leading_held: int
     def __init__(self, held: _Optional[_Iterable[bool]] = ..., num_leading_held: _Optional[int] = ...) -> None: ...
 
-class BlockChunk(_message.Message):
-    __slots__ = ("req_id", "fingerprint", "block_hash", "block_index", "offset", "total_nbytes", "data", "last", "more")
+class FrameHeader(_message.Message):
+    __slots__ = ("req_id", "fingerprint", "block_hashes", "shm_segment", "host_id", "block_indices", "block_nbytes", "shm_offset", "shm_nbytes", "shm_gen", "last")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_NBYTES_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHM_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_GEN_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
-    MORE_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     fingerprint: bytes
-    block_hash: bytes
-    block_index: int
-    offset: int
-    total_nbytes: int
-    data: bytes
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    shm_segment: str
+    host_id: str
+    block_indices: _containers.RepeatedScalarFieldContainer[int]
+    block_nbytes: int
+    shm_offset: int
+    shm_nbytes: int
+    shm_gen: int
     last: bool
-    more: _containers.RepeatedCompositeFieldContainer[BlockChunk]
-    def __init__(self, req_id: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., block_hash: _Optional[bytes] = ..., block_index: _Optional[int] = ..., offset: _Optional[int] = ..., total_nbytes: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[BlockChunk, _Mapping]]] = ...) -> None: ...
+    def __init__(self, req_id: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., shm_segment: _Optional[str] = ..., host_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., block_nbytes: _Optional[int] = ..., shm_offset: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_gen: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
-class PushBlocksResponse(_message.Message):
-    __slots__ = ("num_blocks", "nbytes")
+class PushReply(_message.Message):
+    __slots__ = ("held", "shm_ok", "frames_done", "num_blocks", "nbytes")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    SHM_OK_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DONE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    held: _containers.RepeatedScalarFieldContainer[bool]
+    shm_ok: bool
+    frames_done: int
     num_blocks: int
     nbytes: int
-    def __init__(self, num_blocks: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, held: _Optional[_Iterable[bool]] = ..., shm_ok: _Optional[bool] = ..., frames_done: _Optional[int] = ..., num_blocks: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
-class PullBlocksRequest(_message.Message):
-    __slots__ = ("fingerprint", "block_hashes", "req_id", "chunk_bytes")
+class PullRequest(_message.Message):
+    __slots__ = ("fingerprint", "block_hashes", "req_id")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: bytes
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     req_id: str
-    chunk_bytes: int
-    def __init__(self, fingerprint: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., req_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, fingerprint: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., req_id: _Optional[str] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("subscriber",)
+    SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
+    subscriber: str
+    def __init__(self, subscriber: _Optional[str] = ...) -> None: ...
+
+class OutputError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StepOutputs(_message.Message):
+    __slots__ = ("seq", "req_ids", "num_tokens", "token_ids", "finish_reasons", "errors", "num_steps", "cache_hits")
+    class ErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: OutputError
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[OutputError, _Mapping]] = ...) -> None: ...
+    class CacheHitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CacheHits
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CacheHits, _Mapping]] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASONS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    req_ids: _containers.RepeatedScalarFieldContainer[str]
+    num_tokens: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reasons: _containers.RepeatedScalarFieldContainer[str]
+    errors: _containers.MessageMap[str, OutputError]
+    num_steps: int
+    cache_hits: _containers.MessageMap[str, CacheHits]
+    def __init__(self, seq: _Optional[int] = ..., req_ids: _Optional[_Iterable[str]] = ..., num_tokens: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reasons: _Optional[_Iterable[str]] = ..., errors: _Optional[_Mapping[str, OutputError]] = ..., num_steps: _Optional[int] = ..., cache_hits: _Optional[_Mapping[str, CacheHits]] = ...) -> None: ...
+
+class CacheHits(_message.Message):
+    __slots__ = ("tokens_by_tier",)
+    class TokensByTierEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TOKENS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
+    tokens_by_tier: _containers.ScalarMap[str, int]
+    def __init__(self, tokens_by_tier: _Optional[_Mapping[str, int]] = ...) -> None: ...

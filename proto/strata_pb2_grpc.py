@@ -191,8 +191,8 @@ class Generation:
 
 
 class KVTransferStub:
-    """Worker-to-worker KV block transfer, served by decode workers. Callers put the cluster
-    secret in the `x-strata-secret` metadata.
+    """Worker-to-worker KV block transfer, served by every worker. Callers put the cluster secret in
+    the `x-strata-secret` metadata.
     """
 
     def __init__(self, channel):
@@ -206,39 +206,15 @@ class KVTransferStub:
                 request_serializer=strata__pb2.QueryBlocksRequest.SerializeToString,
                 response_deserializer=strata__pb2.QueryBlocksResponse.FromString,
                 _registered_method=True)
-        self.PushBlocks = channel.stream_unary(
-                '/strata.v1.KVTransfer/PushBlocks',
-                request_serializer=strata__pb2.BlockChunk.SerializeToString,
-                response_deserializer=strata__pb2.PushBlocksResponse.FromString,
-                _registered_method=True)
-        self.PullBlocks = channel.unary_stream(
-                '/strata.v1.KVTransfer/PullBlocks',
-                request_serializer=strata__pb2.PullBlocksRequest.SerializeToString,
-                response_deserializer=strata__pb2.BlockChunk.FromString,
-                _registered_method=True)
 
 
 class KVTransferServicer:
-    """Worker-to-worker KV block transfer, served by decode workers. Callers put the cluster
-    secret in the `x-strata-secret` metadata.
+    """Worker-to-worker KV block transfer, served by every worker. Callers put the cluster secret in
+    the `x-strata-secret` metadata.
     """
 
     def QueryBlocks(self, request, context):
         """Which of these blocks does the receiver already hold.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PushBlocks(self, request_iterator, context):
-        """One request's blocks, each split into chunks; the final chunk has `last` set.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PullBlocks(self, request, context):
-        """The held blocks among the requested ones (missing ones are not sent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -252,16 +228,6 @@ def add_KVTransferServicer_to_server(servicer, server):
                     request_deserializer=strata__pb2.QueryBlocksRequest.FromString,
                     response_serializer=strata__pb2.QueryBlocksResponse.SerializeToString,
             ),
-            'PushBlocks': grpc.stream_unary_rpc_method_handler(
-                    servicer.PushBlocks,
-                    request_deserializer=strata__pb2.BlockChunk.FromString,
-                    response_serializer=strata__pb2.PushBlocksResponse.SerializeToString,
-            ),
-            'PullBlocks': grpc.unary_stream_rpc_method_handler(
-                    servicer.PullBlocks,
-                    request_deserializer=strata__pb2.PullBlocksRequest.FromString,
-                    response_serializer=strata__pb2.BlockChunk.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'strata.v1.KVTransfer', rpc_method_handlers)
@@ -271,8 +237,8 @@ def add_KVTransferServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KVTransfer:
-    """Worker-to-worker KV block transfer, served by decode workers. Callers put the cluster
-    secret in the `x-strata-secret` metadata.
+    """Worker-to-worker KV block transfer, served by every worker. Callers put the cluster secret in
+    the `x-strata-secret` metadata.
     """
 
     @staticmethod
@@ -302,35 +268,62 @@ class KVTransfer:
             metadata,
             _registered_method=True)
 
-    @staticmethod
-    def PushBlocks(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/strata.v1.KVTransfer/PushBlocks',
-            strata__pb2.BlockChunk.SerializeToString,
-            strata__pb2.PushBlocksResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
+
+class WorkerOutputsStub:
+    """Decode worker -> router: what the worker's engine produced, one message per engine step with
+    every sequence of that step, on one long-lived stream per (worker, router). Served on the
+    worker's KV port, guarded by the cluster secret.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Subscribe = channel.unary_stream(
+                '/strata.v1.WorkerOutputs/Subscribe',
+                request_serializer=strata__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=strata__pb2.StepOutputs.FromString,
+                _registered_method=True)
+
+
+class WorkerOutputsServicer:
+    """Decode worker -> router: what the worker's engine produced, one message per engine step with
+    every sequence of that step, on one long-lived stream per (worker, router). Served on the
+    worker's KV port, guarded by the cluster secret.
+    """
+
+    def Subscribe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerOutputsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=strata__pb2.SubscribeRequest.FromString,
+                    response_serializer=strata__pb2.StepOutputs.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'strata.v1.WorkerOutputs', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('strata.v1.WorkerOutputs', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerOutputs:
+    """Decode worker -> router: what the worker's engine produced, one message per engine step with
+    every sequence of that step, on one long-lived stream per (worker, router). Served on the
+    worker's KV port, guarded by the cluster secret.
+    """
 
     @staticmethod
-    def PullBlocks(request,
+    def Subscribe(request,
             target,
             options=(),
             channel_credentials=None,
@@ -343,9 +336,9 @@ class KVTransfer:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/strata.v1.KVTransfer/PullBlocks',
-            strata__pb2.PullBlocksRequest.SerializeToString,
-            strata__pb2.BlockChunk.FromString,
+            '/strata.v1.WorkerOutputs/Subscribe',
+            strata__pb2.SubscribeRequest.SerializeToString,
+            strata__pb2.StepOutputs.FromString,
             options,
             channel_credentials,
             insecure,

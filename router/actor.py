@@ -68,11 +68,12 @@ class RouterActor:
         model: str,
         router_config: RouterConfig,
         backend_config: BackendConfig | None = None,
+        secret: str | None = None,
     ) -> None:
         from engine.tokenizer import load_tokenizer  # torch-free by design
 
         logging.basicConfig(level=logging.INFO)
-        self.backend = RayBackend(workers, backend_config)
+        self.backend = RayBackend(workers, backend_config, secret=secret)
         cfg = RouterConfig(
             **{**router_config.__dict__, "max_model_len": self.backend.max_model_len}
         )

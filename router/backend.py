@@ -1,12 +1,18 @@
 """``RayBackend``: the router's view of the cluster — Ray actor handles of the prefill and decode
-workers, the global block index fed by their events, and the cost model that places requests.
+workers, their output streams, the global block index fed by their events, and the cost model
+that places requests.
 
 Request path: hash the prompt's blocks -> choose the prefill worker with the lowest predicted
-TTFT and a decode worker -> prefetch hint -> ``prefill`` (the first token comes back; the
-worker pushes the blocks to the decode worker over gRPC in the background) -> the decode
-worker's token stream (a Ray streaming generator). A worker that dies is dropped from the index;
-a request it was serving is retried on another worker (recomputing what it must) or fails
-with UNAVAILABLE. Every wait has a deadline.
+TTFT and a decode worker -> prefetch hint -> ``prefill`` (a Ray call; the prefill worker streams
+the prompt's blocks to the decode worker while it computes, and returns the first token) ->
+``start`` on the decode worker (a Ray call that returns at once) -> the request's tokens arrive
+on that worker's output stream (``router.outputs``: one gRPC stream per decode worker, one
+message per engine step). Without prefill workers the service is colocated: a decode worker
+computes the prompt too, and the first token comes from its stream.
+
+A worker that dies is dropped from the index; a request it was serving is retried on another
+worker (recomputing what it must) or fails with UNAVAILABLE. Every wait has a deadline. The
+shared state (alive flags, in-flight counts, queue depths, live requests) changes under one lock.
 """
 
 from __future__ import annotations
@@ -15,15 +21,25 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from kvstore.keys import hash_prompt_blocks
+from proto.worker_api import (
+    DECODE,
+    PREFILL,
+    DecodeRequest,
+    PrefillRequest,
+    PrefillResult,
+    SamplingParams,
+    WorkerInfo,
+)
 from router.errors import NoWorkerError, RequestTimeoutError
 from router.index import BlockEvent, GlobalBlockIndex
+from router.outputs import OutputStream, Tokens, WorkerLostError, wait_all_connected
 from router.placement import CostModel, WorkerProfile
 from router.types import FINISH_ABORT, GenRequest, TokenDelta, Usage
 
@@ -38,16 +54,25 @@ class BackendConfig:
     transfer_timeout_s: float = 30.0  # decode worker's wait for pushed blocks, then recompute
     max_retries: int = 1  # times a request moves to another worker after one dies
     call_timeout_s: float = 10.0  # control calls (stats, prefetch, abort)
+    max_buffered_tokens: int = 4096  # a client this far behind its decode worker is cut off
+    connect_timeout_s: float = 60.0  # for the decode workers' output streams at start
 
 
 @dataclass(slots=True)
 class _Worker:
-    worker_id: str
-    role: str
+    info: WorkerInfo
     handle: Any  # Ray actor handle
-    info: dict[str, Any]
     alive: bool = True
     in_flight: int = 0
+    outputs: OutputStream | None = None  # decode workers' token stream
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def role(self) -> str:
+        return self.info.role
 
 
 @dataclass(slots=True)
@@ -57,69 +82,150 @@ class _Live:
     cancelled: bool = False
 
 
+@dataclass(slots=True)
+class _Usage:
+    prompt_tokens: int
+    cached_tokens: int = 0
+    by_tier: dict[str, int] = field(default_factory=dict)
+    ttft_ms: float = 0.0
+    prefill: str = ""
+    decode: str = ""
+
+    def done(self, num_tokens: int) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=num_tokens,
+            cached_tokens=self.cached_tokens,
+            cached_tokens_by_tier=dict(self.by_tier),
+            ttft_ms=self.ttft_ms,
+            prefill_worker=self.prefill,
+            decode_worker=self.decode,
+        )
+
+
 class RayBackend:
-    def __init__(self, workers: list[tuple[str, Any]], config: BackendConfig | None = None) -> None:
+    def __init__(
+        self,
+        workers: list[tuple[str, Any]],
+        config: BackendConfig | None = None,
+        secret: str | None = None,
+    ) -> None:
         """``workers``: (role, actor handle) pairs, role "prefill" or "decode"."""
         self.config = config or BackendConfig()
-        infos = ray.get([h.info.remote() for _, h in workers], timeout=300)
+        infos: list[WorkerInfo] = ray.get([h.info.remote() for _, h in workers], timeout=300)
         self.workers: dict[str, _Worker] = {}
         for (role, handle), info in zip(workers, infos):
-            self.workers[info["worker_id"]] = _Worker(info["worker_id"], role, handle, info)
+            if info.role != role:
+                raise ValueError(f"{info.worker_id} is a {info.role} worker, listed as {role}")
+            self.workers[info.worker_id] = _Worker(info, handle)
         first = infos[0]
         for info in infos:
-            if info["fingerprint"] != first["fingerprint"]:
+            if info.fingerprint != first.fingerprint:
                 raise ValueError(
-                    f"workers serve different models: {info['worker_id']} differs from "
-                    f"{first['worker_id']} (fingerprints must match)"
+                    f"workers serve different models: {info.worker_id} differs from "
+                    f"{first.worker_id} (fingerprints must match)"
                 )
-        self.fingerprint: bytes = first["fingerprint"]
-        self.block_size: int = first["block_size"]
-        self.max_model_len: int = min(i["max_model_len"] for i in infos)
-        self.vocab_size: int = first["vocab_size"]
+        if not any(w.role == DECODE for w in self.workers.values()):
+            raise ValueError("the service needs at least one decode worker")
+        self.fingerprint: bytes = first.fingerprint
+        self.block_size: int = first.block_size
+        self.max_model_len: int = min(i.max_model_len for i in infos)
+        self.vocab_size: int = first.vocab_size
+        # No prefill worker: decode workers compute prompts too (no handoff).
+        self.colocated = not any(w.role == PREFILL for w in self.workers.values())
         self.index = GlobalBlockIndex()
-        self.cost = CostModel(self.block_size, first["block_nbytes"])
+        self.cost = CostModel(self.block_size, first.block_nbytes)
         for w in self.workers.values():
             self.index.add_worker(w.worker_id)
             self.cost.update(
                 WorkerProfile(
                     w.worker_id,
-                    w.info["prefill_tokens_per_s"],
-                    load_bytes_per_s={k: v for k, v in w.info["tier_bytes_per_s"].items() if v > 0},
+                    w.info.prefill_tokens_per_s,
+                    load_bytes_per_s={k: v for k, v in w.info.tier_bytes_per_s.items() if v > 0},
                 )
             )
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
+        for w in self.workers.values():
+            if w.role == DECODE:
+                assert w.info.kv_address is not None
+                w.outputs = OutputStream(
+                    w.worker_id,
+                    w.info.kv_address,
+                    secret,
+                    on_broken=self._on_stream_broken,
+                    on_overrun=self._on_overrun,
+                    max_buffered_tokens=self.config.max_buffered_tokens,
+                )
+        streams = [w.outputs for w in self.workers.values() if w.outputs is not None]
+        missing = wait_all_connected(streams, self.config.connect_timeout_s)
+        if missing:
+            self.close()
+            raise NoWorkerError(f"no output stream from decode workers {missing}")
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_events, name="event-poller", daemon=True)
         self._poller.start()
 
     # ---- membership ----------------------------------------------------------------------
     def _alive(self, role: str) -> list[str]:
-        return [w.worker_id for w in self.workers.values() if w.role == role and w.alive]
+        with self._lock:
+            return [
+                w.worker_id
+                for w in self.workers.values()
+                if w.role == role and w.alive and (w.outputs is None or w.outputs.connected)
+            ]
 
     def _mark_dead(self, worker_id: str, why: object) -> None:
         w = self.workers[worker_id]
-        if w.alive:
-            logger.warning("worker %s is gone (%s); dropping it from the index", worker_id, why)
+        with self._lock:
+            if not w.alive:
+                return
             w.alive = False
-            self.index.remove_worker(worker_id)
             self.cost.remove(worker_id)
+        logger.warning("worker %s is gone (%s); dropping it from the index", worker_id, why)
+        self.index.remove_worker(worker_id)
+        if w.outputs is not None:
+            w.outputs.close()
+
+    def _on_stream_broken(self, worker_id: str, error: BaseException) -> None:
+        """A decode worker's output stream broke: is the worker gone, or only the stream?"""
+        w = self.workers[worker_id]
+        try:
+            ray.get(w.handle.info.remote(), timeout=self.config.call_timeout_s)
+        except WORKER_DIED as e:
+            self._mark_dead(worker_id, e)
+        except Exception:  # noqa: BLE001 - unknown: the stream reconnects or breaks again
+            logger.info("decode worker %s did not answer after its stream broke", worker_id)
+
+    def _on_overrun(self, worker_id: str, req_id: str) -> None:
+        w = self.workers[worker_id]
+        if w.alive:
+            w.handle.abort.remote(req_id)  # its client is too slow: free the worker's blocks
+
+    def _add_in_flight(self, worker_id: str, delta: int) -> None:
+        with self._lock:
+            w = self.workers[worker_id]
+            w.in_flight += delta
+            profile = self.cost.profiles.get(worker_id)
+            if profile is not None:
+                profile.queue_depth = w.in_flight
 
     def _observe_network(self) -> None:
         """Worker-to-worker bandwidth, measured from the pushes so far (0 until one happened:
         then no pull is ever planned)."""
         nbytes = seconds = 0.0
-        for w in self.workers.values():
-            if w.alive and w.role == "prefill":
+        for w in list(self.workers.values()):
+            if w.alive and w.role == PREFILL:
                 try:
                     s = ray.get(w.handle.stats.remote(), timeout=self.config.call_timeout_s)
                 except Exception:  # noqa: BLE001 - measured again next time
                     continue
-                nbytes += s.get("push_bytes", 0.0)
+                nbytes += s.get("push_bytes", 0.0) - s.get("push_shm_bytes", 0.0)
                 seconds += s.get("push_seconds", 0.0)
         if nbytes > 0 and seconds > 0:
-            for profile in self.cost.profiles.values():
-                profile.net_bytes_per_s = nbytes / seconds
+            with self._lock:
+                for profile in self.cost.profiles.values():
+                    profile.net_bytes_per_s = nbytes / seconds
 
     def _poll_events(self) -> None:
         rounds = 0
@@ -146,7 +252,7 @@ class RayBackend:
 
     def sync_index(self) -> None:
         """Pull every worker's pending events now (tests and benchmarks use it)."""
-        for w in self.workers.values():
+        for w in list(self.workers.values()):
             if w.alive:
                 events = ray.get(w.handle.drain_events.remote(), timeout=self.config.call_timeout_s)
                 self.index.apply_many(
@@ -155,11 +261,11 @@ class RayBackend:
 
     # ---- the Backend protocol ------------------------------------------------------------
     def healthy(self) -> bool:
-        return bool(self._alive("prefill")) and bool(self._alive("decode"))
+        return bool(self._alive(DECODE)) and (self.colocated or bool(self._alive(PREFILL)))
 
     def stats(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for w in self.workers.values():
+        for w in list(self.workers.values()):
             if not w.alive:
                 out[w.worker_id] = {"alive": 0.0}
                 continue
@@ -171,8 +277,11 @@ class RayBackend:
                 continue
             s = {k: float(v) for k, v in s.items()}
             s["alive"] = 1.0
-            s["in_flight"] = float(w.in_flight)
+            with self._lock:
+                s["in_flight"] = float(w.in_flight)
             s["index_blocks"] = float(self.index.num_blocks(w.worker_id))
+            if w.outputs is not None:
+                s["output_stream_messages"] = float(w.outputs.num_messages)
             out[w.worker_id] = s
         return out
 
@@ -182,9 +291,13 @@ class RayBackend:
             if live is None:
                 return
             live.cancelled = True
-        for wid in (live.prefill, live.decode):
-            if wid is not None and self.workers[wid].alive:
-                self.workers[wid].handle.abort.remote(req_id)
+            targets = [
+                self.workers[wid]
+                for wid in (live.prefill, live.decode)
+                if wid is not None and self.workers[wid].alive
+            ]
+        for w in targets:
+            w.handle.abort.remote(req_id)
 
     def generate(self, req: GenRequest, context_deadline_s: float) -> Iterator[TokenDelta]:
         end = time.monotonic() + context_deadline_s
@@ -192,7 +305,10 @@ class RayBackend:
         with self._lock:
             self._live[req.req_id] = live
         try:
-            yield from self._generate(req, live, end)
+            if self.colocated:
+                yield from self._generate_colocated(req, live, end)
+            else:
+                yield from self._generate(req, live, end)
         finally:
             with self._lock:
                 self._live.pop(req.req_id, None)
@@ -204,105 +320,124 @@ class RayBackend:
             raise RequestTimeoutError(f"request {req_id} ran out of time")
         return left
 
-    def _sampling(self, req: GenRequest, max_tokens: int) -> dict[str, Any]:
-        return {
-            "max_tokens": max_tokens,
-            "temperature": req.temperature,
-            "top_k": req.top_k,
-            "top_p": req.top_p,
-            "seed": req.seed,
-            "stop_token_ids": tuple(req.stop_token_ids),
-            "ignore_eos": req.ignore_eos,
-        }
+    @staticmethod
+    def _sampling(req: GenRequest, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop_token_ids=tuple(req.stop_token_ids),
+            ignore_eos=req.ignore_eos,
+        )
 
     def _generate(self, req: GenRequest, live: _Live, end: float) -> Iterator[TokenDelta]:
         prompt = list(req.prompt_token_ids)
         hashes = hash_prompt_blocks(prompt, self.block_size, self.fingerprint, req.cache_salt)
         res, p_id, d_id = self._prefill(req, prompt, hashes, live, end)
-        tokens = [res["first_token"]]
-        usage = {
-            "prompt_tokens": len(prompt),
-            "cached_tokens": res["cached_tokens"],
-            "by_tier": dict(res["cached_by_tier"]),
-            "ttft_ms": res["prefill_ms"],
-            "prefill": p_id,
-            "decode": d_id,
-        }
-        if res["num_pulled_blocks"]:
-            usage["by_tier"]["remote"] = res["num_pulled_blocks"] * self.block_size
-        if res["finished"]:
-            yield TokenDelta(tuple(tokens), res["finish_reason"], self._usage(usage, tokens))
+        tokens = [res.first_token]
+        usage = _Usage(
+            len(prompt), res.cached_tokens, dict(res.cached_by_tier), res.prefill_ms, p_id, d_id
+        )
+        if res.num_pulled_blocks:
+            usage.by_tier["remote"] = res.num_pulled_blocks * self.block_size
+        if res.finished:
+            yield TokenDelta(tuple(tokens), res.finish_reason, usage.done(len(tokens)))
             return
         yield TokenDelta(tuple(tokens))
-        expect_transfer = res["num_blocks_to_push"] > 0  # else nothing will arrive
+        yield from self._decode_with_retries(
+            req, prompt, tokens, d_id, res.num_blocks_to_push > 0, live, end, usage
+        )
+
+    def _generate_colocated(self, req: GenRequest, live: _Live, end: float) -> Iterator[TokenDelta]:
+        """No prefill workers: the decode worker holding most of the prefix computes the prompt
+        and decodes; the first token comes from its output stream like every other."""
+        prompt = list(req.prompt_token_ids)
+        hashes = hash_prompt_blocks(prompt, self.block_size, self.fingerprint, req.cache_salt)
+        placement = self.cost.choose_prefill(self._alive(DECODE), self.index, hashes, len(prompt))
+        d_id = placement.worker_id
+        if hashes:
+            self.workers[d_id].handle.prefetch.remote(hashes)
+        usage = _Usage(len(prompt), decode=d_id)
+        yield from self._decode_with_retries(req, prompt, [], d_id, False, live, end, usage)
+
+    def _decode_with_retries(
+        self,
+        req: GenRequest,
+        prompt: list[int],
+        tokens: list[int],
+        d_id: str,
+        expect_transfer: bool,
+        live: _Live,
+        end: float,
+        usage: _Usage,
+    ) -> Iterator[TokenDelta]:
+        t0 = time.monotonic()
         for attempt in range(self.config.max_retries + 1):
+            live.decode = usage.decode = d_id
             try:
-                for delta in self._decode(
-                    req,
-                    prompt + tokens,
-                    d_id,
-                    expect_transfer,
-                    live,
-                    end,
-                    req.max_tokens - len(tokens),
-                ):
-                    tokens.extend(delta["token_ids"])
-                    if delta["finish_reason"] is not None:
+                for item in self._decode(req, prompt + tokens, d_id, expect_transfer, live, end):
+                    if item.cached_by_tier is not None and not usage.ttft_ms:  # colocated
+                        usage.by_tier = {k: v for k, v in item.cached_by_tier.items() if v}
+                        usage.cached_tokens = sum(usage.by_tier.values())
+                        usage.ttft_ms = (time.monotonic() - t0) * 1e3
+                    tokens.extend(item.token_ids)
+                    if item.finish_reason is not None:
                         yield TokenDelta(
-                            tuple(delta["token_ids"]),
-                            delta["finish_reason"],
-                            self._usage(usage, tokens),
+                            item.token_ids, item.finish_reason, usage.done(len(tokens))
                         )
                         return
-                    if delta["token_ids"]:
-                        yield TokenDelta(tuple(delta["token_ids"]))
+                    if item.token_ids:
+                        yield TokenDelta(item.token_ids)
                 raise NoWorkerError(f"decode worker {d_id} ended {req.req_id} without finishing")
-            except WORKER_DIED as e:
-                self._mark_dead(d_id, e)
+            except WorkerLostError as e:
+                self._on_stream_broken(d_id, e)
                 if live.cancelled:
-                    yield TokenDelta((), FINISH_ABORT, self._usage(usage, tokens))
+                    yield TokenDelta((), FINISH_ABORT, usage.done(len(tokens)))
                     return
                 if attempt == self.config.max_retries:
-                    raise NoWorkerError(f"decode worker {d_id} died serving {req.req_id}") from e
-                d_id = self.cost.choose_decode(self._alive("decode"), self.index, [])
-                usage["decode"] = d_id
+                    raise NoWorkerError(f"decode worker {d_id} lost serving {req.req_id}") from e
+                others = [w for w in self._alive(DECODE) if w != d_id] or self._alive(DECODE)
+                d_id = self.cost.choose_decode(others, self.index, [])
                 expect_transfer = False  # the new worker recomputes what it lacks
                 logger.warning("retrying %s on %s after %d tokens", req.req_id, d_id, len(tokens))
 
-    def _prefill(self, req: GenRequest, prompt: list[int], hashes: list, live: _Live, end: float):  # noqa: ANN001, ANN202
+    def _prefill(
+        self, req: GenRequest, prompt: list[int], hashes: list, live: _Live, end: float
+    ) -> tuple[PrefillResult, str, str]:
         for attempt in range(self.config.max_retries + 1):
-            placement = self.cost.choose_prefill(
-                self._alive("prefill"), self.index, hashes, len(prompt)
-            )
+            candidates = self._alive(PREFILL)
+            placement = self.cost.choose_prefill(candidates, self.index, hashes, len(prompt))
             p_id = placement.worker_id
-            d_id = self.cost.choose_decode(self._alive("decode"), self.index, hashes)
+            d_id = self.cost.choose_decode(self._alive(DECODE), self.index, hashes)
             live.prefill, live.decode = p_id, d_id
             p, d = self.workers[p_id], self.workers[d_id]
             pull_addr = (
-                self.workers[placement.pull_from].info["kv_address"]
-                if placement.pull_from
-                else None
+                self.workers[placement.pull_from].info.kv_address if placement.pull_from else None
             )
             if hashes:
                 p.handle.prefetch.remote(hashes)  # the hint: start moving blocks up now
-            p.in_flight += 1
-            self.cost.profiles[p_id].queue_depth = p.in_flight
+            self._add_in_flight(p_id, +1)
             t0 = time.monotonic()
             try:
                 ref = p.handle.prefill.remote(
-                    req.req_id,
-                    prompt,
-                    self._sampling(req, req.max_tokens),
-                    req.cache_salt,
-                    d.info["kv_address"],
-                    self._remaining(end, req.req_id),
-                    pull_addr,
-                    placement.num_pull_blocks,
+                    PrefillRequest(
+                        req_id=req.req_id,
+                        prompt_token_ids=tuple(prompt),
+                        sampling=self._sampling(req, req.max_tokens),
+                        cache_salt=req.cache_salt,
+                        decode_kv_address=d.info.kv_address,
+                        timeout_s=self._remaining(end, req.req_id),
+                        pull_from=pull_addr,
+                        num_pull_blocks=placement.num_pull_blocks,
+                    )
                 )
-                res = ray.get(ref, timeout=self._remaining(end, req.req_id))
-                profile = self.cost.profiles.get(p_id)
-                if profile is not None:
-                    profile.observe_service(time.monotonic() - t0)
+                res: PrefillResult = ray.get(ref, timeout=self._remaining(end, req.req_id))
+                with self._lock:
+                    profile = self.cost.profiles.get(p_id)
+                    if profile is not None:
+                        profile.observe_service(time.monotonic() - t0)
                 return res, p_id, d_id
             except GetTimeoutError:
                 p.handle.abort.remote(req.req_id)
@@ -313,12 +448,9 @@ class RayBackend:
                     raise NoWorkerError(f"prefill worker {p_id} died serving {req.req_id}") from e
                 logger.warning("retrying prefill of %s after %s died", req.req_id, p_id)
             except RayTaskError as e:  # a ValueError etc. raised by the worker itself
-                cause = e.as_instanceof_cause()
-                raise cause from None
+                raise e.as_instanceof_cause() from None
             finally:
-                p.in_flight -= 1
-                if p_id in self.cost.profiles:
-                    self.cost.profiles[p_id].queue_depth = p.in_flight
+                self._add_in_flight(p_id, -1)
         raise NoWorkerError("no prefill worker available")
 
     def _decode(
@@ -329,54 +461,42 @@ class RayBackend:
         expect_transfer: bool,
         live: _Live,
         end: float,
-        max_tokens: int,
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[Tokens]:
         d = self.workers[d_id]
-        d.in_flight += 1
-        self.cost.profiles[d_id].queue_depth = d.in_flight
-        gen = d.handle.generate.options(num_returns="streaming").remote(
-            req.req_id,
-            token_ids,
-            self._sampling(req, max_tokens),
-            req.cache_salt,
-            expect_transfer,
-            self.config.transfer_timeout_s,
-        )
+        if d.outputs is None or not d.alive:
+            raise WorkerLostError(f"decode worker {d_id} is gone")
+        generated = len(token_ids) - len(req.prompt_token_ids)
+        queue = d.outputs.register(req.req_id)
+        self._add_in_flight(d_id, +1)
         done = False
         try:
+            d.handle.start.remote(
+                DecodeRequest(
+                    req_id=req.req_id,
+                    token_ids=tuple(token_ids),
+                    sampling=self._sampling(req, req.max_tokens - generated),
+                    cache_salt=req.cache_salt,
+                    expect_transfer=expect_transfer,
+                    transfer_timeout_s=self.config.transfer_timeout_s,
+                )
+            )
             while True:
-                ready, _ = ray.wait([gen], timeout=self._remaining(end, req.req_id))
-                if not ready:
-                    raise RequestTimeoutError(f"decode of {req.req_id} on {d_id} timed out")
-                try:
-                    ref = next(gen)
-                except StopIteration:
-                    done = True
+                item = queue.get(timeout=self._remaining(end, req.req_id))
+                done = item.finish_reason is not None
+                yield item
+                if done:
                     return
-                try:
-                    delta = ray.get(ref, timeout=self._remaining(end, req.req_id))
-                except RayTaskError as e:
-                    raise e.as_instanceof_cause() from None
-                done = delta["finish_reason"] is not None
-                yield delta
         finally:
-            d.in_flight -= 1
-            if d_id in self.cost.profiles:
-                self.cost.profiles[d_id].queue_depth = d.in_flight
+            d.outputs.unregister(req.req_id)
+            self._add_in_flight(d_id, -1)
             if not done and d.alive:  # cancelled, timed out or failed: free its blocks there
                 d.handle.abort.remote(req.req_id)
 
-    def _usage(self, u: dict[str, Any], tokens: list[int]) -> Usage:
-        return Usage(
-            prompt_tokens=u["prompt_tokens"],
-            completion_tokens=len(tokens),
-            cached_tokens=u["cached_tokens"],
-            cached_tokens_by_tier=u["by_tier"],
-            ttft_ms=u["ttft_ms"],
-            prefill_worker=u["prefill"],
-            decode_worker=u["decode"],
-        )
-
     def close(self) -> None:
-        self._stop.set()
-        self._poller.join(timeout=5)
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            self._poller.join(timeout=5)
+        for w in self.workers.values():
+            if w.outputs is not None:
+                w.outputs.close()

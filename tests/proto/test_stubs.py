@@ -39,15 +39,17 @@ def test_messages_roundtrip() -> None:
         "host": 32,
         "disk": 16,
     }
-    chunk = strata_pb2.BlockChunk(block_hash=b"\x01" * 16, offset=4, total_nbytes=8, data=b"ab")
-    assert strata_pb2.BlockChunk.FromString(chunk.SerializeToString()) == chunk
+    header = strata_pb2.FrameHeader(req_id="r", block_indices=[3, 4], block_nbytes=8, shm_gen=2)
+    assert strata_pb2.FrameHeader.FromString(header.SerializeToString()) == header
+    out = strata_pb2.StepOutputs(seq=3, req_ids=["a", "b"], num_tokens=[1, 2], token_ids=[7, 8, 9])
+    out.errors["b"].code = "INTERNAL"
+    assert strata_pb2.StepOutputs.FromString(out.SerializeToString()) == out
 
 
 def test_services_declared() -> None:
     services = strata_pb2.DESCRIPTOR.services_by_name
-    assert set(services) == {"Generation", "KVTransfer"}
+    assert set(services) == {"Generation", "KVTransfer", "WorkerOutputs"}
     assert set(services["Generation"].methods_by_name) == {"Generate", "Stats", "Health"}
-    kv = services["KVTransfer"].methods_by_name
-    assert set(kv) == {"QueryBlocks", "PushBlocks", "PullBlocks"}
-    assert kv["PushBlocks"].client_streaming and not kv["PushBlocks"].server_streaming
-    assert kv["PullBlocks"].server_streaming
+    assert set(services["KVTransfer"].methods_by_name) == {"QueryBlocks"}
+    sub = services["WorkerOutputs"].methods_by_name["Subscribe"]
+    assert sub.server_streaming and not sub.client_streaming

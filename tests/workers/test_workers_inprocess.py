@@ -1,5 +1,7 @@
-"""Prefill and decode workers as plain classes (no Ray): the handoff over real gRPC on loopback
-gives the same tokens as one engine, and every block is free afterwards."""
+"""Prefill and decode workers as plain classes (no Ray), over real gRPC on loopback: the
+streamed handoff (a prompt prefilled in several chunks, its blocks pushed chunk by chunk, through
+shared memory or in gRPC frames) gives the same tokens as one engine; a push that never comes or
+stalls is waited for only until the deadline; and every block is free afterwards."""
 
 from __future__ import annotations
 
@@ -7,96 +9,163 @@ import pytest
 
 from decode_worker.worker import DecodeWorker, continuation
 from engine.config import EngineConfig
-from engine.sampling import SamplingParams
 from kvstore.config import StoreConfig
+from kvtransfer.config import TransferConfig
 from prefill_worker.worker import PrefillWorker
+from proto.worker_api import DecodeRequest, PrefillRequest, SamplingParams
+from router.outputs import OutputStream
+
+SECRET = "s3"
+CHUNK = 128  # tokens per engine step: prompts below are prefilled in 3-6 chunks
 
 
 @pytest.fixture(scope="module")
-def workers(tmp_path_factory):  # noqa: ANN001, ANN201
-    cfg = EngineConfig(model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096)
-    p = PrefillWorker("prefill-0", cfg, StoreConfig(host_capacity_bytes=8 << 20), secret="s3")
-    d = DecodeWorker("decode-0", cfg, StoreConfig(host_capacity_bytes=8 << 20), secret="s3")
-    yield p, d
+def workers():  # noqa: ANN201
+    cfg = EngineConfig(
+        model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096, max_num_batched_tokens=CHUNK
+    )
+    store = StoreConfig(host_capacity_bytes=8 << 20)
+    p_shm = PrefillWorker("prefill-shm", cfg, store, secret=SECRET)
+    p_grpc = PrefillWorker(
+        "prefill-grpc", cfg, store, secret=SECRET, transfer=TransferConfig(shm_bytes=0)
+    )
+    d = DecodeWorker("decode-0", cfg, store, secret=SECRET)
+    out = OutputStream("decode-0", d.kv_address, SECRET, on_broken=lambda *_: None)
+    assert out.wait_connected(30)
+    yield {"shm": p_shm, "grpc": p_grpc}, d, out
+    out.close()
     try:
-        assert p.check_no_leaks() and d.check_no_leaks()
+        for w in (p_shm, p_grpc, d):
+            assert w.check_no_leaks()
     finally:
-        p.shutdown()
-        d.shutdown()
+        for w in (p_shm, p_grpc, d):
+            w.shutdown()
 
 
-def _run(
-    p: PrefillWorker, d: DecodeWorker, req_id: str, prompt: list[int], sampling: SamplingParams
-):  # noqa: ANN202
-    res = p.prefill(req_id, prompt, sampling, decode_kv_address=d.kv_address)
-    tokens = [res.first_token]
-    deltas = list(d.generate(req_id, prompt + [res.first_token], continuation(sampling)))
-    for delta in deltas:
-        tokens.extend(delta.token_ids)
-    return res, deltas, tokens
+def _decode(out: OutputStream, d: DecodeWorker, req: DecodeRequest) -> tuple[list[int], dict]:
+    q = out.register(req.req_id)
+    d.start(req)
+    tokens: list[int] = []
+    cached = None
+    while True:
+        item = q.get(timeout=60)
+        tokens.extend(item.token_ids)
+        cached = cached or item.cached_by_tier
+        if item.finish_reason:
+            assert item.finish_reason == "length"
+            return tokens, cached or {}
 
 
-def test_handoff_matches_single_engine(workers):  # noqa: ANN001
-    p, d = workers
-    prompt = [(i * 13) % 250 for i in range(300)]
+def _handoff(p: PrefillWorker, d: DecodeWorker, out: OutputStream, req_id: str,
+             prompt: list[int], sampling: SamplingParams, salt: str = ""):  # noqa: ANN202
+    res = p.prefill(
+        PrefillRequest(req_id, tuple(prompt), sampling, salt, decode_kv_address=d.kv_address)
+    )
+    rest, cached = _decode(
+        out, d, DecodeRequest(req_id, (*prompt, res.first_token), continuation(sampling), salt)
+    )
+    return res, [res.first_token, *rest], cached
+
+
+@pytest.mark.parametrize("path", ["shm", "grpc"])
+def test_streamed_handoff_matches_single_engine(workers, path) -> None:  # noqa: ANN001
+    prefills, d, out = workers
+    p = prefills[path]
+    prompt = [(i * 13 + len(path)) % 250 for i in range(600)]  # 5 chunks of 128 tokens
     sampling = SamplingParams(max_tokens=20, ignore_eos=True)
     expected = p.loop.call(lambda eng: eng.generate([prompt], sampling, cache_salt="ref"))[0]
-    res, deltas, tokens = _run(p, d, "r1", prompt, sampling)
+    before = p.stats()
+    res, tokens, cached = _handoff(p, d, out, f"h-{path}", prompt, sampling)
     assert tokens == expected.output_token_ids
-    assert res.num_blocks_to_push == 300 // 16
-    # The decode worker got all full prompt blocks from the push: only the tail was computed.
-    assert deltas[-1].cached_tokens == 300 // 16 * 16
-    assert deltas[-1].finish_reason == "length"
-    assert p.stats()["push_blocks"] >= 300 // 16
+    assert res.num_blocks_to_push == 600 // 16
+    # Every full prompt block came over the push: the decode worker computed only the tail.
+    assert cached == {"device": 600 // 16 * 16}
+    after = p.stats()
+    assert after["push_blocks"] - before["push_blocks"] == 600 // 16
+    assert after["push_frames"] - before["push_frames"] >= 5  # a frame per chunk, at least
+    shm_bytes = after["push_shm_bytes"] - before["push_shm_bytes"]
+    assert (shm_bytes == 600 // 16 * d.engine.layout.block_nbytes) if path == "shm" else (
+        shm_bytes == 0
+    )
 
 
-def test_seeded_sampling_survives_the_handoff(workers):  # noqa: ANN001
-    p, d = workers
-    prompt = [(i * 7) % 250 for i in range(100)]
+def test_seeded_sampling_survives_the_handoff(workers) -> None:  # noqa: ANN001
+    prefills, d, out = workers
+    p = prefills["shm"]
+    prompt = [(i * 7) % 250 for i in range(300)]
     sampling = SamplingParams(max_tokens=12, temperature=0.8, top_k=40, seed=11, ignore_eos=True)
     expected = p.loop.call(lambda eng: eng.generate([prompt], sampling, cache_salt="x"))[0]
-    _, _, tokens = _run(p, d, "r2", prompt, sampling)
+    _, tokens, _ = _handoff(p, d, out, "seeded", prompt, sampling)
     assert tokens == expected.output_token_ids
 
 
-def test_missing_transfer_times_out_and_recomputes(workers):  # noqa: ANN001
-    p, d = workers
+def test_missing_push_is_waited_for_until_the_deadline(workers) -> None:  # noqa: ANN001
+    prefills, d, out = workers
+    p = prefills["shm"]
     prompt = [(i * 3) % 250 for i in range(90)]
     sampling = SamplingParams(max_tokens=6, ignore_eos=True)
     expected = p.loop.call(lambda eng: eng.generate([prompt], sampling, cache_salt="y"))[0]
     first = expected.output_token_ids[0]
-    deltas = list(
-        d.generate(
-            "r3", prompt + [first], continuation(sampling), cache_salt="y", transfer_timeout_s=0.2
-        )
+    before = d.stats()["transfers_timed_out"]
+    rest, cached = _decode(
+        out,
+        d,
+        DecodeRequest("late", (*prompt, first), continuation(sampling), "y", True, 0.2),
     )
-    tokens = [first] + [t for delta in deltas for t in delta.token_ids]
-    assert tokens == expected.output_token_ids
-    assert d.stats()["transfers_timed_out"] >= 1
+    assert [first, *rest] == expected.output_token_ids
+    assert cached == {}  # nothing arrived: the decode worker computed the whole prompt
+    assert d.stats()["transfers_timed_out"] == before + 1
 
 
-def test_prefill_pulls_a_prefix_from_another_worker(workers):  # noqa: ANN001
-    p, d = workers
+def test_stalled_push_is_cancelled_on_both_sides(workers) -> None:  # noqa: ANN001
+    prefills, d, out = workers
+    p = prefills["grpc"]
+    prompt = [(i * 5) % 250 for i in range(200)]
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+    expected = p.loop.call(lambda eng: eng.generate([prompt], sampling, cache_salt="z"))[0]
+    hashes = p.engine.block_hashes(prompt, "z")
+    stalled = p.sender.open_push(d.kv_address, "stall", p.engine.fingerprint, hashes, 60)
+    assert stalled.wait_answer(10)  # open, and then nothing more: a stuck prefill worker
+    first = expected.output_token_ids[0]
+    rest, _ = _decode(
+        out, d, DecodeRequest("stall", (*prompt, first), continuation(sampling), "z", True, 0.3)
+    )
+    assert [first, *rest] == expected.output_token_ids
+    with pytest.raises(Exception) as err:
+        stalled.wait(10)
+    assert getattr(err.value, "code", "") == "CANCELLED"
+
+
+def test_abort_while_waiting_for_the_push(workers) -> None:  # noqa: ANN001
+    _, d, out = workers
+    q = out.register("gone")
+    d.start(DecodeRequest("gone", (1, 2, 3), SamplingParams(max_tokens=3), "", True, 30.0))
+    d.abort("gone")
+    item = q.get(timeout=10)
+    assert item.finish_reason == "abort" and item.token_ids == ()
+    assert d.stats()["admissions_waiting"] == 0
+
+
+def test_prefill_pulls_a_prefix_from_another_worker(workers) -> None:  # noqa: ANN001
+    prefills, d, out = workers
+    p = prefills["shm"]
     prompt = [(i * 11) % 250 for i in range(260)]
     sampling = SamplingParams(max_tokens=5, ignore_eos=True)
-    first = _run(p, d, "r4", prompt, sampling)[2]  # p computes it; d receives all full blocks
-    # d now holds the prefix: a fresh request on d's side pulls nothing from p...
-    res = p.prefill(
-        "r5",
-        prompt,
-        sampling,
-        cache_salt="other-tenant",
-        pull_from=d.kv_address,
-        num_pull_blocks=16,
+    _, first, _ = _handoff(p, d, out, "r4", prompt, sampling)  # d now holds every full block
+    other_tenant = p.prefill(
+        PrefillRequest("r5", tuple(prompt), sampling, "other", pull_from=d.kv_address,
+                       num_pull_blocks=16)
     )
-    assert res.num_pulled_blocks == 0  # ...and another tenant's salt never matches its blocks
+    assert other_tenant.num_pulled_blocks == 0  # another tenant's salt never matches
     d.evict_cached("host")
     p.loop.call(lambda eng: eng.evict_cached("disk"))
     p.loop.call(lambda eng: eng.store.remove(eng.block_hashes(prompt)))
-    res = p.prefill("r6", prompt, sampling, pull_from=d.kv_address, num_pull_blocks=16)
+    res = p.prefill(
+        PrefillRequest("r6", tuple(prompt), sampling, pull_from=d.kv_address, num_pull_blocks=16)
+    )
     assert res.num_pulled_blocks == 16
     assert res.cached_tokens == 16 * 16  # the pulled blocks were loaded, not recomputed
-    deltas = list(
-        d.generate("r6", prompt + [res.first_token], continuation(sampling), expect_transfer=False)
+    rest, _ = _decode(
+        out, d, DecodeRequest("r6", (*prompt, res.first_token), continuation(sampling), "", False)
     )
-    assert [res.first_token] + [t for x in deltas for t in x.token_ids] == first
+    assert [res.first_token, *rest] == first

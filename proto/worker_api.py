@@ -1,0 +1,93 @@
+"""The router <-> worker calls over Ray: their arguments and replies as frozen dataclasses.
+
+Both sides import this module (it needs neither torch nor the engine), so replies are typed
+objects, not dicts read by string keys. ``SamplingParams`` lives here for the same reason; the
+engine's sampler (``engine.sampling``) uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PREFILL = "prefill"
+DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16  # tokens to generate, the first one included
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # per-request seed: same seed, same tokens, on any worker
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # keep going past the model's EOS token
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str  # unique in the cluster, e.g. "prefill-0"
+    role: str  # PREFILL | DECODE
+    node: str  # host name of the node the worker runs on
+    fingerprint: bytes  # model fingerprint: blocks are only shared between equal ones
+    block_size: int  # tokens per KV block
+    block_nbytes: int  # bytes of one block (all layers, K and V)
+    vocab_size: int
+    max_model_len: int
+    kv_address: str | None  # host:port of the worker's gRPC server (KV transfer, outputs)
+    prefill_tokens_per_s: float  # measured at start-up
+    tier_bytes_per_s: dict[str, float] = field(default_factory=dict)  # measured load speed
+    pid: int = 0  # the worker's process id
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    req_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams  # of the whole request (the prefill samples the first token)
+    cache_salt: str = ""
+    decode_kv_address: str | None = None  # push the prompt's blocks there while computing
+    timeout_s: float = 300.0
+    pull_from: str | None = None  # worker to pull leading blocks from before computing
+    num_pull_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    req_id: str
+    first_token: int
+    finished: bool  # the request ends here (stop token or max_tokens == 1)
+    finish_reason: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    cached_by_tier: dict[str, int]
+    prefill_ms: float  # arrival at this worker to first token
+    num_blocks_to_push: int  # full blocks streamed to the decode worker (or held there)
+    num_pulled_blocks: int = 0  # blocks fetched from another worker before computing
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """Continue ``token_ids`` on a decode worker; its tokens arrive on the worker's output
+    stream (``WorkerOutputs.Subscribe``), not as the call's reply."""
+
+    req_id: str
+    token_ids: tuple[int, ...]  # prompt (+ the first token when a prefill worker sampled it)
+    sampling: SamplingParams  # max_tokens: tokens still to generate
+    cache_salt: str = ""
+    expect_transfer: bool = True  # a prefill worker pushes this request's blocks
+    transfer_timeout_s: float = 30.0  # then whatever did not arrive is computed
