@@ -82,6 +82,13 @@ class _Live:
     cancelled: bool = False
 
 
+class _PrefillLost(Exception):
+    def __init__(self, prefill: str, decode: str) -> None:
+        super().__init__(f"prefill worker {prefill} died")
+        self.prefill = prefill
+        self.decode = decode
+
+
 @dataclass(slots=True)
 class _Usage:
     prompt_tokens: int
@@ -335,7 +342,22 @@ class RayBackend:
     def _generate(self, req: GenRequest, live: _Live, end: float) -> Iterator[TokenDelta]:
         prompt = list(req.prompt_token_ids)
         hashes = hash_prompt_blocks(prompt, self.block_size, self.fingerprint, req.cache_salt)
-        res, p_id, d_id = self._prefill(req, prompt, hashes, live, end)
+        try:
+            res, p_id, d_id = self._prefill(req, prompt, hashes, live, end)
+        except _PrefillLost as lost:
+            # The decode worker holds whatever blocks were pushed before the prefill worker
+            # died: it computes the rest (first token included) and goes on decoding.
+            logger.warning(
+                "prefill worker %s died serving %s; %s computes what is missing",
+                lost.prefill,
+                req.req_id,
+                lost.decode,
+            )
+            usage = _Usage(len(prompt), prefill=lost.prefill, decode=lost.decode)
+            yield from self._decode_with_retries(
+                req, prompt, [], lost.decode, False, live, end, usage
+            )
+            return
         tokens = [res.first_token]
         usage = _Usage(
             len(prompt), res.cached_tokens, dict(res.cached_by_tier), res.prefill_ms, p_id, d_id
@@ -406,52 +428,48 @@ class RayBackend:
     def _prefill(
         self, req: GenRequest, prompt: list[int], hashes: list, live: _Live, end: float
     ) -> tuple[PrefillResult, str, str]:
-        for attempt in range(self.config.max_retries + 1):
-            candidates = self._alive(PREFILL)
-            placement = self.cost.choose_prefill(candidates, self.index, hashes, len(prompt))
-            p_id = placement.worker_id
-            d_id = self.cost.choose_decode(self._alive(DECODE), self.index, hashes)
-            live.prefill, live.decode = p_id, d_id
-            p, d = self.workers[p_id], self.workers[d_id]
-            pull_addr = (
-                self.workers[placement.pull_from].info.kv_address if placement.pull_from else None
-            )
-            if hashes:
-                p.handle.prefetch.remote(hashes)  # the hint: start moving blocks up now
-            self._add_in_flight(p_id, +1)
-            t0 = time.monotonic()
-            try:
-                ref = p.handle.prefill.remote(
-                    PrefillRequest(
-                        req_id=req.req_id,
-                        prompt_token_ids=tuple(prompt),
-                        sampling=self._sampling(req, req.max_tokens),
-                        cache_salt=req.cache_salt,
-                        decode_kv_address=d.info.kv_address,
-                        timeout_s=self._remaining(end, req.req_id),
-                        pull_from=pull_addr,
-                        num_pull_blocks=placement.num_pull_blocks,
-                    )
+        candidates = self._alive(PREFILL)
+        placement = self.cost.choose_prefill(candidates, self.index, hashes, len(prompt))
+        p_id = placement.worker_id
+        d_id = self.cost.choose_decode(self._alive(DECODE), self.index, hashes)
+        live.prefill, live.decode = p_id, d_id
+        p, d = self.workers[p_id], self.workers[d_id]
+        pull_addr = (
+            self.workers[placement.pull_from].info.kv_address if placement.pull_from else None
+        )
+        if hashes:
+            p.handle.prefetch.remote(hashes)  # the hint: start moving blocks up now
+        self._add_in_flight(p_id, +1)
+        t0 = time.monotonic()
+        try:
+            ref = p.handle.prefill.remote(
+                PrefillRequest(
+                    req_id=req.req_id,
+                    prompt_token_ids=tuple(prompt),
+                    sampling=self._sampling(req, req.max_tokens),
+                    cache_salt=req.cache_salt,
+                    decode_kv_address=d.info.kv_address,
+                    timeout_s=self._remaining(end, req.req_id),
+                    pull_from=pull_addr,
+                    num_pull_blocks=placement.num_pull_blocks,
                 )
-                res: PrefillResult = ray.get(ref, timeout=self._remaining(end, req.req_id))
-                with self._lock:
-                    profile = self.cost.profiles.get(p_id)
-                    if profile is not None:
-                        profile.observe_service(time.monotonic() - t0)
-                return res, p_id, d_id
-            except GetTimeoutError:
-                p.handle.abort.remote(req.req_id)
-                raise RequestTimeoutError(f"prefill of {req.req_id} on {p_id} timed out") from None
-            except WORKER_DIED as e:
-                self._mark_dead(p_id, e)
-                if attempt == self.config.max_retries:
-                    raise NoWorkerError(f"prefill worker {p_id} died serving {req.req_id}") from e
-                logger.warning("retrying prefill of %s after %s died", req.req_id, p_id)
-            except RayTaskError as e:  # a ValueError etc. raised by the worker itself
-                raise e.as_instanceof_cause() from None
-            finally:
-                self._add_in_flight(p_id, -1)
-        raise NoWorkerError("no prefill worker available")
+            )
+            res: PrefillResult = ray.get(ref, timeout=self._remaining(end, req.req_id))
+            with self._lock:
+                profile = self.cost.profiles.get(p_id)
+                if profile is not None:
+                    profile.observe_service(time.monotonic() - t0)
+            return res, p_id, d_id
+        except GetTimeoutError:
+            p.handle.abort.remote(req.req_id)
+            raise RequestTimeoutError(f"prefill of {req.req_id} on {p_id} timed out") from None
+        except WORKER_DIED as e:
+            self._mark_dead(p_id, e)
+            raise _PrefillLost(p_id, d_id) from e
+        except RayTaskError as e:  # a ValueError etc. raised by the worker itself
+            raise e.as_instanceof_cause() from None
+        finally:
+            self._add_in_flight(p_id, -1)
 
     def _decode(
         self,

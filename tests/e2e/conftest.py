@@ -10,6 +10,7 @@ from cluster.config import ServiceConfig
 from cluster.launcher import Service, launch
 from engine.config import EngineConfig
 from kvstore.config import StoreConfig
+from kvtransfer.config import TransferConfig
 from router.backend import BackendConfig
 from router.config import RouterConfig
 
@@ -22,24 +23,61 @@ def prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(256) for _ in range(n)]
 
 
-def service_config(tmp_path, num_prefill: int, num_decode: int, **router_kw) -> ServiceConfig:  # noqa: ANN001, ANN003
+def service_config(  # noqa: ANN201
+    tmp_path,  # noqa: ANN001
+    num_prefill: int,
+    num_decode: int,
+    transfer: TransferConfig | None = None,
+    backend: BackendConfig | None = None,
+    chunk_tokens: int = 2048,
+    **router_kw,  # noqa: ANN003
+) -> ServiceConfig:
     return ServiceConfig(
-        engine=EngineConfig(model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096),
+        engine=EngineConfig(
+            model="tiny",
+            kv_cache_bytes=16 << 20,
+            max_model_len=4096,
+            max_num_batched_tokens=chunk_tokens,
+        ),
         store=StoreConfig(
             host_capacity_bytes=16 << 20,
             disk_path=str(tmp_path / "disk"),
             disk_capacity_bytes=256 << 20,
         ),
         router=RouterConfig(port=0, auth_token=TOKEN, max_model_len=4096, **router_kw),
-        backend=BackendConfig(transfer_timeout_s=10.0),
+        backend=backend or BackendConfig(transfer_timeout_s=10.0),
+        transfer=transfer or TransferConfig(),
         num_prefill=num_prefill,
         num_decode=num_decode,
         secret=SECRET,
     )
 
 
-def start(tmp_path, num_prefill: int, num_decode: int, **router_kw) -> Service:  # noqa: ANN001, ANN003
-    return launch(service_config(tmp_path, num_prefill, num_decode, **router_kw))
+def start(tmp_path, num_prefill: int, num_decode: int, **kw) -> Service:  # noqa: ANN001, ANN003
+    return launch(service_config(tmp_path, num_prefill, num_decode, **kw))
+
+
+def worker_pids(svc: Service) -> dict[str, int]:
+    import ray
+
+    infos = ray.get([w.info.remote() for w in svc.prefill + svc.decode], timeout=60)
+    return {i.worker_id: i.pid for i in infos}
+
+
+def shm_segments_of(pids: dict[str, int]) -> list[str]:
+    """The shared-memory segments of these workers still in /dev/shm."""
+    import os
+
+    from kvtransfer import shm
+
+    if not os.path.isdir(shm.SHM_DIR):
+        return []
+    return [
+        n
+        for n in os.listdir(shm.SHM_DIR)
+        for wid, pid in pids.items()
+        if n.startswith(f"{shm.PREFIX}{wid}-{pid}-")
+    ]
 
 
 def assert_no_leaks(svc: Service) -> None:

@@ -1,6 +1,9 @@
-"""Through the real service, one prefill and one decode worker: greedy output equals the
-in-process engine, prefixes are reused from every tier, bad requests get the right status and
-the service keeps serving, and every block is free when requests end."""
+"""Through the real service, one prefill and one decode worker on one host (the KV handoff
+through shared memory, prompts prefilled in chunks of 256 tokens): greedy output equals the
+in-process engine, also for 64 streams at once; prefixes are reused from every tier; bad
+requests get the right status and the service keeps serving; a client that stops reading is cut
+off while the others go on; every block is free when requests end, and no shared-memory segment
+outlives the service."""
 
 from __future__ import annotations
 
@@ -13,20 +16,38 @@ import pytest
 import ray
 
 from engine.sampling import SamplingParams
+from router.backend import BackendConfig
 from router.client import StrataClient
 from router.errors import RemoteError
-from tests.e2e.conftest import TOKEN, assert_no_leaks, prompt, start
+from tests.e2e.conftest import (
+    TOKEN,
+    assert_no_leaks,
+    prompt,
+    shm_segments_of,
+    start,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.timeout(900)
+MAX_BUFFERED = 64  # a client further behind its decode worker than this is cut off
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):  # noqa: ANN001, ANN201
     svc = start(
-        tmp_path_factory.mktemp("svc"), 1, 1, max_in_flight=48, max_workers=64, metrics_port=0
+        tmp_path_factory.mktemp("svc"),
+        1,
+        1,
+        chunk_tokens=256,
+        backend=BackendConfig(transfer_timeout_s=10.0, max_buffered_tokens=MAX_BUFFERED),
+        max_in_flight=80,
+        max_workers=100,
+        metrics_port=0,
     )
+    pids = worker_pids(svc)
     yield svc
     svc.shutdown()
+    assert not shm_segments_of(pids), "a worker left its shared-memory segment behind"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +61,7 @@ def _expected(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
 
 
 def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN001
-    for n, seed in ((40, 1), (333, 2)):
+    for n, seed in ((40, 1), (333, 2), (1500, 13)):  # the last one: 6 chunks, streamed
         ids = prompt(n, seed)
         res = client.generate(prompt_token_ids=ids, max_tokens=20, temperature=0.0, ignore_eos=True)
         assert list(res.token_ids) == _expected(reference_engine, ids, 20)
@@ -160,7 +181,9 @@ def test_stats_and_health(client):  # noqa: ANN001
     stats = client.stats()
     assert {"prefill-0", "decode-0", "router"} <= set(stats)
     assert stats["prefill-0"]["push_blocks"] > 0
+    assert stats["prefill-0"]["push_shm_bytes"] > 0  # same host: the bytes skipped the socket
     assert stats["decode-0"]["transfers_ok"] > 0
+    assert stats["decode-0"]["shm_torn_frames"] == 0
 
 
 def test_grpc_health_service(service):  # noqa: ANN001
@@ -185,3 +208,90 @@ def test_prometheus_metrics_of_router_and_workers(service, client):  # noqa: ANN
     assert 'strata_worker_pool_free_blocks{worker="prefill-0"}' in text
     assert 'strata_worker_push_bytes{worker="prefill-0"}' in text
     assert 'strata_worker_store_host_hits{worker="decode-0"}' in text
+
+
+def test_64_streams_at_once_equal_the_engine(client, reference_engine):  # noqa: ANN001
+    prompts = [prompt(30 + 7 * i, 500 + i) for i in range(64)]
+    expected = reference_engine.generate(
+        prompts, SamplingParams(max_tokens=10, ignore_eos=True)
+    )
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = client.generate(
+                prompt_token_ids=prompts[i], max_tokens=10, temperature=0.0, ignore_eos=True,
+                timeout=300,
+            )
+        except Exception as e:  # noqa: BLE001 - asserted below
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    for i in range(64):
+        res = results[i]
+        assert not isinstance(res, Exception), res
+        assert list(res.token_ids) == expected[i].output_token_ids, i  # type: ignore[attr-defined]
+
+
+def test_client_that_stops_reading_is_cut_off(service, client, reference_engine):  # noqa: ANN001
+    import grpc as _grpc
+
+    from proto import strata_pb2, strata_pb2_grpc
+
+    # A raw client that reads two messages, then nothing: once its connection's flow-control
+    # window is full (64 KiB: window growth is off), its stream backs up in the router.
+    channel = _grpc.insecure_channel(service.address, options=[("grpc.http2.bdp_probe", 0)])
+    stub = strata_pb2_grpc.GenerationStub(channel)
+    stalled = stub.Generate(
+        strata_pb2.GenerateRequest(
+            prompt_token_ids=prompt(50, 900), max_tokens=3900, temperature=0.0, ignore_eos=True
+        ),
+        metadata=(("authorization", f"Bearer {TOKEN}"),),
+        timeout=300,
+    )
+    for _ in range(2):
+        next(stalled)
+    others = [prompt(40, 901 + i) for i in range(8)]
+    expected = reference_engine.generate(others, SamplingParams(max_tokens=8, ignore_eos=True))
+    for ids, exp in zip(others, expected):  # the others are served meanwhile, correctly
+        res = client.generate(prompt_token_ids=ids, max_tokens=8, temperature=0.0,
+                              ignore_eos=True)
+        assert list(res.token_ids) == exp.output_token_ids
+    deadline = time.monotonic() + 240
+    while True:  # once it fell MAX_BUFFERED tokens behind, its sequence was aborted
+        try:
+            assert_no_leaks(service)
+            break
+        except (AssertionError, ray.exceptions.RayTaskError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with pytest.raises(_grpc.RpcError) as err:  # reading on: what was sent, then the status
+        for _ in stalled:
+            pass
+    assert err.value.code() == _grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "behind" in (err.value.details() or "")
+    channel.close()
+
+
+def test_wrong_secret_refused_by_the_workers(service) -> None:  # noqa: ANN001
+    from kvtransfer.sender import KVSender
+
+    info = ray.get(service.decode[0].info.remote(), timeout=60)
+    for shm_bytes in (0, 1 << 20):  # the gRPC path and the shared-memory offer alike
+        sender = KVSender(secret="not-it", owner="e2e-intruder", block_nbytes=info.block_nbytes,
+                          shm_bytes=shm_bytes)
+        try:
+            session = sender.open_push(info.kv_address, "intruder", info.fingerprint,
+                                       [b"h" * 16], deadline_s=10)
+            session.finish()
+            with pytest.raises(Exception) as err:
+                session.wait(20)
+            assert getattr(err.value, "code", "") == "UNAUTHENTICATED"
+            assert not session.shm_ok
+        finally:
+            sender.close()
