@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstrata.proto\x12\tstrata.v1\"\xba\x02\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\ncache_salt\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x94\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12G\n\x15\x63\x61\x63hed_tokens_by_tier\x18\x04 \x03(\x0b\x32(.strata.v1.Usage.CachedTokensByTierEntry\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x1a\x39\n\x17\x43\x61\x63hedTokensByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x7f\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.strata.v1.Usage\"\x0e\n\x0cStatsRequest\"s\n\x0bWorkerStats\x12\x34\n\x07metrics\x18\x01 \x03(\x0b\x32#.strata.v1.WorkerStats.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\rStatsResponse\x12\x36\n\x07workers\x18\x01 \x03(\x0b\x32%.strata.v1.StatsResponse.WorkersEntry\x1a\x46\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.strata.v1.WorkerStats:\x02\x38\x01\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"?\n\x12QueryBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"=\n\x13QueryBlocksResponse\x12\x0c\n\x04held\x18\x01 \x03(\x08\x12\x18\n\x10num_leading_held\x18\x02 \x01(\r\"\xc1\x01\n\nBlockChunk\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12\x13\n\x0b\x62lock_index\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x14\n\x0ctotal_nbytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12#\n\x04more\x18\t \x03(\x0b\x32\x15.strata.v1.BlockChunk\"8\n\x12PushBlocksResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"c\n\x11PullBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0e\n\x06req_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r2\xce\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.strata.v1.GenerateRequest\x1a\x1b.strata.v1.GenerateResponse0\x01\x12:\n\x05Stats\x12\x17.strata.v1.StatsRequest\x1a\x18.strata.v1.StatsResponse\x12=\n\x06Health\x12\x18.strata.v1.HealthRequest\x1a\x19.strata.v1.HealthResponse2\xe5\x01\n\nKVTransfer\x12L\n\x0bQueryBlocks\x12\x1d.strata.v1.QueryBlocksRequest\x1a\x1e.strata.v1.QueryBlocksResponse\x12\x44\n\nPushBlocks\x12\x15.strata.v1.BlockChunk\x1a\x1d.strata.v1.PushBlocksResponse(\x01\x12\x43\n\nPullBlocks\x12\x1c.strata.v1.PullBlocksRequest\x1a\x15.strata.v1.BlockChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstrata.proto\x12\tstrata.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe4\x02\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\ncache_salt\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12(\n\x08messages\x18\x0c \x03(\x0b\x32\x16.strata.v1.ChatMessageB\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x94\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12G\n\x15\x63\x61\x63hed_tokens_by_tier\x18\x04 \x03(\x0b\x32(.strata.v1.Usage.CachedTokensByTierEntry\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x1a\x39\n\x17\x43\x61\x63hedTokensByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x7f\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.strata.v1.Usage\"\x0e\n\x0cStatsRequest\"s\n\x0bWorkerStats\x12\x34\n\x07metrics\x18\x01 \x03(\x0b\x32#.strata.v1.WorkerStats.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\rStatsResponse\x12\x36\n\x07workers\x18\x01 \x03(\x0b\x32%.strata.v1.StatsResponse.WorkersEntry\x1a\x46\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.strata.v1.WorkerStats:\x02\x38\x01\"\x0f\n\rHealthRequest\"\x86\x01\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\"?\n\x12QueryBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"=\n\x13QueryBlocksResponse\x12\x0c\n\x04held\x18\x01 \x03(\x08\x12\x18\n\x10num_leading_held\x18\x02 \x01(\r\"\xc1\x01\n\nBlockChunk\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12\x13\n\x0b\x62lock_index\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x14\n\x0ctotal_nbytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12#\n\x04more\x18\t \x03(\x0b\x32\x15.strata.v1.BlockChunk\"8\n\x12PushBlocksResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"c\n\x11PullBlocksRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0e\n\x06req_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r2\xce\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.strata.v1.GenerateRequest\x1a\x1b.strata.v1.GenerateResponse0\x01\x12:\n\x05Stats\x12\x17.strata.v1.StatsRequest\x1a\x18.strata.v1.StatsResponse\x12=\n\x06Health\x12\x18.strata.v1.HealthRequest\x1a\x19.strata.v1.HealthResponse2\xe5\x01\n\nKVTransfer\x12L\n\x0bQueryBlocks\x12\x1d.strata.v1.QueryBlocksRequest\x1a\x1e.strata.v1.QueryBlocksResponse\x12\x44\n\nPushBlocks\x12\x15.strata.v1.BlockChunk\x1a\x1d.strata.v1.PushBlocksResponse(\x01\x12\x43\n\nPullBlocks\x12\x1c.strata.v1.PullBlocksRequest\x1a\x15.strata.v1.BlockChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,40 +37,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSTATS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_STATSRESPONSE_WORKERSENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_options = b'8\001'
-  _globals['_GENERATEREQUEST']._serialized_start=28
-  _globals['_GENERATEREQUEST']._serialized_end=342
-  _globals['_USAGE']._serialized_start=345
-  _globals['_USAGE']._serialized_end=621
-  _globals['_USAGE_CACHEDTOKENSBYTIERENTRY']._serialized_start=564
-  _globals['_USAGE_CACHEDTOKENSBYTIERENTRY']._serialized_end=621
-  _globals['_GENERATERESPONSE']._serialized_start=623
-  _globals['_GENERATERESPONSE']._serialized_end=750
-  _globals['_STATSREQUEST']._serialized_start=752
-  _globals['_STATSREQUEST']._serialized_end=766
-  _globals['_WORKERSTATS']._serialized_start=768
-  _globals['_WORKERSTATS']._serialized_end=883
-  _globals['_WORKERSTATS_METRICSENTRY']._serialized_start=837
-  _globals['_WORKERSTATS_METRICSENTRY']._serialized_end=883
-  _globals['_STATSRESPONSE']._serialized_start=886
-  _globals['_STATSRESPONSE']._serialized_end=1029
-  _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_start=959
-  _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_end=1029
-  _globals['_HEALTHREQUEST']._serialized_start=1031
-  _globals['_HEALTHREQUEST']._serialized_end=1046
-  _globals['_HEALTHRESPONSE']._serialized_start=1048
-  _globals['_HEALTHRESPONSE']._serialized_end=1097
-  _globals['_QUERYBLOCKSREQUEST']._serialized_start=1099
-  _globals['_QUERYBLOCKSREQUEST']._serialized_end=1162
-  _globals['_QUERYBLOCKSRESPONSE']._serialized_start=1164
-  _globals['_QUERYBLOCKSRESPONSE']._serialized_end=1225
-  _globals['_BLOCKCHUNK']._serialized_start=1228
-  _globals['_BLOCKCHUNK']._serialized_end=1421
-  _globals['_PUSHBLOCKSRESPONSE']._serialized_start=1423
-  _globals['_PUSHBLOCKSRESPONSE']._serialized_end=1479
-  _globals['_PULLBLOCKSREQUEST']._serialized_start=1481
-  _globals['_PULLBLOCKSREQUEST']._serialized_end=1580
-  _globals['_GENERATION']._serialized_start=1583
-  _globals['_GENERATION']._serialized_end=1789
-  _globals['_KVTRANSFER']._serialized_start=1792
-  _globals['_KVTRANSFER']._serialized_end=2021
+  _globals['_CHATMESSAGE']._serialized_start=27
+  _globals['_CHATMESSAGE']._serialized_end=71
+  _globals['_GENERATEREQUEST']._serialized_start=74
+  _globals['_GENERATEREQUEST']._serialized_end=430
+  _globals['_USAGE']._serialized_start=433
+  _globals['_USAGE']._serialized_end=709
+  _globals['_USAGE_CACHEDTOKENSBYTIERENTRY']._serialized_start=652
+  _globals['_USAGE_CACHEDTOKENSBYTIERENTRY']._serialized_end=709
+  _globals['_GENERATERESPONSE']._serialized_start=711
+  _globals['_GENERATERESPONSE']._serialized_end=838
+  _globals['_STATSREQUEST']._serialized_start=840
+  _globals['_STATSREQUEST']._serialized_end=854
+  _globals['_WORKERSTATS']._serialized_start=856
+  _globals['_WORKERSTATS']._serialized_end=971
+  _globals['_WORKERSTATS_METRICSENTRY']._serialized_start=925
+  _globals['_WORKERSTATS_METRICSENTRY']._serialized_end=971
+  _globals['_STATSRESPONSE']._serialized_start=974
+  _globals['_STATSRESPONSE']._serialized_end=1117
+  _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_start=1047
+  _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_end=1117
+  _globals['_HEALTHREQUEST']._serialized_start=1119
+  _globals['_HEALTHREQUEST']._serialized_end=1134
+  _globals['_HEALTHRESPONSE']._serialized_start=1137
+  _globals['_HEALTHRESPONSE']._serialized_end=1271
+  _globals['_QUERYBLOCKSREQUEST']._serialized_start=1273
+  _globals['_QUERYBLOCKSREQUEST']._serialized_end=1336
+  _globals['_QUERYBLOCKSRESPONSE']._serialized_start=1338
+  _globals['_QUERYBLOCKSRESPONSE']._serialized_end=1399
+  _globals['_BLOCKCHUNK']._serialized_start=1402
+  _globals['_BLOCKCHUNK']._serialized_end=1595
+  _globals['_PUSHBLOCKSRESPONSE']._serialized_start=1597
+  _globals['_PUSHBLOCKSRESPONSE']._serialized_end=1653
+  _globals['_PULLBLOCKSREQUEST']._serialized_start=1655
+  _globals['_PULLBLOCKSREQUEST']._serialized_end=1754
+  _globals['_GENERATION']._serialized_start=1757
+  _globals['_GENERATION']._serialized_end=1963
+  _globals['_KVTRANSFER']._serialized_start=1966
+  _globals['_KVTRANSFER']._serialized_end=2195
 # @@protoc_insertion_point(module_scope)
