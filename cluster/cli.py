@@ -130,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the main job: a long document twice and a follow-up, "
-        "through the service (or --in-process)",
+        help="the main job: a long document and follow-up questions through the service "
+        "(or --in-process), each answer with its TTFT and cache tier",
     )
     _add_model_args(demo)
     _add_store_args(demo)
-    demo.add_argument("--prompt-tokens", type=int, default=2048)
+    demo.set_defaults(model="smollm2-135m")
+    demo.add_argument(
+        "--document", default=None, help="text file to ask about (default: the built-in one)"
+    )
     demo.add_argument("--in-process", action="store_true", help="one engine in this process")
 
     up = sub.add_parser("up", help="start the service (embedded local Ray, or --address)")
