@@ -60,7 +60,9 @@ def open_gguf(path: str) -> Any:  # noqa: ANN401 - a gguf.GGUFReader
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the library raises ValueError, IndexError, struct errors, ...
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{path}: not a readable GGUF file, truncated or malformed ({type(e).__name__}: {e})"
+        ) from None
     size = os.path.getsize(path)
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
