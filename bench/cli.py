@@ -15,11 +15,31 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+SUMMARY = {
+    "ttft": "TTFT cold and warm from each tier (device, host, disk), with floors",
+    "longdoc": "long documents asked several questions; TTFT per round, hits per tier",
+    "trace": "replay a Mooncake-format trace; TTFT/TBT percentiles, hit rates",
+    "decode": "decode tokens/s by batch size beside the roofline",
+    "transfer": "KV push throughput over gRPC between processes",
+}
+
+
+def usage(prog: str) -> str:
+    lines = [f"usage: {prog} {{{'|'.join(COMMANDS)}}} [flags]   ({prog} NAME --help for flags)",
+             ""]
+    lines += [f"  {name:<9} {SUMMARY[name]}" for name in COMMANDS]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        print(f"usage: python -m bench {{{'|'.join(COMMANDS)}}} [flags]  (--help per command)",
-              file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if args and args[0] in ("-h", "--help") else 2
+    if args and args[0] in ("-h", "--help"):
+        print(usage(prog))
+        return 0
+    if not args or args[0] not in COMMANDS:
+        if args:
+            print(f"error: unknown benchmark {args[0]!r}", file=sys.stderr)
+        print(usage(prog), file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[args[0]])
     return int(module.main(args[1:]))

@@ -28,7 +28,9 @@ def add_service_flags(p: argparse.ArgumentParser) -> None:
                    help="start a local service (1 prefill + 1 decode worker) sized like the "
                         "in-process run, benchmark it through gRPC, stop it")
     p.add_argument("--token", default=None, help="bearer token for --server")
-    p.add_argument("--vocab-size", type=int, default=None, help="--server: prompt id range")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--server: prompt ids are drawn from [0, N) (default: the vocabulary "
+                        "size the service reports)")
 
 
 def model_shape(model: str, dtype: str) -> tuple[int, int]:

@@ -30,7 +30,7 @@ def run_server(
 
     tiered = target.evict is not None
     modes = ("cold", "device", "host", "disk") if tiered else ("cold", "warm")
-    vocab = args.vocab_size or builtin_vocab(args.model)
+    vocab = _check_served_model(args, target, lengths)
     samples: list[dict[str, Any]] = []
     bar = progress(repeats * len(lengths) * len(modes), "ttft (server)", args.no_progress)
     salt = run_salt()  # this run's prompts never hit blocks of an earlier run
@@ -80,6 +80,29 @@ def run_server(
         "bandwidth_gbps": tier_gbps, "samples": samples, "summary": summary,
         "kv_transfer": transfer,
     }
+
+
+def _check_served_model(args: argparse.Namespace, target: Target, lengths: list[int]) -> int:
+    """Ask the service which model it serves (the ``Health`` RPC) before sending anything:
+    every length (+ the 2 generated tokens) must fit its context window. Returns the
+    vocabulary to draw prompt ids from: ``--vocab-size`` if given, else the served model's."""
+    from router.client import StrataClient
+
+    with StrataClient(target.address, token=args.token) as client:
+        info = client.health_info(timeout=30)
+    limit = info.max_model_len
+    too_long = [n for n in lengths if limit and n + 2 > limit]
+    if too_long:
+        raise BenchmarkError(
+            f"the service at {target.address} serves {info.model or 'a model'} with a context "
+            f"window of {limit} tokens: lengths {too_long} (+2 generated tokens) do not fit; "
+            f"choose --lengths below {limit - 1}"
+        )
+    if args.vocab_size:
+        return int(args.vocab_size)
+    if info.vocab_size:
+        return int(info.vocab_size)
+    return builtin_vocab(args.model)  # a service that does not report its vocabulary
 
 
 def _transfer(stats: list[dict[str, float]]) -> dict[str, float]:

@@ -31,13 +31,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="tiny",
-        help="built-in name (tiny, llama-3.2-1b, "
-        "llama-3.1-8b) or a local Hugging Face checkpoint directory",
+        help="built-in name (tiny, smollm2-135m, llama-3.2-1b, llama-3.1-8b), a local Hugging "
+        "Face checkpoint directory or a Llama-family *.gguf file",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context window: prompt + generated tokens (default: the model's)",
+    )
     p.add_argument(
         "--max-batched-tokens",
         type=int,
@@ -74,6 +79,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-ids", help="comma-separated token ids")
+    g.add_argument(
+        "--chat", help="a user message, rendered with the model's chat template (chat models)"
+    )
+    p.add_argument("--system", default=None, help="with --chat: a system message before it")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -85,6 +94,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         "--cache-salt", default="", help="tenant isolation: different salts never share KV"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def chat_messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """``--chat`` (and ``--system``) as chat messages; None without ``--chat``."""
+    if args.chat is None:
+        if args.system is not None:
+            raise SystemExit("error: --system goes with --chat")
+        return None
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return [*system, {"role": "user", "content": args.chat}]
 
 
 def _ids(text: str) -> list[int]:
@@ -111,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the main job: a long document twice and a follow-up, "
-        "through the service (or --in-process)",
+        help="the main job: a long document and follow-up questions through the service "
+        "(or --in-process), each answer with its TTFT and cache tier",
     )
     _add_model_args(demo)
     _add_store_args(demo)
-    demo.add_argument("--prompt-tokens", type=int, default=2048)
+    demo.set_defaults(model="smollm2-135m")
+    demo.add_argument(
+        "--document", default=None, help="text file to ask about (default: the built-in one)"
+    )
     demo.add_argument("--in-process", action="store_true", help="one engine in this process")
 
     up = sub.add_parser("up", help="start the service (embedded local Ray, or --address)")
@@ -138,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--token", default=None, help="require this bearer token from clients")
     up.add_argument("--secret", default=None, help="shared secret of the KV transfer API")
     up.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="OpenAI-compatible HTTP API port (/v1/chat/completions, ...); off if unset",
+    )
     # A flag left out keeps the YAML's value (or the default): nothing set means "not given".
     up.set_defaults(**{a: None for a in (*ENGINE_FLAGS.values(), *STORE_FLAGS.values())})
     up.add_argument(
@@ -163,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # every flag after it is the benchmark's (--help too)
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:], prog="strata bench")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

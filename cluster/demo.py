@@ -1,30 +1,57 @@
-"""The main job (``make run``): a long document twice, cold then served from the KV cache."""
+"""The main job (``make run``): a long document and follow-up questions through the service,
+each answer printed with its TTFT and the tier that served the cached prefix.
+
+With a chat model (the default ``smollm2-135m``) the questions are turns of one conversation
+about the document, so each turn's prompt starts with everything said before: the document is
+computed once (cold) and every later turn loads it from the KV cache -- from the device pool,
+then from the host tier and the disk tier after the workers pushed their cached blocks down.
+A model without a chat template (``tiny``) gets plain ``Question: ... Answer:`` prompts.
+"""
 
 from __future__ import annotations
 
 import argparse
-import random
+import os
 import sys
 import tempfile
 import time
+from typing import Any
 
-_WORDS = (
-    "the cache keeps every block of keys and values that a prompt has produced so that a later "
-    "request with the same prefix loads them instead of computing them again while memory "
-    "tiers move blocks from device to host to disk and back as requests come and go"
-).split()
+DOCUMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "document.md")
+
+# (label, question (None: the previous request again), tier the cached prefix is pushed down
+# to before the turn)
+PLAN: tuple[tuple[str, str | None, str | None], ...] = (
+    ("question 1 (cold)", "When did Agnes Morrow buy the building?", None),
+    ("question 1 again", None, None),
+    ("follow-up 2", "Who is the head librarian today?", None),
+    ("follow-up 3, prefix in host", "How much does a temporary card cost?", "host"),
+    ("follow-up 4, prefix on disk", "What does the blue van do?", "disk"),
+)
+MAX_TOKENS = 48
 
 
-def long_document(num_tokens: int, seed: int = 0) -> str:
-    """A deterministic English-like document of about ``num_tokens`` bytes (byte tokenizer)."""
-    rng = random.Random(seed)
-    words: list[str] = []
-    size = 0
-    while size < num_tokens:
-        w = rng.choice(_WORDS)
-        words.append(w)
-        size += len(w) + 1
-    return " ".join(words)[:num_tokens]
+def read_document(path: str | None) -> str:
+    with open(path or DOCUMENT, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def turn_request(
+    doc: str, history: list[tuple[str, str]], question: str, chat: bool
+) -> dict[str, Any]:
+    """The request of one turn: the document and every earlier question and answer first."""
+    if chat:
+        messages: list[dict[str, str]] = []
+        for i, (q, a) in enumerate(history):
+            content = f"{doc}\n\nQuestion: {q}" if i == 0 else q
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
+        first = not history
+        messages.append(
+            {"role": "user", "content": f"{doc}\n\nQuestion: {question}" if first else question}
+        )
+        return {"messages": messages}
+    turns = "".join(f"\nQuestion: {q}\nAnswer: {a}" for q, a in history)
+    return {"prompt": f"{doc}{turns}\nQuestion: {question}\nAnswer:"}
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -33,16 +60,26 @@ def run_demo(args: argparse.Namespace) -> int:
     return _run_service(args)
 
 
-QUESTIONS = (
-    "\nQuestion: what does the cache keep?\nAnswer:",
-    "\nQuestion: where do blocks go when memory fills?\nAnswer:",
-    "\nQuestion: what is loaded instead of computed?\nAnswer:",
-)
+def prepare_model(model: str) -> None:
+    """Convert a GGUF model once, here, before the workers start (they then load the cached
+    checkpoint instead of converting it side by side)."""
+    from textproc.gguf_models import find_gguf
+
+    path = find_gguf(model)
+    if path is None:
+        return
+    from engine.gguf_loader import convert_gguf
+    from textproc.gguf_cache import cache_dir
+
+    cached = os.path.exists(os.path.join(cache_dir(path), "model.safetensors"))
+    t0 = time.perf_counter()
+    out = convert_gguf(path)
+    what = "cached checkpoint" if cached else "converted (first start only)"
+    print(f"model {model}: {what} {out} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def _run_service(args: argparse.Namespace) -> int:
-    """Start the service (embedded Ray), send a long document twice and follow-up questions
-    through gRPC, print TTFT and the tier that served the prefix, shut down."""
+    """Start the service (embedded Ray), run the plan through gRPC, shut down."""
     import ray
 
     from cluster.config import ServiceConfig
@@ -51,6 +88,12 @@ def _run_service(args: argparse.Namespace) -> int:
     from router.client import StrataClient
     from router.config import RouterConfig
 
+    try:
+        prepare_model(args.model)
+        doc = read_document(args.document)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
         cfg = ServiceConfig(
             engine=engine_config_from_args(args),
@@ -58,62 +101,72 @@ def _run_service(args: argparse.Namespace) -> int:
             router=RouterConfig(port=0),
         )
         t0 = time.perf_counter()
-        print(
-            f"starting the service: 1 prefill + 1 decode worker, model {args.model} ...", flush=True
-        )
+        print(f"starting the service: 1 prefill + 1 decode worker, model {args.model} ...")
         svc = launch(cfg)
         print(f"serving gRPC on {svc.address} (up in {time.perf_counter() - t0:.1f} s)", flush=True)
         try:
-            doc = long_document(args.prompt_tokens)
-            plan = [
-                ("document + question 1 (cold)", QUESTIONS[0], None),
-                ("same request again", QUESTIONS[0], None),
-                ("follow-up question 2", QUESTIONS[1], None),
-                ("follow-up question 3, prefix on disk", QUESTIONS[2], "disk"),
-            ]
-            outputs = []
             with StrataClient(svc.address) as client:
-                for label, question, evict in plan:
-                    if evict:
-                        for h in svc.prefill + svc.decode:
-                            ray.get(h.evict_cached.remote(evict), timeout=120)
-                    res = client.generate(
-                        prompt=doc + question, max_tokens=16, temperature=0.0, timeout=600
-                    )
-                    u = res.usage
-                    tiers = ", ".join(f"{k}={v}" for k, v in u.cached_tokens_by_tier.items()) or "-"
-                    print(
-                        f"  {label:<38} prompt {u.prompt_tokens:>5} tok  "
-                        f"ttft {res.ttft_ms_client:8.1f} ms  "
-                        f"cached {u.cached_tokens:>5} ({tiers})  "
-                        f"{u.prefill_worker} -> {u.decode_worker}"
-                    )
-                    outputs.append(res)
-            if outputs[0].token_ids != outputs[1].token_ids:
-                print("error: the cached run's output differs from the cold run's", file=sys.stderr)
-                return 1
-            print(
-                f"  warm/cold TTFT: {outputs[1].ttft_ms_client / outputs[0].ttft_ms_client:.3f} "
-                "(identical output tokens)"
-            )
-            return 0
+                chat = client.health_info(timeout=30).has_chat_template
+
+                def evict(tier: str) -> None:
+                    ray.get([h.evict_cached.remote(tier) for h in svc.prefill + svc.decode])
+
+                return _run_plan(client, doc, chat, evict)
         finally:
             svc.shutdown()
             print("service stopped", flush=True)
 
 
+def _run_plan(client: Any, doc: str, chat: bool, evict: Any) -> int:  # noqa: ANN401
+    history: list[tuple[str, str]] = []
+    results = []
+    request: dict[str, Any] = {}
+    for label, asked, tier in PLAN:
+        if tier:
+            evict(tier)
+        question = asked or history[-1][0]
+        if asked is not None:
+            request = turn_request(doc, history, question, chat)
+        res = client.generate(**request, max_tokens=MAX_TOKENS, temperature=0.0, timeout=600)
+        u = res.usage
+        tiers = ", ".join(f"{k}={v}" for k, v in u.cached_tokens_by_tier.items()) or "-"
+        print(
+            f"  {label:<28} prompt {u.prompt_tokens:>5} tok  ttft {res.ttft_ms_client:8.1f} ms  "
+            f"cached {u.cached_tokens:>5} ({tiers})"
+        )
+        print(f"      Q: {question}\n      A: {' '.join(res.text.split())}", flush=True)
+        if asked is not None:
+            history.append((question, res.text.strip()))
+        results.append(res)
+    if results[0].token_ids != results[1].token_ids:
+        print("error: the cached run's answer differs from the cold run's", file=sys.stderr)
+        return 1
+    ratio = results[1].ttft_ms_client / results[0].ttft_ms_client
+    print(f"  warm/cold TTFT of question 1: {ratio:.3f} (identical answer tokens)")
+    return 0
+
+
 def _run_in_process(args: argparse.Namespace) -> int:
     from cluster.generate import engine_from_args
     from engine.sampling import SamplingParams
+    from textproc.tokenizer import render_chat
 
     with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
         if args.disk_path is None:
             args.disk_path = tmp
         engine = engine_from_args(args)
         try:
-            assert engine.tokenizer is not None
-            ids = engine.tokenizer.encode(long_document(args.prompt_tokens) + QUESTIONS[0])
-            sampling = SamplingParams(max_tokens=16)
+            tok = engine.tokenizer
+            assert tok is not None
+            request = turn_request(
+                read_document(args.document), [], str(PLAN[0][1]), tok.chat_template is not None
+            )
+            ids = (
+                render_chat(tok, request["messages"])
+                if "messages" in request
+                else tok.encode(request["prompt"])
+            )
+            sampling = SamplingParams(max_tokens=MAX_TOKENS)
             print(
                 f"model {args.model}: prompt of {len(ids)} tokens, {engine.device}, "
                 f"pool {engine.num_blocks} blocks of {engine.block_size} tokens"
@@ -127,6 +180,7 @@ def _run_in_process(args: argparse.Namespace) -> int:
                     f"  {label:<7} ttft {out.ttft_s * 1000:8.1f} ms   cached tokens "
                     f"{out.num_cached_tokens:>5} ({tiers})"
                 )
+            print(f"  A: {' '.join(tok.decode(rows[0].output_token_ids).split())}")
             if rows[0].output_token_ids != rows[1].output_token_ids:
                 print("error: cached output differs from cold output", file=sys.stderr)
                 return 1

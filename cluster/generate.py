@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from cluster.cli import _ids, print_result
+from cluster.cli import _ids, chat_messages, print_result
+from textproc.tokenizer import Tokenizer, render_chat
 
 
 def engine_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - an EngineConfig
@@ -34,6 +35,19 @@ def engine_from_args(args: argparse.Namespace):  # noqa: ANN201
     return LLMEngine(engine_config_from_args(args), store_config_from_args(args))
 
 
+def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[int]:
+    """The prompt of ``--prompt``, ``--chat`` (rendered with the chat template) or
+    ``--prompt-ids``; ValueError saying what is missing."""
+    messages = chat_messages(args)
+    if messages is not None:
+        return render_chat(tokenizer, messages)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json; pass --prompt-ids")
+        return tokenizer.encode(args.prompt)
+    return _ids(args.prompt_ids)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if args.server:
         from cluster.remote import run_remote_generate
@@ -56,16 +70,11 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.prompt is not None:
-            if engine.tokenizer is None:
-                print(
-                    "error: this checkpoint has no tokenizer.json; pass --prompt-ids",
-                    file=sys.stderr,
-                )
-                return 2
-            prompt_ids = engine.tokenizer.encode(args.prompt)
-        else:
-            prompt_ids = _ids(args.prompt_ids)
+        try:
+            prompt_ids = _prompt_ids(args, engine.tokenizer)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         t0 = time.perf_counter()
         try:
             out = engine.generate([prompt_ids], sampling, cache_salt=args.cache_salt)[0]

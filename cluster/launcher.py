@@ -33,6 +33,7 @@ class Service:
     prefill: list[Any] = field(default_factory=list)
     decode: list[Any] = field(default_factory=list)
     owns_ray: bool = False  # this process started the Ray cluster (and stops it)
+    http_address: str | None = None  # host:port of the OpenAI-compatible HTTP API, if on
 
     def shutdown(self) -> None:
         shutdown_actors(self.router, self.prefill + self.decode)
@@ -111,12 +112,14 @@ def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False)
     )
     try:
         grpc_address = ray.get(router.address_of.remote(), timeout=600)
+        http_port = ray.get(router.http_port_of.remote(), timeout=60)
     except Exception:
         shutdown_actors(router, prefill + decode)
         if owns:
             ray.shutdown()
         raise
-    return Service(grpc_address, router, prefill, decode, owns_ray=owns)
+    http = f"{grpc_address.rsplit(':', 1)[0]}:{http_port}" if http_port is not None else None
+    return Service(grpc_address, router, prefill, decode, owns_ray=owns, http_address=http)
 
 
 def shutdown_actors(router: Any, workers: list[Any]) -> None:

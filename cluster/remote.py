@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.cli import _ids, print_result
+from cluster.cli import _ids, chat_messages, print_result
 
 
 def run_remote_generate(args: argparse.Namespace) -> int:
@@ -26,6 +26,7 @@ def run_remote_generate(args: argparse.Namespace) -> int:
                 cache_salt=args.cache_salt,
                 timeout=args.timeout,
                 ignore_eos=args.ignore_eos,
+                messages=chat_messages(args),
             )
         except RemoteError as e:
             print(f"error: {e.code}: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
             ("port", args.port),
             ("auth_token", args.token),
             ("metrics_port", args.metrics_port),
+            ("http_port", args.http_port),
         )
         if v is not None
     }
@@ -62,6 +63,8 @@ def run_up(args: argparse.Namespace) -> int:
         f"({cfg.num_prefill} prefill + {cfg.num_decode} decode workers, model {cfg.engine.model})",
         flush=True,
     )
+    if svc.http_address:
+        print(f"strata: OpenAI-compatible HTTP API on http://{svc.http_address}/v1", flush=True)
     if args.detach:
         print("strata: detached; stop it with `strata down`", flush=True)
         return 0

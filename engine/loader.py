@@ -4,7 +4,9 @@ A checkpoint directory needs ``config.json`` and ``model.safetensors`` or sharde
 ``*.safetensors`` with ``model.safetensors.index.json``; ``tokenizer.json`` is optional (without
 it the model serves token ids only). Built-in names need no download: ``tiny`` (the default, for
 CPU tests) and the real shapes of ``llama-3.2-1b`` and ``llama-3.1-8b`` with deterministic random
-weights from a fixed seed (weight values do not change timings).
+weights from a fixed seed (weight values do not change timings). A Llama-family GGUF file (a
+``*.gguf`` path, or ``smollm2-135m``: a trained model that a Python package installs) is
+converted once into a cached checkpoint directory (``engine.gguf_loader``) and loaded from it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 
 from engine.config import ModelConfig
 from engine.model import CausalLM
-from engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from textproc.gguf_models import GGUF_MODELS, find_gguf
+from textproc.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 _LLAMA3_ROPE = (
     ("factor", 32.0),
@@ -126,10 +129,22 @@ def load_model(
         return LoadedModel(
             model, cfg, ByteTokenizer(), f"builtin:{name_or_path}:seed={seed}", dt, dev
         )
+    gguf_path = find_gguf(name_or_path)
+    if gguf_path is not None:
+        from engine.gguf_loader import convert_gguf
+
+        path = convert_gguf(gguf_path)
+        cfg = read_config(path)
+        # dequantized weights: bf16 on a GPU, float32 on a CPU, as for the built-in shapes
+        dt = resolve_dtype(dtype, "gguf", dev, builtin=True)
+        model = _checkpoint_model(cfg, safetensors_files(path), dt, dev)
+        identity = "gguf:" + os.path.basename(path)
+        return LoadedModel(model, cfg, load_tokenizer(gguf_path), identity, dt, dev)
     if not os.path.isdir(name_or_path):
         raise ValueError(
-            f"model {name_or_path!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) "
-            "nor a checkpoint directory"
+            f"model {name_or_path!r} is neither a built-in name "
+            f"({', '.join([*BUILTIN_MODELS, *GGUF_MODELS])}), a checkpoint directory nor a "
+            "*.gguf file"
         )
     cfg = read_config(name_or_path)
     dt = resolve_dtype(dtype, cfg.torch_dtype, dev, builtin=False)

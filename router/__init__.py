@@ -5,6 +5,8 @@
 - ``validation.py``, ``types.py``, ``config.py``, ``errors.py``, ``auth.py``, ``detokenize.py``.
 - ``index.py`` (``GlobalBlockIndex``) and ``placement.py`` (``CostModel``): pure Python.
 - ``client.py``: ``StrataClient``. ``metrics.py``: Prometheus metrics in a private registry.
+- ``http_api.py`` + ``openai_api.py``: the OpenAI-compatible HTTP front door.
 
-Imports ``proto`` and ``kvstore`` (keys, errors) only: never torch or the engine.
+Imports ``proto``, ``kvstore`` (keys, errors) and ``textproc`` (tokenizers, chat templates)
+only: never torch or the engine.
 """

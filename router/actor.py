@@ -1,4 +1,5 @@
-"""The router as a Ray actor: the ``RayBackend`` plus the client-facing gRPC server."""
+"""The router as a Ray actor: the ``RayBackend`` plus the client-facing gRPC server and, with
+``http_port`` set, the OpenAI-compatible HTTP API (``router/http_api.py``)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,23 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from router.backend import BackendConfig, RayBackend
 from router.config import RouterConfig
+from router.http_api import HttpFrontDoor
 from router.metrics import RouterMetrics, start_metrics_http
 from router.server import serve
 from router.servicer import GenerationServicer
+from textproc.tokenizer import Tokenizer, load_tokenizer, render_chat
 
 logger = logging.getLogger(__name__)
 
 
 class _ModelVocab:
-    """The model's tokenizer, judged by the model's vocabulary size (it may exceed the
-    tokenizer's); without a tokenizer only ``prompt_token_ids`` are accepted."""
+    """The model's tokenizer and chat template, judged by the model's vocabulary size (it may
+    exceed the tokenizer's); without a tokenizer only ``prompt_token_ids`` are accepted."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int) -> None:
         self._tok = tokenizer
         self.vocab_size = vocab_size
+        self.has_chat_template = tokenizer is not None and tokenizer.chat_template is not None
 
     def encode(self, text: str) -> list[int]:
         if self._tok is None:
@@ -35,6 +39,9 @@ class _ModelVocab:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids) if self._tok is not None else ""
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return render_chat(self._tok, messages)
 
 
 class _Exposition:
@@ -70,8 +77,6 @@ class RouterActor:
         backend_config: BackendConfig | None = None,
         secret: str | None = None,
     ) -> None:
-        from engine.tokenizer import load_tokenizer  # torch-free by design
-
         logging.basicConfig(level=logging.INFO)
         self.backend = RayBackend(workers, backend_config, secret=secret)
         cfg = RouterConfig(
@@ -79,8 +84,11 @@ class RouterActor:
         )
         tok = _ModelVocab(load_tokenizer(model), self.backend.vocab_size)
         self.metrics = RouterMetrics()
-        self.servicer = GenerationServicer(self.backend, tok, cfg, self.metrics)
+        self.servicer = GenerationServicer(self.backend, tok, cfg, self.metrics, model=model)
         self.server, self.port = serve(self.servicer)
+        self.http: HttpFrontDoor | None = None
+        if cfg.http_port is not None:
+            self.http = HttpFrontDoor(self.servicer, cfg.host, cfg.http_port, cfg.auth_token)
         host = cfg.host if cfg.host not in ("0.0.0.0", "::", "[::]") else socket.gethostname()
         self.address = f"{host}:{self.port}"
         self.metrics_port: int | None = None
@@ -93,6 +101,9 @@ class RouterActor:
 
     def address_of(self) -> str:
         return self.address
+
+    def http_port_of(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     def metrics_port_of(self) -> int | None:
         return self.metrics_port
@@ -120,5 +131,7 @@ class RouterActor:
         }
 
     def shutdown(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.server.stop(grace=2.0)
         self.backend.close()

@@ -3,6 +3,7 @@
     with StrataClient("127.0.0.1:50051") as client:
         result = client.generate(prompt="Hello", max_tokens=16, temperature=0)
         print(result.text, result.usage.cached_tokens, result.ttft_ms_client)
+        chat = client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=16)
 
 Failures raise ``RemoteError`` with the gRPC status name in ``.code``.
 """
@@ -10,7 +11,7 @@ Failures raise ``RemoteError`` with the gRPC status name in ``.code``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -104,9 +105,16 @@ class StrataClient:
         cache_salt: str = "",
         request_id: str = "",
         ignore_eos: bool = False,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> strata_pb2.GenerateRequest:
+        """``messages``: a conversation (``{"role": ..., "content": ...}`` each), rendered by
+        the service with the model's chat template; the third prompt form."""
         req = strata_pb2.GenerateRequest(
             prompt_token_ids=list(prompt_token_ids or ()),
+            messages=[
+                strata_pb2.ChatMessage(role=m["role"], content=m["content"])
+                for m in messages or ()
+            ],
             top_k=top_k,
             stop_token_ids=list(stop_token_ids),
             cache_salt=cache_salt,
@@ -139,6 +147,7 @@ class StrataClient:
         timeout: float | None = None,
         request_id: str = "",
         ignore_eos: bool = False,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> Iterator[StreamChunk]:
         """Stream ``StreamChunk``s; breaking out of the loop cancels the request on the
         server."""
@@ -154,6 +163,7 @@ class StrataClient:
             cache_salt,
             request_id,
             ignore_eos,
+            messages,
         )
         return self.stream_request(req, timeout)
 
@@ -190,6 +200,7 @@ class StrataClient:
         timeout: float | None = None,
         request_id: str = "",
         ignore_eos: bool = False,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> GenerationResult:
         """Run one request to completion and collect its stream."""
         t0 = time.perf_counter()
@@ -210,6 +221,7 @@ class StrataClient:
             cache_salt,
             request_id,
             ignore_eos,
+            messages,
         )
         for chunk in self.stream_request(req, timeout):
             now_ms = (time.perf_counter() - t0) * 1e3
@@ -244,10 +256,15 @@ class StrataClient:
 
     def health(self, timeout: float = 5.0) -> tuple[bool, str]:
         """(serving, detail)."""
+        resp = self.health_info(timeout)
+        return resp.serving, resp.detail
+
+    def health_info(self, timeout: float = 5.0) -> strata_pb2.HealthResponse:
+        """The whole ``Health`` answer: serving, detail and the served model (name, context
+        window, vocabulary size, whether it has a chat template)."""
         try:
-            resp = self._stub.Health(
+            return self._stub.Health(
                 strata_pb2.HealthRequest(), timeout=timeout, metadata=self._metadata
             )
         except grpc.RpcError as e:
             raise _remote_error("Health", e) from e
-        return resp.serving, resp.detail

@@ -18,6 +18,7 @@ class RouterConfig:
     max_message_bytes: int = 64 << 20
     auth_token: str | None = None  # when set, clients send `authorization: Bearer <token>`
     metrics_port: int | None = None  # Prometheus HTTP exposition; None -> off
+    http_port: int | None = None  # OpenAI-compatible HTTP API (0 picks a free port); None -> off
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:
@@ -39,6 +40,8 @@ class RouterConfig:
             raise ValueError("default_timeout_s must be positive")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("auth_token must be non-empty (or None to turn auth off)")
 

@@ -10,6 +10,9 @@
 | bad or missing bearer token               | UNAUTHENTICATED    |
 | anything else                             | INTERNAL (logged)  |
 
+The HTTP front door (``router/http_api.py``) runs requests through the same ``stream`` and maps
+the same statuses to HTTP (``HTTP_STATUS``): 400, 429, 503, 504, 401, 500.
+
 A client that cancels (or whose deadline passes) makes the servicer call
 ``backend.cancel(req_id)`` once, unless the request had already finished.
 """
@@ -66,6 +69,24 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
+# gRPC status -> HTTP status and OpenAI error type, for the HTTP front door (router/http_api.py)
+HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.INTERNAL: (500, "internal_error"),
+}
+
+
+def http_status_for(exc: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, message): the same choice as ``status_for``."""
+    code, message = status_for(exc)
+    status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
+    return status, kind, message
+
+
 def usage_to_pb(usage: Usage, ttft_ms: float) -> strata_pb2.Usage:
     return strata_pb2.Usage(
         prompt_tokens=usage.prompt_tokens,
@@ -85,8 +106,10 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
         tokenizer: Tokenizer,
         config: RouterConfig | None = None,
         metrics: RouterMetrics | None = None,
+        model: str = "",
     ) -> None:
         self.backend = backend
+        self.model = model  # the served model's name (Health, the HTTP API's /v1/models)
         self.tokenizer = tokenizer
         self.config = config if config is not None else RouterConfig()
         self.metrics = metrics if metrics is not None else RouterMetrics()
@@ -97,10 +120,26 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
     def Generate(
         self, request: strata_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[strata_pb2.GenerateResponse]:
+        try:
+            yield from self.stream(request, context.time_remaining(), context.add_callback)
+        except Exception as e:
+            code, details = status_for(e)
+            context.abort(code, details)
+
+    def stream(
+        self,
+        request: strata_pb2.GenerateRequest,
+        time_remaining: float | None,
+        on_end: Callable[[Callable[[], None]], object],
+    ) -> Iterator[strata_pb2.GenerateResponse]:
+        """One request, for the gRPC API and the HTTP front door alike: admission (at most
+        ``max_in_flight``), validation, the backend's token stream with text deltas, the
+        deadline, metrics. ``on_end`` registers the callback to run when the caller's request
+        ends (it cancels the request in the backend unless it had finished). Failures raise;
+        ``status_for`` maps them. Closing the generator cancels the request."""
         arrival = time.monotonic()
         acquired = self._slots.acquire(blocking=False)
         code: grpc.StatusCode | None = None  # None while streaming; OK once finished
-        details = ""
         if acquired:
             self.metrics.in_flight.inc()
         try:
@@ -108,7 +147,7 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
                 raise OverloadedError(
                     f"server busy: {self.config.max_in_flight} requests in flight; retry later"
                 )
-            yield from self._stream(request, context, arrival)
+            yield from self._stream(request, time_remaining, on_end, arrival)
             code = grpc.StatusCode.OK
         except Exception as e:
             code, details = status_for(e)
@@ -116,6 +155,7 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
                 logger.exception("Generate failed")
             else:
                 logger.info("Generate refused: %s %s", code.name, details)
+            raise
         finally:
             if acquired:
                 self._slots.release()
@@ -123,18 +163,18 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
             # no code: the client went away mid-stream (the generator was closed)
             status = code.name if code is not None else grpc.StatusCode.CANCELLED.name
             self.metrics.requests_total.labels(status=status).inc()
-        if code != grpc.StatusCode.OK:
-            assert code is not None
-            context.abort(code, details)
 
     def _stream(
-        self, request: strata_pb2.GenerateRequest, context: grpc.ServicerContext, arrival: float
+        self,
+        request: strata_pb2.GenerateRequest,
+        time_remaining: float | None,
+        on_end: Callable[[Callable[[], None]], object],
+        arrival: float,
     ) -> Iterator[strata_pb2.GenerateResponse]:
         req = validate_request(request, self.tokenizer, self.config)
-        remaining = context.time_remaining()
         budget = self.config.default_timeout_s
-        if remaining is not None:
-            budget = min(budget, remaining)
+        if time_remaining is not None:
+            budget = min(budget, time_remaining)
         end = arrival + budget
         lock = threading.Lock()
         finished = False  # set once the final delta arrived or the backend was told to cancel
@@ -147,7 +187,7 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
                 logger.info("request %s cancelled (client gone or deadline)", req.req_id)
                 self.backend.cancel(req.req_id)
 
-        context.add_callback(lambda: finish(cancel=True))  # runs when the RPC ends
+        on_end(lambda: finish(cancel=True))  # runs when the request ends
         detok = IncrementalDetokenizer(self.tokenizer)
         first_token_at: float | None = None
         last_token_at = 0.0
@@ -226,7 +266,12 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
         if self.on_health is not None:
             self.on_health(ok)
         return strata_pb2.HealthResponse(
-            serving=ok, detail=detail or ("serving" if ok else "no worker can serve")
+            serving=ok,
+            detail=detail or ("serving" if ok else "no worker can serve"),
+            model=self.model,
+            max_model_len=self.config.max_model_len,
+            vocab_size=self.tokenizer.vocab_size,
+            has_chat_template=self.tokenizer.has_chat_template,
         )
 
 

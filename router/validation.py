@@ -18,28 +18,44 @@ MAX_CACHE_SALT_LEN = 256
 
 class Tokenizer(Protocol):
     vocab_size: int
+    has_chat_template: bool
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (ValueError
+        when the model has none)."""
+        ...
+
 
 def validate_request(
     request: strata_pb2.GenerateRequest, tokenizer: Tokenizer, config: RouterConfig
 ) -> GenRequest:
-    """Check every field; tokenize a text prompt. Raises ``ValueError`` with the reason."""
-    has_text = request.HasField("prompt")
-    has_ids = len(request.prompt_token_ids) > 0
-    if has_text and has_ids:
-        raise ValueError("set either prompt or prompt_token_ids, not both")
-    if not has_text and not has_ids:
-        raise ValueError("empty prompt: set prompt (text) or prompt_token_ids")
-    if has_text:
+    """Check every field; tokenize a text prompt or render a conversation. Raises
+    ``ValueError`` with the reason."""
+    forms = {
+        "prompt": request.HasField("prompt"),
+        "prompt_token_ids": len(request.prompt_token_ids) > 0,
+        "messages": len(request.messages) > 0,
+    }
+    given = [name for name, present in forms.items() if present]
+    if len(given) > 1:
+        raise ValueError(
+            f"set exactly one of prompt, prompt_token_ids and messages; got {' and '.join(given)}"
+        )
+    if not given:
+        raise ValueError("empty prompt: set prompt (text), prompt_token_ids or messages (chat)")
+    if forms["prompt"]:
         if not request.prompt:
             raise ValueError("empty prompt: prompt is an empty string")
         ids = tuple(tokenizer.encode(request.prompt))
         if not ids:
             raise ValueError("empty prompt: the text tokenizes to no tokens")
+    elif forms["messages"]:
+        chat = [{"role": m.role, "content": m.content} for m in request.messages]
+        ids = tuple(tokenizer.encode_chat(chat))
     else:
         ids = tuple(request.prompt_token_ids)
     vocab = tokenizer.vocab_size

@@ -31,3 +31,13 @@ def make_engine():
     finally:
         for eng in engines:
             eng.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """The oracle for the real model: Hugging Face transformers' own model loaded from the same
+    GGUF file in float32, and greedy continuations from it, computed once per session (loading
+    takes ~30 s on 2 cores) and shared by the engine and service tests."""
+    from tests.smollm2_refs import Reference
+
+    return Reference()

@@ -14,16 +14,34 @@ from router.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenRequest, T
 EOS = 256
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
 class ByteTokenizer:
-    """UTF-8 bytes as token ids, plus EOS (257 ids)."""
+    """UTF-8 bytes as token ids, plus EOS (257 ids); a small chat template when
+    ``chat=True`` (``<role>content`` lines, the assistant's turn opened)."""
 
     vocab_size = 257
+
+    def __init__(self, chat: bool = False) -> None:
+        from textproc.chat import ChatTemplate
+
+        self.template = ChatTemplate(CHAT_TEMPLATE) if chat else None
+        self.has_chat_template = chat
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.template is None:
+            raise ValueError("this model has no chat template")
+        return self.encode(self.template.render(messages))
 
 
 class ScriptedBackend:

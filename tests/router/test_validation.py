@@ -52,7 +52,9 @@ def test_defaults_and_text_prompt(tokenizer) -> None:
     [
         ({}, "empty prompt"),
         ({"prompt": ""}, "empty prompt"),
-        ({"prompt": "a", "prompt_token_ids": [1]}, "not both"),
+        ({"prompt": "a", "prompt_token_ids": [1]}, "exactly one of"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "x"}]}, "exactly one of"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no chat template"),
         ({"prompt_token_ids": [1, 257]}, "outside the vocabulary"),
         ({"prompt_token_ids": [-1]}, "outside the vocabulary"),
         ({"prompt_token_ids": [1], "max_tokens": 0}, "max_tokens must be >= 1"),
@@ -70,6 +72,21 @@ def test_defaults_and_text_prompt(tokenizer) -> None:
 def test_rejections(tokenizer, kwargs: dict, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         validate_request(req(**kwargs), tokenizer, CFG)
+
+
+def test_chat_messages_rendered_with_the_template() -> None:
+    from tests.router.conftest import ByteTokenizer
+
+    chat = ByteTokenizer(chat=True)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    g = validate_request(req(messages=msgs), chat, CFG)
+    assert bytes(g.prompt_token_ids).decode() == "<system>be brief\n<user>hi\n<assistant>"
+    for bad, reason in (
+        ([{"role": "wizard", "content": "x"}], "role must be one of"),
+        ([{"role": "user", "content": "x" * 80}], "prompt too long"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            validate_request(req(messages=bad), chat, CFG)
 
 
 def test_config_rejects_bad_values() -> None:
