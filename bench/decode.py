@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=None, help="default 128")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32)")
     add_run_flags(p, "32-token prompts, 8 steps")
+    p.add_argument("--with-inprocess", action="store_true",
+                   help="with --server/--start-service: time the in-process engine too, in the "
+                        "same run, and report service / in-process tokens/s per batch")
     return p
 
 
@@ -69,8 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             sizes = EngineSizes(pool_tokens=max_b * (ctx + 32) + 256, host_tokens=0,
                                 disk_tokens=0, max_model_len=ctx + 16,
                                 max_batched_tokens=max(2048, prompt_tokens))
+            local = run(args, batches, prompt_tokens, steps) if args.with_inprocess else None
             with server_target(args, sizes) as target:
                 result = run_server(args, target.address, batches, prompt_tokens, steps)
+            if local is not None:
+                result["inprocess"] = local
+                result["service_over_inprocess"] = [
+                    {"batch": s["batch"], "service_tokens_per_s": s["tokens_per_s"],
+                     "inprocess_tokens_per_s": loc["tokens_per_s"],
+                     "ratio": s["tokens_per_s"] / loc["tokens_per_s"]}
+                    for s, loc in zip(result["rows"], local["rows"], strict=True)]
+        elif args.with_inprocess:
+            raise ValueError("--with-inprocess goes with --server or --start-service")
         else:
             result = run(args, batches, prompt_tokens, steps)
     except (ValueError, StrataError) as e:
@@ -217,9 +230,17 @@ def render_table(result: dict[str, Any]) -> str:
     if cfg.get("mode") == "server":
         rows = [[r["batch"], r["tokens_per_s"], r["ms_per_token"], r["tbt_s"].get("p90", 0) * 1e3]
                 for r in result["rows"]]
-        return (f"decode through the service at {cfg['server']}, {cfg['model']}, prompt "
-                f"{cfg['prompt_tokens']} tokens, {cfg['steps'] + 1} tokens a stream "
-                "(client side)\n" + format_table(["batch", "tok/s", "ms/token", "p90 ms"], rows))
+        out = (f"decode through the service at {cfg['server']}, {cfg['model']}, prompt "
+               f"{cfg['prompt_tokens']} tokens, {cfg['steps'] + 1} tokens a stream "
+               "(client side)\n" + format_table(["batch", "tok/s", "ms/token", "p90 ms"], rows))
+        if "inprocess" in result:
+            ratio = [[r["batch"], r["service_tokens_per_s"], r["inprocess_tokens_per_s"],
+                      r["ratio"]] for r in result["service_over_inprocess"]]
+            out += ("\n\n" + render_table(result["inprocess"])
+                    + "\n\nservice / in-process decode tokens/s, same run\n"
+                    + format_table(["batch", "service tok/s", "in-process tok/s", "ratio"],
+                                   ratio))
+        return out
     roof = result["roofline"]
     rows = [[r["batch"], r["tokens_per_s"], r["ms_per_step"], r["roofline_tokens_per_s"],
              r["fraction_of_roofline"]] for r in result["rows"]]
@@ -236,6 +257,9 @@ def plot(result: dict[str, Any], path: str) -> None:
     xs = [r["batch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, [r["tokens_per_s"] for r in rows], "o-", label="measured")
+    if "inprocess" in result:
+        ax.plot(xs, [r["tokens_per_s"] for r in result["inprocess"]["rows"]], "x:",
+                label="in-process, same run")
     if "roofline" in result:
         ax.plot(xs, [r["roofline_tokens_per_s"] for r in rows], "--",
                 label=result["roofline"]["name"])

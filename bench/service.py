@@ -55,13 +55,17 @@ class Target:
 
     address: str
     evict: Callable[[str], None] | None = None
-    worker_info: dict[str, Any] | None = None  # prefill-0's WorkerInfo (block size, tier speeds)
+    # WorkerInfo of the worker computing prompts (prefill-0, or decode-0 when colocated)
+    worker_info: dict[str, Any] | None = None
     prefill_stats: Callable[[], list[dict[str, float]]] | None = None  # each prefill worker's
 
 
 @contextlib.contextmanager
-def local_service(model: str, dtype: str, sizes: EngineSizes) -> Iterator[Target]:
-    """Start the service on an embedded Ray cluster; yield it as a ``Target``; stop it."""
+def local_service(
+    model: str, dtype: str, sizes: EngineSizes, num_prefill: int = 1
+) -> Iterator[Target]:
+    """Start the service on an embedded Ray cluster; yield it as a ``Target``; stop it.
+    ``num_prefill=0``: colocated (the decode worker computes prompts too)."""
     from cluster.config import ServiceConfig
     from cluster.launcher import launch
     from engine.config import EngineConfig
@@ -87,7 +91,7 @@ def local_service(model: str, dtype: str, sizes: EngineSizes) -> Iterator[Target
                 disk_write_queue_blocks=4096,
             ),
             router=RouterConfig(host="127.0.0.1", port=0, max_model_len=sizes.max_model_len),
-            num_prefill=1, num_decode=1,
+            num_prefill=num_prefill, num_decode=1,
         )
         svc = launch(cfg)
         logger.info("benchmark service at %s", svc.address)
@@ -99,7 +103,8 @@ def local_service(model: str, dtype: str, sizes: EngineSizes) -> Iterator[Target
                     timeout=120)
 
         try:
-            info = dataclasses.asdict(ray.get(svc.prefill[0].info.remote(), timeout=120))
+            first = (svc.prefill or svc.decode)[0]
+            info = dataclasses.asdict(ray.get(first.info.remote(), timeout=120))
             yield Target(svc.address, evict, info, lambda: ray.get(
                 [w.stats.remote() for w in svc.prefill], timeout=120))
         finally:

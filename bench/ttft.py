@@ -4,6 +4,7 @@
     python -m bench.ttft --model llama-3.2-1b --lengths 1024,2048
     python -m bench.ttft --server 127.0.0.1:50051 --lengths 1024,4096
     python -m bench.ttft --start-service --with-inprocess --lengths 1024,4096,16384
+    python -m bench.ttft --start-service --colocated --lengths 2048,4096,8192,16384
 
 In-process: one ``LLMEngine`` over a ``TieredStore`` (host slab + LMDB in a temporary directory,
 sized so every prompt fits). For every length and repeat a fresh random prompt (nothing leaks
@@ -20,7 +21,10 @@ bandwidth of its tier (device: a large copy in the pool's dtype; host, disk: the
 ``--server`` sends the same prompts through a running service (client-side TTFT, cold and warm);
 ``--start-service`` starts one for the run and times every tier through it (``bench.ttft_server``);
 ``--with-inprocess`` adds the in-process run to either, so the service's overhead is a ratio
-measured in the same run.
+measured in the same run. Through a service, fresh prompts are also streamed with a few tokens
+each to time the prefill -> decode handoff (``bench.handoff``: the gap between the first and the
+second token against the later per-token time); ``--colocated`` streams the same prompts through
+a second, colocated service (one worker prefills and decodes) for the side-by-side.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from bench import handoff
 from bench.common import (
     EngineSizes,
     add_run_flags,
@@ -47,6 +52,7 @@ from bench.common import (
     random_prompt,
     report,
 )
+from bench.handoff import HANDOFF_TOKENS
 from bench.service import server_target
 from kvstore.bandwidth import drop_page_cache
 from kvstore.errors import StrataError
@@ -69,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-inprocess", action="store_true",
                    help="with --server/--start-service: time the in-process engine too, in the "
                         "same run, and report the service's overhead")
+    p.add_argument("--colocated", action="store_true",
+                   help="with --start-service: also stream the handoff prompts through a "
+                        "colocated service (one worker prefills and decodes, no transfer)")
     return p
 
 
@@ -81,11 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if repeats < 1:
             raise ValueError("--repeats must be at least 1")
         if args.server or args.start_service:
-            from bench.ttft_server import run_server
+            from bench.ttft_server import run_handoff_only, run_server
 
+            if args.colocated and not args.start_service:
+                raise ValueError("--colocated goes with --start-service")
             local = run_inprocess(args, lengths, repeats) if args.with_inprocess else None
-            with server_target(args, _sizes(args, lengths, repeats)) as target:
+            sizes = _sizes(args, lengths, repeats)
+            with server_target(args, sizes) as target:
                 result = run_server(args, target, lengths, repeats)
+            if args.colocated:
+                from bench.service import local_service
+
+                with local_service(args.model, args.dtype, sizes, num_prefill=0) as colo:
+                    result["colocated"] = run_handoff_only(args, colo, lengths, repeats,
+                                                           "colocated")
             if local is not None:
                 result["inprocess"] = local
                 result["service_over_inprocess"] = _overhead(result, local)
@@ -118,8 +136,8 @@ def _sizes(args: argparse.Namespace, lengths: list[int], repeats: int) -> Engine
     total = sum(lengths) * repeats + 4 * longest  # every prompt (plus warm-up) fits host and disk
     return EngineSizes(
         pool_tokens=2 * (longest + 2) + 64, host_tokens=total, disk_tokens=2 * total,
-        max_model_len=longest + 2, max_batched_tokens=args.max_batched_tokens,  # through the
-        # service each prompt gets two tokens (the second from the decode worker)
+        # through the service each prompt gets up to HANDOFF_TOKENS tokens (the handoff streams)
+        max_model_len=longest + HANDOFF_TOKENS, max_batched_tokens=args.max_batched_tokens,
     )
 
 
@@ -262,6 +280,12 @@ def render_table(result: dict[str, Any]) -> str:
             t = result["kv_transfer"]
             out += (f"\nprefill -> decode KV pushes: {t['blocks']:.0f} blocks, "
                     f"{t['bytes'] / 2**20:.1f} MiB in {t['seconds']:.3f} s = {t['gbps']:.2f} GB/s")
+        for key, name in (("handoff", "this service"), ("colocated", "colocated service")):
+            if key in result:
+                title, headers, table = handoff.render(
+                    f"handoff, {name}: {result[key]['tokens']} tokens a stream (client side, "
+                    "medians)", result[key]["summary"])
+                out += f"\n\n{title}\n" + format_table(headers, table)
         if "inprocess" in result:
             modes = cfg["modes"]
             over = [[r["length"]]

@@ -38,7 +38,8 @@ class PushResult:
     nbytes: int  # payload bytes streamed (inline and through shared memory)
     shm_nbytes: int  # of which through shared memory
     num_frames: int  # data frames sent
-    seconds: float  # from opening the stream to its end
+    seconds: float  # from opening the stream to its end (most of it: waiting for the prefill)
+    send_seconds: float  # spent putting frames on the wire (the bandwidth's denominator)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class PushSession:
         self._shm_frames_sent = 0
         self._frames_sent = 0
         self._num_sent = self._nbytes = self._shm_nbytes = 0
+        self._send_seconds = 0.0
         self._closed = False  # finish() or abort() was called
         self._deadline_s = deadline_s
         self._responses = call(self._frames(), timeout=deadline_s, metadata=metadata)
@@ -195,7 +197,9 @@ class PushSession:
             assert isinstance(item, _Data)
             frame = self._encode(item)
             if frame is not None:
-                yield frame
+                t0 = time.perf_counter()
+                yield frame  # gRPC asks for the next frame once this one is on the wire
+                self._send_seconds += time.perf_counter() - t0
 
     def _encode(self, d: _Data) -> bytes | None:
         keep = [k for k, i in enumerate(d.indices) if self.wanted(i)]
@@ -292,6 +296,7 @@ class PushSession:
             shm_nbytes=self._shm_nbytes,
             num_frames=self._frames_sent,
             seconds=time.monotonic() - self._t0,
+            send_seconds=self._send_seconds,
         )
         self._done.set()
         if self.on_done is not None:

@@ -62,7 +62,7 @@ class PrefillWorker(WorkerBase):
             "push_bytes": 0.0,
             "push_shm_bytes": 0.0,
             "push_frames": 0.0,
-            "push_seconds": 0.0,
+            "push_seconds": 0.0,  # putting frames on the wire (not waiting for the prefill)
             "push_failures": 0.0,
             "pull_blocks": 0.0,
         }
@@ -179,7 +179,7 @@ class PrefillWorker(WorkerBase):
             self.push_stats["push_bytes"] += res.nbytes
             self.push_stats["push_shm_bytes"] += res.shm_nbytes
             self.push_stats["push_frames"] += res.num_frames
-            self.push_stats["push_seconds"] += res.seconds
+            self.push_stats["push_seconds"] += res.send_seconds
 
     # ---- pulling a prefix from another worker -------------------------------------------
     def _pull(self, address: str, prompt: list[int], cache_salt: str, num_blocks: int) -> int:

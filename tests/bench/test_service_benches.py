@@ -25,7 +25,7 @@ def _check_hit_rates(hr: dict) -> None:
 
 
 def test_ttft_through_service(tmp_path) -> None:
-    argv = ["--quick", "--start-service", "--out", str(tmp_path), "--no-progress"]
+    argv = ["--quick", "--start-service", "--colocated", "--out", str(tmp_path), "--no-progress"]
     assert ttft.main(argv) == 0
     data = _load(str(tmp_path), "ttft")
     cfg = data["config"]
@@ -37,6 +37,9 @@ def test_ttft_through_service(tmp_path) -> None:
     for s in data["samples"]:
         if s["mode"] == "cold":
             assert s["num_cached_tokens"] == 0 and s["cached_by_tier"] == {}
+        elif s["mode"] == "disk":  # the router's prefetch may have lifted some blocks to host
+            assert set(s["cached_by_tier"]) <= {"disk", "host"}
+            assert sum(s["cached_by_tier"].values()) == (s["length"] - 1) // 16 * 16
         else:  # every full block before the last token is reused, from the tier named
             assert s["cached_by_tier"] == {s["mode"]: (s["length"] - 1) // 16 * 16}
         assert 0 < s["ttft_server_s"] <= s["ttft_s"]
@@ -49,6 +52,14 @@ def test_ttft_through_service(tmp_path) -> None:
             assert r[f"{tier}_floor_s"] > 0
     t = data["kv_transfer"]  # every request's prompt KV went from prefill-0 to decode-0
     assert t["blocks"] > 0 and t["bytes"] > 0 and t["gbps"] > 0 and t["failures"] == 0
+    for key in ("handoff", "colocated"):  # fresh prompts streamed: the gap 1->2 and after
+        h = data[key]
+        assert len(h["samples"]) == len(lengths) and h["tokens"] == 10
+        for smp in h["samples"]:
+            assert smp["cached_tokens"] == 0 and len(smp["gaps_s"]) == 9
+            assert smp["exposed_s"] == pytest.approx(smp["gap12_s"] - smp["per_token_s"])
+            assert (smp["prefill_worker"] == "") == (key == "colocated")
+        assert [r["length"] for r in h["summary"]] == lengths
 
 
 def test_longdoc_through_service(tmp_path) -> None:
@@ -90,8 +101,8 @@ def test_trace_through_service(tmp_path) -> None:
 
 
 def test_decode_through_service(tmp_path) -> None:
-    argv = ["--quick", "--start-service", "--batches", "1,4", "--steps", "6", "--out",
-            str(tmp_path), "--no-progress"]
+    argv = ["--quick", "--start-service", "--with-inprocess", "--batches", "1,4", "--steps",
+            "6", "--out", str(tmp_path), "--no-progress"]
     assert decode.main(argv) == 0
     data = _load(str(tmp_path), "decode")
     assert data["config"]["mode"] == "server"
@@ -101,3 +112,7 @@ def test_decode_through_service(tmp_path) -> None:
         assert 0 < r["steady_tokens"] < r["tokens"] and r["steady_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["steady_tokens"] / r["steady_s"])
         assert r["tbt_s"]["count"] == r["batch"] * 6 and r["ms_per_token"] > 0
+    ratios = data["service_over_inprocess"]
+    assert [r["batch"] for r in ratios] == [1, 4]
+    for r, loc in zip(ratios, data["inprocess"]["rows"]):
+        assert r["ratio"] == pytest.approx(r["service_tokens_per_s"] / loc["tokens_per_s"])
