@@ -239,9 +239,13 @@ class KVReceiver:
         state.num_blocks += len(hashes)
         state.nbytes += len(hashes) * h.block_nbytes
 
+        lent = state.lent.pop(id(data), None)  # a reusable buffer, back once written
+
         def written(f: Future[int]) -> None:
             if f.exception() is not None:
                 state.error = f"receiver could not store blocks: {f.exception()}"
+            if lent is not None:
+                state.spare.put(lent)
             events.put(("written", None))
 
         fut.add_done_callback(written)
@@ -266,7 +270,7 @@ class KVReceiver:
             raise _Refused(
                 grpc.StatusCode.INVALID_ARGUMENT, "a shared-memory frame this stream cannot carry"
             )
-        out = np.empty(n * size, dtype=np.uint8)
+        out = state.buffer(n * size)
         try:
             self.segments.read_into(state.segment, h.shm_offset, h.shm_gen, out.data)
         except ValueError as e:
@@ -274,8 +278,11 @@ class KVReceiver:
         except shm.TornReadError as e:
             self.num_torn += 1
             logger.warning("push %s: %s; dropping %d blocks", state.req_id, e, n)
+            state.spare.put(out if out.base is None else out.base)
             return None
-        return out.data
+        view = out.data
+        state.lent[id(view)] = out if out.base is None else out.base
+        return view
 
     def _open(
         self, h: strata_pb2.FrameHeader, state: _PushState, context: grpc.ServicerContext
@@ -348,6 +355,14 @@ class KVReceiver:
 class _PushState:
     """One push stream's bookkeeping (its servicer thread and the sink's write callbacks)."""
 
+    def buffer(self, nbytes: int) -> np.ndarray:
+        """A spare buffer of at least ``nbytes`` (its first ``nbytes``), or a new one."""
+        try:
+            buf = self.spare.get_nowait()
+        except queue.Empty:
+            return np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes] if buf.size >= nbytes else np.empty(nbytes, dtype=np.uint8)
+
     def __init__(self, events: queue.SimpleQueue[tuple[str, object]]) -> None:
         self.events = events  # the stream's event queue ("frame", "written", "end", "broken")
         self.req_id: str | None = None
@@ -361,6 +376,10 @@ class _PushState:
         self.outstanding = 0  # sink writes not finished yet
         self.frames_done = 0  # shared-memory frames whose bytes were taken (acknowledged)
         self.pending: list[Future[int]] = []
+        # Buffers for bytes copied out of shared memory: reused once their write finished, so
+        # a stream allocates (and page-faults) at most max_pending_frames + 1 of them.
+        self.spare: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self.lent: dict[int, np.ndarray] = {}
         self.num_blocks = 0
         self.nbytes = 0
         self.ok = False

@@ -30,6 +30,8 @@ import socket
 import struct
 import threading
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
@@ -225,7 +227,11 @@ class SegmentMap:
             raise ValueError(f"slot at {offset} ({nbytes} bytes, gen {gen}) outside {name!r}")
         if _GEN.unpack_from(view, offset)[0] != gen:
             raise TornReadError(f"slot at {offset} of {name!r} no longer holds generation {gen}")
-        out[:] = view[data : data + nbytes]
+        # numpy copies without holding the GIL (the memoryview assignment would hold it)
+        np.copyto(
+            np.frombuffer(out, dtype=np.uint8),
+            np.frombuffer(view, dtype=np.uint8, count=nbytes, offset=data),
+        )
         if _GEN.unpack_from(view, offset)[0] != gen:
             raise TornReadError(f"slot at {offset} of {name!r} was rewritten while read")
 
