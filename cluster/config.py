@@ -26,8 +26,7 @@ from cluster.sizes import parse_size
 from engine.config import EngineConfig
 from kvstore.config import StoreConfig
 from kvtransfer.config import TransferConfig
-from router.backend import BackendConfig
-from router.config import RouterConfig
+from router.config import BackendConfig, RouterConfig
 
 _SIZE_FIELDS = {
     "kv_cache_bytes",

@@ -19,6 +19,8 @@ from typing import Any
 import ray
 
 from cluster.config import ServiceConfig
+from cluster.workers import actor_options, create_worker
+from proto.worker_api import DECODE, PREFILL
 
 logger = logging.getLogger(__name__)
 
@@ -69,46 +71,18 @@ def connect(address: str | None, cfg: ServiceConfig) -> bool:
     return True
 
 
-def _role_resources(role: str) -> dict[str, float]:
-    total = ray.cluster_resources()
-    if total.get(role, 0) >= 1:
-        return {role: 1.0}
-    logger.warning("the cluster offers no %r resource: %s workers are placed anywhere", role, role)
-    return {}
-
-
 def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False) -> Service:
-    from decode_worker.actor import decode_actor_class
-    from prefill_worker.actor import prefill_actor_class
     from router.actor import RouterActor
 
     owns = connect(address, cfg)
-    common: dict[str, Any] = {"max_concurrency": 256, "num_cpus": 0}
-    if detach:
-        common["lifetime"] = "detached"
-    kv_host = "127.0.0.1" if not address else "0.0.0.0"
-    prefill, decode = [], []
-    for i in range(cfg.num_prefill):
-        wid = f"prefill-{i}"
-        opts = {**common, "resources": _role_resources("prefill"), "name": f"strata-{wid}"}
-        prefill.append(
-            prefill_actor_class(**opts).remote(
-                wid, cfg.engine, cfg.store_for(wid), cfg.secret, kv_host, transfer=cfg.transfer
-            )
-        )
-    for i in range(cfg.num_decode):
-        wid = f"decode-{i}"
-        opts = {**common, "resources": _role_resources("decode"), "name": f"strata-{wid}"}
-        decode.append(
-            decode_actor_class(**opts).remote(
-                wid, cfg.engine, cfg.store_for(wid), cfg.secret, kv_host
-            )
-        )
-    workers = [("prefill", h) for h in prefill] + [("decode", h) for h in decode]
+    bind_all = bool(address)
+    prefill = [create_worker(cfg, PREFILL, i, bind_all, detach) for i in range(cfg.num_prefill)]
+    decode = [create_worker(cfg, DECODE, i, bind_all, detach) for i in range(cfg.num_decode)]
+    workers = [(PREFILL, h) for h in prefill] + [(DECODE, h) for h in decode]
     router = (
         ray.remote(RouterActor)
-        .options(name=ROUTER_NAME, **common)
-        .remote(workers, cfg.engine.model, cfg.router, cfg.backend, cfg.secret)
+        .options(**actor_options(ROUTER_NAME, detach))
+        .remote(workers, cfg, detach=detach)
     )
     try:
         grpc_address = ray.get(router.address_of.remote(), timeout=600)

@@ -59,6 +59,10 @@ class BlockPool:
     def contains(self, block_hash: BlockHash) -> bool:
         return block_hash in self._cached
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every block hash the pool holds (a resync of the router's index)."""
+        return list(self._cached)
+
     def touch(self, block_ids: Sequence[int]) -> None:
         """Take a reference on (possibly free) cached blocks."""
         for block_id in block_ids:

@@ -321,6 +321,13 @@ class LLMEngine:
             self.store.put(hashes, data)
         return n
 
+    def held_blocks(self) -> dict[str, list[BlockHash]]:
+        """Every block this engine holds, by tier: the pool's cached blocks and the store's."""
+        out = {"device": self.kv.pool.cached_hashes()}
+        if self.store is not None:
+            out.update(self.store.held())
+        return out
+
     def evict_cached(self, down_to: str = "host") -> dict[str, int]:
         """Push every free cached block below ``down_to`` ("host" or "disk"): for benchmarks and
         tests that measure loads from a given tier. Blocks in use are never touched."""

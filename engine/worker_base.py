@@ -6,6 +6,7 @@ Workers are plain classes (testable without Ray); ``prefill_worker.actor`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -146,6 +147,16 @@ class WorkerBase:
         """Store and pool events since the last call: (kind, tier, block hashes)."""
         return self.loop.call(_drain)
 
+    def snapshot_blocks(self) -> dict[str, list[bytes]]:
+        """Every block this worker holds, by tier (the router rebuilds its index entries from
+        it); the pending events are dropped in the same loop call, so none is counted twice."""
+
+        def snap(eng: LLMEngine) -> dict[str, list[bytes]]:
+            _drain(eng)
+            return {tier: [bytes(h) for h in hs] for tier, hs in eng.held_blocks().items()}
+
+        return self.loop.call(snap)
+
     def evict_cached(self, down_to: str = "host") -> dict[str, int]:
         return self.loop.call(lambda eng: eng.evict_cached(down_to))
 
@@ -184,12 +195,27 @@ class WorkerActorBase:
         kv_host: str = "127.0.0.1",
         **worker_kwargs: Any,
     ) -> None:
+        import ray
+
+        # On all interfaces (a cluster of machines) the worker advertises its node's address,
+        # the one other nodes reach it at.
+        advertise = ray.util.get_node_ip_address() if kv_host in ("0.0.0.0", "::") else None
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.worker = self.worker_class(
-            worker_id, engine_config, store_config, secret=secret, kv_host=kv_host, **worker_kwargs
+            worker_id,
+            engine_config,
+            store_config,
+            secret=secret,
+            kv_host=kv_host,
+            advertise_host=advertise,
+            **worker_kwargs,
         )
 
     def info(self) -> WorkerInfo:
-        return self.worker.info()
+        return dataclasses.replace(self.worker.info(), node_id=self.node_id)
+
+    def snapshot_blocks(self) -> dict[str, list[bytes]]:
+        return self.worker.snapshot_blocks()
 
     def prefetch(self, hashes: list[bytes]) -> None:
         self.worker.prefetch(hashes)

@@ -317,6 +317,15 @@ class TieredStore:
             self.metrics.add("prefetch_expired", len(expired))
 
     # ----------------------------------------------------------------- events, stats, close
+    def held(self) -> dict[str, list[BlockHash]]:
+        """Every block of each tier below the device pool (a resync of the router's index)."""
+        out: dict[str, list[BlockHash]] = {}
+        if self.host is not None:
+            out["host"] = self.host.block_hashes()
+        if self.disk is not None:
+            out["disk"] = self.disk.block_hashes()
+        return out
+
     def subscribe(self, callback: EventListener) -> None:
         self.events.subscribe(callback)
 

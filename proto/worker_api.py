@@ -52,6 +52,7 @@ class WorkerInfo:
     prefill_tokens_per_s: float  # measured at start-up
     tier_bytes_per_s: dict[str, float] = field(default_factory=dict)  # measured load speed
     pid: int = 0  # the worker's process id
+    node_id: str = ""  # the Ray node it runs on ("" outside Ray)
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,21 @@ import logging
 import re
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from router.backend import BackendConfig, RayBackend
+from router.backend import RayBackend
 from router.config import RouterConfig
 from router.http_api import HttpFrontDoor
 from router.metrics import RouterMetrics, start_metrics_http
 from router.server import serve
 from router.servicer import GenerationServicer
 from textproc.tokenizer import Tokenizer, load_tokenizer, render_chat
+
+if TYPE_CHECKING:  # the router is handed the service's configuration; it never builds one
+    from cluster.config import ServiceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +73,15 @@ class _Exposition:
 
 class RouterActor:
     def __init__(
-        self,
-        workers: list[tuple[str, Any]],
-        model: str,
-        router_config: RouterConfig,
-        backend_config: BackendConfig | None = None,
-        secret: str | None = None,
+        self, workers: list[tuple[str, Any]], service: ServiceConfig, detach: bool = False
     ) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.backend = RayBackend(workers, backend_config, secret=secret)
+        self.service = service  # kept for `strata scale` (the configuration of new workers)
+        self.detach = detach
+        model = service.engine.model
+        self.backend = RayBackend(workers, service.backend, secret=service.secret)
         cfg = RouterConfig(
-            **{**router_config.__dict__, "max_model_len": self.backend.max_model_len}
+            **{**service.router.__dict__, "max_model_len": self.backend.max_model_len}
         )
         tok = _ModelVocab(load_tokenizer(model), self.backend.vocab_size)
         self.metrics = RouterMetrics()
@@ -125,10 +126,37 @@ class RouterActor:
         import ray
 
         return {
-            wid: ray.get(w.handle.check_no_leaks.remote(), timeout=30)
-            for wid, w in self.backend.workers.items()
+            w.worker_id: ray.get(w.handle.check_no_leaks.remote(), timeout=30)
+            for w in self.backend.members.snapshot()
             if w.alive
         }
+
+    # ---- membership (`strata scale`, health of the cluster) ------------------------------
+    def service_config(self) -> tuple[ServiceConfig, bool]:
+        """The service's configuration and whether it is detached (for new workers)."""
+        return self.service, self.detach
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every worker the router knows: id, role, state, pid, restarts, node."""
+        return [
+            {
+                "worker_id": w.worker_id,
+                "role": w.role,
+                "state": w.state,
+                "pid": w.info.pid,
+                "restarts": w.restarts,
+                "node_id": w.info.node_id,
+                "kv_address": w.info.kv_address,
+                "in_flight": w.in_flight,
+            }
+            for w in self.backend.members.snapshot()
+        ]
+
+    def add_workers(self, workers: list[tuple[str, Any]]) -> list[str]:
+        return self.backend.add_workers(workers)
+
+    def retire_workers(self, worker_ids: list[str], drain_timeout_s: float = 60.0) -> list[Any]:
+        return self.backend.retire_workers(worker_ids, drain_timeout_s)
 
     def shutdown(self) -> None:
         if self.http is not None:

@@ -35,44 +35,19 @@ from proto.worker_api import (
     PrefillRequest,
     PrefillResult,
     SamplingParams,
-    WorkerInfo,
 )
+from router.config import BackendConfig
 from router.errors import NoWorkerError, RequestTimeoutError
 from router.index import BlockEvent, GlobalBlockIndex
-from router.outputs import OutputStream, Tokens, WorkerLostError, wait_all_connected
-from router.placement import CostModel, WorkerProfile
+from router.membership import GONE, Membership
+from router.outputs import Tokens, WorkerLostError
+from router.placement import CostModel
 from router.types import FINISH_ABORT, GenRequest, TokenDelta, Usage
 
 logger = logging.getLogger(__name__)
 
 WORKER_DIED = (RayActorError,)
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    event_poll_s: float = 0.2  # how often worker events are pulled into the index
-    transfer_timeout_s: float = 30.0  # decode worker's wait for pushed blocks, then recompute
-    max_retries: int = 1  # times a request moves to another worker after one dies
-    call_timeout_s: float = 10.0  # control calls (stats, prefetch, abort)
-    max_buffered_tokens: int = 4096  # a client this far behind its decode worker is cut off
-    connect_timeout_s: float = 60.0  # for the decode workers' output streams at start
-
-
-@dataclass(slots=True)
-class _Worker:
-    info: WorkerInfo
-    handle: Any  # Ray actor handle
-    alive: bool = True
-    in_flight: int = 0
-    outputs: OutputStream | None = None  # decode workers' token stream
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id
-
-    @property
-    def role(self) -> str:
-        return self.info.role
+__all__ = ["BackendConfig", "RayBackend"]
 
 
 @dataclass(slots=True)
@@ -119,109 +94,70 @@ class RayBackend:
     ) -> None:
         """``workers``: (role, actor handle) pairs, role "prefill" or "decode"."""
         self.config = config or BackendConfig()
-        infos: list[WorkerInfo] = ray.get([h.info.remote() for _, h in workers], timeout=300)
-        self.workers: dict[str, _Worker] = {}
-        for (role, handle), info in zip(workers, infos):
-            if info.role != role:
-                raise ValueError(f"{info.worker_id} is a {info.role} worker, listed as {role}")
-            self.workers[info.worker_id] = _Worker(info, handle)
-        first = infos[0]
-        for info in infos:
-            if info.fingerprint != first.fingerprint:
-                raise ValueError(
-                    f"workers serve different models: {info.worker_id} differs from "
-                    f"{first.worker_id} (fingerprints must match)"
-                )
-        if not any(w.role == DECODE for w in self.workers.values()):
+        if not any(role == DECODE for role, _ in workers):
             raise ValueError("the service needs at least one decode worker")
+        first = ray.get(workers[0][1].info.remote(), timeout=600)
         self.fingerprint: bytes = first.fingerprint
         self.block_size: int = first.block_size
-        self.max_model_len: int = min(i.max_model_len for i in infos)
         self.vocab_size: int = first.vocab_size
-        # No prefill worker: decode workers compute prompts too (no handoff).
-        self.colocated = not any(w.role == PREFILL for w in self.workers.values())
         self.index = GlobalBlockIndex()
         self.cost = CostModel(self.block_size, first.block_nbytes)
-        for w in self.workers.values():
-            self.index.add_worker(w.worker_id)
-            self.cost.update(
-                WorkerProfile(
-                    w.worker_id,
-                    w.info.prefill_tokens_per_s,
-                    load_bytes_per_s={k: v for k, v in w.info.tier_bytes_per_s.items() if v > 0},
-                )
-            )
-        self._lock = threading.Lock()
+        self.members = Membership(self.config, secret, self.index, self.cost)
+        self._lock = threading.Lock()  # the live requests
         self._live: dict[str, _Live] = {}
-        for w in self.workers.values():
-            if w.role == DECODE:
-                assert w.info.kv_address is not None
-                w.outputs = OutputStream(
-                    w.worker_id,
-                    w.info.kv_address,
-                    secret,
-                    on_broken=self._on_stream_broken,
-                    on_overrun=self._on_overrun,
-                    max_buffered_tokens=self.config.max_buffered_tokens,
-                )
-        streams = [w.outputs for w in self.workers.values() if w.outputs is not None]
-        missing = wait_all_connected(streams, self.config.connect_timeout_s)
-        if missing:
-            self.close()
-            raise NoWorkerError(f"no output stream from decode workers {missing}")
+        try:
+            self.members.join(workers)
+        except BaseException:
+            self.members.close()
+            raise
+        self.max_model_len: int = min(w.info.max_model_len for w in self.members.snapshot())
+        self.colocated = False
+        self._scaled()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_events, name="event-poller", daemon=True)
         self._poller.start()
 
+    def _scaled(self) -> None:
+        """After a scale: colocated when no prefill worker is configured (decode workers then
+        compute prompts too, no handoff). Failures do not change it: a service whose prefill
+        workers all died answers UNAVAILABLE until they are back."""
+        self.colocated = not any(
+            w.role == PREFILL and w.state != GONE for w in self.members.snapshot()
+        )
+
     # ---- membership ----------------------------------------------------------------------
     def _alive(self, role: str) -> list[str]:
-        with self._lock:
-            return [
-                w.worker_id
-                for w in self.workers.values()
-                if w.role == role and w.alive and (w.outputs is None or w.outputs.connected)
-            ]
+        return self.members.alive(role)
 
     def _mark_dead(self, worker_id: str, why: object) -> None:
-        w = self.workers[worker_id]
+        self.members.mark_down(worker_id, why)
+
+    def add_workers(self, workers: list[tuple[str, Any]]) -> list[str]:
+        """Take started worker actors in (``strata scale``)."""
+        ids = self.members.join(workers)
+        self._scaled()
         with self._lock:
-            if not w.alive:
-                return
-            w.alive = False
-            self.cost.remove(worker_id)
-        logger.warning("worker %s is gone (%s); dropping it from the index", worker_id, why)
-        self.index.remove_worker(worker_id)
-        if w.outputs is not None:
-            w.outputs.close()
+            self.max_model_len = min(
+                [self.max_model_len] + [self.members.get(w).info.max_model_len for w in ids]
+            )
+        return ids
 
-    def _on_stream_broken(self, worker_id: str, error: BaseException) -> None:
-        """A decode worker's output stream broke: is the worker gone, or only the stream?"""
-        w = self.workers[worker_id]
-        try:
-            ray.get(w.handle.info.remote(), timeout=self.config.call_timeout_s)
-        except WORKER_DIED as e:
-            self._mark_dead(worker_id, e)
-        except Exception:  # noqa: BLE001 - unknown: the stream reconnects or breaks again
-            logger.info("decode worker %s did not answer after its stream broke", worker_id)
-
-    def _on_overrun(self, worker_id: str, req_id: str) -> None:
-        w = self.workers[worker_id]
-        if w.alive:
-            w.handle.abort.remote(req_id)  # its client is too slow: free the worker's blocks
-
-    def _add_in_flight(self, worker_id: str, delta: int) -> None:
-        with self._lock:
-            w = self.workers[worker_id]
-            w.in_flight += delta
-            profile = self.cost.profiles.get(worker_id)
-            if profile is not None:
-                profile.queue_depth = w.in_flight
+    def retire_workers(self, worker_ids: list[str], drain_timeout_s: float = 60.0) -> list[Any]:
+        """Stop placing on ``worker_ids``, let their requests finish (bounded), drop them;
+        returns their handles to stop."""
+        left = [w for w in self.members.snapshot() if w.worker_id not in worker_ids]
+        for role in (DECODE,):
+            if not any(w.role == role and w.state != GONE for w in left):
+                raise ValueError(f"the service needs at least one {role} worker")
+        handles = self.members.retire(worker_ids, drain_timeout_s)
+        self._scaled()
+        return handles
 
     def _observe_network(self) -> None:
         """Worker-to-worker bandwidth, measured from the pushes so far (0 until one happened:
         then no pull is ever planned)."""
         nbytes = seconds = 0.0
-        for w in list(self.workers.values()):
+        for w in self.members.snapshot():
             if w.alive and w.role == PREFILL:
                 try:
                     s = ray.get(w.handle.stats.remote(), timeout=self.config.call_timeout_s)
@@ -230,7 +166,7 @@ class RayBackend:
                 nbytes += s.get("push_bytes", 0.0) - s.get("push_shm_bytes", 0.0)
                 seconds += s.get("push_seconds", 0.0)
         if nbytes > 0 and seconds > 0:
-            with self._lock:
+            with self.members.lock:
                 for profile in self.cost.profiles.values():
                     profile.net_bytes_per_s = nbytes / seconds
 
@@ -240,7 +176,7 @@ class RayBackend:
             rounds += 1
             if rounds % 25 == 0:
                 self._observe_network()
-            for w in list(self.workers.values()):
+            for w in self.members.snapshot():
                 if not w.alive:
                     continue
                 try:
@@ -259,7 +195,7 @@ class RayBackend:
 
     def sync_index(self) -> None:
         """Pull every worker's pending events now (tests and benchmarks use it)."""
-        for w in list(self.workers.values()):
+        for w in self.members.snapshot():
             if w.alive:
                 events = ray.get(w.handle.drain_events.remote(), timeout=self.config.call_timeout_s)
                 self.index.apply_many(
@@ -272,9 +208,11 @@ class RayBackend:
 
     def stats(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for w in list(self.workers.values()):
+        for w in self.members.snapshot():
+            if w.state == GONE:
+                continue
             if not w.alive:
-                out[w.worker_id] = {"alive": 0.0}
+                out[w.worker_id] = {"alive": 0.0, "restarts": float(w.restarts)}
                 continue
             try:
                 s = ray.get(w.handle.stats.remote(), timeout=self.config.call_timeout_s)
@@ -284,7 +222,8 @@ class RayBackend:
                 continue
             s = {k: float(v) for k, v in s.items()}
             s["alive"] = 1.0
-            with self._lock:
+            s["restarts"] = float(w.restarts)
+            with self.members.lock:
                 s["in_flight"] = float(w.in_flight)
             s["index_blocks"] = float(self.index.num_blocks(w.worker_id))
             if w.outputs is not None:
@@ -298,11 +237,8 @@ class RayBackend:
             if live is None:
                 return
             live.cancelled = True
-            targets = [
-                self.workers[wid]
-                for wid in (live.prefill, live.decode)
-                if wid is not None and self.workers[wid].alive
-            ]
+            ids = [wid for wid in (live.prefill, live.decode) if wid is not None]
+        targets = [w for w in map(self.members.get, ids) if w.alive]
         for w in targets:
             w.handle.abort.remote(req_id)
 
@@ -380,7 +316,7 @@ class RayBackend:
         placement = self.cost.choose_prefill(self._alive(DECODE), self.index, hashes, len(prompt))
         d_id = placement.worker_id
         if hashes:
-            self.workers[d_id].handle.prefetch.remote(hashes)
+            self.members.get(d_id).handle.prefetch.remote(hashes)
         usage = _Usage(len(prompt), decode=d_id)
         yield from self._decode_with_retries(req, prompt, [], d_id, False, live, end, usage)
 
@@ -414,7 +350,7 @@ class RayBackend:
                         yield TokenDelta(item.token_ids)
                 raise NoWorkerError(f"decode worker {d_id} ended {req.req_id} without finishing")
             except WorkerLostError as e:
-                self._on_stream_broken(d_id, e)
+                self.members.on_stream_broken(d_id, e)
                 if live.cancelled:
                     yield TokenDelta((), FINISH_ABORT, usage.done(len(tokens)))
                     return
@@ -433,13 +369,13 @@ class RayBackend:
         p_id = placement.worker_id
         d_id = self.cost.choose_decode(self._alive(DECODE), self.index, hashes)
         live.prefill, live.decode = p_id, d_id
-        p, d = self.workers[p_id], self.workers[d_id]
+        p, d = self.members.get(p_id), self.members.get(d_id)
         pull_addr = (
-            self.workers[placement.pull_from].info.kv_address if placement.pull_from else None
+            self.members.get(placement.pull_from).info.kv_address if placement.pull_from else None
         )
         if hashes:
             p.handle.prefetch.remote(hashes)  # the hint: start moving blocks up now
-        self._add_in_flight(p_id, +1)
+        self.members.add_in_flight(p_id, +1)
         t0 = time.monotonic()
         try:
             ref = p.handle.prefill.remote(
@@ -455,7 +391,7 @@ class RayBackend:
                 )
             )
             res: PrefillResult = ray.get(ref, timeout=self._remaining(end, req.req_id))
-            with self._lock:
+            with self.members.lock:
                 profile = self.cost.profiles.get(p_id)
                 if profile is not None:
                     profile.observe_service(time.monotonic() - t0)
@@ -469,7 +405,7 @@ class RayBackend:
         except RayTaskError as e:  # a ValueError etc. raised by the worker itself
             raise e.as_instanceof_cause() from None
         finally:
-            self._add_in_flight(p_id, -1)
+            self.members.add_in_flight(p_id, -1)
 
     def _decode(
         self,
@@ -480,12 +416,13 @@ class RayBackend:
         live: _Live,
         end: float,
     ) -> Iterator[Tokens]:
-        d = self.workers[d_id]
-        if d.outputs is None or not d.alive:
+        d = self.members.get(d_id)
+        outputs = d.outputs
+        if outputs is None or not d.alive:
             raise WorkerLostError(f"decode worker {d_id} is gone")
         generated = len(token_ids) - len(req.prompt_token_ids)
-        queue = d.outputs.register(req.req_id)
-        self._add_in_flight(d_id, +1)
+        queue = outputs.register(req.req_id)
+        self.members.add_in_flight(d_id, +1)
         done = False
         try:
             d.handle.start.remote(
@@ -505,8 +442,8 @@ class RayBackend:
                 if done:
                     return
         finally:
-            d.outputs.unregister(req.req_id)
-            self._add_in_flight(d_id, -1)
+            outputs.unregister(req.req_id)
+            self.members.add_in_flight(d_id, -1)
             if not done and d.alive:  # cancelled, timed out or failed: free its blocks there
                 d.handle.abort.remote(req.req_id)
 
@@ -515,6 +452,4 @@ class RayBackend:
         if stop is not None:
             stop.set()
             self._poller.join(timeout=5)
-        for w in self.workers.values():
-            if w.outputs is not None:
-                w.outputs.close()
+        self.members.close()

@@ -52,3 +52,31 @@ class RouterConfig:
             if self.max_prompt_tokens is not None
             else (self.max_model_len - 1)
         )
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """How the router talks to its workers (the ``backend`` section of the service YAML)."""
+
+    event_poll_s: float = 0.2  # how often worker events are pulled into the index
+    transfer_timeout_s: float = 30.0  # decode worker's wait for pushed blocks, then recompute
+    max_retries: int = 1  # times a request moves to another decode worker after one is lost
+    call_timeout_s: float = 10.0  # control calls (stats, prefetch, abort)
+    max_buffered_tokens: int = 4096  # a client this far behind its decode worker is cut off
+    connect_timeout_s: float = 60.0  # for a decode worker's output stream
+    revive_timeout_s: float = 600.0  # how long a down worker is waited for (Ray restarts it)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "event_poll_s",
+            "transfer_timeout_s",
+            "call_timeout_s",
+            "connect_timeout_s",
+            "revive_timeout_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"backend.{name} must be positive")
+        if self.max_retries < 0:
+            raise ValueError("backend.max_retries must be >= 0")
+        if self.max_buffered_tokens < 1:
+            raise ValueError("backend.max_buffered_tokens must be >= 1")

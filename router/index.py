@@ -59,6 +59,16 @@ class GlobalBlockIndex:
         with self._lock:
             return len(self._workers.pop(worker_id, {}))
 
+    def replace_worker(self, worker_id: str, blocks: dict[str, list[bytes]]) -> None:
+        """Resync: ``worker_id`` now holds exactly ``blocks`` (tier -> hashes), atomically."""
+        fresh: dict[bytes, int] = {}
+        for tier, hashes in blocks.items():
+            bit = _tier_bit(tier)
+            for h in hashes:
+                fresh[h] = fresh.get(h, 0) | bit
+        with self._lock:
+            self._workers[worker_id] = fresh
+
     def workers(self) -> list[str]:
         with self._lock:
             return sorted(self._workers)

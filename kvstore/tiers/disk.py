@@ -297,6 +297,11 @@ class DiskTier:
             else:
                 self._ref_cnt[block_hash] = n - 1
 
+    def block_hashes(self) -> list[BlockHash]:
+        """Every block this tier holds now (a resync of the router's index)."""
+        with self._lock:
+            return list(self._index)
+
     def close(self) -> None:
         with self._cond:
             if self._closing:

@@ -229,6 +229,11 @@ class HostTier:
         with self._lock:
             self._unref_locked(block_hash)
 
+    def block_hashes(self) -> list[BlockHash]:
+        """Every block this tier holds now (a resync of the router's index)."""
+        with self._lock:
+            return list(self._slot_of)
+
     def close(self) -> None:
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self._slab.data_ptr())

@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from engine.sampling import SamplingParams
-from router.backend import BackendConfig
+from router.config import BackendConfig
 from router.client import StrataClient
 from router.errors import RemoteError
 from tests.e2e.conftest import (

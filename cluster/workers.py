@@ -1,0 +1,63 @@
+"""Creating worker actors: one place for their Ray options, used at launch and by `strata scale`.
+
+A worker asks Ray for one unit of its role's custom resource (``prefill`` or ``decode``) when the
+cluster offers it, so a cluster can dedicate nodes to each role. Ray restarts a worker whose
+process dies (``max_restarts=-1``): the new process loads the model again, reopens the same
+LMDB directory (its disk tier is served again) and the router takes it back in. Calls in flight
+when it died are not retried by Ray (``max_task_retries=0``): the router retries the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from cluster.config import ServiceConfig
+from proto.worker_api import DECODE, PREFILL
+
+logger = logging.getLogger(__name__)
+
+WORKER_NAME_PREFIX = "strata-"
+
+
+def role_resources(role: str) -> dict[str, float]:
+    total = ray.cluster_resources()
+    if total.get(role, 0) >= 1:
+        return {role: 1.0}
+    logger.warning("the cluster offers no %r resource: %s workers are placed anywhere", role, role)
+    return {}
+
+
+def actor_options(name: str, detach: bool) -> dict[str, Any]:
+    """Options every service actor shares (the router's too)."""
+    opts: dict[str, Any] = {"max_concurrency": 256, "num_cpus": 0, "name": name}
+    if detach:
+        opts["lifetime"] = "detached"
+    return opts
+
+
+def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, detach: bool) -> Any:  # noqa: ANN401
+    """Start worker ``<role>-<index>`` (an actor handle; it is still loading when this returns).
+    ``bind_all``: its gRPC server listens on every interface and advertises the node's address
+    (a cluster of several machines); else 127.0.0.1."""
+    from decode_worker.actor import decode_actor_class
+    from prefill_worker.actor import prefill_actor_class
+
+    if role not in (PREFILL, DECODE):
+        raise ValueError(f"role must be {PREFILL!r} or {DECODE!r}, got {role!r}")
+    wid = f"{role}-{index}"
+    opts = {
+        **actor_options(f"{WORKER_NAME_PREFIX}{wid}", detach),
+        "resources": role_resources(role),
+        "max_restarts": -1,
+        "max_task_retries": 0,
+    }
+    kv_host = "0.0.0.0" if bind_all else "127.0.0.1"
+    store = cfg.store_for(wid)
+    if role == PREFILL:
+        return prefill_actor_class(**opts).remote(
+            wid, cfg.engine, store, cfg.secret, kv_host, transfer=cfg.transfer
+        )
+    return decode_actor_class(**opts).remote(wid, cfg.engine, store, cfg.secret, kv_host)

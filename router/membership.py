@@ -1,0 +1,262 @@
+"""Which workers the router places requests on, and how they leave and come back.
+
+A worker is ``up`` (placed on), ``down`` (its process died: Ray restarts it), ``retiring``
+(``strata scale`` is removing it: no new requests, its running ones finish) or ``gone``. A worker
+that goes down leaves the block index and the cost model at once; a thread then waits for Ray to
+restart it and takes it back in: its new address, its start-up measurements, a fresh output
+stream (decode workers), and its index entries rebuilt from the blocks it holds (its disk tier
+survives the restart). Every change of state happens under one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, RayActorError
+
+from proto.worker_api import DECODE, WorkerInfo
+from router.config import BackendConfig
+from router.errors import NoWorkerError
+from router.index import GlobalBlockIndex
+from router.outputs import OutputStream
+from router.placement import CostModel, WorkerProfile
+
+logger = logging.getLogger(__name__)
+
+UP, DOWN, RETIRING, GONE = "up", "down", "retiring", "gone"
+
+
+@dataclass(slots=True)
+class Worker:
+    info: WorkerInfo
+    handle: Any  # Ray actor handle
+    state: str = UP
+    in_flight: int = 0
+    outputs: OutputStream | None = None  # decode workers' token stream
+    restarts: int = 0  # times it came back
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def role(self) -> str:
+        return self.info.role
+
+    @property
+    def alive(self) -> bool:
+        return self.state == UP
+
+
+class Membership:
+    def __init__(
+        self,
+        config: BackendConfig,
+        secret: str | None,
+        index: GlobalBlockIndex,
+        cost: CostModel,
+    ) -> None:
+        self.config = config
+        self.secret = secret
+        self.index = index
+        self.cost = cost
+        self.lock = threading.Lock()
+        self.workers: dict[str, Worker] = {}
+        self.fingerprint: bytes | None = None
+        self._stop = threading.Event()
+
+    # ---- joining ---------------------------------------------------------------------------
+    def join(self, workers: list[tuple[str, Any]], timeout_s: float = 600.0) -> list[str]:
+        """Take new workers in ((role, handle) pairs; waits for them to have started)."""
+        infos: list[WorkerInfo] = ray.get([h.info.remote() for _, h in workers], timeout=timeout_s)
+        for (role, _), info in zip(workers, infos):
+            if info.role != role:
+                raise ValueError(f"{info.worker_id} is a {info.role} worker, listed as {role}")
+            if self.fingerprint is None:
+                self.fingerprint = info.fingerprint
+            if info.fingerprint != self.fingerprint:
+                raise ValueError(
+                    f"workers serve different models: {info.worker_id} differs (fingerprints "
+                    "must match)"
+                )
+            with self.lock:
+                old = self.workers.get(info.worker_id)
+                if old is not None and old.state not in (GONE,):
+                    raise ValueError(f"worker {info.worker_id} is already in the service")
+        entries = [Worker(info, handle) for (_, handle), info in zip(workers, infos)]
+        for w in entries:
+            self._bring_up(w)
+        return [w.worker_id for w in entries]
+
+    def _bring_up(self, w: Worker) -> None:
+        """Output stream (decode), index entries, cost profile; then it is placed on."""
+        if w.role == DECODE:
+            assert w.info.kv_address is not None
+            stream = OutputStream(
+                w.worker_id,
+                w.info.kv_address,
+                self.secret,
+                on_broken=self.on_stream_broken,
+                on_overrun=self.on_overrun,
+                max_buffered_tokens=self.config.max_buffered_tokens,
+            )
+            if not stream.wait_connected(self.config.connect_timeout_s):
+                stream.close()
+                raise NoWorkerError(f"no output stream from decode worker {w.worker_id}")
+            w.outputs = stream
+        self.resync(w)
+        profile = WorkerProfile(
+            w.worker_id,
+            w.info.prefill_tokens_per_s,
+            load_bytes_per_s={k: v for k, v in w.info.tier_bytes_per_s.items() if v > 0},
+        )
+        with self.lock:
+            self.cost.update(profile)
+            w.state, w.in_flight = UP, 0
+            self.workers[w.worker_id] = w
+
+    def resync(self, w: Worker) -> None:
+        """Replace ``w``'s index entries with what it holds now (its pending events included)."""
+        blocks: dict[str, list[bytes]] = ray.get(
+            w.handle.snapshot_blocks.remote(), timeout=self.config.call_timeout_s
+        )
+        self.index.replace_worker(w.worker_id, blocks)
+
+    # ---- queries ---------------------------------------------------------------------------
+    def alive(self, role: str) -> list[str]:
+        with self.lock:
+            return [
+                w.worker_id
+                for w in self.workers.values()
+                if w.role == role and w.alive and (w.outputs is None or w.outputs.connected)
+            ]
+
+    def get(self, worker_id: str) -> Worker:
+        return self.workers[worker_id]
+
+    def snapshot(self) -> list[Worker]:
+        with self.lock:
+            return list(self.workers.values())
+
+    def add_in_flight(self, worker_id: str, delta: int) -> None:
+        with self.lock:
+            w = self.workers[worker_id]
+            w.in_flight += delta
+            profile = self.cost.profiles.get(worker_id)
+            if profile is not None:
+                profile.queue_depth = w.in_flight
+
+    # ---- failures --------------------------------------------------------------------------
+    def mark_down(self, worker_id: str, why: object) -> None:
+        """``worker_id`` died: out of placement and the index now; back once Ray restarted it."""
+        w = self.workers[worker_id]
+        with self.lock:
+            if w.state != UP:
+                return
+            w.state = DOWN
+            self.cost.remove(worker_id)
+        logger.warning("worker %s is down (%s); dropping it from the index", worker_id, why)
+        self.index.remove_worker(worker_id)
+        if w.outputs is not None:
+            w.outputs.close()
+            w.outputs = None
+        threading.Thread(
+            target=self._revive, args=(w,), name=f"revive-{worker_id}", daemon=True
+        ).start()
+
+    def on_stream_broken(self, worker_id: str, error: BaseException) -> None:
+        """A decode worker's output stream broke: is the worker down, or only the stream?"""
+        w = self.workers[worker_id]
+        try:
+            ray.get(w.handle.info.remote(), timeout=self.config.call_timeout_s)
+        except RayActorError as e:
+            self.mark_down(worker_id, e)
+        except Exception:  # noqa: BLE001 - unknown: the stream reconnects or breaks again
+            logger.info("decode worker %s did not answer after its stream broke", worker_id)
+
+    def on_overrun(self, worker_id: str, req_id: str) -> None:
+        w = self.workers[worker_id]
+        if w.alive:
+            w.handle.abort.remote(req_id)  # its client is too slow: free the worker's blocks
+
+    def _revive(self, w: Worker) -> None:
+        """Wait for Ray to restart ``w``; take it back in. Gives up when the actor is dead for
+        good (killed without restart, or its node gone) or ``revive_timeout_s`` passed."""
+        end = time.monotonic() + self.config.revive_timeout_s
+        died = 0
+        while not self._stop.is_set() and time.monotonic() < end:
+            try:
+                info: WorkerInfo = ray.get(
+                    w.handle.info.remote(), timeout=self.config.call_timeout_s
+                )
+            except ActorDiedError:
+                died += 1  # right after a crash Ray may not know yet that it restarts it
+                if died >= 3:
+                    break
+                self._stop.wait(1.0)
+                continue
+            except Exception:  # noqa: BLE001 - restarting (ActorUnavailableError) or slow
+                self._stop.wait(0.5)
+                continue
+            with self.lock:
+                if w.state != DOWN:
+                    return  # retired meanwhile
+            w.info = info
+            try:
+                self._bring_up(w)
+            except Exception as e:  # noqa: BLE001 - not ready yet: try again
+                logger.warning("worker %s restarted but could not rejoin yet: %s", w.worker_id, e)
+                with self.lock:
+                    w.state = DOWN
+                self._stop.wait(1.0)
+                continue
+            w.restarts += 1
+            logger.warning("worker %s is back (pid %d)", w.worker_id, info.pid)
+            return
+        with self.lock:
+            if w.state == DOWN:
+                w.state = GONE
+        logger.warning("worker %s is gone for good", w.worker_id)
+
+    # ---- leaving ---------------------------------------------------------------------------
+    def retire(self, worker_ids: list[str], drain_timeout_s: float) -> list[Any]:
+        """Stop placing on these workers, wait (bounded) for their requests to end, and drop
+        them; returns their handles for the caller to stop."""
+        with self.lock:
+            unknown = [wid for wid in worker_ids if wid not in self.workers]
+            if unknown:
+                raise ValueError(f"no such workers: {unknown}")
+            for wid in worker_ids:
+                w = self.workers[wid]
+                if w.state in (UP, DOWN):
+                    w.state = RETIRING
+                    self.cost.remove(wid)
+        end = time.monotonic() + drain_timeout_s
+        while time.monotonic() < end:
+            with self.lock:
+                busy = [wid for wid in worker_ids if self.workers[wid].in_flight > 0]
+            if not busy:
+                break
+            time.sleep(0.1)
+        handles = []
+        for wid in worker_ids:
+            w = self.workers[wid]
+            self.index.remove_worker(wid)
+            if w.outputs is not None:
+                w.outputs.close()
+                w.outputs = None
+            with self.lock:
+                w.state = GONE
+            handles.append(w.handle)
+        return handles
+
+    def close(self) -> None:
+        self._stop.set()
+        for w in self.snapshot():
+            if w.outputs is not None:
+                w.outputs.close()
