@@ -174,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the service running (starts a Ray head if no --address)",
     )
 
+    scale = sub.add_parser("scale", help="change the worker counts of a running service")
+    scale.add_argument("--prefill", type=int, default=None, help="prefill workers wanted")
+    scale.add_argument("--decode", type=int, default=None, help="decode workers wanted")
+    scale.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+    scale.add_argument("--namespace", default="strata", help="Ray namespace of the service")
+    scale.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a removed worker's running requests get to finish",
+    )
+
     down = sub.add_parser("down", help="stop a detached service")
     down.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
     down.add_argument("--stop-ray", action="store_true", help="also run `ray stop`")
@@ -213,11 +225,20 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.up import run_up
 
         return run_up(args)
+    if args.command == "scale":
+        from cluster.scale import run_scale
+
+        return run_scale(args)
     if args.command == "down":
         from cluster.launcher import down
 
         n = down(args.address, stop_ray=args.stop_ray)
-        print(f"stopped {n} actors")
+        print(f"strata: stopped {n} actors")
+        print(
+            "strata: stopped Ray too"
+            if args.stop_ray
+            else "strata: Ray is still running (`strata down --stop-ray` or `ray stop` ends it)"
+        )
         return 0
     if args.command == "stats":
         from cluster.remote import run_stats

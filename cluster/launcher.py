@@ -96,8 +96,8 @@ def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False)
     return Service(grpc_address, router, prefill, decode, owns_ray=owns, http_address=http)
 
 
-def shutdown_actors(router: Any, workers: list[Any]) -> None:
-    for handle in [router, *workers]:
+def shutdown_actors(router: Any, workers: list[Any]) -> None:  # noqa: ANN401
+    for handle in [h for h in (router, *workers) if h is not None]:
         try:
             ray.get(handle.shutdown.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - already dead is fine
@@ -108,9 +108,11 @@ def shutdown_actors(router: Any, workers: list[Any]) -> None:
             pass
 
 
-def start_head(cfg: ServiceConfig) -> None:
-    """``ray start --head`` in the background, so detached actors outlive this process."""
-    res = f'{{"prefill": {cfg.num_prefill}, "decode": {cfg.num_decode}}}'
+def start_head(cfg: ServiceConfig) -> bool:
+    """``ray start --head`` in the background, so detached actors outlive this process. False
+    when a Ray head already runs on this machine (the service then joins it); RuntimeError with
+    Ray's own message on any other failure."""
+    res = f'{{"prefill": {max(cfg.num_prefill, 1)}, "decode": {cfg.num_decode}}}'
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "ray"),
         "start",
@@ -119,8 +121,14 @@ def start_head(cfg: ServiceConfig) -> None:
         f"--resources={res}",
         "--disable-usage-stats",
     ]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **_ENV_VARS})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_ENV_VARS})
+    if proc.returncode != 0:
+        out = (proc.stderr + proc.stdout).strip()
+        if "already running" in out or "already" in out and "ray stop" in out:
+            return False
+        raise RuntimeError(f"`ray start --head` failed: {out.splitlines()[-1] if out else ''}")
     time.sleep(1.0)
+    return True
 
 
 def down(address: str | None, namespace: str = "strata", stop_ray: bool = False) -> int:

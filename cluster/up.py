@@ -55,7 +55,18 @@ def run_up(args: argparse.Namespace) -> int:
         return 2
     address = args.address
     if args.detach and not address:
-        start_head(cfg)
+        try:
+            started = start_head(cfg)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not started:
+            print(
+                "strata: a Ray cluster already runs on this machine: joining it (its nodes need "
+                "the `prefill`/`decode` resources to place the roles; `strata down --stop-ray` "
+                "or `ray stop` ends it)",
+                flush=True,
+            )
         address = "auto"
     svc = launch(cfg, address=address, detach=args.detach)
     print(

@@ -11,8 +11,7 @@ from cluster.launcher import Service, launch
 from engine.config import EngineConfig
 from kvstore.config import StoreConfig
 from kvtransfer.config import TransferConfig
-from router.config import BackendConfig
-from router.config import RouterConfig
+from router.config import BackendConfig, RouterConfig
 
 TOKEN = "e2e-token"
 SECRET = "e2e-secret"

@@ -16,8 +16,8 @@ import pytest
 import ray
 
 from engine.sampling import SamplingParams
-from router.config import BackendConfig
 from router.client import StrataClient
+from router.config import BackendConfig
 from router.errors import RemoteError
 from tests.e2e.conftest import (
     TOKEN,
