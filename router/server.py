@@ -3,16 +3,68 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proto import strata_pb2, strata_pb2_grpc
-from router.servicer import SERVICE_NAME, BearerAuthInterceptor, GenerationServicer
+from proto import strata_pb2
+from router.servicer import (
+    SERVICE_NAME,
+    BearerAuthInterceptor,
+    GenerationServicer,
+    MalformedRequestError,
+    status_for,
+)
 
 logger = logging.getLogger(__name__)
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:  # noqa: ANN401
+    """A deserializer that hands unparsable bytes to the method as an error, so the caller gets
+    INVALID_ARGUMENT with the reason (gRPC's own would answer INTERNAL)."""
+
+    def parse(data: bytes) -> Any:  # noqa: ANN401
+        try:
+            return message_class.FromString(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError and friends of the protobuf runtime
+            return MalformedRequestError(f"malformed {message_class.__name__}: {e}")
+
+    return parse
+
+
+def add_generation(servicer: GenerationServicer, server: grpc.Server) -> None:
+    """The ``Generation`` methods, each refusing a malformed request message first."""
+
+    def generate(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: ANN401
+        if isinstance(request, MalformedRequestError):
+            context.abort(*status_for(request))
+        yield from servicer.Generate(request, context)
+
+    def unary(method: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:  # noqa: ANN401
+            if isinstance(request, MalformedRequestError):
+                context.abort(*status_for(request))
+            return method(request, context)
+
+        return call
+
+    pb = strata_pb2
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            generate, _lenient(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+        ),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            unary(servicer.Stats), _lenient(pb.StatsRequest), pb.StatsResponse.SerializeToString
+        ),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            unary(servicer.Health), _lenient(pb.HealthRequest), pb.HealthResponse.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def serve(
@@ -44,7 +96,7 @@ def serve(
             ("grpc.max_receive_message_length", max_message_bytes),
         ],
     )
-    strata_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    add_generation(servicer, server)
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

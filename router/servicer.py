@@ -5,6 +5,7 @@
 | ``ValueError`` (validation or backend)    | INVALID_ARGUMENT   |
 | more than ``max_in_flight`` requests      | RESOURCE_EXHAUSTED |
 | ``OverloadedError`` from the backend      | RESOURCE_EXHAUSTED |
+| ``OverflowError`` (a worker's queue full) | RESOURCE_EXHAUSTED |
 | ``NoWorkerError``, other ``StrataError``  | UNAVAILABLE        |
 | deadline passed (``RequestTimeoutError``) | DEADLINE_EXCEEDED  |
 | bad or missing bearer token               | UNAUTHENTICATED    |
@@ -56,11 +57,15 @@ class Backend(Protocol):
     def healthy(self) -> bool: ...
 
 
+class MalformedRequestError(ValueError):
+    """The request's bytes are not a valid message of its type (-> INVALID_ARGUMENT)."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one mapping from a failure to a gRPC status code and message."""
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, OverloadedError):
+    if isinstance(exc, OverloadedError | OverflowError):  # OverflowError: a worker's queue
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, RequestTimeoutError | TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
