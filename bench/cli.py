@@ -12,6 +12,7 @@ COMMANDS = {
     "trace": "bench.trace",
     "decode": "bench.decode",
     "transfer": "bench.transfer",
+    "soak": "bench.soak",
 }
 
 
@@ -20,7 +21,8 @@ SUMMARY = {
     "longdoc": "long documents asked several questions; TTFT per round, hits per tier",
     "trace": "replay a Mooncake-format trace; TTFT/TBT percentiles, hit rates",
     "decode": "decode tokens/s by batch size beside the roofline",
-    "transfer": "KV push throughput over gRPC between processes",
+    "transfer": "KV transfer between processes (gRPC, shared memory) beside the raw gRPC ceiling",
+    "soak": "chaos soak: clients while workers are killed; statuses, wrong outputs, recovery",
 }
 
 

@@ -116,3 +116,21 @@ def test_decode_through_service(tmp_path) -> None:
     assert [r["batch"] for r in ratios] == [1, 4]
     for r, loc in zip(ratios, data["inprocess"]["rows"]):
         assert r["ratio"] == pytest.approx(r["service_tokens_per_s"] / loc["tokens_per_s"])
+
+
+def test_soak_through_a_service_it_starts(tmp_path) -> None:
+    from bench import soak
+
+    argv = ["--seconds", "24", "--clients", "2", "--out", str(tmp_path), "--no-progress"]
+    assert soak.main(argv) == 0
+    data = _load(str(tmp_path), "soak")
+    assert data["num_requests"] == sum(data["by_status"].values()) > 0
+    assert set(data["by_status"]) <= {"OK", "CANCELLED", "INVALID_ARGUMENT", "UNAVAILABLE"}
+    assert data["wrong_outputs"] == 0 and data["hung_requests"] == 0
+    assert data["leaks"]["workers_checked"] == 4 and not data["leaks"]["leaking"]
+    assert set(data["kills"]) == {"prefill-0", "decode-0"}
+    assert set(data["back_after_s"]) == {"prefill-0", "decode-0"}  # both came back
+    assert data["ok_share_of_answered"] >= 0.9
+    for r in data["requests"]:
+        if r["status"] == "OK":
+            assert r["tokens"] == r["expected"]
