@@ -11,8 +11,10 @@ loses to recompute when the GPU is fast. Parameters come from measurements the w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from types import MappingProxyType
 
 from kvstore.keys import BlockHash
 from router.errors import NoWorkerError
@@ -21,16 +23,33 @@ from router.index import GlobalBlockIndex
 REMOTE_TIER = "remote"
 
 
+def tier_runs(tiers: Sequence[str]) -> list[tuple[str, int]]:
+    """``["host", "host", "disk"]`` -> ``[("host", 2), ("disk", 1)]``."""
+    runs: list[tuple[str, int]] = []
+    for tier in tiers:
+        if runs and runs[-1][0] == tier:
+            runs[-1] = (tier, runs[-1][1] + 1)
+        else:
+            runs.append((tier, 1))
+    return runs
+
+
+# the fields a load plan depends on (everything but the queue)
+_SPEED_FIELDS = frozenset({"prefill_tokens_per_s", "load_bytes_per_s", "net_bytes_per_s"})
+
+
 @dataclass(slots=True)
 class WorkerProfile:
     worker_id: str
     prefill_tokens_per_s: float  # measured prefill throughput (tokens/s)
-    # bytes/s moving one block from a tier into HBM ("device" missing -> free)
-    load_bytes_per_s: dict[str, float] = field(default_factory=dict)
+    # bytes/s moving one block from a tier into HBM ("device" missing -> free); read-only:
+    # assign a new mapping to change it
+    load_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
     net_bytes_per_s: float = 0.0  # pull bandwidth from another worker; 0 -> never pull
     queue_depth: int = 0  # requests queued or running on the worker
     mean_service_s: float = 0.0  # moving average of one request's service time
     ewma_alpha: float = 0.2  # weight of a new observation in the moving averages
+    _speed: tuple[object, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.prefill_tokens_per_s > 0:
@@ -40,10 +59,28 @@ class WorkerProfile:
                 raise ValueError(f"{self.worker_id}: load_bytes_per_s[{tier!r}] must be > 0")
         if self.net_bytes_per_s < 0 or self.queue_depth < 0 or self.mean_service_s < 0:
             raise ValueError(f"{self.worker_id}: bandwidth, queue depth and times must be >= 0")
+        self.load_bytes_per_s = MappingProxyType(dict(self.load_bytes_per_s))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in _SPEED_FIELDS:
+            object.__setattr__(self, "_speed", None)
 
     @property
     def queue_wait_s(self) -> float:
         return self.queue_depth * self.mean_service_s
+
+    def speed_key(self) -> tuple[object, ...]:
+        """Everything but the queue that a load plan depends on (workers of equal speeds share
+        one plan per residency); kept until one of those fields is assigned again."""
+        key = self._speed
+        if key is None:
+            key = self._speed = (
+                self.prefill_tokens_per_s,
+                self.net_bytes_per_s,
+                tuple(sorted(self.load_bytes_per_s.items())),
+            )
+        return key
 
     def bandwidth(self, tier: str) -> float:
         if tier == REMOTE_TIER:
@@ -68,7 +105,8 @@ class WorkerProfile:
             old = self.load_bytes_per_s.get(tier)
             rate = nbytes / seconds
             a = self.ewma_alpha
-            self.load_bytes_per_s[tier] = rate if old is None else a * rate + (1 - a) * old
+            new = rate if old is None else a * rate + (1 - a) * old
+            self.load_bytes_per_s = MappingProxyType({**self.load_bytes_per_s, tier: new})
 
 
 @dataclass(frozen=True)
@@ -112,23 +150,34 @@ class CostModel:
     def plan_load(self, profile: WorkerProfile, tiers: Sequence[str], prompt_len: int) -> LoadPlan:
         """Best number of leading blocks to load, given each leading block's tier (the last
         prompt token is always computed, to produce the first output token)."""
-        max_blocks = min(len(tiers), (prompt_len - 1) // self.block_size)
-        best_k, best_load, load = 0, 0.0, 0.0
+        return self.plan_runs(profile, tier_runs(tiers), prompt_len)
+
+    def plan_runs(
+        self, profile: WorkerProfile, runs: Sequence[tuple[str, int]], prompt_len: int
+    ) -> LoadPlan:
+        """``plan_load`` over runs of equal tiers, ``(tier, num_blocks)``: loading or computing
+        blocks is linear within a run, so only the run ends need to be compared."""
+        num_load, load_s, compute_s = self._plan(profile, runs, prompt_len)
+        return LoadPlan(num_load, load_s, compute_s, profile.queue_wait_s)
+
+    def _plan(
+        self, profile: WorkerProfile, runs: Sequence[tuple[str, int]], prompt_len: int
+    ) -> tuple[int, float, float]:
+        max_blocks = (prompt_len - 1) // self.block_size
+        best_k, best_load = 0, 0.0
         best_total = self.compute_time_s(profile, prompt_len)
-        for k in range(1, max_blocks + 1):
-            bw = profile.bandwidth(tiers[k - 1])
-            if bw <= 0:
-                break  # this tier cannot be loaded here: neither can anything after it
-            load += self.block_nbytes / bw
+        k, load = 0, 0.0
+        for tier, num in runs:
+            bw = profile.bandwidth(tier)
+            if k >= max_blocks or bw <= 0:
+                break  # a tier that cannot be loaded here ends what can be loaded
+            num = min(num, max_blocks - k)
+            k += num
+            load += num * (self.block_nbytes / bw)
             total = load + self.compute_time_s(profile, prompt_len - k * self.block_size)
             if total < best_total:
                 best_k, best_load, best_total = k, load, total
-        return LoadPlan(
-            num_load_blocks=best_k,
-            load_s=best_load,
-            compute_s=best_total - best_load,
-            queue_s=profile.queue_wait_s,
-        )
+        return best_k, best_load, best_total - best_load
 
     def predicted_ttft(self, worker_id: str, tiers: Sequence[str], prompt_len: int) -> float:
         return self.plan_load(self._profile(worker_id), tiers, prompt_len).ttft_s
@@ -142,38 +191,67 @@ class CostModel:
     ) -> Placement:
         """The candidate with the lowest predicted TTFT (ties: more local prefix, then id).
         A worker may pull the blocks beyond its own prefix from the worker holding the longest
-        one, when that beats recomputing them."""
-        live = [w for w in candidates if w in self.profiles]
+        one (ties: the larger id), when that beats recomputing them.
+
+        One walk over the prompt's blocks finds every holder (``index.residency``); the load
+        plan is computed once per distinct residency and worker speed, so a candidate costs a
+        dictionary lookup and an addition, whether it holds a prefix or not.
+        """
+        profiles = self.profiles
+        live = [w for w in candidates if w in profiles]
         if not live:
             raise NoWorkerError(f"no prefill worker available among {list(candidates)}")
-        held = {w: index.leading_tiers(w, hashes) for w in index.workers()}
-        best: tuple[float, int, str] | None = None
-        chosen: Placement | None = None
+        groups = index.residency(hashes) if hashes else []
+        held: dict[str, tuple[int, int]] = {}  # holder -> (its group, its leading blocks)
+        longest, donor = 0, None
+        for gi, g in enumerate(groups):
+            num = g.num_blocks
+            held.update(zip(g.worker_ids, repeat((gi, num))))
+            if num >= longest:
+                top = max(g.worker_ids)
+                if num > longest or donor is None or top > donor:
+                    longest, donor = num, top
+        plans: dict[tuple[int, bool, tuple[object, ...]], tuple[int, float, float]] = {}
+        none = (-1, 0)
+        max_blocks = (prompt_len - 1) // self.block_size
+        best_w, best_ttft, best_local, best_plan = "", math.inf, 0, (0, 0.0, 0.0)
         for w in live:
-            profile = self.profiles[w]
-            local = held.get(w, [])
-            donor = max(
-                (d for d in held if d != w and len(held[d]) > len(local)),
-                key=lambda d: (len(held[d]), d),
-                default=None,
-            )
-            tiers = list(local)
-            if donor is not None and profile.net_bytes_per_s > 0:
-                tiers += [REMOTE_TIER] * (len(held[donor]) - len(local))
-            plan = self.plan_load(profile, tiers, prompt_len)
-            num_pull = max(0, plan.num_load_blocks - len(local))
-            key = (plan.ttft_s, -len(local), w)
-            if best is None or key < best:
-                best = key
-                chosen = Placement(
-                    worker_id=w,
-                    plan=plan,
-                    num_local_blocks=len(local),
-                    pull_from=donor if num_pull else None,
-                    num_pull_blocks=num_pull,
-                )
-        assert chosen is not None
-        return chosen
+            profile = profiles[w]
+            gi, local = held.get(w, none)
+            queue_s = profile.queue_depth * profile.mean_service_s  # as queue_wait_s
+            pull = local < longest and profile.net_bytes_per_s > 0
+            reach = min(longest if pull else local, max_blocks)  # blocks it could load
+            # loading costs >= 0: the prompt beyond ``reach`` bounds the TTFT from below
+            bound = queue_s + (prompt_len - reach * self.block_size) / profile.prefill_tokens_per_s
+            if bound > best_ttft:
+                continue
+            if reach:
+                key = (gi, pull, profile.speed_key())
+                plan = plans.get(key)
+                if plan is None:
+                    runs = list(groups[gi].runs) if gi >= 0 else []
+                    if pull:
+                        runs.append((REMOTE_TIER, longest - local))
+                    plan = plans[key] = self._plan(profile, runs, prompt_len)
+            else:
+                plan = (0, 0.0, self.compute_time_s(profile, prompt_len))
+            ttft = queue_s + plan[1] + plan[2]  # the same sum, in the same order, as ttft_s
+            if ttft < best_ttft or (
+                ttft == best_ttft and (local > best_local or (local == best_local and w < best_w))
+            ):
+                best_w, best_ttft, best_local, best_plan = w, ttft, local, plan
+        if not best_w:  # every candidate's TTFT is infinite or NaN: keep the first one's
+            best_w = live[0]
+            best_local = held.get(best_w, none)[1]
+        num_load, load_s, compute_s = best_plan
+        num_pull = max(0, num_load - best_local)
+        return Placement(
+            worker_id=best_w,
+            plan=LoadPlan(num_load, load_s, compute_s, profiles[best_w].queue_wait_s),
+            num_local_blocks=best_local,
+            pull_from=donor if num_pull else None,
+            num_pull_blocks=num_pull,
+        )
 
     def choose_decode(
         self, candidates: Sequence[str], index: GlobalBlockIndex, hashes: Sequence[BlockHash]
@@ -182,14 +260,12 @@ class CostModel:
         live = [w for w in candidates if w in self.profiles]
         if not live:
             raise NoWorkerError(f"no decode worker available among {list(candidates)}")
-        return min(
-            live,
-            key=lambda w: (
-                self.profiles[w].queue_depth,
-                -len(index.leading_tiers(w, hashes)),
-                w,
-            ),
-        )
+        depth = min(self.profiles[w].queue_depth for w in live)
+        tied = [w for w in live if self.profiles[w].queue_depth == depth]
+        if len(tied) == 1 or not hashes:
+            return min(tied)
+        lengths = index.leading_lengths(hashes)
+        return min(tied, key=lambda w: (-lengths.get(w, 0), w))
 
     def _profile(self, worker_id: str) -> WorkerProfile:
         profile = self.profiles.get(worker_id)
