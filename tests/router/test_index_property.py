@@ -25,10 +25,14 @@ tiers = st.sampled_from(TIERS)
 
 def ops(num_workers: int) -> st.SearchStrategy:
     worker = st.integers(0, num_workers - 1).map(lambda i: f"w{i:02d}")
-    event = st.tuples(st.sampled_from(["stored", "removed"]), worker, tiers, blocks)
+    kind = st.sampled_from(["stored", "removed"])
+    event = st.tuples(kind, worker, tiers, blocks)
+    # several events of one worker in one apply_many (folded per block by the index)
+    batch = st.tuples(st.just("batch"), worker,
+                      st.lists(st.tuples(kind, tiers, blocks), min_size=2, max_size=6))
     gone = st.tuples(st.just("gone"), worker)
     resync = st.tuples(st.just("resync"), worker, st.dictionaries(tiers, blocks, max_size=3))
-    return st.lists(st.one_of(event, event, event, gone, resync), max_size=60)
+    return st.lists(st.one_of(event, event, batch, batch, gone, resync), max_size=60)
 
 
 query = st.one_of(st.lists(block, max_size=12), st.just(list(range(len(H)))))
@@ -38,6 +42,10 @@ queries = st.lists(query, min_size=1, max_size=4)
 def _apply(op: tuple, index: GlobalBlockIndex, ref: ReferenceBlockIndex) -> None:
     if op[0] == "gone":
         assert index.remove_worker(op[1]) == ref.remove_worker(op[1])
+    elif op[0] == "batch":
+        events = [BlockEvent(kind, tier, tuple(H[i] for i in idx)) for kind, tier, idx in op[2]]
+        index.apply_many(op[1], events)
+        ref.apply_many(op[1], events)
     elif op[0] == "resync":
         held = {tier: [H[i] for i in idx] for tier, idx in op[2].items()}
         index.replace_worker(op[1], held)
@@ -125,7 +133,7 @@ def test_resync_and_removal_leave_no_entries() -> None:
     assert index.remove_worker("b") == 4 and index.remove_worker("b") == 0
     index.remove_worker("a")
     assert index.workers() == [] and index.residency(H) == []
-    assert not index._rows  # nothing left behind
+    assert not index._rows and not index._table  # nothing left behind
     index.add_worker("c")  # a freed slot is reused
     assert index._slot_of["c"] == 0
     with pytest.raises(ValueError, match="tier"):
