@@ -3,8 +3,12 @@
 A row is one bit set (a Python int, a bit per worker slot) per tier. Rows are interned: every
 block with the same holders shares one ``Row`` object, so equal rows are the same object,
 compared and hashed by identity, and a block's entry costs a pointer whatever the number of
-workers. An event computes the new row of each distinct old row once (the caller remembers
-old -> new for the event), so the per-block work is two dictionary lookups and a store.
+workers. ``apply_op`` is the index's hot loop: a lookup and a store per block; the new row of
+each distinct old row is computed once.
+
+A worker that leaves must not block the index while its bits are cleared from every row it is
+in: its slot leaves the live set at once (placement ignores it), and ``Scrubber`` clears its
+bits a bounded number of rows at a time; the slot is reused only once that is done.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from collections.abc import Sequence
 NUM_TIERS = 3
 STORED, REMOVED = 1, 2  # what an operation does to a worker's bit in a tier (2 bits per tier)
 
+Runs = dict[tuple["Row", "Row"], int]  # (old row, new row) -> how many blocks went that way
+
 
 def op_code(tier_num: int, stored: bool) -> int:
     """The code of one event: ``STORED`` or ``REMOVED`` in the bits of its tier."""
     return (STORED if stored else REMOVED) << (2 * tier_num)
 
 
-DROP_ALL = sum(op_code(t, False) for t in range(NUM_TIERS))  # removed from every tier
+ANY_REMOVED = sum(op_code(t, False) for t in range(NUM_TIERS))  # code & this: a removal
 
 
 class Row:
@@ -60,10 +66,6 @@ class RowTable:
     def __len__(self) -> int:
         return len(self._interned)
 
-    def rows(self) -> list[Row]:
-        """Every row alive (held by some block or caller)."""
-        return list(self._interned.values())
-
     def apply(self, old: Row, code: int, bit: int) -> Row:
         """The row ``old`` becomes when operation ``code`` applies to the worker with ``bit``."""
         masks = old.masks()
@@ -74,3 +76,105 @@ class RowTable:
             elif op == REMOVED:
                 masks[t] &= ~bit
         return self.intern(masks)
+
+
+def apply_op(rows: dict[bytes, Row], table: RowTable, code: int, bit: int,
+             hashes: Sequence[bytes]) -> Runs:
+    """Operation ``code`` (stored or removed, one tier) of the worker with ``bit`` on
+    ``hashes``; a block nobody holds any more leaves ``rows``. Neighbouring blocks mostly share
+    their row, so the last old row is checked by identity before the dict of them."""
+    get = rows.get
+    new_of: dict[Row, Row] = {}
+    runs: Runs = {}
+    run = 0
+    last_old = EMPTY
+    last_new = EMPTY if code & ANY_REMOVED else table.apply(EMPTY, code, bit)
+    if code & ANY_REMOVED:
+        for h in hashes:
+            old = get(h)
+            if old is None:
+                continue
+            if old is not last_old:
+                if run:
+                    runs[(last_old, last_new)] = runs.get((last_old, last_new), 0) + run
+                    run = 0
+                try:
+                    new = new_of[old]
+                except KeyError:
+                    new = new_of[old] = table.apply(old, code, bit)
+                last_old, last_new = old, new
+            run += 1
+            if last_new is EMPTY:
+                del rows[h]
+            else:
+                rows[h] = last_new
+    else:
+        for h in hashes:
+            old = get(h, EMPTY)
+            if old is not last_old:
+                if run:
+                    runs[(last_old, last_new)] = runs.get((last_old, last_new), 0) + run
+                    run = 0
+                try:
+                    new = new_of[old]
+                except KeyError:
+                    new = new_of[old] = table.apply(old, code, bit)
+                last_old, last_new = old, new
+            run += 1
+            rows[h] = last_new
+    if run:
+        runs[(last_old, last_new)] = runs.get((last_old, last_new), 0) + run
+    return runs
+
+
+def count_changes(runs: Runs, bit: int) -> list[int]:
+    """How the worker's block counts (any tier, device, host, disk) change with ``runs``."""
+    delta = [0] * (1 + NUM_TIERS)
+    for (old, new), num in runs.items():
+        if old is not new:
+            for i, (a, b) in enumerate(((old.held, new.held), (old.device, new.device),
+                                        (old.host, new.host), (old.disk, new.disk))):
+                delta[i] += num * (bool(b & bit) - bool(a & bit))
+    return delta
+
+
+class Scrubber:
+    """Clears the bits of retired slots from the rows, ``budget`` rows per step, over a
+    snapshot of the keys taken when the round starts (rows added later never carry them)."""
+
+    def __init__(self) -> None:
+        self.pending = 0  # retired slots waiting for the next round
+        self._keys: list[bytes] = []
+        self._pos = 0
+        self._mask = 0  # slots this round clears
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self._mask)
+
+    def step(self, rows: dict[bytes, Row], table: RowTable, budget: int | None) -> int:
+        """Scrub up to ``budget`` rows (all when None); returns the slots now free of bits."""
+        if not self._mask:
+            if not self.pending:
+                return 0
+            self._keys, self._pos, self._mask = list(rows), 0, self.pending
+            self.pending = 0
+        end = len(self._keys) if budget is None else min(len(self._keys), self._pos + budget)
+        keep, mask = ~self._mask, self._mask
+        new_of: dict[Row, Row] = {}
+        for h in self._keys[self._pos : end]:
+            row = rows.get(h)
+            if row is None or not row.held & mask:
+                continue
+            new = new_of.get(row)
+            if new is None:
+                new = new_of[row] = table.intern([m & keep for m in row.masks()])
+            if new is EMPTY:
+                del rows[h]
+            else:
+                rows[h] = new
+        self._pos = end
+        if end < len(self._keys):
+            return 0
+        done, self._mask, self._keys = self._mask, 0, []
+        return done

@@ -12,20 +12,20 @@ workers; a worker's leading run ends where its bit drops out. Workers whose lead
 in the same tiers come back as one ``ResidencyGroup``, so the cost model evaluates every
 distinct residency once, however many workers share it.
 
-There is no per-worker copy of the blocks: keeping one (a set per worker) halved the event rate
-measured on ``strata bench router``'s event stream. A dead worker leaves placement at once
-(its slot leaves the live set) and its bits leave the rows in one pass over them (measured
-in the bench); ``replace_worker`` (a resync after a worker or router restart) does the same
-and stores the worker's blocks anew, atomically under the lock. Per-worker block counts come
-from one count of the rows, kept until the next change. Thread-safe: events arrive from the
-event poller while request threads query.
+There is no per-worker copy of the blocks (a set per worker halved the event rate measured on
+``strata bench router``'s event stream); per-worker block counts are kept as events apply.
+Forgetting a dead worker takes its slot out of the live set at once (placement no longer sees
+it) and leaves its bits to be cleared from the rows a bounded number at a time, by later
+event batches (``block_rows.Scrubber``; ``compact`` finishes it); a retired slot is reused
+only once that is done. ``replace_worker`` (a resync after a worker or router restart) retires
+the worker's slot the same way and stores its blocks under a fresh one, atomically under the
+lock. Thread-safe: events arrive from the event poller while request threads query.
 """
 
 from __future__ import annotations
 
 import heapq
 import threading
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
@@ -33,7 +33,16 @@ from operator import is_not
 from typing import Protocol
 
 from kvstore.keys import BlockHash
-from router.block_rows import DROP_ALL, EMPTY, NUM_TIERS, Row, RowTable, op_code
+from router.block_rows import (
+    EMPTY,
+    NUM_TIERS,
+    Row,
+    RowTable,
+    Scrubber,
+    apply_op,
+    count_changes,
+    op_code,
+)
 from router.residency import ResidencyGroup, ResidencyWalk, slots_of
 
 # Fastest first: a block's best tier is the first of these it is in.
@@ -64,17 +73,21 @@ class BlockEvent:
 
 
 class GlobalBlockIndex:
+    # rows cleared of retired slots' bits per event batch while a scrub is under way
+    SCRUB_ROWS_PER_BATCH = 4096
+    WALK_CHUNK = 256  # blocks looked up at a time by ``residency``
+
     def __init__(self, max_groups: int = 32) -> None:
         self.max_groups = max_groups  # distinct residencies refined as bit sets (ResidencyWalk)
         self._lock = threading.Lock()
         self._slot_of: dict[str, int] = {}  # worker_id -> slot
-        self._worker_at: list[str] = []  # slot -> worker_id ("": a free slot)
+        self._worker_at: list[str] = []  # slot -> worker_id ("": free or retired)
         self._free_slots: list[int] = []  # heap: the lowest free slot is reused first
         self._all = 0  # bit set of every registered worker
         self._rows: dict[bytes, Row] = {}  # block_hash -> its holders (never EMPTY)
         self._table = RowTable()
-        self._version = 0  # bumped by every change
-        self._counts: tuple[int, dict[int, list[int]]] = (-1, {})  # version, slot -> counts
+        self._counts: dict[int, list[int]] = {}  # slot -> blocks in [any tier, device, host, disk]
+        self._scrub = Scrubber()
 
     # ---- membership ----------------------------------------------------------------------
     def add_worker(self, worker_id: str) -> None:
@@ -85,23 +98,22 @@ class GlobalBlockIndex:
         """Forget a worker (it died or left); returns how many blocks it held."""
         with self._lock:
             slot = self._slot_of.pop(worker_id, None)
-            if slot is None:
-                return 0
-            num = self._counts_locked().get(slot, [0])[0]
-            self._drop_slot_locked(slot)
-            self._worker_at[slot] = ""
-            self._all &= ~(1 << slot)
-            heapq.heappush(self._free_slots, slot)
-            return num
+            return 0 if slot is None else self._retire_locked(slot)
 
     def replace_worker(self, worker_id: str, blocks: Mapping[str, Iterable[BlockHash]]) -> None:
         """Resync: ``worker_id`` now holds exactly ``blocks`` (tier -> hashes), atomically."""
         batch = [(op_code(_tier_num(tier), True), list(hashes)) for tier, hashes in blocks.items()]
         with self._lock:
-            slot = self._slot_locked(worker_id)
-            self._drop_slot_locked(slot)
-            for code, hashes in batch:
-                self._apply_locked(slot, code, hashes)
+            old = self._slot_of.pop(worker_id, None)
+            if old is not None:
+                self._retire_locked(old)
+            self._apply_batch_locked(self._slot_locked(worker_id), batch)
+
+    def compact(self) -> None:
+        """Finish clearing the bits of removed workers now (later event batches would)."""
+        with self._lock:
+            while self._scrub.busy:
+                self._free_locked(self._scrub.step(self._rows, self._table, None))
 
     def workers(self) -> list[str]:
         with self._lock:
@@ -112,7 +124,7 @@ class GlobalBlockIndex:
         col = 0 if tier is None else 1 + _tier_num(tier)
         with self._lock:
             slot = self._slot_of.get(worker_id)
-            return 0 if slot is None else self._counts_locked().get(slot, [0] * 4)[col]
+            return 0 if slot is None else self._counts[slot][col]
 
     # ---- events --------------------------------------------------------------------------
     def apply(self, worker_id: str, event: StoreEventLike) -> None:
@@ -124,9 +136,10 @@ class GlobalBlockIndex:
         new). A bad event raises ValueError before any of the batch is applied."""
         batch = [(op_code(_tier_num(e.tier), _is_stored(e.kind)), e.block_hashes) for e in events]
         with self._lock:
-            slot = self._slot_locked(worker_id)
-            for code, hashes in batch:
-                self._apply_locked(slot, code, hashes)
+            self._apply_batch_locked(self._slot_locked(worker_id), batch)
+            if self._scrub.busy:
+                freed = self._scrub.step(self._rows, self._table, self.SCRUB_ROWS_PER_BATCH)
+                self._free_locked(freed)
 
     # ---- queries -------------------------------------------------------------------------
     def residency(self, hashes: Sequence[BlockHash]) -> list[ResidencyGroup]:
@@ -136,14 +149,20 @@ class GlobalBlockIndex:
         with self._lock:
             if not n or not self._all:
                 return []
-            rows = list(map(self._rows.get, hashes, repeat(EMPTY)))
+            get = self._rows.get
             walk = ResidencyWalk(self._all, self.max_groups)
-            # rows are interned: only where the row object changes can a leading run end
-            changes = compress(range(1, n), map(is_not, rows[1:], rows[:-1]))
-            for i in chain((0,), changes):
-                row = rows[i]
-                if not walk.step(i, row.device, row.host, row.disk):
-                    break
+            prev: Row | None = None  # the row of the block before this chunk
+            for start in range(0, n, self.WALK_CHUNK):  # chunks: a walk that ends stops early
+                rows = list(map(get, hashes[start : start + self.WALK_CHUNK], repeat(EMPTY)))
+                # rows are interned: only where the row object changes can a leading run end
+                for j in compress(range(len(rows)), map(is_not, rows, chain((prev,), rows))):
+                    row = rows[j]
+                    if not walk.step(start + j, row.device, row.host, row.disk):
+                        break
+                else:
+                    prev = rows[-1]
+                    continue
+                break
             found = walk.finish(n)
             names = self._worker_at
             return [
@@ -201,67 +220,31 @@ class GlobalBlockIndex:
             slot = len(self._worker_at)
             self._worker_at.append(worker_id)
         self._slot_of[worker_id] = slot
+        self._counts[slot] = [0] * (1 + NUM_TIERS)
         self._all |= 1 << slot
         return slot
 
-    def _apply_locked(self, slot: int, code: int, hashes: Sequence[bytes]) -> None:
-        """Operation ``code`` (one tier, stored or removed) of worker ``slot`` on ``hashes``.
-
-        The hot loop of the index: a lookup and a store per block. The new row of each
-        distinct old row is computed once, and neighbouring blocks mostly share their row, so
-        the last one is checked by identity before the dict of them."""
-        self._version += 1
-        bit, rows, table = 1 << slot, self._rows, self._table
-        get = rows.get
-        new_of: dict[Row, Row] = {}
-        last_old = last_new = EMPTY
-        if code & DROP_ALL:  # removed: a block nobody holds any more leaves
-            for h in hashes:
-                old = get(h)
-                if old is None:
-                    continue
-                if old is not last_old:
-                    try:
-                        new = new_of[old]
-                    except KeyError:
-                        new = new_of[old] = table.apply(old, code, bit)
-                    last_old, last_new = old, new
-                if last_new is EMPTY:
-                    del rows[h]
-                else:
-                    rows[h] = last_new
+    def _retire_locked(self, slot: int) -> int:
+        """Take ``slot`` out of the live set; its bits are scrubbed later. Returns its blocks."""
+        num = self._counts.pop(slot)[0]
+        self._worker_at[slot] = ""
+        self._all &= ~(1 << slot)
+        if num:
+            self._scrub.pending |= 1 << slot
         else:
-            last_new = table.apply(EMPTY, code, bit)
-            for h in hashes:
-                old = get(h, EMPTY)
-                if old is not last_old:
-                    try:
-                        new = new_of[old]
-                    except KeyError:
-                        new = new_of[old] = table.apply(old, code, bit)
-                    last_old, last_new = old, new
-                rows[h] = last_new
+            heapq.heappush(self._free_slots, slot)
+        return num
 
-    def _drop_slot_locked(self, slot: int) -> None:
-        """Clear ``slot``'s bit from every row: one pass over the rows."""
-        bit = 1 << slot
-        affected = {row for row in self._table.rows() if row.held & bit}
-        if affected:
-            keys = [h for h, row in self._rows.items() if row in affected]
-            self._apply_locked(slot, DROP_ALL, keys)
+    def _free_locked(self, slots: int) -> None:
+        for slot in slots_of(slots):
+            heapq.heappush(self._free_slots, slot)
 
-    def _counts_locked(self) -> dict[int, list[int]]:
-        """slot -> [blocks in any tier, in device, host, disk], counted once per version."""
-        version, counts = self._counts
-        if version == self._version:
-            return counts
-        counts = {}
-        for row, num in Counter(self._rows.values()).items():
-            for t, mask in enumerate((row.held, row.device, row.host, row.disk)):
-                for s in slots_of(mask):
-                    counts.setdefault(s, [0] * (1 + NUM_TIERS))[t] += num
-        self._counts = (self._version, counts)
-        return counts
+    def _apply_batch_locked(self, slot: int, batch: Sequence[tuple[int, Sequence[bytes]]]) -> None:
+        bit, counts = 1 << slot, self._counts[slot]
+        for code, hashes in batch:
+            runs = apply_op(self._rows, self._table, code, bit, hashes)
+            for i, change in enumerate(count_changes(runs, bit)):
+                counts[i] += change
 
 
 def tier_bit(tier: str) -> int:

@@ -189,7 +189,9 @@ class CostModel:
         hashes: Sequence[BlockHash],
         prompt_len: int,
     ) -> Placement:
-        """The candidate with the lowest predicted TTFT (ties: more local prefix, then id).
+        """The candidate with the lowest predicted TTFT (ties: more local prefix, then fewer
+        requests queued, then id: a queue whose service time is not measured yet predicts no
+        wait, so equal predictions must not all land on the first worker).
         A worker may pull the blocks beyond its own prefix from the worker holding the longest
         one (ties: the larger id), when that beats recomputing them.
 
@@ -215,6 +217,7 @@ class CostModel:
         none = (-1, 0)
         max_blocks = (prompt_len - 1) // self.block_size
         best_w, best_ttft, best_local, best_plan = "", math.inf, 0, (0, 0.0, 0.0)
+        best_depth = 0
         for w in live:
             profile = profiles[w]
             gi, local = held.get(w, none)
@@ -237,9 +240,11 @@ class CostModel:
                 plan = (0, 0.0, self.compute_time_s(profile, prompt_len))
             ttft = queue_s + plan[1] + plan[2]  # the same sum, in the same order, as ttft_s
             if ttft < best_ttft or (
-                ttft == best_ttft and (local > best_local or (local == best_local and w < best_w))
+                ttft == best_ttft
+                and (local, -profile.queue_depth, best_w) > (best_local, -best_depth, w)
             ):
                 best_w, best_ttft, best_local, best_plan = w, ttft, local, plan
+                best_depth = profile.queue_depth
         if not best_w:  # every candidate's TTFT is infinite or NaN: keep the first one's
             best_w = live[0]
             best_local = held.get(best_w, none)[1]

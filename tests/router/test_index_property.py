@@ -32,15 +32,25 @@ def ops(num_workers: int) -> st.SearchStrategy:
                       st.lists(st.tuples(kind, tiers, blocks), min_size=2, max_size=6))
     gone = st.tuples(st.just("gone"), worker)
     resync = st.tuples(st.just("resync"), worker, st.dictionaries(tiers, blocks, max_size=3))
-    return st.lists(st.one_of(event, event, batch, batch, gone, resync), max_size=60)
+    compact = st.just(("compact",))
+    return st.lists(st.one_of(event, event, batch, batch, gone, resync, compact), max_size=60)
 
 
 query = st.one_of(st.lists(block, max_size=12), st.just(list(range(len(H)))))
 queries = st.lists(query, min_size=1, max_size=4)
 
 
+def _index(max_groups: int) -> GlobalBlockIndex:
+    index = GlobalBlockIndex(max_groups=max_groups)
+    index.SCRUB_ROWS_PER_BATCH = 3  # removed workers' bits linger across several batches
+    index.WALK_CHUNK = 3  # a walk crosses chunk boundaries
+    return index
+
+
 def _apply(op: tuple, index: GlobalBlockIndex, ref: ReferenceBlockIndex) -> None:
-    if op[0] == "gone":
+    if op[0] == "compact":
+        index.compact()
+    elif op[0] == "gone":
         assert index.remove_worker(op[1]) == ref.remove_worker(op[1])
     elif op[0] == "batch":
         events = [BlockEvent(kind, tier, tuple(H[i] for i in idx)) for kind, tier, idx in op[2]]
@@ -82,7 +92,7 @@ def _check(index: GlobalBlockIndex, ref: ReferenceBlockIndex, query: list[bytes]
        events=st.data(), query_idx=queries)
 def test_index_matches_reference(num_workers: int, max_groups: int, events: st.DataObject,
                                  query_idx: list[list[int]]) -> None:
-    index, ref = GlobalBlockIndex(max_groups=max_groups), ReferenceBlockIndex()
+    index, ref = _index(max_groups), ReferenceBlockIndex()
     for op in events.draw(ops(num_workers)):
         _apply(op, index, ref)
         _check(index, ref, [H[i] for i in query_idx[0]])
@@ -104,7 +114,7 @@ profiles = st.builds(
 def test_choose_prefill_matches_reference(num_workers: int, events: st.DataObject,
                                           query_idx: list[list[int]], extra_tokens: int,
                                           params: st.DataObject) -> None:
-    index, ref = GlobalBlockIndex(max_groups=2), ReferenceBlockIndex()
+    index, ref = _index(2), ReferenceBlockIndex()
     for op in events.draw(ops(num_workers)):
         _apply(op, index, ref)
     cost = CostModel(block_size=16, block_nbytes=2 * MB)
@@ -133,11 +143,29 @@ def test_resync_and_removal_leave_no_entries() -> None:
     assert index.remove_worker("b") == 4 and index.remove_worker("b") == 0
     index.remove_worker("a")
     assert index.workers() == [] and index.residency(H) == []
+    index.add_worker("c")  # the retired slots still have bits in rows: not reused yet
+    assert index._slot_of["c"] == 3 and index._rows  # (the resync retired slot 0 too)
+    index.compact()
     assert not index._rows and not index._table  # nothing left behind
-    index.add_worker("c")  # a freed slot is reused
-    assert index._slot_of["c"] == 0
+    index.add_worker("d")  # a scrubbed slot is reused
+    assert index._slot_of["d"] == 0
     with pytest.raises(ValueError, match="tier"):
         index.replace_worker("c", {"nvme": H[:1]})
+
+
+def test_removal_is_immediate_and_its_rows_are_scrubbed_by_later_batches() -> None:
+    index = GlobalBlockIndex()
+    index.SCRUB_ROWS_PER_BATCH = 4
+    index.apply("a", BlockEvent("stored", "host", tuple(H)))
+    index.apply("b", BlockEvent("stored", "disk", tuple(H[:2])))
+    assert index.remove_worker("a") == len(H)
+    assert [g.worker_ids for g in index.residency(H)] == [("b",)]
+    assert index.num_blocks("a") == 0 and len(index._rows) == len(H)
+    for _ in range(3):  # 10 rows, 4 a batch: the third batch finishes the round
+        assert index._scrub.busy
+        index.apply("b", BlockEvent("stored", "device", tuple(H[:1])))
+    assert not index._scrub.busy and len(index._rows) == 2
+    assert index.leading_tiers("b", H) == ["device", "disk"] and index.num_blocks("b") == 2
 
 
 def test_slots_of_small_and_large_masks() -> None:
