@@ -1,4 +1,4 @@
-"""One entry for every benchmark: ``python -m bench ttft|longdoc|trace|decode [flags]``."""
+"""One entry for every benchmark: ``python -m bench ttft|longdoc|trace|decode|transfer|router``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ COMMANDS = {
     "trace": "bench.trace",
     "decode": "bench.decode",
     "transfer": "bench.transfer",
+    "router": "bench.router",
 }
 
 
