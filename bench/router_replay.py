@@ -55,6 +55,7 @@ class ReplayResult:
     ttft_s: list[float] = field(default_factory=list)
     served_tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         (*TIERS, REMOTE_TIER), 0))
+    held_tokens: int = 0  # prompt tokens the chosen worker held in some tier (loaded or not)
     placement_s: list[float] = field(default_factory=list)  # choose_prefill, prefix-aware only
     events: EventStream | None = None  # what the index ingested (when recorded)
     index: GlobalBlockIndex | None = None
@@ -139,6 +140,7 @@ def replay(work: Workload, num_workers: int, policy: str, profile: SimProfile, s
         free_at[w] = end
         out.ttft_s.append(end - t)
         k = plan.num_load_blocks
+        out.held_tokens += min(len(local), (prompt_len - 1) // profile.block_size) * profile.block_size
         for tier in local[:k]:
             out.served_tokens[tier] += profile.block_size
         out.served_tokens[REMOTE_TIER] += max(0, k - len(local)) * profile.block_size

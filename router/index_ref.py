@@ -87,13 +87,13 @@ def reference_choose_prefill(
     prompt_len: int,
 ) -> Placement:
     """Every worker's leading run, then one cost evaluation per candidate (ties: more local
-    prefix, then fewer queued, then id); the donor of a pull is the worker with the longest
-    run (ties: larger id)."""
+    prefix, then fewer queued, then fewer blocks cached, then id); the donor of a pull is the
+    worker with the longest run (ties: larger id)."""
     live = [w for w in candidates if w in cost.profiles]
     if not live:
         raise NoWorkerError(f"no prefill worker available among {list(candidates)}")
     held = {w: index.leading_tiers(w, hashes) for w in index.workers()}
-    best: tuple[float, int, int, str] | None = None
+    best: tuple[float, int, int, int, str] | None = None
     chosen: Placement | None = None
     for w in live:
         profile = cost.profiles[w]
@@ -108,7 +108,7 @@ def reference_choose_prefill(
             tiers += [REMOTE_TIER] * (len(held[donor]) - len(local))
         plan = cost.plan_load(profile, tiers, prompt_len)
         num_pull = max(0, plan.num_load_blocks - len(local))
-        key = (plan.ttft_s, -len(local), profile.queue_depth, w)
+        key = (plan.ttft_s, -len(local), profile.queue_depth, index.num_blocks(w), w)
         if best is None or key < best:
             best = key
             chosen = Placement(w, plan, len(local), donor if num_pull else None, num_pull)

@@ -6,6 +6,12 @@ best tier's bandwidth; "remote" = pulled from another worker over the network) o
 ``plan_load`` picks the number of leading blocks to load that minimises the sum, so a slow disk
 loses to recompute when the GPU is fast. Parameters come from measurements the workers report
 (start-up benchmarks, then moving averages), never from constants here.
+
+At cluster scale (``choose_prefill``): one walk of the index finds every holder of the prompt's
+prefix, grouped by residency; a plan is computed once per residency and worker speed (over runs
+of equal tiers, so its cost does not grow with the prompt), and every other candidate costs a
+few additions: a lower bound (queue + the prompt beyond what it could load) skips the plan of
+any worker that cannot win.
 """
 
 from __future__ import annotations
@@ -189,9 +195,9 @@ class CostModel:
         hashes: Sequence[BlockHash],
         prompt_len: int,
     ) -> Placement:
-        """The candidate with the lowest predicted TTFT (ties: more local prefix, then fewer
-        requests queued, then id: a queue whose service time is not measured yet predicts no
-        wait, so equal predictions must not all land on the first worker).
+        """The candidate with the lowest predicted TTFT. Ties: more local prefix, then fewer
+        requests queued (a queue whose service time is not measured yet predicts no wait),
+        then fewer blocks cached (a new prefix goes where it evicts the least), then id.
         A worker may pull the blocks beyond its own prefix from the worker holding the longest
         one (ties: the larger id), when that beats recomputing them.
 
@@ -217,7 +223,7 @@ class CostModel:
         none = (-1, 0)
         max_blocks = (prompt_len - 1) // self.block_size
         best_w, best_ttft, best_local, best_plan = "", math.inf, 0, (0, 0.0, 0.0)
-        best_depth = 0
+        best_depth, best_blocks = 0, None
         for w in live:
             profile = profiles[w]
             gi, local = held.get(w, none)
@@ -239,12 +245,21 @@ class CostModel:
             else:
                 plan = (0, 0.0, self.compute_time_s(profile, prompt_len))
             ttft = queue_s + plan[1] + plan[2]  # the same sum, in the same order, as ttft_s
-            if ttft < best_ttft or (
-                ttft == best_ttft
-                and (local, -profile.queue_depth, best_w) > (best_local, -best_depth, w)
-            ):
+            blocks = None
+            if ttft == best_ttft:  # ties: see the docstring
+                mine, theirs = (-local, profile.queue_depth), (-best_local, best_depth)
+                if mine == theirs:
+                    if best_blocks is None:
+                        best_blocks = index.num_blocks(best_w)
+                    blocks = index.num_blocks(w)
+                    better = (blocks, w) < (best_blocks, best_w)
+                else:
+                    better = mine < theirs
+            else:
+                better = ttft < best_ttft
+            if better:
                 best_w, best_ttft, best_local, best_plan = w, ttft, local, plan
-                best_depth = profile.queue_depth
+                best_depth, best_blocks = profile.queue_depth, blocks
         if not best_w:  # every candidate's TTFT is infinite or NaN: keep the first one's
             best_w = live[0]
             best_local = held.get(best_w, none)[1]

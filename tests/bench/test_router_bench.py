@@ -58,24 +58,27 @@ def test_hit_rate_and_ttft_equal_hand_computed(tmp_path) -> None:
 
 
 def test_prefix_aware_follows_the_prefix_unless_the_queue_says_otherwise(tmp_path) -> None:
-    # r0 puts prefix A on sim-0000; r1 (long, no prefix) lands there too (tie: lower id);
-    # r2 (A again) would wait behind r1 on the holder (queue 1 x 2.048 s + 0.016 s) and is
-    # faster recomputed on the idle sim-0001 (2.048 s); r3 (A, everyone idle) goes back to
-    # the holder and computes only its last block.
+    # r0 puts prefix A (128 blocks) on sim-0000; r1 (D, 256 blocks) arrives with it and goes
+    # to the idle sim-0001; r2 (long, no prefix) goes to sim-0000, which caches fewer blocks;
+    # r3 (A again) would wait behind r2 on the holder (1 x 2.048 s observed + 0.016 s) and is
+    # faster recomputed on the idle sim-0001 (2.048 s); r4 (A, everyone idle, both hold it)
+    # goes to the one caching fewer blocks and computes only its last block.
     a = [1, 2, 3, 4]
     path = _trace(tmp_path, [
         {"timestamp": 0, "input_length": 2048, "output_length": 1, "hash_ids": a},
-        {"timestamp": 3_000, "input_length": 8192, "output_length": 1,
+        {"timestamp": 0, "input_length": 4096, "output_length": 1, "hash_ids": list(range(50, 58))},
+        {"timestamp": 5_000, "input_length": 8192, "output_length": 1,
          "hash_ids": list(range(9, 25))},
-        {"timestamp": 3_001, "input_length": 2048, "output_length": 1, "hash_ids": a},
+        {"timestamp": 5_001, "input_length": 2048, "output_length": 1, "hash_ids": a},
         {"timestamp": 20_000, "input_length": 2048, "output_length": 1, "hash_ids": a},
     ])
     profile = SimProfile(block_nbytes=MB, prefill_tokens_per_s=1000.0, net_bytes_per_s=0.0)
     work = Workload.from_trace(load_trace(path), 16)
     r = replay(work, 2, "prefix-aware", profile)
-    assert r.placed == ["sim-0000", "sim-0000", "sim-0001", "sim-0000"]
-    assert r.ttft_s == pytest.approx([2.048, 8.192, 2.048, 0.016])
+    assert r.placed == ["sim-0000", "sim-0001", "sim-0000", "sim-0001", "sim-0001"]
+    assert r.ttft_s == pytest.approx([2.048, 4.096, 8.192, 2.048, 0.016])
     assert r.served_tokens["device"] == 127 * 16
+    assert r.held_tokens == 127 * 16
 
 
 def test_sim_store_evicts_demotes_and_refuses_like_the_tiers() -> None:
