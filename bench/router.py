@@ -166,6 +166,7 @@ def _row(point: dict[str, Any], runs: dict[str, ReplayResult], prompt_tokens: in
         served = {k: v / prompt_tokens for k, v in r.served_tokens.items()}
         out["policies"][pol] = {"ttft_s": summarize(r.ttft_s),
                                 "hit_rate": {**served, "total": sum(served.values())},
+                                "held_rate": r.held_tokens / prompt_tokens,
                                 "wall_s": r.wall_s}
     return out
 
@@ -200,9 +201,11 @@ def render_table(result: dict[str, Any]) -> str:
         for pol, v in r["policies"].items():
             t, h = v["ttft_s"], v["hit_rate"]
             prows.append([r["workers"], pol, t["p50"], t["p90"], t["p99"], h["total"],
-                          h["device"], h["host"], h["disk"], h["remote"]])
+                          h["device"], h["host"], h["disk"], h["remote"], v["held_rate"]])
     lines.append(format_table(["workers", "placement", "p50", "p90", "p99", "hit", "device",
-                               "host", "disk", "remote"], prows))
+                               "host", "disk", "remote", "held"], prows))
+    lines.append("hit: prompt tokens loaded from a tier (or pulled: remote), over all prompt "
+                 "tokens; held: the chosen worker held them in some tier, loaded or recomputed")
     if any(not r.get("placements_agree", True) for r in rows):
         lines.append("WARNING: the two indexes chose different placements")
     return "\n".join(lines)

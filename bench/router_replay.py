@@ -140,7 +140,8 @@ def replay(work: Workload, num_workers: int, policy: str, profile: SimProfile, s
         free_at[w] = end
         out.ttft_s.append(end - t)
         k = plan.num_load_blocks
-        out.held_tokens += min(len(local), (prompt_len - 1) // profile.block_size) * profile.block_size
+        bs = profile.block_size
+        out.held_tokens += min(len(local), (prompt_len - 1) // bs) * bs
         for tier in local[:k]:
             out.served_tokens[tier] += profile.block_size
         out.served_tokens[REMOTE_TIER] += max(0, k - len(local)) * profile.block_size
