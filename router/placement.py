@@ -17,17 +17,16 @@ any worker that cannot win.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import repeat
-from types import MappingProxyType
 
 from kvstore.keys import BlockHash
 from router.errors import NoWorkerError
 from router.index import GlobalBlockIndex
+from router.profile import REMOTE_TIER, WorkerProfile
 
-REMOTE_TIER = "remote"
-
+__all__ = ["REMOTE_TIER", "CostModel", "LoadPlan", "Placement", "WorkerProfile", "tier_runs"]
 
 def tier_runs(tiers: Sequence[str]) -> list[tuple[str, int]]:
     """``["host", "host", "disk"]`` -> ``[("host", 2), ("disk", 1)]``."""
@@ -38,81 +37,6 @@ def tier_runs(tiers: Sequence[str]) -> list[tuple[str, int]]:
         else:
             runs.append((tier, 1))
     return runs
-
-
-# the fields a load plan depends on (everything but the queue)
-_SPEED_FIELDS = frozenset({"prefill_tokens_per_s", "load_bytes_per_s", "net_bytes_per_s"})
-
-
-@dataclass(slots=True)
-class WorkerProfile:
-    worker_id: str
-    prefill_tokens_per_s: float  # measured prefill throughput (tokens/s)
-    # bytes/s moving one block from a tier into HBM ("device" missing -> free); read-only:
-    # assign a new mapping to change it
-    load_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
-    net_bytes_per_s: float = 0.0  # pull bandwidth from another worker; 0 -> never pull
-    queue_depth: int = 0  # requests queued or running on the worker
-    mean_service_s: float = 0.0  # moving average of one request's service time
-    ewma_alpha: float = 0.2  # weight of a new observation in the moving averages
-    _speed: tuple[object, ...] | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.prefill_tokens_per_s > 0:
-            raise ValueError(f"{self.worker_id}: prefill_tokens_per_s must be > 0 (measure it)")
-        for tier, bw in self.load_bytes_per_s.items():
-            if not bw > 0:
-                raise ValueError(f"{self.worker_id}: load_bytes_per_s[{tier!r}] must be > 0")
-        if self.net_bytes_per_s < 0 or self.queue_depth < 0 or self.mean_service_s < 0:
-            raise ValueError(f"{self.worker_id}: bandwidth, queue depth and times must be >= 0")
-        self.load_bytes_per_s = MappingProxyType(dict(self.load_bytes_per_s))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
-        if name in _SPEED_FIELDS:
-            object.__setattr__(self, "_speed", None)
-
-    @property
-    def queue_wait_s(self) -> float:
-        return self.queue_depth * self.mean_service_s
-
-    def speed_key(self) -> tuple[object, ...]:
-        """Everything but the queue that a load plan depends on (workers of equal speeds share
-        one plan per residency); kept until one of those fields is assigned again."""
-        key = self._speed
-        if key is None:
-            key = self._speed = (
-                self.prefill_tokens_per_s,
-                self.net_bytes_per_s,
-                tuple(sorted(self.load_bytes_per_s.items())),
-            )
-        return key
-
-    def bandwidth(self, tier: str) -> float:
-        if tier == REMOTE_TIER:
-            return self.net_bytes_per_s
-        return self.load_bytes_per_s.get(tier, math.inf if tier == "device" else 0.0)
-
-    def observe_service(self, seconds: float) -> None:
-        a = self.ewma_alpha
-        self.mean_service_s = (
-            seconds if self.mean_service_s == 0 else (a * seconds + (1 - a) * self.mean_service_s)
-        )
-
-    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens > 0 and seconds > 0:
-            a = self.ewma_alpha
-            self.prefill_tokens_per_s = a * num_tokens / seconds + (1 - a) * (
-                self.prefill_tokens_per_s
-            )
-
-    def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
-            old = self.load_bytes_per_s.get(tier)
-            rate = nbytes / seconds
-            a = self.ewma_alpha
-            new = rate if old is None else a * rate + (1 - a) * old
-            self.load_bytes_per_s = MappingProxyType({**self.load_bytes_per_s, tier: new})
 
 
 @dataclass(frozen=True)
@@ -185,6 +109,16 @@ class CostModel:
                 best_k, best_load, best_total = k, load, total
         return best_k, best_load, best_total - best_load
 
+    def _pull_plan(
+        self, profile: WorkerProfile, num_blocks: int, prompt_len: int
+    ) -> tuple[int, float, float]:
+        """``_plan(profile, [(REMOTE_TIER, n)], prompt_len)`` for ``num_blocks`` = min(n, the
+        loadable blocks) > 0, with the same sums: load all of them or none."""
+        compute_all = self.compute_time_s(profile, prompt_len)
+        load = 0.0 + num_blocks * (self.block_nbytes / profile.net_bytes_per_s)
+        total = load + self.compute_time_s(profile, prompt_len - num_blocks * self.block_size)
+        return (num_blocks, load, total - load) if total < compute_all else (0, 0.0, compute_all)
+
     def predicted_ttft(self, worker_id: str, tiers: Sequence[str], prompt_len: int) -> float:
         return self.plan_load(self._profile(worker_id), tiers, prompt_len).ttft_s
 
@@ -219,7 +153,7 @@ class CostModel:
                 top = max(g.worker_ids)
                 if num > longest or donor is None or top > donor:
                     longest, donor = num, top
-        plans: dict[tuple[int, bool, tuple[object, ...]], tuple[int, float, float]] = {}
+        plans: dict[tuple[int, bool, int], tuple[int, float, float]] = {}
         none = (-1, 0)
         max_blocks = (prompt_len - 1) // self.block_size
         best_w, best_ttft, best_local, best_plan = "", math.inf, 0, (0, 0.0, 0.0)
@@ -234,16 +168,19 @@ class CostModel:
             bound = queue_s + (prompt_len - reach * self.block_size) / profile.prefill_tokens_per_s
             if bound > best_ttft:
                 continue
-            if reach:
-                key = (gi, pull, profile.speed_key())
-                plan = plans.get(key)
-                if plan is None:
-                    runs = list(groups[gi].runs) if gi >= 0 else []
+            if not reach:
+                plan = (0, 0.0, self.compute_time_s(profile, prompt_len))
+            elif gi < 0:  # holds nothing, could pull: ``_plan`` of one remote run, inline
+                plan = self._pull_plan(profile, reach, prompt_len)
+            else:
+                key = (gi, pull, id(profile.speed_key()))  # interned: equal speeds, one id
+                cached = plans.get(key)
+                if cached is None:
+                    runs = list(groups[gi].runs)
                     if pull:
                         runs.append((REMOTE_TIER, longest - local))
-                    plan = plans[key] = self._plan(profile, runs, prompt_len)
-            else:
-                plan = (0, 0.0, self.compute_time_s(profile, prompt_len))
+                    cached = plans[key] = self._plan(profile, runs, prompt_len)
+                plan = cached
             ttft = queue_s + plan[1] + plan[2]  # the same sum, in the same order, as ttft_s
             blocks = None
             if ttft == best_ttft:  # ties: see the docstring
