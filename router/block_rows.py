@@ -27,7 +27,23 @@ def op_code(tier_num: int, stored: bool) -> int:
     return (STORED if stored else REMOVED) << (2 * tier_num)
 
 
-ANY_REMOVED = sum(op_code(t, False) for t in range(NUM_TIERS))  # code & this: a removal
+ANY_STORED = sum(op_code(t, True) for t in range(NUM_TIERS))  # code & this: stores somewhere
+
+
+def merge_ops(batch: Sequence[tuple[int, Sequence[bytes]]]) -> list[tuple[int, Sequence[bytes]]]:
+    """Consecutive events on the same hashes in different tiers as one operation (a block
+    written through to host and disk: one pass over the rows instead of two)."""
+    out: list[tuple[int, Sequence[bytes]]] = []
+    for code, hashes in batch:
+        if out:
+            last_code, last_hashes = out[-1]
+            free = all((last_code >> (2 * t)) & 3 == 0 for t in range(NUM_TIERS)
+                       if (code >> (2 * t)) & 3)
+            if free and (hashes is last_hashes or hashes == last_hashes):
+                out[-1] = (last_code | code, last_hashes)
+                continue
+        out.append((code, hashes))
+    return out
 
 
 class Row:
@@ -80,7 +96,7 @@ class RowTable:
 
 def apply_op(rows: dict[bytes, Row], table: RowTable, code: int, bit: int,
              hashes: Sequence[bytes]) -> Runs:
-    """Operation ``code`` (stored or removed, one tier) of the worker with ``bit`` on
+    """Operation ``code`` (stored or removed, per tier) of the worker with ``bit`` on
     ``hashes``; a block nobody holds any more leaves ``rows``. Neighbouring blocks mostly share
     their row, so the last old row is checked by identity before the dict of them."""
     get = rows.get
@@ -88,8 +104,9 @@ def apply_op(rows: dict[bytes, Row], table: RowTable, code: int, bit: int,
     runs: Runs = {}
     run = 0
     last_old = EMPTY
-    last_new = EMPTY if code & ANY_REMOVED else table.apply(EMPTY, code, bit)
-    if code & ANY_REMOVED:
+    removal = not code & ANY_STORED  # only removals: a block may leave, none arrives
+    last_new = EMPTY if removal else table.apply(EMPTY, code, bit)
+    if removal:
         for h in hashes:
             old = get(h)
             if old is None:

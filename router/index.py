@@ -41,6 +41,7 @@ from router.block_rows import (
     Scrubber,
     apply_op,
     count_changes,
+    merge_ops,
     op_code,
 )
 from router.residency import ResidencyGroup, ResidencyWalk, slots_of
@@ -241,7 +242,7 @@ class GlobalBlockIndex:
 
     def _apply_batch_locked(self, slot: int, batch: Sequence[tuple[int, Sequence[bytes]]]) -> None:
         bit, counts = 1 << slot, self._counts[slot]
-        for code, hashes in batch:
+        for code, hashes in merge_ops(batch):
             runs = apply_op(self._rows, self._table, code, bit, hashes)
             for i, change in enumerate(count_changes(runs, bit)):
                 counts[i] += change

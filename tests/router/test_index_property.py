@@ -30,10 +30,15 @@ def ops(num_workers: int) -> st.SearchStrategy:
     # several events of one worker in one apply_many (folded per block by the index)
     batch = st.tuples(st.just("batch"), worker,
                       st.lists(st.tuples(kind, tiers, blocks), min_size=2, max_size=6))
+    # several events of one batch on the same hashes (a block written through to host and
+    # disk): merged into one pass over the rows where their tiers differ
+    same = st.tuples(st.just("same"), worker, blocks,
+                     st.lists(st.tuples(kind, tiers), min_size=2, max_size=5))
     gone = st.tuples(st.just("gone"), worker)
     resync = st.tuples(st.just("resync"), worker, st.dictionaries(tiers, blocks, max_size=3))
     compact = st.just(("compact",))
-    return st.lists(st.one_of(event, event, batch, batch, gone, resync, compact), max_size=60)
+    return st.lists(st.one_of(event, event, batch, batch, same, gone, resync, compact),
+                    max_size=60)
 
 
 query = st.one_of(st.lists(block, max_size=12), st.just(list(range(len(H)))))
@@ -54,6 +59,11 @@ def _apply(op: tuple, index: GlobalBlockIndex, ref: ReferenceBlockIndex) -> None
         assert index.remove_worker(op[1]) == ref.remove_worker(op[1])
     elif op[0] == "batch":
         events = [BlockEvent(kind, tier, tuple(H[i] for i in idx)) for kind, tier, idx in op[2]]
+        index.apply_many(op[1], events)
+        ref.apply_many(op[1], events)
+    elif op[0] == "same":
+        hashes = tuple(H[i] for i in op[2])
+        events = [BlockEvent(kind, tier, hashes) for kind, tier in op[3]]
         index.apply_many(op[1], events)
         ref.apply_many(op[1], events)
     elif op[0] == "resync":
