@@ -158,29 +158,35 @@ class CostModel:
         max_blocks = (prompt_len - 1) // self.block_size
         best_w, best_ttft, best_local, best_plan = "", math.inf, 0, (0, 0.0, 0.0)
         best_depth, best_blocks = 0, None
+        bs = self.block_size
         for w in live:
             profile = profiles[w]
             gi, local = held.get(w, none)
             queue_s = profile.queue_depth * profile.mean_service_s  # as queue_wait_s
             pull = local < longest and profile.net_bytes_per_s > 0
-            reach = min(longest if pull else local, max_blocks)  # blocks it could load
-            # loading costs >= 0: the prompt beyond ``reach`` bounds the TTFT from below
-            bound = queue_s + (prompt_len - reach * self.block_size) / profile.prefill_tokens_per_s
-            if bound > best_ttft:
-                continue
-            if not reach:
-                plan = (0, 0.0, self.compute_time_s(profile, prompt_len))
-            elif gi < 0:  # holds nothing, could pull: ``_plan`` of one remote run, inline
-                plan = self._pull_plan(profile, reach, prompt_len)
+            reach = longest if pull else local  # blocks it could load
+            if reach > max_blocks:
+                reach = max_blocks
+            if not reach:  # nothing to load: the plan is the whole prompt's compute
+                compute = prompt_len / profile.prefill_tokens_per_s  # as compute_time_s
+                if queue_s + compute > best_ttft:
+                    continue
+                plan = (0, 0.0, compute)
             else:
-                key = (gi, pull, id(profile.speed_key()))  # interned: equal speeds, one id
-                cached = plans.get(key)
-                if cached is None:
-                    runs = list(groups[gi].runs)
-                    if pull:
-                        runs.append((REMOTE_TIER, longest - local))
-                    cached = plans[key] = self._plan(profile, runs, prompt_len)
-                plan = cached
+                # loading costs >= 0: the prompt beyond ``reach`` bounds the TTFT from below
+                if queue_s + (prompt_len - reach * bs) / profile.prefill_tokens_per_s > best_ttft:
+                    continue
+                if gi < 0:  # holds nothing, could pull: ``_plan`` of one remote run, inline
+                    plan = self._pull_plan(profile, reach, prompt_len)
+                else:
+                    key = (gi, pull, id(profile.speed_key()))  # interned: equal speeds, one id
+                    cached = plans.get(key)
+                    if cached is None:
+                        runs = list(groups[gi].runs)
+                        if pull:
+                            runs.append((REMOTE_TIER, longest - local))
+                        cached = plans[key] = self._plan(profile, runs, prompt_len)
+                    plan = cached
             ttft = queue_s + plan[1] + plan[2]  # the same sum, in the same order, as ttft_s
             blocks = None
             if ttft == best_ttft:  # ties: see the docstring
