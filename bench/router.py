@@ -44,15 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="placements timed per case with the reference index (5)")
     p.add_argument("--no-reference", action="store_true", help="skip the 'before' figures")
     d = SimProfile()
-    p.add_argument("--prefill-tokens-per-s", type=float, default=d.prefill_tokens_per_s)
-    p.add_argument("--block-nbytes", type=int, default=d.block_nbytes)
-    p.add_argument("--host-gbps", type=float, default=d.host_bytes_per_s / 1e9)
-    p.add_argument("--disk-gbps", type=float, default=d.disk_bytes_per_s / 1e9)
+    p.add_argument("--prefill-tokens-per-s", type=float, default=d.prefill_tokens_per_s,
+                   help="a worker's prefill speed (default: 8B shape on one H100)")
+    p.add_argument("--block-nbytes", type=int, default=d.block_nbytes,
+                   help="KV bytes of one 16-token block (default: 8B shape, 2 MiB)")
+    p.add_argument("--host-gbps", type=float, default=d.host_bytes_per_s / 1e9,
+                   help="host -> HBM load, GB/s")
+    p.add_argument("--disk-gbps", type=float, default=d.disk_bytes_per_s / 1e9,
+                   help="disk -> HBM load, GB/s")
     p.add_argument("--net-gbps", type=float, default=d.net_bytes_per_s / 1e9,
-                   help="worker-to-worker pull bandwidth (0: never pull)")
-    p.add_argument("--device-blocks", type=int, default=d.device_blocks)
-    p.add_argument("--host-blocks", type=int, default=d.host_blocks)
-    p.add_argument("--disk-blocks", type=int, default=d.disk_blocks)
+                   help="worker-to-worker pull, GB/s (0: never pull)")
+    p.add_argument("--device-blocks", type=int, default=d.device_blocks,
+                   help="blocks of a worker's HBM pool")
+    p.add_argument("--host-blocks", type=int, default=d.host_blocks,
+                   help="blocks of a worker's host tier (0: off)")
+    p.add_argument("--disk-blocks", type=int, default=d.disk_blocks,
+                   help="blocks of a worker's disk tier (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for JSON + PNG (bench/results)")
     p.add_argument("--quick", action="store_true",
