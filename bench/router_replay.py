@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from bench.router_sim import SimProfile, SimStore, TraceHasher, unbounded_hit_blocks
 from bench.trace_data import TraceRequest
+from kvstore.keys import BlockHash
 from router.index import TIERS, BlockEvent, GlobalBlockIndex
 from router.placement import REMOTE_TIER, CostModel, WorkerProfile, tier_runs
 
@@ -34,7 +35,7 @@ class Workload:
 
     arrivals_s: list[float]  # from the first request
     prompt_lens: list[int]
-    hashes: list[list[bytes]]
+    hashes: list[list[BlockHash]]
     unbounded_blocks: list[int]  # leading blocks an unbounded cache would serve
 
     @classmethod
@@ -90,8 +91,9 @@ def replay(work: Workload, num_workers: int, policy: str, profile: SimProfile, s
     stores = {w: SimStore(profile) for w in names}
     cost = make_cost_model(profile, names)
     index = GlobalBlockIndex() if policy == "prefix-aware" else None
-    for w in names if index is not None else ():
-        index.add_worker(w)
+    if index is not None:
+        for w in names:
+            index.add_worker(w)
     out = ReplayResult(policy, num_workers, events=[] if record_events else None, index=index,
                        cost=cost)
     rng = random.Random(seed)

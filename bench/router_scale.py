@@ -21,11 +21,11 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bench.router_replay import EventStream, make_cost_model, worker_names
 from bench.router_sim import SimProfile
-from kvstore.keys import hash_prompt_blocks
+from kvstore.keys import BlockHash, hash_prompt_blocks
 from router.index import BlockEvent, GlobalBlockIndex, StoreEventLike
 from router.index_ref import ReferenceBlockIndex, reference_choose_prefill
 from router.placement import CostModel, Placement
@@ -36,12 +36,17 @@ SCENARIOS = (*SHARES, "mixed")
 
 
 class _Index(Protocol):
+    def add_worker(self, worker_id: str) -> None: ...
+
     def apply_many(self, worker_id: str, events: Sequence[StoreEventLike]) -> None: ...
 
     def remove_worker(self, worker_id: str) -> int: ...
 
 
-def ingest(make: Callable[[], _Index], stream: EventStream, repeats: int) -> tuple[_Index, float]:
+IndexT = TypeVar("IndexT", bound=_Index)
+
+
+def ingest(make: Callable[[], IndexT], stream: EventStream, repeats: int) -> tuple[IndexT, float]:
     """A fresh index fed the whole stream ``repeats`` times: (the last one, best events/s)."""
     num = sum(len(e.block_hashes) for _, events in stream for e in events)
     best, index = 0.0, make()
@@ -84,14 +89,14 @@ def deep_sizeof(root: object) -> int:
     return total
 
 
-def synthetic_prompt(seed: int) -> list[bytes]:
+def synthetic_prompt(seed: int) -> list[BlockHash]:
     """The block hashes of a 32K-token prompt nobody holds yet."""
     tokens = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).digest(),
                              "little") % 32000 for i in range(PROMPT_BLOCKS * 16)]
     return hash_prompt_blocks(tokens, 16, b"strata-bench-rtr", cache_salt=f"scale-{seed}")
 
 
-def holdings(scenario: str, names: Sequence[str], prompt: Sequence[bytes],
+def holdings(scenario: str, names: Sequence[str], prompt: Sequence[BlockHash],
              rng: random.Random) -> dict[str, list[BlockEvent]]:
     """Events making each holder of ``scenario`` hold its prefix of ``prompt``."""
     n = len(prompt)
@@ -107,7 +112,7 @@ def holdings(scenario: str, names: Sequence[str], prompt: Sequence[bytes],
     return {w: _tiers(prompt, n // 4, 3 * n // 4, n) for w in names[:count]}
 
 
-def _tiers(prompt: Sequence[bytes], a: int, b: int, end: int) -> list[BlockEvent]:
+def _tiers(prompt: Sequence[BlockHash], a: int, b: int, end: int) -> list[BlockEvent]:
     return [BlockEvent("stored", "device", tuple(prompt[:a])),
             BlockEvent("stored", "host", tuple(prompt[a:b])),
             BlockEvent("stored", "disk", tuple(prompt[b:end]))]
@@ -189,9 +194,7 @@ def scale_point(
                            "events": sum(len(e.block_hashes) for _, es in stream for e in es),
                            "events_per_s": new_rate, "index_bytes": deep_sizeof(new)}
     if with_reference:
-        ref_index, ref_rate = ingest(ReferenceBlockIndex, stream, repeats)
-        assert isinstance(ref_index, ReferenceBlockIndex)
-        ref = ref_index
+        ref, ref_rate = ingest(ReferenceBlockIndex, stream, repeats)
         for w in names:
             ref.add_worker(w)
         row["before"] = {"events_per_s": ref_rate, "index_bytes": deep_sizeof(ref)}

@@ -207,7 +207,7 @@ class SimStore:
             self._events.append((kind, tier, list(hashes)))
 
 
-def unbounded_hit_blocks(requests: Sequence[Sequence[bytes]], block_size: int,
+def unbounded_hit_blocks(requests: Sequence[Sequence[BlockHash]], block_size: int,
                          prompt_lens: Sequence[int]) -> list[int]:
     """Leading blocks of each request that an earlier request had (a cache with no limit, on
     one machine), at most all but the block holding the last prompt token."""
