@@ -2,9 +2,9 @@
 
 One index over all workers. Each worker owns a slot, a bit position; one dict maps a block hash
 to its row: the bit sets of the workers holding the block in HBM, in host memory and on disk
-(``block_rows``: rows are interned, so an event is two dictionary lookups and a store per
-block). A block can sit in several tiers of one worker at once (HBM and disk): removing the
-HBM copy leaves the disk one.
+(``block_rows``: rows are interned, so an event is a lookup and a store per block). A block
+can sit in several tiers of one worker at once (HBM and disk): removing the HBM copy leaves
+the disk one.
 
 A placement walks the prompt's blocks once (``residency``): it AND-s the set of workers still
 holding the prefix block by block, so the cost per block does not grow with the number of
