@@ -1,4 +1,4 @@
-"""One entry for every benchmark: ``python -m bench ttft|longdoc|trace|decode [flags]``."""
+"""One entry for every benchmark: ``python -m bench ttft|longdoc|trace|decode|transfer|router``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "decode": "bench.decode",
     "transfer": "bench.transfer",
     "soak": "bench.soak",
+    "router": "bench.router",
 }
 
 
@@ -23,6 +24,7 @@ SUMMARY = {
     "decode": "decode tokens/s by batch size beside the roofline",
     "transfer": "KV transfer between processes (gRPC, shared memory) beside the raw gRPC ceiling",
     "soak": "chaos soak: clients while workers are killed; statuses, wrong outputs, recovery",
+    "router": "placement and index at 8-1,024 simulated workers; trace hit rates and TTFT",
 }
 
 

@@ -6,69 +6,37 @@ best tier's bandwidth; "remote" = pulled from another worker over the network) o
 ``plan_load`` picks the number of leading blocks to load that minimises the sum, so a slow disk
 loses to recompute when the GPU is fast. Parameters come from measurements the workers report
 (start-up benchmarks, then moving averages), never from constants here.
+
+At cluster scale (``choose_prefill``): one walk of the index finds every holder of the prompt's
+prefix, grouped by residency; a plan is computed once per residency and worker speed (over runs
+of equal tiers, so its cost does not grow with the prompt), and every other candidate costs a
+few additions: a lower bound (queue + the prompt beyond what it could load) skips the plan of
+any worker that cannot win.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import repeat
 
 from kvstore.keys import BlockHash
 from router.errors import NoWorkerError
 from router.index import GlobalBlockIndex
+from router.profile import REMOTE_TIER, WorkerProfile
 
-REMOTE_TIER = "remote"
+__all__ = ["REMOTE_TIER", "CostModel", "LoadPlan", "Placement", "WorkerProfile", "tier_runs"]
 
-
-@dataclass(slots=True)
-class WorkerProfile:
-    worker_id: str
-    prefill_tokens_per_s: float  # measured prefill throughput (tokens/s)
-    # bytes/s moving one block from a tier into HBM ("device" missing -> free)
-    load_bytes_per_s: dict[str, float] = field(default_factory=dict)
-    net_bytes_per_s: float = 0.0  # pull bandwidth from another worker; 0 -> never pull
-    queue_depth: int = 0  # requests queued or running on the worker
-    mean_service_s: float = 0.0  # moving average of one request's service time
-    ewma_alpha: float = 0.2  # weight of a new observation in the moving averages
-
-    def __post_init__(self) -> None:
-        if not self.prefill_tokens_per_s > 0:
-            raise ValueError(f"{self.worker_id}: prefill_tokens_per_s must be > 0 (measure it)")
-        for tier, bw in self.load_bytes_per_s.items():
-            if not bw > 0:
-                raise ValueError(f"{self.worker_id}: load_bytes_per_s[{tier!r}] must be > 0")
-        if self.net_bytes_per_s < 0 or self.queue_depth < 0 or self.mean_service_s < 0:
-            raise ValueError(f"{self.worker_id}: bandwidth, queue depth and times must be >= 0")
-
-    @property
-    def queue_wait_s(self) -> float:
-        return self.queue_depth * self.mean_service_s
-
-    def bandwidth(self, tier: str) -> float:
-        if tier == REMOTE_TIER:
-            return self.net_bytes_per_s
-        return self.load_bytes_per_s.get(tier, math.inf if tier == "device" else 0.0)
-
-    def observe_service(self, seconds: float) -> None:
-        a = self.ewma_alpha
-        self.mean_service_s = (
-            seconds if self.mean_service_s == 0 else (a * seconds + (1 - a) * self.mean_service_s)
-        )
-
-    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens > 0 and seconds > 0:
-            a = self.ewma_alpha
-            self.prefill_tokens_per_s = a * num_tokens / seconds + (1 - a) * (
-                self.prefill_tokens_per_s
-            )
-
-    def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
-            old = self.load_bytes_per_s.get(tier)
-            rate = nbytes / seconds
-            a = self.ewma_alpha
-            self.load_bytes_per_s[tier] = rate if old is None else a * rate + (1 - a) * old
+def tier_runs(tiers: Sequence[str]) -> list[tuple[str, int]]:
+    """``["host", "host", "disk"]`` -> ``[("host", 2), ("disk", 1)]``."""
+    runs: list[tuple[str, int]] = []
+    for tier in tiers:
+        if runs and runs[-1][0] == tier:
+            runs[-1] = (tier, runs[-1][1] + 1)
+        else:
+            runs.append((tier, 1))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -112,23 +80,44 @@ class CostModel:
     def plan_load(self, profile: WorkerProfile, tiers: Sequence[str], prompt_len: int) -> LoadPlan:
         """Best number of leading blocks to load, given each leading block's tier (the last
         prompt token is always computed, to produce the first output token)."""
-        max_blocks = min(len(tiers), (prompt_len - 1) // self.block_size)
-        best_k, best_load, load = 0, 0.0, 0.0
+        return self.plan_runs(profile, tier_runs(tiers), prompt_len)
+
+    def plan_runs(
+        self, profile: WorkerProfile, runs: Sequence[tuple[str, int]], prompt_len: int
+    ) -> LoadPlan:
+        """``plan_load`` over runs of equal tiers, ``(tier, num_blocks)``: loading or computing
+        blocks is linear within a run, so only the run ends need to be compared."""
+        num_load, load_s, compute_s = self._plan(profile, runs, prompt_len)
+        return LoadPlan(num_load, load_s, compute_s, profile.queue_wait_s)
+
+    def _plan(
+        self, profile: WorkerProfile, runs: Sequence[tuple[str, int]], prompt_len: int
+    ) -> tuple[int, float, float]:
+        max_blocks = (prompt_len - 1) // self.block_size
+        best_k, best_load = 0, 0.0
         best_total = self.compute_time_s(profile, prompt_len)
-        for k in range(1, max_blocks + 1):
-            bw = profile.bandwidth(tiers[k - 1])
-            if bw <= 0:
-                break  # this tier cannot be loaded here: neither can anything after it
-            load += self.block_nbytes / bw
+        k, load = 0, 0.0
+        for tier, num in runs:
+            bw = profile.bandwidth(tier)
+            if k >= max_blocks or bw <= 0:
+                break  # a tier that cannot be loaded here ends what can be loaded
+            num = min(num, max_blocks - k)
+            k += num
+            load += num * (self.block_nbytes / bw)
             total = load + self.compute_time_s(profile, prompt_len - k * self.block_size)
             if total < best_total:
                 best_k, best_load, best_total = k, load, total
-        return LoadPlan(
-            num_load_blocks=best_k,
-            load_s=best_load,
-            compute_s=best_total - best_load,
-            queue_s=profile.queue_wait_s,
-        )
+        return best_k, best_load, best_total - best_load
+
+    def _pull_plan(
+        self, profile: WorkerProfile, num_blocks: int, prompt_len: int
+    ) -> tuple[int, float, float]:
+        """``_plan(profile, [(REMOTE_TIER, n)], prompt_len)`` for ``num_blocks`` = min(n, the
+        loadable blocks) > 0, with the same sums: load all of them or none."""
+        compute_all = self.compute_time_s(profile, prompt_len)
+        load = 0.0 + num_blocks * (self.block_nbytes / profile.net_bytes_per_s)
+        total = load + self.compute_time_s(profile, prompt_len - num_blocks * self.block_size)
+        return (num_blocks, load, total - load) if total < compute_all else (0, 0.0, compute_all)
 
     def predicted_ttft(self, worker_id: str, tiers: Sequence[str], prompt_len: int) -> float:
         return self.plan_load(self._profile(worker_id), tiers, prompt_len).ttft_s
@@ -140,40 +129,92 @@ class CostModel:
         hashes: Sequence[BlockHash],
         prompt_len: int,
     ) -> Placement:
-        """The candidate with the lowest predicted TTFT (ties: more local prefix, then id).
+        """The candidate with the lowest predicted TTFT. Ties: more local prefix, then fewer
+        requests queued (a queue whose service time is not measured yet predicts no wait),
+        then fewer blocks cached (a new prefix goes where it evicts the least), then id.
         A worker may pull the blocks beyond its own prefix from the worker holding the longest
-        one, when that beats recomputing them."""
-        live = [w for w in candidates if w in self.profiles]
+        one (ties: the larger id), when that beats recomputing them.
+
+        One walk over the prompt's blocks finds every holder (``index.residency``); the load
+        plan is computed once per distinct residency and worker speed, so a candidate costs a
+        dictionary lookup and an addition, whether it holds a prefix or not.
+        """
+        profiles = self.profiles
+        live = [w for w in candidates if w in profiles]
         if not live:
             raise NoWorkerError(f"no prefill worker available among {list(candidates)}")
-        held = {w: index.leading_tiers(w, hashes) for w in index.workers()}
-        best: tuple[float, int, str] | None = None
-        chosen: Placement | None = None
+        groups = index.residency(hashes) if hashes else []
+        held: dict[str, tuple[int, int]] = {}  # holder -> (its group, its leading blocks)
+        longest, donor = 0, None
+        for gi, g in enumerate(groups):
+            num = g.num_blocks
+            held.update(zip(g.worker_ids, repeat((gi, num))))
+            if num >= longest:
+                top = max(g.worker_ids)
+                if num > longest or donor is None or top > donor:
+                    longest, donor = num, top
+        plans: dict[tuple[int, bool, int], tuple[int, float, float]] = {}
+        none = (-1, 0)
+        max_blocks = (prompt_len - 1) // self.block_size
+        best_w, best_ttft, best_local, best_plan = "", math.inf, 0, (0, 0.0, 0.0)
+        best_depth, best_blocks = 0, None
+        bs = self.block_size
         for w in live:
-            profile = self.profiles[w]
-            local = held.get(w, [])
-            donor = max(
-                (d for d in held if d != w and len(held[d]) > len(local)),
-                key=lambda d: (len(held[d]), d),
-                default=None,
-            )
-            tiers = list(local)
-            if donor is not None and profile.net_bytes_per_s > 0:
-                tiers += [REMOTE_TIER] * (len(held[donor]) - len(local))
-            plan = self.plan_load(profile, tiers, prompt_len)
-            num_pull = max(0, plan.num_load_blocks - len(local))
-            key = (plan.ttft_s, -len(local), w)
-            if best is None or key < best:
-                best = key
-                chosen = Placement(
-                    worker_id=w,
-                    plan=plan,
-                    num_local_blocks=len(local),
-                    pull_from=donor if num_pull else None,
-                    num_pull_blocks=num_pull,
-                )
-        assert chosen is not None
-        return chosen
+            profile = profiles[w]
+            gi, local = held.get(w, none)
+            queue_s = profile.queue_depth * profile.mean_service_s  # as queue_wait_s
+            pull = local < longest and profile.net_bytes_per_s > 0
+            reach = longest if pull else local  # blocks it could load
+            if reach > max_blocks:
+                reach = max_blocks
+            if not reach:  # nothing to load: the plan is the whole prompt's compute
+                compute = prompt_len / profile.prefill_tokens_per_s  # as compute_time_s
+                if queue_s + compute > best_ttft:
+                    continue
+                plan = (0, 0.0, compute)
+            else:
+                # loading costs >= 0: the prompt beyond ``reach`` bounds the TTFT from below
+                if queue_s + (prompt_len - reach * bs) / profile.prefill_tokens_per_s > best_ttft:
+                    continue
+                if gi < 0:  # holds nothing, could pull: ``_plan`` of one remote run, inline
+                    plan = self._pull_plan(profile, reach, prompt_len)
+                else:
+                    key = (gi, pull, id(profile.speed_key()))  # interned: equal speeds, one id
+                    cached = plans.get(key)
+                    if cached is None:
+                        runs = list(groups[gi].runs)
+                        if pull:
+                            runs.append((REMOTE_TIER, longest - local))
+                        cached = plans[key] = self._plan(profile, runs, prompt_len)
+                    plan = cached
+            ttft = queue_s + plan[1] + plan[2]  # the same sum, in the same order, as ttft_s
+            blocks = None
+            if ttft == best_ttft:  # ties: see the docstring
+                mine, theirs = (-local, profile.queue_depth), (-best_local, best_depth)
+                if mine == theirs:
+                    if best_blocks is None:
+                        best_blocks = index.num_blocks(best_w)
+                    blocks = index.num_blocks(w)
+                    better = (blocks, w) < (best_blocks, best_w)
+                else:
+                    better = mine < theirs
+            else:
+                better = ttft < best_ttft
+            if better:
+                best_w, best_ttft, best_local, best_plan = w, ttft, local, plan
+                best_depth, best_blocks = profile.queue_depth, blocks
+        if not best_w:  # every candidate's TTFT is infinite or NaN: keep the first one's
+            best_w = live[0]
+            best_local = held.get(best_w, none)[1]
+        num_load, load_s, compute_s = best_plan
+        num_pull = max(0, num_load - best_local)
+        return Placement(
+            worker_id=best_w,
+            plan=LoadPlan(num_load, load_s, compute_s, profiles[best_w].queue_wait_s),
+            num_local_blocks=best_local,
+            pull_from=donor if num_pull else None,
+            num_pull_blocks=num_pull,
+        )
 
     def choose_decode(
         self, candidates: Sequence[str], index: GlobalBlockIndex, hashes: Sequence[BlockHash]
@@ -182,14 +223,12 @@ class CostModel:
         live = [w for w in candidates if w in self.profiles]
         if not live:
             raise NoWorkerError(f"no decode worker available among {list(candidates)}")
-        return min(
-            live,
-            key=lambda w: (
-                self.profiles[w].queue_depth,
-                -len(index.leading_tiers(w, hashes)),
-                w,
-            ),
-        )
+        depth = min(self.profiles[w].queue_depth for w in live)
+        tied = [w for w in live if self.profiles[w].queue_depth == depth]
+        if len(tied) == 1 or not hashes:
+            return min(tied)
+        lengths = index.leading_lengths(hashes)
+        return min(tied, key=lambda w: (-lengths.get(w, 0), w))
 
     def _profile(self, worker_id: str) -> WorkerProfile:
         profile = self.profiles.get(worker_id)

@@ -118,3 +118,25 @@ def test_profile_measurements() -> None:
     assert p.queue_wait_s == pytest.approx(0.9)
     with pytest.raises(ValueError, match="prefill_tokens_per_s"):
         WorkerProfile("w", 0.0)
+
+
+def test_choose_prefill_picks_the_longest_prefix_unless_its_queue_is_slower() -> None:
+    cm = _model()
+    index = GlobalBlockIndex()
+    index.apply("long", ev("stored", "host", range(8)))
+    index.apply("short", ev("stored", "device", range(3)))
+    for w in ("long", "short", "none"):
+        cm.update(WorkerProfile(w, 1000.0, {"host": 1000 * MB}))
+    # 7 loadable host blocks (14 ms) + 16 tokens (16 ms) beat 3 free blocks + 80 tokens
+    p = cm.choose_prefill(["none", "short", "long"], index, H, prompt_len=128)
+    assert (p.worker_id, p.num_local_blocks, p.plan.num_load_blocks) == ("long", 8, 7)
+    assert p.plan.ttft_s == pytest.approx(0.014 + 0.016)
+    # one request of 60 ms queued on "long": "short" (80 ms of compute) is faster now
+    cm.profiles["long"].queue_depth, cm.profiles["long"].mean_service_s = 1, 0.06
+    p = cm.choose_prefill(["none", "short", "long"], index, H, prompt_len=128)
+    assert (p.worker_id, p.plan.ttft_s) == ("short", pytest.approx(0.080))
+    # "short" busy too: an idle worker with nothing cached is the fastest
+    cm.profiles["short"].queue_depth, cm.profiles["short"].mean_service_s = 1, 0.1
+    assert cm.choose_prefill(["none", "short", "long"], index, H, 128).worker_id == "long"
+    cm.profiles["long"].mean_service_s = 0.2
+    assert cm.choose_prefill(["none", "short", "long"], index, H, 128).worker_id == "none"

@@ -1,0 +1,215 @@
+"""The router's index and placement at a given worker count, before (the per-worker reference)
+and after (``GlobalBlockIndex``), measured side by side on the same state.
+
+- events/s: the block events a prefix-aware trace replay produced, re-applied to a fresh
+  index of each kind (best of ``repeats``);
+- index bytes: every object the index holds (dicts, sets, rows, the hash keys), counted once;
+- placement: ``choose_prefill`` of a 32K-token prompt (2,048 blocks) over every worker, on the
+  replay's final state, with the prompt held by no worker, one, a quarter or all of them (in
+  HBM, host and disk: 512 / 1,024 / 512 blocks), and ``mixed``: every worker holding a prefix
+  of its own length in tiers split at their own points (a distinct residency per worker);
+- remove_worker: forgetting the worker holding the most blocks (at the end, on that state);
+  for the index over all workers, also ``compact``: clearing that worker's bits from the rows
+  at once, which otherwise happens a few thousand rows per later event batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from bench.router_replay import EventStream, make_cost_model, worker_names
+from bench.router_sim import SimProfile
+from kvstore.keys import BlockHash, hash_prompt_blocks
+from router.index import BlockEvent, GlobalBlockIndex, StoreEventLike
+from router.index_ref import ReferenceBlockIndex, reference_choose_prefill
+from router.placement import CostModel, Placement
+
+PROMPT_BLOCKS = 2048
+SHARES = ("none", "one", "quarter", "all")
+SCENARIOS = (*SHARES, "mixed")
+
+
+class _Index(Protocol):
+    def add_worker(self, worker_id: str) -> None: ...
+
+    def apply_many(self, worker_id: str, events: Sequence[StoreEventLike]) -> None: ...
+
+    def remove_worker(self, worker_id: str) -> int: ...
+
+
+IndexT = TypeVar("IndexT", bound=_Index)
+
+
+def ingest(make: Callable[[], IndexT], stream: EventStream, repeats: int) -> tuple[IndexT, float]:
+    """A fresh index fed the whole stream ``repeats`` times: (the last one, best events/s)."""
+    num = sum(len(e.block_hashes) for _, events in stream for e in events)
+    best, index = 0.0, make()
+    for _ in range(repeats):
+        index = make()
+        gc.collect()
+        gc.disable()  # a collection pass in the middle would time the collector
+        try:
+            t0 = time.perf_counter()
+            for worker, events in stream:
+                index.apply_many(worker, events)
+            best = max(best, num / (time.perf_counter() - t0))
+        finally:
+            gc.enable()
+    return index, best
+
+
+def deep_sizeof(root: object) -> int:
+    """Bytes of ``root`` and everything it references (each object once). Locks, types and
+    modules are left out."""
+    seen: set[int] = set()
+    todo = [root]
+    total = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, type) or type(obj).__module__ == "_thread":
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            todo.append(vars(obj))
+        for name in getattr(type(obj), "__slots__", ()):
+            if name != "__weakref__" and hasattr(obj, name):
+                todo.append(getattr(obj, name))
+    return total
+
+
+def synthetic_prompt(seed: int) -> list[BlockHash]:
+    """The block hashes of a 32K-token prompt nobody holds yet."""
+    tokens = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).digest(),
+                             "little") % 32000 for i in range(PROMPT_BLOCKS * 16)]
+    return hash_prompt_blocks(tokens, 16, b"strata-bench-rtr", cache_salt=f"scale-{seed}")
+
+
+def holdings(scenario: str, names: Sequence[str], prompt: Sequence[BlockHash],
+             rng: random.Random) -> dict[str, list[BlockEvent]]:
+    """Events making each holder of ``scenario`` hold its prefix of ``prompt``."""
+    n = len(prompt)
+    if scenario == "mixed":
+        out = {}
+        for w in names:
+            end = rng.randrange(1, n + 1)
+            a = rng.randrange(0, end + 1)
+            b = rng.randrange(a, end + 1)
+            out[w] = _tiers(prompt, a, b, end)
+        return out
+    count = {"none": 0, "one": 1, "quarter": len(names) // 4, "all": len(names)}[scenario]
+    return {w: _tiers(prompt, n // 4, 3 * n // 4, n) for w in names[:count]}
+
+
+def _tiers(prompt: Sequence[BlockHash], a: int, b: int, end: int) -> list[BlockEvent]:
+    return [BlockEvent("stored", "device", tuple(prompt[:a])),
+            BlockEvent("stored", "host", tuple(prompt[a:b])),
+            BlockEvent("stored", "disk", tuple(prompt[b:end]))]
+
+
+def _undo(events: list[BlockEvent]) -> list[BlockEvent]:
+    return [BlockEvent("removed", e.tier, e.block_hashes) for e in events]
+
+
+def placement_latency(
+    new: GlobalBlockIndex, ref: ReferenceBlockIndex | None, cost: CostModel,
+    names: Sequence[str], samples: int, ref_samples: int, seed: int,
+) -> dict[str, Any]:
+    """Seconds per ``choose_prefill`` of the synthetic prompt, per scenario, for both indexes
+    on the same state; and whether both chose the same placement."""
+    rng = random.Random(seed)
+    prompt = synthetic_prompt(seed)
+    prompt_len = PROMPT_BLOCKS * 16
+    out: dict[str, Any] = {"after": {}, "before": {}, "agree": True}
+    indexes: list[_Index] = [new] if ref is None else [new, ref]
+    for scenario in SCENARIOS:
+        held = holdings(scenario, names, prompt, rng)
+        for index in indexes:
+            for w, events in held.items():
+                index.apply_many(w, events)
+        times, placed = _time(lambda: cost.choose_prefill(names, new, prompt, prompt_len),
+                              samples)
+        out["after"][scenario] = times
+        if ref is not None:
+            ref_times, ref_placed = _time(
+                lambda: reference_choose_prefill(cost, names, ref, prompt, prompt_len),
+                ref_samples)
+            out["before"][scenario] = ref_times
+            out["agree"] = out["agree"] and ref_placed == placed
+        for index in indexes:
+            for w, events in held.items():
+                index.apply_many(w, _undo(events))
+    return out
+
+
+def _time(fn: Callable[[], Placement], samples: int) -> tuple[list[float], Placement]:
+    placed = fn()  # warm-up
+    times = []
+    gc.collect()
+    gc.disable()  # a collection of the simulator's garbage is not the router's time
+    try:
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+    return times, placed
+
+
+def remove_worker_s(index: _Index, worker: str) -> float:
+    t0 = time.perf_counter()
+    index.remove_worker(worker)
+    return time.perf_counter() - t0
+
+
+def compact_s(index: GlobalBlockIndex) -> float:
+    t0 = time.perf_counter()
+    index.compact()
+    return time.perf_counter() - t0
+
+
+def scale_point(
+    stream: EventStream, num_workers: int, profile: SimProfile, *, repeats: int, samples: int,
+    ref_samples: int, seed: int, with_reference: bool,
+) -> dict[str, Any]:
+    """Every figure of one worker count, before and after, from one state."""
+    names = worker_names(num_workers)
+    new, new_rate = ingest(GlobalBlockIndex, stream, repeats)
+    for w in names:
+        new.add_worker(w)
+    ref: ReferenceBlockIndex | None = None
+    row: dict[str, Any] = {"workers": num_workers,
+                           "events": sum(len(e.block_hashes) for _, es in stream for e in es),
+                           "events_per_s": new_rate, "index_bytes": deep_sizeof(new)}
+    if with_reference:
+        ref, ref_rate = ingest(ReferenceBlockIndex, stream, repeats)
+        for w in names:
+            ref.add_worker(w)
+        row["before"] = {"events_per_s": ref_rate, "index_bytes": deep_sizeof(ref)}
+    cost = make_cost_model(profile, names)
+    rng = random.Random(seed)
+    for w in names:  # requests in flight, as a busy cluster has them
+        cost.profiles[w].queue_depth = rng.randrange(4)
+        cost.profiles[w].mean_service_s = 0.5
+    lat = placement_latency(new, ref, cost, names, samples, ref_samples, seed)
+    row["placement"] = lat["after"]
+    if ref is not None:
+        row["before"]["placement"] = lat["before"]
+        row["placements_agree"] = lat["agree"]
+        busiest = max(names, key=ref.num_blocks)
+        row["remove_worker_s"] = remove_worker_s(new, busiest)
+        row["compact_s"] = compact_s(new)
+        row["before"]["remove_worker_s"] = remove_worker_s(ref, busiest)
+    return row

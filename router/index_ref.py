@@ -1,0 +1,116 @@
+"""The plain per-worker block index and placement loop: the reference the fast ones must match.
+
+One dict per worker (block hash -> tier bit mask); a placement asks every worker in turn for its
+leading run and evaluates the cost model once per worker and block. Kept as the oracle of the
+property tests (``tests/router/test_index_property.py``) and as the "before" row of
+``strata bench router``; the router itself uses ``router.index.GlobalBlockIndex``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from kvstore.keys import BlockHash
+from router.errors import NoWorkerError
+from router.index import EVENT_REMOVED, EVENT_STORED, TIERS, StoreEventLike, tier_bit
+from router.placement import REMOTE_TIER, CostModel, Placement
+
+
+def best_tier(mask: int) -> str:
+    assert mask, "best_tier of a block held in no tier"
+    return TIERS[(mask & -mask).bit_length() - 1]
+
+
+class ReferenceBlockIndex:
+    """Per worker: block hash -> bit mask of the tiers holding it (not thread-safe)."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, dict[bytes, int]] = {}
+
+    def add_worker(self, worker_id: str) -> None:
+        self._workers.setdefault(worker_id, {})
+
+    def remove_worker(self, worker_id: str) -> int:
+        return len(self._workers.pop(worker_id, {}))
+
+    def replace_worker(self, worker_id: str, blocks: Mapping[str, Iterable[BlockHash]]) -> None:
+        fresh: dict[bytes, int] = {}
+        for tier, hashes in blocks.items():
+            bit = tier_bit(tier)
+            for h in hashes:
+                fresh[h] = fresh.get(h, 0) | bit
+        self._workers[worker_id] = fresh
+
+    def workers(self) -> list[str]:
+        return sorted(self._workers)
+
+    def num_blocks(self, worker_id: str, tier: str | None = None) -> int:
+        blocks = self._workers.get(worker_id, {})
+        if tier is None:
+            return len(blocks)
+        bit = tier_bit(tier)
+        return sum(1 for mask in blocks.values() if mask & bit)
+
+    def apply_many(self, worker_id: str, events: Iterable[StoreEventLike]) -> None:
+        blocks = self._workers.setdefault(worker_id, {})
+        for event in events:
+            bit = tier_bit(event.tier)
+            if event.kind == EVENT_STORED:
+                for h in event.block_hashes:
+                    blocks[h] = blocks.get(h, 0) | bit
+            elif event.kind == EVENT_REMOVED:
+                for h in event.block_hashes:
+                    mask = blocks.get(h, 0) & ~bit
+                    if mask:
+                        blocks[h] = mask
+                    else:
+                        blocks.pop(h, None)
+            else:
+                raise ValueError(f"unknown event kind {event.kind!r}")
+
+    def leading_tiers(self, worker_id: str, hashes: Sequence[BlockHash]) -> list[str]:
+        blocks = self._workers.get(worker_id, {})
+        out: list[str] = []
+        for h in hashes:
+            mask = blocks.get(h, 0)
+            if not mask:
+                break
+            out.append(best_tier(mask))
+        return out
+
+
+def reference_choose_prefill(
+    cost: CostModel,
+    candidates: Sequence[str],
+    index: ReferenceBlockIndex,
+    hashes: Sequence[BlockHash],
+    prompt_len: int,
+) -> Placement:
+    """Every worker's leading run, then one cost evaluation per candidate (ties: more local
+    prefix, then fewer queued, then fewer blocks cached, then id); the donor of a pull is the
+    worker with the longest run (ties: larger id)."""
+    live = [w for w in candidates if w in cost.profiles]
+    if not live:
+        raise NoWorkerError(f"no prefill worker available among {list(candidates)}")
+    held = {w: index.leading_tiers(w, hashes) for w in index.workers()}
+    best: tuple[float, int, int, int, str] | None = None
+    chosen: Placement | None = None
+    for w in live:
+        profile = cost.profiles[w]
+        local = held.get(w, [])
+        donor = max(
+            (d for d in held if d != w and len(held[d]) > len(local)),
+            key=lambda d: (len(held[d]), d),
+            default=None,
+        )
+        tiers = list(local)
+        if donor is not None and profile.net_bytes_per_s > 0:
+            tiers += [REMOTE_TIER] * (len(held[donor]) - len(local))
+        plan = cost.plan_load(profile, tiers, prompt_len)
+        num_pull = max(0, plan.num_load_blocks - len(local))
+        key = (plan.ttft_s, -len(local), profile.queue_depth, index.num_blocks(w), w)
+        if best is None or key < best:
+            best = key
+            chosen = Placement(w, plan, len(local), donor if num_pull else None, num_pull)
+    assert chosen is not None
+    return chosen

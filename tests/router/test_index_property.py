@@ -1,0 +1,184 @@
+"""The global index and the placement at scale against the plain per-worker reference: the same
+answers after any sequence of stored / removed / worker-gone / resync events."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvstore.keys import hash_prompt_blocks
+from router.index import TIERS, BlockEvent, GlobalBlockIndex
+from router.index_ref import ReferenceBlockIndex, reference_choose_prefill
+from router.placement import CostModel, WorkerProfile
+from router.residency import slots_of
+
+H = hash_prompt_blocks(list(range(16 * 10)), 16, b"p" * 16)  # 10 chained block hashes
+MB = 1_000_000
+
+block = st.integers(0, len(H) - 1)
+# any blocks, or a run of consecutive ones (a stored prefix, an evicted tail)
+blocks = st.one_of(st.lists(block, max_size=12),
+                   st.builds(lambda a, b: list(range(min(a, b), max(a, b) + 1)), block, block))
+tiers = st.sampled_from(TIERS)
+
+
+def ops(num_workers: int) -> st.SearchStrategy:
+    worker = st.integers(0, num_workers - 1).map(lambda i: f"w{i:02d}")
+    kind = st.sampled_from(["stored", "removed"])
+    event = st.tuples(kind, worker, tiers, blocks)
+    # several events of one worker in one apply_many (folded per block by the index)
+    batch = st.tuples(st.just("batch"), worker,
+                      st.lists(st.tuples(kind, tiers, blocks), min_size=2, max_size=6))
+    # several events of one batch on the same hashes (a block written through to host and
+    # disk): merged into one pass over the rows where their tiers differ
+    same = st.tuples(st.just("same"), worker, blocks,
+                     st.lists(st.tuples(kind, tiers), min_size=2, max_size=5))
+    gone = st.tuples(st.just("gone"), worker)
+    resync = st.tuples(st.just("resync"), worker, st.dictionaries(tiers, blocks, max_size=3))
+    compact = st.just(("compact",))
+    return st.lists(st.one_of(event, event, batch, batch, same, gone, resync, compact),
+                    max_size=60)
+
+
+query = st.one_of(st.lists(block, max_size=12), st.just(list(range(len(H)))))
+queries = st.lists(query, min_size=1, max_size=4)
+
+
+def _index(max_groups: int) -> GlobalBlockIndex:
+    index = GlobalBlockIndex(max_groups=max_groups)
+    index.SCRUB_ROWS_PER_BATCH = 3  # removed workers' bits linger across several batches
+    index.WALK_CHUNK = 3  # a walk crosses chunk boundaries
+    return index
+
+
+def _apply(op: tuple, index: GlobalBlockIndex, ref: ReferenceBlockIndex) -> None:
+    if op[0] == "compact":
+        index.compact()
+    elif op[0] == "gone":
+        assert index.remove_worker(op[1]) == ref.remove_worker(op[1])
+    elif op[0] == "batch":
+        events = [BlockEvent(kind, tier, tuple(H[i] for i in idx)) for kind, tier, idx in op[2]]
+        index.apply_many(op[1], events)
+        ref.apply_many(op[1], events)
+    elif op[0] == "same":
+        hashes = tuple(H[i] for i in op[2])
+        events = [BlockEvent(kind, tier, hashes) for kind, tier in op[3]]
+        index.apply_many(op[1], events)
+        ref.apply_many(op[1], events)
+    elif op[0] == "resync":
+        held = {tier: [H[i] for i in idx] for tier, idx in op[2].items()}
+        index.replace_worker(op[1], held)
+        ref.replace_worker(op[1], held)
+    else:
+        kind, w, tier, idx = op
+        event = BlockEvent(kind, tier, tuple(H[i] for i in idx))
+        index.apply(w, event)
+        ref.apply_many(w, [event])
+
+
+def _check(index: GlobalBlockIndex, ref: ReferenceBlockIndex, query: list[bytes]) -> None:
+    assert index.workers() == ref.workers()
+    for w in ref.workers():
+        assert index.num_blocks(w) == ref.num_blocks(w)
+        for tier in TIERS:
+            assert index.num_blocks(w, tier) == ref.num_blocks(w, tier)
+        assert index.leading_tiers(w, query) == ref.leading_tiers(w, query)
+    expected = {w: ref.leading_tiers(w, query) for w in ref.workers()}
+    groups = index.residency(query)
+    seen = [w for g in groups for w in g.worker_ids]
+    assert sorted(seen) == sorted(w for w, t in expected.items() if t)  # each holder once
+    assert len({g.runs for g in groups}) == len(groups)  # one group per distinct residency
+    for g in groups:
+        assert all(n > 0 for _, n in g.runs)
+        for w in g.worker_ids:
+            assert g.tiers() == expected[w]
+    hits = index.all_prefix_hits(query)
+    assert hits == {w: {t: tiers.count(t) for t in TIERS} for w, tiers in expected.items()}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_workers=st.sampled_from([3, 6, 40]), max_groups=st.sampled_from([1, 2, 32]),
+       events=st.data(), query_idx=queries)
+def test_index_matches_reference(num_workers: int, max_groups: int, events: st.DataObject,
+                                 query_idx: list[list[int]]) -> None:
+    index, ref = _index(max_groups), ReferenceBlockIndex()
+    for op in events.draw(ops(num_workers)):
+        _apply(op, index, ref)
+        _check(index, ref, [H[i] for i in query_idx[0]])
+    for idx in query_idx:
+        _check(index, ref, [H[i] for i in idx])
+
+
+profiles = st.builds(
+    lambda speed, host, disk, net, depth, service: (speed, host, disk, net, depth, service),
+    st.sampled_from([500.0, 1000.0]), st.sampled_from([100 * MB, 1000 * MB]),
+    st.sampled_from([50 * MB, 200 * MB]), st.sampled_from([0.0, 150 * MB]),
+    st.integers(0, 3), st.sampled_from([0.0, 0.01, 0.05]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_workers=st.sampled_from([3, 6, 40]), events=st.data(), query_idx=queries,
+       extra_tokens=st.integers(1, 40), params=st.data())
+def test_choose_prefill_matches_reference(num_workers: int, events: st.DataObject,
+                                          query_idx: list[list[int]], extra_tokens: int,
+                                          params: st.DataObject) -> None:
+    index, ref = _index(2), ReferenceBlockIndex()
+    for op in events.draw(ops(num_workers)):
+        _apply(op, index, ref)
+    cost = CostModel(block_size=16, block_nbytes=2 * MB)
+    names = [f"w{i:02d}" for i in range(num_workers)]
+    for w in names:
+        speed, host, disk, net, depth, service = params.draw(profiles)
+        cost.update(WorkerProfile(w, speed, {"host": host, "disk": disk}, net, depth, service))
+    candidates = params.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    for idx in query_idx:
+        query = [H[i] for i in idx]
+        prompt_len = 16 * len(query) + extra_tokens
+        got = cost.choose_prefill(candidates, index, query, prompt_len)
+        assert got == reference_choose_prefill(cost, candidates, ref, query, prompt_len)
+        want = min(candidates, key=lambda w: (cost.profiles[w].queue_depth,
+                                              -len(ref.leading_tiers(w, query)), w))
+        assert cost.choose_decode(candidates, index, query) == want
+
+
+def test_resync_and_removal_leave_no_entries() -> None:
+    index = GlobalBlockIndex()
+    index.apply("a", BlockEvent("stored", "host", tuple(H)))
+    index.apply("b", BlockEvent("stored", "disk", tuple(H[:4])))
+    index.replace_worker("a", {"device": H[:2]})
+    assert index.leading_tiers("a", H) == ["device", "device"]
+    assert index.num_blocks("a") == 2 and index.num_blocks("a", "host") == 0
+    assert index.remove_worker("b") == 4 and index.remove_worker("b") == 0
+    index.remove_worker("a")
+    assert index.workers() == [] and index.residency(H) == []
+    index.add_worker("c")  # the retired slots still have bits in rows: not reused yet
+    assert index._slot_of["c"] == 3 and index._rows  # (the resync retired slot 0 too)
+    index.compact()
+    assert not index._rows and not index._table  # nothing left behind
+    index.add_worker("d")  # a scrubbed slot is reused
+    assert index._slot_of["d"] == 0
+    with pytest.raises(ValueError, match="tier"):
+        index.replace_worker("c", {"nvme": H[:1]})
+
+
+def test_removal_is_immediate_and_its_rows_are_scrubbed_by_later_batches() -> None:
+    index = GlobalBlockIndex()
+    index.SCRUB_ROWS_PER_BATCH = 4
+    index.apply("a", BlockEvent("stored", "host", tuple(H)))
+    index.apply("b", BlockEvent("stored", "disk", tuple(H[:2])))
+    assert index.remove_worker("a") == len(H)
+    assert [g.worker_ids for g in index.residency(H)] == [("b",)]
+    assert index.num_blocks("a") == 0 and len(index._rows) == len(H)
+    for _ in range(3):  # 10 rows, 4 a batch: the third batch finishes the round
+        assert index._scrub.busy
+        index.apply("b", BlockEvent("stored", "device", tuple(H[:1])))
+    assert not index._scrub.busy and len(index._rows) == 2
+    assert index.leading_tiers("b", H) == ["device", "disk"] and index.num_blocks("b") == 2
+
+
+def test_slots_of_small_and_large_masks() -> None:
+    assert slots_of(0) == [] and slots_of(0b1010) == [1, 3]
+    bits = [0, 5, 63, 64, 200, 1023] + list(range(300, 340))
+    assert slots_of(sum(1 << b for b in bits)) == sorted(bits)
