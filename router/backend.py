@@ -315,7 +315,7 @@ class RayBackend:
         hashes = hash_prompt_blocks(prompt, self.block_size, self.fingerprint, req.cache_salt)
         placement = self.cost.choose_prefill(self._alive(DECODE), self.index, hashes, len(prompt))
         d_id = placement.worker_id
-        if hashes:
+        if placement.plan.load_s > 0:  # blocks below its device pool: start moving them up
             self.members.get(d_id).handle.prefetch.remote(hashes)
         usage = _Usage(len(prompt), decode=d_id)
         yield from self._decode_with_retries(req, prompt, [], d_id, False, live, end, usage)
@@ -373,8 +373,8 @@ class RayBackend:
         pull_addr = (
             self.members.get(placement.pull_from).info.kv_address if placement.pull_from else None
         )
-        if hashes:
-            p.handle.prefetch.remote(hashes)  # the hint: start moving blocks up now
+        if placement.plan.load_s > 0:  # the hint: start moving its blocks up the tiers now
+            p.handle.prefetch.remote(hashes)
         self.members.add_in_flight(p_id, +1)
         t0 = time.monotonic()
         try:
