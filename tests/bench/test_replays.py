@@ -95,15 +95,20 @@ def test_decode_quick(tmp_path) -> None:
 
 
 def test_transfer_quick(tmp_path) -> None:
-    argv = ["--quick", "--block-kib", "32,1024", "--pack-kib", "0,256", "--out", str(tmp_path),
+    argv = ["--quick", "--block-kib", "32,1024", "--streams", "1,2", "--out", str(tmp_path),
             "--no-progress"]
     assert transfer.main(argv) == 0
     data = _load(str(tmp_path), "transfer")
-    assert [(r["block_kib"], r["pack_kib"]) for r in data["rows"]] == [
-        (32, 0), (32, 256), (1024, 0), (1024, 256)]
+    paths = data["config"]["paths"]
+    assert paths[:3] == ["raw", "protobuf", "grpc"]  # + "shm" where /dev/shm is writable
+    keys = [(r["block_kib"], r["streams"], r["path"]) for r in data["rows"]]
+    assert keys == [(b, s, p) for b in (32, 1024) for s in (1, 2) for p in paths]
     for r in data["rows"]:
         assert r["num_blocks"] * r["block_kib"] * 1024 == r["nbytes"] == 32 << 20
         assert len(r["seconds"]) == 2 and 0 < r["gbps"] <= r["best_gbps"]
+        raw = next(x for x in data["rows"] if x["path"] == "raw"
+                   and (x["block_kib"], x["streams"]) == (r["block_kib"], r["streams"]))
+        assert r["of_raw"] == pytest.approx(r["gbps"] / raw["gbps"])
 
 
 def test_cli_dispatch(capsys) -> None:
