@@ -181,10 +181,10 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any) -> list[tupl
     cold = None
     for mode in MODES:
         if mode == "host":
-            engine.kv.pool.evict_all_free()
+            engine.kv.evict_all_free()
             _expect_lookup(store, hashes[:num_hit], "host")
         elif mode == "disk":
-            engine.kv.pool.evict_all_free()
+            engine.kv.evict_all_free()
             store.flush()
             store.evict_host(store.host.num_slots)
             _expect_lookup(store, hashes[:num_hit], "disk")

@@ -160,9 +160,11 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def step(self) -> list[StepOutput]:
+        self.kv.poll_copies()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.kv.wait_loads()  # the blocks admission started loading
         tokens = self.runner.execute(batch)
         now = time.perf_counter()
         outputs: list[StepOutput] = []
@@ -282,7 +284,7 @@ class LLMEngine:
         tests that measure loads from a given tier. Blocks in use are never touched."""
         if down_to not in ("host", "disk"):
             raise ValueError(f"down_to must be 'host' or 'disk', got {down_to!r}")
-        out = {"device": self.kv.pool.evict_all_free()}
+        out = {"device": self.kv.evict_all_free()}
         if down_to == "disk" and self.store is not None:
             self.store.flush()
             out["host"] = self.store.evict_host(
@@ -321,11 +323,12 @@ class LLMEngine:
 
     def check_no_leaks(self) -> None:
         assert not self._seqs, f"requests still live: {list(self._seqs)[:5]}"
-        self.kv.pool.check_no_leaks()
+        self.kv.check_no_leaks()
 
     def close(self) -> None:
         for req_id in list(self._seqs):
             self.abort(req_id)
+        self.kv.close()
         if self.store is not None:
             self.store.close()
             self.store = None
