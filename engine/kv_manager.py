@@ -258,7 +258,9 @@ class KVCacheManager:
     def evict_all_free(self) -> int:
         """Drop every free cached block from the pool (demoted to the store); how many."""
         self.finish_copies()
-        return self.pool.evict_all_free()
+        num = self.pool.evict_all_free()
+        self.finish_copies()  # the demotions it started
+        return num
 
     def check_no_leaks(self) -> None:
         """Every copy finished, every block free, every lease and reservation given back."""
