@@ -1,4 +1,4 @@
-"""One entry for every benchmark: ``python -m bench ttft|longdoc|trace|decode [flags]``."""
+"""One entry for every benchmark: ``python -m bench NAME [flags]`` (``strata bench NAME``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ COMMANDS = {
     "trace": "bench.trace",
     "decode": "bench.decode",
     "transfer": "bench.transfer",
+    "offload": "bench.offload",
+    "gpu": "bench.gpu",
 }
 
 

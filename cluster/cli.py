@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
 
     bench = sub.add_parser(
-        "bench", help="benchmarks: ttft | longdoc | trace | decode | transfer", add_help=False
+        "bench", help="benchmarks: ttft | longdoc | trace | decode | transfer | offload | gpu",
+        add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser

@@ -129,32 +129,32 @@ class KVCacheManager:
             self.pool.free(dev_ids)
             return False
         seq.block_ids = dev_ids + new_ids
-        n_loaded = 0
+        loaded: list[str] = []  # where each loaded block was found
         if plan.store_tiers:
-            n_loaded = self._load(
-                hashes[len(dev_ids) : len(dev_ids) + len(plan.store_tiers)], new_ids
-            )
-        n_cached_blocks = len(dev_ids) + n_loaded  # loaded blocks are cached once copied
+            first = len(dev_ids)
+            loaded = self._load(hashes[first : first + len(plan.store_tiers)], new_ids)
+        n_cached_blocks = len(dev_ids) + len(loaded)  # loaded blocks are cached once copied
         seq.num_registered_blocks = n_cached_blocks
         seq.num_computed_tokens = n_cached_blocks * self.block_size
         if seq.first_token_time is None:  # a preempted sequence keeps its first accounting
             seq.num_cached_tokens = seq.num_computed_tokens
             by_tier = {"device": len(dev_ids) * self.block_size}
-            for tier in plan.store_tiers[:n_loaded]:
+            for tier in loaded:
                 by_tier[tier] = by_tier.get(tier, 0) + self.block_size
             seq.cached_by_tier = {k: v for k, v in by_tier.items() if v}
         return True
 
-    def _load(self, hashes: list[BlockHash], block_ids: list[int]) -> int:
-        """Start copying the leading store hits into ``block_ids``; how many will arrive."""
+    def _load(self, hashes: list[BlockHash], block_ids: list[int]) -> list[str]:
+        """Start copying the leading store hits into ``block_ids``; the tier each was found in
+        (as many as will arrive)."""
         assert self.store is not None and self.copier is not None
         lease = self.store.lend(hashes)
         n = lease.num_blocks
         if n == 0:
             self.store.release(lease)
-            return 0
+            return []
         self.copier.load(lease, block_ids[:n], lease.hashes)
-        return n
+        return list(lease.tiers)
 
     # ---- growth, registration, release ---------------------------------------------------
     def append_slots(self, seq: Sequence, num_tokens: int) -> bool:

@@ -24,7 +24,8 @@ class Lease:
     hashes: list[BlockHash]  # the leading blocks found, in order (the rest were misses)
     base: torch.Tensor  # [R, block_nbytes] uint8 CPU: the host slab, or a private buffer
     rows: list[int]  # row of ``base`` holding block i
-    tiers: list[str]  # where block i was found: "host" | "disk"
+    tiers: list[str]  # where block i was when asked for: "host" | "disk" (a prefetch from disk
+    # counts as disk)
     in_host: bool  # rows are host slots pinned until ``release`` (else a private buffer)
     released: bool = False  # set by ``TieredStore.release``
 
@@ -71,14 +72,18 @@ def copy_rows_out(base: torch.Tensor, rows: list[int], out: torch.Tensor) -> Non
         out[i : i + n].copy_(base[row : row + n])
 
 
-def disk_to_slab(host: HostTier, disk: DiskTier, hashes: list[BlockHash]) -> list[int | None]:
-    """Read blocks from disk straight into fresh host slots, pinned; each one's slot or None.
+def disk_to_slab(
+    host: HostTier, disk: DiskTier, hashes: list[BlockHash]
+) -> tuple[list[int | None], list[bool]]:
+    """Read blocks from disk straight into fresh host slots, pinned.
 
-    A block already resident is not read again (it is pinned and its slot returned); one being
+    Returns each block's slot (None: not available) and whether it was read from disk here. A
+    block already resident is not read again (it is pinned and its slot returned); one being
     written by someone else, corrupt, or gone from disk is None. Unpin each slot returned.
     """
     res = host.reserve(hashes)
     slots: list[int | None] = [None] * len(hashes)
+    read = [False] * len(hashes)
     if res.indices:
         new = [hashes[i] for i in res.indices]
         try:
@@ -91,6 +96,7 @@ def disk_to_slab(host: HostTier, disk: DiskTier, hashes: list[BlockHash]) -> lis
         for i, slot, o in zip(res.indices, res.slots, ok):
             if o:
                 slots[i] = slot
+                read[i] = True
     for i in res.present:
         slots[i] = host.pin_slot(hashes[i])
-    return slots
+    return slots, read

@@ -3,7 +3,8 @@
 ``Prefetcher.prefetch(hashes)`` returns at once; background threads read the leading disk blocks
 straight into host slots (``lending.disk_to_slab``) and keep them pinned there until a load takes
 them (``release``) or ``pin_timeout_s`` passes. A block already in host is pinned the same way,
-so the host LRU cannot push it out before the request runs.
+so the host LRU cannot push it out before the request runs. The blocks a prefetch read from disk
+are remembered while pinned (``from_disk``): the request found them on disk, and says so.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Prefetcher:
         self._executor = ThreadPoolExecutor(num_threads, "strata-prefetch")
         self._inflight: dict[BlockHash, Future[None]] = {}  # prefetches not finished
         self._pins: dict[BlockHash, float] = {}  # host pin held by prefetch -> deadline
+        self._read: set[BlockHash] = set()  # pinned blocks this prefetcher read from disk
         self._closed = False
 
     def prefetch(self, hashes: Sequence[BlockHash]) -> None:
@@ -69,12 +71,14 @@ class Prefetcher:
 
     def _task(self, hashes: list[BlockHash]) -> None:
         try:
-            slots = disk_to_slab(self.host, self.disk, hashes)
+            slots, read = disk_to_slab(self.host, self.disk, hashes)
             deadline = time.monotonic() + self.pin_timeout_s
             with self._lock:
-                for h, slot in zip(hashes, slots):
+                for h, slot, was_read in zip(hashes, slots, read):
                     if slot is not None:
                         self._hold_locked(h, deadline)
+                        if was_read:
+                            self._read.add(h)
             self.metrics.add("prefetched", sum(1 for s in slots if s is not None))
         except Exception:
             logger.exception("prefetch of %d block(s) failed", len(hashes))
@@ -103,11 +107,17 @@ class Prefetcher:
                 return False
         return True
 
+    def from_disk(self, hashes: Sequence[BlockHash]) -> set[BlockHash]:
+        """Those of ``hashes`` that a prefetch read from disk and still holds."""
+        with self._lock:
+            return {h for h in hashes if h in self._read}
+
     def release(self, hashes: Sequence[BlockHash]) -> None:
         """A load took these blocks: drop the prefetch pins on them."""
         with self._lock:
             for h in hashes:
                 if self._pins.pop(h, None) is not None:
+                    self._read.discard(h)
                     self.host.unpin(h)
 
     def expire(self) -> None:
@@ -116,6 +126,7 @@ class Prefetcher:
             expired = [h for h, deadline in self._pins.items() if deadline < now]
             for h in expired:
                 del self._pins[h]
+                self._read.discard(h)
                 self.host.unpin(h)
         if expired:
             self.metrics.add("prefetch_expired", len(expired))
@@ -136,6 +147,7 @@ class Prefetcher:
             for h in self._pins:
                 self.host.unpin(h)
             self._pins.clear()
+            self._read.clear()
 
     def _hold_locked(self, h: BlockHash, deadline: float) -> None:
         if h in self._pins:

@@ -123,19 +123,21 @@ class TieredStore:
         block ends the prefix. Without a host tier the disk hits land in a private buffer.
         """
         start = time.perf_counter()
+        prefetched: set[BlockHash] = set()
         if self.prefetcher is not None:
             self.prefetcher.wait_for(hashes)
+            prefetched = self.prefetcher.from_disk(hashes)
         if self.host is None:
             lease = self._lend_from_disk(list(hashes))
         else:
-            lease = self._lend_from_host(list(hashes))
+            lease = self._lend_from_host(list(hashes), prefetched)
             if self.prefetcher is not None:
                 self.prefetcher.release(hashes)  # our own pins hold the blocks now
         with self._lock:
             self._num_lent += 1
         num_disk = lease.tiers.count("disk")
         if num_disk and lease.in_host:
-            self.metrics.add("promoted", num_disk)
+            self.metrics.add("promoted", num_disk - len(prefetched & set(lease.hashes)))
         self.metrics.record_load(
             time.perf_counter() - start,
             {"host": lease.num_blocks - num_disk, "disk": num_disk},
@@ -144,7 +146,7 @@ class TieredStore:
         )
         return lease
 
-    def _lend_from_host(self, hashes: list[BlockHash]) -> Lease:
+    def _lend_from_host(self, hashes: list[BlockHash], prefetched: set[BlockHash]) -> Lease:
         assert self.host is not None
         host = self.host
         slots: list[int | None] = []
@@ -154,7 +156,7 @@ class TieredStore:
             slot = host.pin_slot(h)
             if slot is not None:
                 slots.append(slot)
-                tiers.append("host")
+                tiers.append("disk" if h in prefetched else "host")
             elif self.disk is not None and self.disk.contains(h):
                 slots.append(None)
                 tiers.append("disk")
@@ -163,7 +165,7 @@ class TieredStore:
                 break
         if from_disk:
             assert self.disk is not None
-            read = disk_to_slab(host, self.disk, [hashes[i] for i in from_disk])
+            read, _ = disk_to_slab(host, self.disk, [hashes[i] for i in from_disk])
             for i, slot in zip(from_disk, read):
                 slots[i] = slot
         n = next((i for i, s in enumerate(slots) if s is None), len(slots))
