@@ -97,8 +97,9 @@ class ThreadFence:
 class CudaFence:
     """CUDA form: an event recorded on a lane's stream after the copy's work."""
 
-    def __init__(self, event: torch.cuda.Event) -> None:
+    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
         self._event = event
+        self._device = device
 
     def done(self) -> bool:
         return bool(self._event.query())
@@ -115,7 +116,7 @@ class CudaFence:
         return True
 
     def make_compute_wait(self) -> None:
-        torch.cuda.current_stream(self._event.device).wait_event(self._event)
+        torch.cuda.current_stream(self._device).wait_event(self._event)
 
     def error(self) -> BaseException | None:
         return None  # a failed CUDA copy is a sticky context error, raised by the next call
@@ -149,7 +150,7 @@ class CopyEngine:
                     event.record(stream)
             except Exception as e:  # noqa: BLE001 - the copy failed to issue: a failed fence
                 return DoneFence(e)
-            return CudaFence(event)
+            return CudaFence(event, self.device)
         with self._lock:
             if self._closed:
                 return DoneFence(RuntimeError("copy engine is closed"))

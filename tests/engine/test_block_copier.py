@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from engine.sampling import SamplingParams
 from kvstore.config import StoreConfig
@@ -169,3 +170,38 @@ def test_many_requests_under_pressure_equal_recompute(tmp_path, make_engine) -> 
         assert [o.output_token_ids for o in outs] == [w.output_token_ids for w in want]
     stats = eng.stats()
     assert stats["store_host_hits"] > 0 and stats["store_host_evictions"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_lanes_give_the_cold_tokens(tmp_path, make_engine) -> None:  # noqa: ANN001
+    store = StoreConfig(host_capacity_bytes=8 << 20, disk_path=str(tmp_path / "lmdb"))
+    eng = make_engine(store, model="tiny", kv_cache_bytes=8 << 20, device="cuda")
+    assert eng.kv.copier.copies.is_cuda and eng.store.host.registered
+    eng.kv.copier.chunk_blocks = 5  # several chunks through the device buffer
+    prompt = _prompt(700, 8)
+    cold = eng.generate([prompt], GREEDY)[0]
+    eng.kv.finish_copies()
+    assert eng.store.lookup(eng.block_hashes(prompt)) == ["host"] * 43  # offloaded, readable
+    for tier in ("host", "disk"):
+        eng.evict_cached(tier)
+        warm = eng.generate([prompt], GREEDY)[0]
+        assert warm.cached_by_tier == {tier: 688}
+        assert warm.output_token_ids == cold.output_token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fence_orders_compute_after_the_copy() -> None:
+    from kvstore.fence import CopyEngine, CudaFence
+
+    eng = CopyEngine(torch.device("cuda"))
+    src = torch.arange(1 << 26, dtype=torch.float32).pin_memory()
+    dst = torch.empty(src.shape, dtype=torch.float32, device="cuda")
+    fence = eng.submit("load", lambda: dst.copy_(src, non_blocking=True))
+    assert isinstance(fence, CudaFence)
+    fence.make_compute_wait()  # the host does not wait; the compute stream does
+    total = dst.sum()
+    assert fence.wait(30) and fence.done()
+    assert total.item() == src.sum().item()
+    eng.close()
