@@ -158,7 +158,11 @@ def report(
     """Print the table, write the JSON and draw the PNG beside it."""
     print(render(result))
     path = write_json(out_dir, name, result)
-    draw(result, png_path(path))
+    try:
+        draw(result, png_path(path))
+    except ImportError as e:  # a machine without matplotlib still gets the table and the JSON
+        print(f"\nwrote {path} (no PNG: {e})")
+        return
     print(f"\nwrote {path} and {png_path(path)}")
 
 
@@ -256,6 +260,16 @@ def kv_bytes(engine: Any, num_tokens: int) -> int:  # noqa: ANN401 - LLMEngine
 
 
 def progress(total: int, desc: str, disable: bool = False):  # noqa: ANN201 - tqdm bar
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:  # no progress bar where tqdm is missing
+        return _NoBar()
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable, leave=False)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -164,7 +164,7 @@ def ttft_section(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:  # no
 
     longest = max(args.lengths)
     sizes = EngineSizes(pool_tokens=longest + 256, host_tokens=longest + longest // 8 + 256,
-                        disk_tokens=longest + longest // 4 + 256, max_model_len=longest + 2,
+                        disk_tokens=longest + longest // 2 + 256, max_model_len=longest + 2,
                         max_batched_tokens=args.max_batched_tokens)
     peer = None
     if not args.no_peer:

@@ -29,6 +29,7 @@ import torch
 from kvstore.config import StoreConfig
 from kvstore.errors import DiskUnavailableError
 from kvstore.events import EventBus, EventListener, StoreEvent
+from kvstore.evictor import HostEvictor
 from kvstore.keys import HASH_NBYTES, BlockHash
 from kvstore.layout import KVLayout
 from kvstore.lending import Lease, Reservation, copy_rows_out, cpu_buffer, disk_to_slab
@@ -91,6 +92,10 @@ class TieredStore:
                 on_evict=self.policy.host_evicted,
                 publish=self.events.publish,
             )
+        self.evictor: HostEvictor | None = None
+        headroom = int(self.host.num_slots * config.host_headroom) if self.host else 0
+        if self.host is not None and headroom > 0:
+            self.evictor = HostEvictor(self.host, headroom)
         self.prefetcher: Prefetcher | None = None
         if self.host is not None and self.disk is not None:
             self.prefetcher = Prefetcher(
@@ -249,6 +254,8 @@ class TieredStore:
         Blocks the host refuses (every slot pinned or being written) are left out."""
         if self.host is not None:
             res = self.host.reserve(hashes)
+            if self.evictor is not None:
+                self.evictor.wake()
             new = [hashes[i] for i in res.indices]
             return Reservation(new, res.indices, self.host.slab, res.slots, in_host=True)
         idx = []
@@ -290,6 +297,8 @@ class TieredStore:
         start = time.perf_counter()
         n = len(hashes)
         host_ok = self.host.put(hashes, data) if self.host is not None else [False] * n
+        if self.evictor is not None:
+            self.evictor.wake()
         disk_ok = [False] * n
         if self.policy.on_put:
             disk_ok = self.policy.stored(hashes, data)
@@ -408,6 +417,7 @@ class TieredStore:
             "host": self.host.counters() if self.host is not None else {"enabled": 0},
             "disk": self.disk.counters() if self.disk is not None else {"enabled": 0},
             "disk_policy": self.policy.counters(),
+            "host_evicted_ahead": self.evictor.num_evicted if self.evictor is not None else 0,
             "disk_disabled_by_error": int(self.disk_error is not None),
             "disk_refused_writes_disabled": self.num_disk_refused,
             "prefetch_pinned_blocks": pf.num_pinned() if pf is not None else 0,
@@ -427,6 +437,8 @@ class TieredStore:
         if self._closed:
             return
         self._closed = True
+        if self.evictor is not None:
+            self.evictor.close()
         if self.prefetcher is not None:
             self.prefetcher.close()
         if self.config.persist_on_close and self.host is not None and self.disk is not None:

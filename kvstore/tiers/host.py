@@ -126,6 +126,11 @@ class HostTier:
         with self._lock:
             return len(self._ref_cnt)
 
+    def num_free(self) -> int:
+        """Slots holding nothing (a write takes one without evicting)."""
+        with self._lock:
+            return len(self._free)
+
     def num_writing(self) -> int:
         """Slots reserved and not yet committed or cancelled."""
         with self._lock:

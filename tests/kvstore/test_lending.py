@@ -90,3 +90,25 @@ def test_disk_hits_land_in_the_slab_and_a_small_host_spills(make_store) -> None:
     assert_rows(_rows(lease), hashes)
     small.release(lease)
     assert small.host.num_pinned() == 0
+
+
+def test_the_evictor_keeps_headroom_so_writes_do_not_evict(make_store) -> None:  # noqa: ANN001
+    import threading
+    import time
+
+    store = make_store(host_blocks=40, host_headroom=0.1)  # keeps 4 slots free
+    threads: list[str] = []
+    hand_over = store.host._on_evict
+    store.host._on_evict = lambda h, row: (threads.append(threading.current_thread().name),
+                                           hand_over(h, row))
+    hashes = make_hashes(48)
+    for i in range(0, 48, 4):
+        store.put(hashes[i : i + 4], block_bytes(hashes[i : i + 4]))
+        deadline = time.monotonic() + 10
+        while store.host.num_free() < 4:  # the evictor catches up between writes
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    assert threads and set(threads) == {"strata-host-evictor"}  # never on the writer's thread
+    assert store.stats()["host_evicted_ahead"] == len(threads) == 12
+    assert store.lookup(hashes[:12]) == ["disk"] * 12  # the LRU ones, demoted (evict policy)
+    assert store.lookup(hashes[12:]) == ["host"] * 36
