@@ -86,8 +86,9 @@ def run(args: argparse.Namespace, lengths: list[int], repeats: int,
             order = ["offload", "no_store"] if i % 2 else ["no_store", "offload"]
             for name in order:
                 eng = engines[name]
+                before = eng.kv.copier.num_offloaded if eng.kv.copier is not None else 0
                 res = eng.generate([prompt], sampling)[0]
-                stats = _drop(eng, prompt)
+                stats = _drop(eng, prompt, before)
                 if i > 0:  # the first prompt is the warm-up
                     samples.append({"length": length, "prompt": i, "engine": name,
                                     "ttft_s": res.ttft_s,
@@ -117,15 +118,15 @@ def run(args: argparse.Namespace, lengths: list[int], repeats: int,
     }
 
 
-def _drop(eng: Any, prompt: list[int]) -> dict[str, int]:  # noqa: ANN401
-    """Finish the copies under way and forget the prompt in every tier (not timed)."""
+def _drop(eng: Any, prompt: list[int], before: int) -> dict[str, int]:  # noqa: ANN401
+    """Finish the copies under way and forget the prompt in every tier (not timed); the blocks
+    offloaded since ``before`` (the copier's count when the run started)."""
     if eng.store is None:
         eng.kv.evict_all_free()
         return {}
-    before = eng.kv.copier.num_offloaded
     eng.kv.finish_copies()
     num = eng.kv.copier.num_offloaded - before
-    eng.kv.evict_all_free()
+    eng.kv.evict_all_free()  # the store holds them all: nothing to demote
     eng.store.remove(eng.block_hashes(prompt))
     return {"offloaded_blocks": num}
 
