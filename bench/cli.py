@@ -1,4 +1,4 @@
-"""One entry for every benchmark: ``python -m bench ttft|longdoc|trace|decode|transfer|router``."""
+"""One entry for every benchmark: ``python -m bench NAME [flags]`` (``strata bench NAME``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ COMMANDS = {
     "transfer": "bench.transfer",
     "soak": "bench.soak",
     "router": "bench.router",
+    "offload": "bench.offload",
+    "gpu": "bench.gpu",
 }
 
 
@@ -25,6 +27,8 @@ SUMMARY = {
     "transfer": "KV transfer between processes (gRPC, shared memory) beside the raw gRPC ceiling",
     "soak": "chaos soak: clients while workers are killed; statuses, wrong outputs, recovery",
     "router": "placement and index at 8-1,024 simulated workers; trace hit rates and TTFT",
+    "offload": "prefill with the offload to the host tier running against without",
+    "gpu": "every GPU table in one run (TTFT vs transformers, decode, offload, handoff)",
 }
 
 

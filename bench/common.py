@@ -158,7 +158,11 @@ def report(
     """Print the table, write the JSON and draw the PNG beside it."""
     print(render(result))
     path = write_json(out_dir, name, result)
-    draw(result, png_path(path))
+    try:
+        draw(result, png_path(path))
+    except ImportError as e:  # a machine without matplotlib still gets the table and the JSON
+        print(f"\nwrote {path} (no PNG: {e})")
+        return
     print(f"\nwrote {path} and {png_path(path)}")
 
 
@@ -207,9 +211,13 @@ class EngineSizes:
 
 
 def build_engine(  # noqa: ANN201 - an LLMEngine
-    model: str, dtype: str, sizes: EngineSizes, disk_dir: str | None, **engine_kw: Any
+    model: str, dtype: str, sizes: EngineSizes, disk_dir: str | None, *,
+    loaded: Any = None, store_kw: dict[str, Any] | None = None, **engine_kw: Any,  # noqa: ANN401
 ) -> Any:
-    """An ``LLMEngine`` with a ``TieredStore`` sized in tokens (host slab, LMDB in ``disk_dir``)."""
+    """An ``LLMEngine`` with a ``TieredStore`` sized in tokens (host slab, LMDB in ``disk_dir``).
+
+    ``loaded``: a ``LoadedModel`` to share (its weights are not loaded again); ``store_kw``:
+    further ``StoreConfig`` fields (``disk_write_policy``, ...)."""
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
     from engine.loader import load_model
@@ -220,7 +228,8 @@ def build_engine(  # noqa: ANN201 - an LLMEngine
         model=model, dtype=dtype, max_model_len=sizes.max_model_len,
         max_num_batched_tokens=sizes.max_batched_tokens, **engine_kw,
     )
-    loaded = load_model(cfg.model, cfg.dtype, cfg.device, cfg.seed)
+    if loaded is None:
+        loaded = load_model(cfg.model, cfg.dtype, cfg.device, cfg.seed)
     mc = loaded.config
     block_nbytes = KVLayout(
         mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, loaded.dtype
@@ -235,12 +244,13 @@ def build_engine(  # noqa: ANN201 - an LLMEngine
         **engine_kw,
     )
     use_disk = sizes.disk_tokens > 0 and disk_dir is not None
-    store = StoreConfig(
-        host_capacity_bytes=nbytes(sizes.host_tokens),
-        disk_path=disk_dir if use_disk else None,
-        disk_capacity_bytes=max(nbytes(sizes.disk_tokens), 64 << 20) if use_disk else 0,
-        disk_write_queue_blocks=4096,
-    )
+    store = StoreConfig(**{
+        "host_capacity_bytes": nbytes(sizes.host_tokens),
+        "disk_path": disk_dir if use_disk else None,
+        "disk_capacity_bytes": max(nbytes(sizes.disk_tokens), 64 << 20) if use_disk else 0,
+        "disk_write_queue_blocks": 4096,
+        **(store_kw or {}),
+    })
     return LLMEngine(cfg, store, loaded=loaded)
 
 
@@ -250,6 +260,16 @@ def kv_bytes(engine: Any, num_tokens: int) -> int:  # noqa: ANN401 - LLMEngine
 
 
 def progress(total: int, desc: str, disable: bool = False):  # noqa: ANN201 - tqdm bar
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:  # no progress bar where tqdm is missing
+        return _NoBar()
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable, leave=False)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

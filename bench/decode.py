@@ -94,15 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(
-    args: argparse.Namespace, batches: list[int], prompt_tokens: int, steps: int
+    args: argparse.Namespace, batches: list[int], prompt_tokens: int, steps: int,
+    loaded: Any = None, **engine_kw: Any,  # noqa: ANN401
 ) -> dict[str, Any]:
+    """Decode rows of the in-process engine (``loaded``: a LoadedModel to share; ``engine_kw``:
+    further EngineConfig fields, e.g. ``cuda_graphs``)."""
     from engine.sampling import SamplingParams
 
     max_b = max(batches)
     ctx = prompt_tokens + steps + 1
     sizes = EngineSizes(pool_tokens=max_b * (ctx + 32) + 256, host_tokens=0, disk_tokens=0,
                         max_model_len=ctx + 16, max_batched_tokens=max(2048, prompt_tokens))
-    engine = build_engine(args.model, args.dtype, sizes, None, max_num_seqs=max_b)
+    engine = build_engine(args.model, args.dtype, sizes, None, loaded=loaded, max_num_seqs=max_b,
+                          **engine_kw)
     try:
         dtype, device = engine.layout.dtype, engine.device
         bandwidth = memory_copy_bandwidth(dtype, device)
@@ -134,7 +138,8 @@ def run(
             "config": {"model": args.model, "dtype": str(dtype), "device": str(device),
                        "batches": batches, "prompt_tokens": prompt_tokens, "steps": steps,
                        "weight_bytes": weight_bytes, "kv_bytes_per_token": bytes_per_token,
-                       "seed": args.seed},
+                       "seed": args.seed,
+                       "cuda_graphs": engine.runner.graphs is not None},
             "roofline": {"name": roof_name, "copy_bandwidth_gbps": bandwidth},
             "rows": rows,
         }

@@ -8,6 +8,8 @@ ids -> equal tokens); ``--time-scale`` multiplies the gaps between requests. In-
 requests go to an ``EngineLoop`` over a tiered store whose capacities are set with
 ``--pool-tokens/--host-tokens/--disk-tokens``; ``--baseline`` keeps the device pool only. The
 unbounded hit rate is what a cache with no capacity limit would serve, from the hash_ids alone.
+``--disk-write-policy`` picks when blocks go to disk; ``--policies a,b,...`` replays once per
+policy in the same run and compares hit rate, TTFT and the bytes written to disk side by side.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from bench.common import (
 from bench.driver import TimedRequest, client_sender, engine_sender, hit_rates, run_requests
 from bench.service import server_target
 from bench.trace_data import block_tokens, load_trace, prompt_tokens, unbounded_hits
+from kvstore.config import StoreConfig
+from kvstore.write_policy import POLICIES
 
 DEFAULT_TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                              "mooncake_synthetic_trace.jsonl")
@@ -57,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay twice in one run, with the tiers and then without (--baseline), "
                         "and report the gain of offloading side by side")
     p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--disk-write-policy", default=None,
+                   help=f"when blocks go to disk: {', '.join(POLICIES)} (default evict)")
+    p.add_argument("--policies", default=None,
+                   help="comma-separated policies to replay one after another in this run")
     add_run_flags(p, "a small replay, about a minute")
     return p
 
@@ -76,6 +84,17 @@ def _defaults(args: argparse.Namespace) -> None:
         args.host_tokens = args.disk_tokens = 0
     if args.time_scale <= 0 or args.max_requests <= 0 or args.pool_tokens <= 0:
         raise ValueError("--time-scale, --max-requests and --pool-tokens must be positive")
+    args.disk_write_policy = args.disk_write_policy or StoreConfig().disk_write_policy
+    args.policy_list = None
+    if args.policies:
+        args.policy_list = [x.strip() for x in args.policies.split(",") if x.strip()]
+        if args.server or args.start_service or args.baseline:
+            raise ValueError("--policies replays in-process, with the tiers on")
+    for policy in args.policy_list or [args.disk_write_policy]:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown disk write policy {policy!r}; one of {', '.join(POLICIES)}")
+    if args.disk_write_policy != StoreConfig().disk_write_policy and args.start_service:
+        raise ValueError("--disk-write-policy applies in-process (the service keeps its own)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _defaults(args)
         if args.with_baseline and args.baseline:
             raise ValueError("give --baseline or --with-baseline, not both")
-        result = run(args)
+        if args.policy_list:
+            runs = {}
+            for policy in args.policy_list:
+                runs[policy] = run(argparse.Namespace(**{**vars(args),
+                                                         "disk_write_policy": policy}))
+            result = {**runs[args.policy_list[0]], "policies": runs,
+                      "policy_table": policy_table(runs)}
+        else:
+            result = run(args)
         if args.with_baseline:
             base = argparse.Namespace(**{**vars(args), "baseline": True, "host_tokens": 0,
                                          "disk_tokens": 0})
@@ -128,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from engine.loop import EngineLoop
 
         with tempfile.TemporaryDirectory(prefix="strata-bench-trace-") as disk_dir:
-            engine = build_engine(args.model, args.dtype, sizes, disk_dir)
+            engine = build_engine(args.model, args.dtype, sizes, disk_dir, store_kw={
+                "disk_write_policy": args.disk_write_policy, "persist_on_close": False})
             try:
                 vocab = engine.model_config.vocab_size
                 todo = timed(vocab)
@@ -165,6 +193,7 @@ def _result(args: argparse.Namespace, reqs: list[Any], records: list[Any], wall:
             "max_seconds": args.max_seconds, "max_output": args.max_output,
             "pool_tokens": args.pool_tokens, "host_tokens": args.host_tokens,
             "disk_tokens": args.disk_tokens, "baseline": args.baseline, "seed": args.seed,
+            "disk_write_policy": None if args.baseline else args.disk_write_policy,
             **engine_info,
         },
         "num_requests": len(records), "num_finished": len(done),
@@ -201,7 +230,41 @@ def offload_gain(tiered: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def policy_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per disk write policy: hit rates, TTFT percentiles, bytes written to disk."""
+    rows = []
+    for policy, r in runs.items():
+        store = r["config"].get("store", {})
+        rows.append({
+            "policy": policy, "hit_rate": r["hit_rate"],
+            "ttft_s": {k: r["ttft_s"].get(k) for k in ("p50", "p90", "p99")},
+            "disk_written_bytes": store.get("store_disk_written_bytes", 0),
+            "disk_written_blocks": store.get("store_disk_written_blocks", 0),
+            "disk_refused_writes": store.get("store_disk_refused_writes", 0),
+            "host_evictions": store.get("store_host_evictions", 0),
+            "requests_per_s": r["throughput"]["requests_per_s"],
+        })
+    return rows
+
+
+def render_policies(result: dict[str, Any]) -> str:
+    rows = [[r["policy"], r["hit_rate"]["total"], r["hit_rate"]["host"], r["hit_rate"]["disk"]]
+            + [r["ttft_s"][k] * 1e3 if r["ttft_s"][k] is not None else None
+               for k in ("p50", "p90", "p99")]
+            + [r["disk_written_bytes"] / 2**20, r["disk_refused_writes"], r["requests_per_s"]]
+            for r in result["policy_table"]]
+    return ("disk write policies, same trace, one after another in this run\n" + format_table(
+        ["policy", "hit", "host", "disk", "TTFT p50 ms", "p90", "p99", "disk MiB written",
+         "refused", "req/s"], rows))
+
+
 def render_table(result: dict[str, Any]) -> str:
+    if "policies" in result:
+        inner = {k: v for k, v in result.items() if k not in ("policies", "policy_table")}
+        parts = [render_table(r) for r in result["policies"].values()]
+        if "baseline" in inner:
+            parts.append(render_table(inner["baseline"]))
+        return "\n\n".join(parts + [render_policies(result)])
     if "baseline" in result:
         g = result["offload_gain"]
         inner = {k: v for k, v in result.items() if k not in ("baseline", "offload_gain")}
@@ -233,7 +296,45 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_policies(result: dict[str, Any], path: str) -> None:
+    plt = pyplot()
+    rows = result["policy_table"]
+    names = [r["policy"] for r in rows]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+    for j, k in enumerate(("p50", "p90", "p99")):
+        xs = [i + (j - 1) * 0.27 for i in range(len(rows))]
+        ax1.bar(xs, [r["ttft_s"][k] or 0 for r in rows], width=0.27, label=k, color=f"C{j}")
+    if "baseline" in result:
+        base = result["baseline"]["ttft_s"]
+        for j, k in enumerate(("p50", "p90", "p99")):
+            ax1.axhline(base.get(k, 0), color=f"C{j}", ls=":", lw=1)
+    ax1.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("TTFT (s)  [dotted: pool only]")
+    ax1.legend(fontsize=8)
+    bottom = [0.0] * len(rows)
+    for j, tier in enumerate(("device", "host", "disk")):
+        vals = [r["hit_rate"][tier] for r in rows]
+        ax2.bar(names, vals, bottom=bottom, label=tier, color=f"C{j}")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax2.axhline(result["unbounded_hit_rate"], color="0.4", ls="--", lw=1, label="unbounded")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("prompt-token hit rate")
+    ax2.tick_params(axis="x", labelrotation=15, labelsize=8)
+    ax2.legend(fontsize=8)
+    ax3.bar(names, [r["disk_written_bytes"] / 2**20 for r in rows], color="C4")
+    ax3.set_ylabel("MiB written to disk")
+    ax3.tick_params(axis="x", labelrotation=15, labelsize=8)
+    fig.suptitle(f"disk write policies, trace replay, {result['config']['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(result: dict[str, Any], path: str) -> None:
+    if "policy_table" in result:
+        plot_policies(result, path)
+        return
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     reqs = [r for r in result["requests"] if r["ttft_s"] is not None]

@@ -142,13 +142,23 @@ def _sizes(args: argparse.Namespace, lengths: list[int], repeats: int) -> Engine
 
 
 # ---------------------------------------------------------------------------- in-process
-def run_inprocess(args: argparse.Namespace, lengths: list[int], repeats: int) -> dict[str, Any]:
+def run_inprocess(
+    args: argparse.Namespace, lengths: list[int], repeats: int, *,
+    sizes: EngineSizes | None = None, loaded: Any = None, clear: bool = False,  # noqa: ANN401
+    peer: Any = None,  # noqa: ANN401
+) -> dict[str, Any]:
+    """Cold and warm TTFT of every length in-process. ``sizes``/``loaded``: the engine's sizes
+    and a LoadedModel to share; ``clear``: drop each prompt's blocks from every tier after its
+    cycle (tiers sized for one prompt at a time); ``peer(prompt) -> (seconds, first token)``
+    times another implementation on the same prompt just before its cold run."""
     from engine.sampling import SamplingParams
 
-    sizes = _sizes(args, lengths, repeats)
+    sizes = sizes or _sizes(args, lengths, repeats)
     sampling = SamplingParams(max_tokens=1)
     with tempfile.TemporaryDirectory(prefix="strata-bench-ttft-") as disk_dir:
-        engine = build_engine(args.model, args.dtype, sizes, disk_dir)
+        engine = build_engine(args.model, args.dtype, sizes, disk_dir, loaded=loaded,
+                              store_kw={"persist_on_close": False, "disk_write_queue_blocks":
+                                        max(64, (256 << 20) // _block_nbytes(args, loaded))})
         try:
             assert engine.store is not None and engine.store.disk is not None, "store tiers missing"
             probe_blocks = max(64, (32 << 20) // engine.layout.block_nbytes)  # past the CPU caches
@@ -157,13 +167,20 @@ def run_inprocess(args: argparse.Namespace, lengths: list[int], repeats: int) ->
             vocab = engine.model_config.vocab_size
             bar = progress((repeats * len(lengths) + 1) * len(MODES), "ttft", args.no_progress)
             # Warm-up cycle (first-call costs of every path), not recorded.
-            _cycle(engine, random_prompt(-1, min(lengths), vocab), sampling, bar)
+            warm_up = random_prompt(-1, min(lengths), vocab)
+            if peer is not None:
+                peer(warm_up)
+            _cycle(engine, warm_up, sampling, bar, clear)
             samples: list[dict[str, Any]] = []
             for rep in range(repeats):
                 for length in lengths:
                     seed = args.seed * 1_000_003 + rep * 7919 + length
                     prompt = random_prompt(seed, length, vocab)
-                    for mode, res in _cycle(engine, prompt, sampling, bar):
+                    if peer is not None:
+                        peer_s, peer_token = peer(prompt)
+                        samples.append({"length": length, "repeat": rep, "mode": "peer",
+                                        "ttft_s": peer_s, "output_token_ids": [peer_token]})
+                    for mode, res in _cycle(engine, prompt, sampling, bar, clear):
                         samples.append({
                             "length": length, "repeat": rep, "mode": mode, "ttft_s": res.ttft_s,
                             "num_cached_tokens": res.num_cached_tokens,
@@ -189,7 +206,17 @@ def run_inprocess(args: argparse.Namespace, lengths: list[int], repeats: int) ->
     }
 
 
-def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any) -> list[tuple[str, Any]]:  # noqa: ANN401
+def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:  # noqa: ANN401
+    from bench.service import model_shape
+
+    if loaded is not None:
+        mc = loaded.config
+        return 16 * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * loaded.dtype.itemsize
+    return 16 * model_shape(args.model, args.dtype)[1]
+
+
+def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN401
+           clear: bool = False) -> list[tuple[str, Any]]:
     """Cold, then warm from device, host and disk; each run checked before it counts."""
     store = engine.store
     hashes = engine.block_hashes(prompt)
@@ -199,10 +226,10 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any) -> list[tupl
     cold = None
     for mode in MODES:
         if mode == "host":
-            engine.kv.pool.evict_all_free()
+            engine.kv.evict_all_free()
             _expect_lookup(store, hashes[:num_hit], "host")
         elif mode == "disk":
-            engine.kv.pool.evict_all_free()
+            engine.kv.evict_all_free()
             store.flush()
             store.evict_host(store.host.num_slots)
             _expect_lookup(store, hashes[:num_hit], "disk")
@@ -227,6 +254,10 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any) -> list[tupl
                     f"warm-{mode} output {res.output_token_ids} != cold {cold.output_token_ids}")
         out.append((mode, res))
         bar.update(1)
+    if clear:  # leave nothing of this prompt in any tier
+        engine.kv.evict_all_free()
+        store.remove(hashes)
+        store.flush()
     return out
 
 

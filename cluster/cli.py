@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
 
     bench = sub.add_parser(
-        "bench", help="benchmarks: ttft | longdoc | trace | decode | transfer | router",
+        "bench",
+        help="benchmarks: ttft | longdoc | trace | decode | transfer | soak | router | offload "
+        "| gpu",
         add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)

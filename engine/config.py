@@ -123,6 +123,7 @@ class EngineConfig:
     max_waiting: int = 1024  # queued requests beyond this are refused
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto (Triton on CUDA) | torch | triton
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA + Triton kernels only)
     seed: int = 0  # weights of built-in models
     # torch intra-op threads of a worker process; None: one per core. Ray starts actors with
     # OMP_NUM_THREADS=1, which would leave a CPU worker's prefill on a single core.

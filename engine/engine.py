@@ -16,7 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_manager import KVCacheManager
 from engine.loader import LoadedModel, load_model, model_fingerprint_fields
-from engine.runner import ModelRunner
+from engine.runner import DecodeGraphSpec, ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import RequestResult, Sequence, StepOutput
@@ -75,12 +75,14 @@ class LLMEngine:
             config.enable_prefix_caching,
         )
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        graphs = DecodeGraphSpec(self.kv.scratch_block, config.max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(
             self.loaded.model,
             self.kv.kv_caches,
             config.block_size,
             self.device,
             config.attention_backend,
+            graphs if config.cuda_graphs else None,
         )
         self._seqs: dict[str, Sequence] = {}
         self._watches: dict[str, _Watch] = {}
@@ -201,9 +203,11 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def step(self) -> list[StepOutput]:
+        self.kv.poll_copies()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.kv.wait_loads()  # the blocks admission started loading
         tokens = self.runner.execute(batch)
         now = time.perf_counter()
         outputs: list[StepOutput] = []
@@ -333,7 +337,7 @@ class LLMEngine:
         tests that measure loads from a given tier. Blocks in use are never touched."""
         if down_to not in ("host", "disk"):
             raise ValueError(f"down_to must be 'host' or 'disk', got {down_to!r}")
-        out = {"device": self.kv.pool.evict_all_free()}
+        out = {"device": self.kv.evict_all_free()}
         if down_to == "disk" and self.store is not None:
             self.store.flush()
             out["host"] = self.store.evict_host(
@@ -372,11 +376,12 @@ class LLMEngine:
 
     def check_no_leaks(self) -> None:
         assert not self._seqs, f"requests still live: {list(self._seqs)[:5]}"
-        self.kv.pool.check_no_leaks()
+        self.kv.check_no_leaks()
 
     def close(self) -> None:
         for req_id in list(self._seqs):
             self.abort(req_id)
+        self.kv.close()
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -1,10 +1,15 @@
 """The engine's KV cache: the paged pool tensors, prefix reuse, and the tiered store below.
 
 On admission a sequence's prompt blocks are found, in order, in the device pool (a hit costs
-nothing), then in the tiered store (host slab, then LMDB on disk; loaded into fresh pool
-blocks); only the rest is computed. Full blocks are registered in the pool's prefix cache and
-written through to the store, and a cached block evicted from the pool is demoted to the store
-if the store lacks it, so it is never simply dropped.
+nothing), then in the tiered store (host slab, then LMDB on disk); store hits are copied from
+the slab rows into fresh pool blocks on the load lane (``engine.block_copier``) and the step
+that reads them waits for that copy; only the rest is computed. Full blocks are registered in
+the pool's prefix cache and offloaded to the store on the offload lane, off the critical path;
+a cached block evicted from the pool is demoted to the store if the store lacks it, so it is
+never simply dropped.
+
+The pool tensor has one block more than the block pool hands out: ``scratch_block``, where the
+padding lanes of a captured decode graph write (``engine.cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.block_copier import BlockCopier
 from engine.block_pool import BlockPool
 from engine.sequence import Sequence
 from kvstore.keys import BlockHash, extend_hashes
 from kvstore.layout import KVLayout, gather_blocks, scatter_blocks
+from kvstore.store import TieredStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ class KVCacheManager:
         num_blocks: int,
         device: torch.device,
         fingerprint: bytes,
-        store=None,  # kvstore.store.TieredStore | None  # noqa: ANN001
+        store: TieredStore | None = None,
         enable_prefix_caching: bool = True,
     ) -> None:
         self.layout = layout
@@ -45,11 +52,15 @@ class KVCacheManager:
         self.fingerprint = fingerprint
         self.store = store
         self.enable_prefix_caching = enable_prefix_caching
-        shape = (num_blocks, *layout.pool_block_shape())
+        shape = (num_blocks + 1, *layout.pool_block_shape())  # + the scratch block
         # One allocation for all layers keeps the pool contiguous; per-layer views into it.
         self._pool = torch.zeros((layout.num_layers, *shape), dtype=layout.dtype, device=device)
         self.kv_caches = list(self._pool.unbind(0))
+        self.scratch_block = num_blocks  # never handed out by the block pool
         self.pool = BlockPool(num_blocks, on_evict=self._demote if store is not None else None)
+        self.copier: BlockCopier | None = None
+        if store is not None:
+            self.copier = BlockCopier(self._pool, layout, self.pool, store, device)
         # Load-or-recompute: measured speeds (None until measured: then every hit is loaded).
         self.prefill_tokens_per_s: float | None = None
         self.tier_bytes_per_s: dict[str, float] = {}
@@ -112,39 +123,38 @@ class KVCacheManager:
         hashes = seq.block_hashes
         dev_ids = self.pool.lookup(hashes[: plan.num_device_blocks])
         assert len(dev_ids) == plan.num_device_blocks, "device hits changed between plan and admit"
+        self.pool.touch(dev_ids)  # before allocating, which could otherwise evict them
         new_ids = self.pool.allocate(self.num_new_blocks(seq, plan))
         if new_ids is None:
+            self.pool.free(dev_ids)
             return False
-        self.pool.touch(dev_ids)
         seq.block_ids = dev_ids + new_ids
-        n_loaded = 0
+        loaded: list[str] = []  # where each loaded block was found
         if plan.store_tiers:
-            n_loaded = self._load(
-                hashes[len(dev_ids) : len(dev_ids) + len(plan.store_tiers)], new_ids
-            )
-        n_cached_blocks = len(dev_ids) + n_loaded
-        for i in range(len(dev_ids), n_cached_blocks):
-            self.pool.cache_block(seq.block_ids[i], hashes[i])
+            first = len(dev_ids)
+            loaded = self._load(hashes[first : first + len(plan.store_tiers)], new_ids)
+        n_cached_blocks = len(dev_ids) + len(loaded)  # loaded blocks are cached once copied
         seq.num_registered_blocks = n_cached_blocks
         seq.num_computed_tokens = n_cached_blocks * self.block_size
         if seq.first_token_time is None:  # a preempted sequence keeps its first accounting
             seq.num_cached_tokens = seq.num_computed_tokens
             by_tier = {"device": len(dev_ids) * self.block_size}
-            for tier in plan.store_tiers[:n_loaded]:
+            for tier in loaded:
                 by_tier[tier] = by_tier.get(tier, 0) + self.block_size
             seq.cached_by_tier = {k: v for k, v in by_tier.items() if v}
         return True
 
-    def _load(self, hashes: list[BlockHash], block_ids: list[int]) -> int:
-        assert self.store is not None
-        n = len(hashes)
-        staging = torch.empty((n, *self.layout.block_shape), dtype=self.layout.dtype)
-        n_loaded = self.store.load(hashes, staging.view(torch.uint8).view(n, -1))
-        if n_loaded:
-            src = staging[:n_loaded].to(self.device, non_blocking=True)
-            ids = torch.tensor(block_ids[:n_loaded], dtype=torch.int64, device=self.device)
-            scatter_blocks(self.kv_caches, ids, src, self.layout)
-        return n_loaded
+    def _load(self, hashes: list[BlockHash], block_ids: list[int]) -> list[str]:
+        """Start copying the leading store hits into ``block_ids``; the tier each was found in
+        (as many as will arrive)."""
+        assert self.store is not None and self.copier is not None
+        lease = self.store.lend(hashes)
+        n = lease.num_blocks
+        if n == 0:
+            self.store.release(lease)
+            return []
+        self.copier.load(lease, block_ids[:n], lease.hashes)
+        return list(lease.tiers)
 
     # ---- growth, registration, release ---------------------------------------------------
     def append_slots(self, seq: Sequence, num_tokens: int) -> bool:
@@ -173,7 +183,17 @@ class KVCacheManager:
                     new_hashes.append(seq.block_hashes[i])
             seq.num_registered_blocks = max(seq.num_registered_blocks, n_full)
         if new_ids and self.store is not None:
-            self.store.put(new_hashes, self.read_pool_blocks(new_ids))
+            self._offload(new_hashes, new_ids, hold=True)
+
+    def _offload(self, hashes: list[BlockHash], block_ids: list[int], hold: bool) -> None:
+        assert self.store is not None and self.copier is not None
+        res = self.store.reserve(hashes)
+        if res.num_blocks == 0:
+            self.store.cancel(res)
+            return
+        fence = self.copier.offload(res, [block_ids[i] for i in res.indices], hold=hold)
+        if not hold:
+            fence.make_compute_wait()  # the blocks are about to be reused
 
     def free(self, seq: Sequence) -> None:
         if seq.block_ids:
@@ -224,8 +244,47 @@ class KVCacheManager:
         return len(todo)
 
     def _demote(self, evicted: list[tuple[int, BlockHash]]) -> None:
-        """Pool eviction: hand blocks the store does not hold yet down to it."""
+        """Pool eviction: hand blocks the store does not hold yet down to it (the next compute
+        on these blocks waits for the copy)."""
         assert self.store is not None
         missing = [(i, h) for i, h in evicted if not self.store.lookup([h])]
         if missing:
-            self.store.put([h for _, h in missing], self.read_pool_blocks([i for i, _ in missing]))
+            self._offload([h for _, h in missing], [i for i, _ in missing], hold=False)
+
+    # ---- copies under way ----------------------------------------------------------------
+    def wait_loads(self) -> None:
+        """The next compute waits for every load issued so far (call before a step)."""
+        if self.copier is not None:
+            self.copier.wait_loads()
+
+    def poll_copies(self) -> int:
+        """Finish the copies that completed: loaded blocks cached, offloads readable."""
+        return self.copier.poll() if self.copier is not None else 0
+
+    def finish_copies(self) -> None:
+        """Wait for every copy under way and finish it."""
+        if self.copier is not None:
+            self.copier.finish()
+
+    @property
+    def num_pending_copies(self) -> int:
+        return self.copier.num_pending if self.copier is not None else 0
+
+    def evict_all_free(self) -> int:
+        """Drop every free cached block from the pool (demoted to the store); how many."""
+        self.finish_copies()
+        num = self.pool.evict_all_free()
+        self.finish_copies()  # the demotions it started
+        return num
+
+    def check_no_leaks(self) -> None:
+        """Every copy finished, every block free, every lease and reservation given back."""
+        self.finish_copies()
+        self.pool.check_no_leaks()
+        if self.store is not None:
+            assert self.store.num_lent() == 0, f"{self.store.num_lent()} leases not released"
+            assert self.store.num_reserved() == 0, f"{self.store.num_reserved()} slots reserved"
+
+    def close(self) -> None:
+        if self.copier is not None:
+            self.copier.close()

@@ -152,14 +152,17 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stopped.is_set():
             idle = not self.engine.has_unfinished()
+            wait_s = 0.001 if self.engine.kv.num_pending_copies else 0.05
             try:
-                cmd = self._cmds.get(timeout=0.05) if idle else self._cmds.get_nowait()
+                cmd = self._cmds.get(timeout=wait_s) if idle else self._cmds.get_nowait()
                 cmd()
                 while True:
                     self._cmds.get_nowait()()
             except queue.Empty:
                 pass
-            if self.engine.has_unfinished():
+            if not self.engine.has_unfinished():
+                self.engine.kv.poll_copies()  # offloads of the last step become readable
+            else:
                 try:
                     outputs = self.engine.step()
                 except Exception as e:  # noqa: BLE001 - fail the live requests, keep serving

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.attention import AttnMetadata, KernelArgs, SeqSlice
+from engine.cuda_graphs import DecodeGraphs
 from engine.model import CausalLM
 from engine.sampling import sample
 from engine.scheduler import ScheduledSeq
+
+
+@dataclass(frozen=True)
+class DecodeGraphSpec:
+    """Asks the runner for CUDA-graph decode (used only on CUDA with the Triton kernels)."""
+
+    scratch_block: int  # pool block that padding lanes write (never handed out)
+    max_batch: int  # largest batch bucket (rounded up to a power of two)
+    max_model_len: int  # largest context a graph covers
 
 
 class ModelRunner:
@@ -18,6 +30,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         attention_backend: str = "auto",
+        graphs: DecodeGraphSpec | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -25,6 +38,12 @@ class ModelRunner:
         self.device = device
         self.sliding_window = model.config.sliding_window
         self.use_kernels = select_kernels(attention_backend, device, self.sliding_window)
+        self.graphs: DecodeGraphs | None = None
+        if graphs is not None and self.use_kernels and device.type == "cuda":
+            self.graphs = DecodeGraphs(
+                model, kv_caches, block_size, device, graphs.scratch_block, graphs.max_batch,
+                graphs.max_model_len,
+            )  # fmt: skip
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
         ids: list[int] = []
@@ -86,6 +105,14 @@ class ModelRunner:
 
     def execute(self, batch: list[ScheduledSeq]) -> list[int | None]:
         """Run one step; the sampled token of every sequence whose chunk reached its end."""
+        if self.graphs is not None and self.graphs.supports(batch):
+            logits = self.graphs.run(batch)  # a pure decode step: every sequence samples
+            tokens = sample(
+                logits,
+                [item.seq.sampling for item in batch],
+                [len(item.seq.token_ids) for item in batch],
+            )
+            return list(tokens)
         input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
         last: list[int] = []

@@ -13,6 +13,13 @@ class StoreConfig:
     disk_write_queue_blocks: int = 256  # bound of the write-behind queue (then writes are refused)
     prefetch_threads: int = 2  # background workers moving disk -> host
     pin_host_memory: bool = True  # cudaHostRegister the slab when CUDA is present
+    # when a block goes to disk (kvstore.write_policy): "evict" | "write_through" |
+    # "second_hit" | "evict_or_second_hit"
+    disk_write_policy: str = "evict"
+    persist_on_close: bool = True  # close() writes host blocks the disk lacks (warm restarts)
+    # fraction of host slots a background thread keeps free by evicting LRU blocks ahead of
+    # writes, so a write rarely evicts (and copies the victim to disk) on the caller's thread
+    host_headroom: float = 0.05
 
     def __post_init__(self) -> None:
         if self.host_capacity_bytes < 0:
@@ -23,6 +30,15 @@ class StoreConfig:
             raise ValueError("disk_write_queue_blocks must be positive")
         if self.prefetch_threads <= 0:
             raise ValueError("prefetch_threads must be positive")
+        if not 0.0 <= self.host_headroom < 0.5:
+            raise ValueError(f"host_headroom must be in [0, 0.5), got {self.host_headroom}")
+        from kvstore.write_policy import POLICIES
+
+        if self.disk_write_policy not in POLICIES:
+            raise ValueError(
+                f"disk_write_policy must be one of {', '.join(POLICIES)}, "
+                f"not {self.disk_write_policy!r}"
+            )
 
     @property
     def disk_enabled(self) -> bool:

@@ -1,15 +1,17 @@
-"""TieredStore: host slab + LMDB disk behind one lookup / load / prefetch / put API.
+"""TieredStore: host slab + LMDB disk behind one lookup / lend / reserve / put API.
 
-- ``put`` writes through: a synchronous memcpy into the host slab and a write-behind copy to
-  disk, so a restart finds every block. Host evictions are demoted to disk when disk lacks them
-  (a write refused at put time because the queue was full gets a second chance there).
-- ``load`` serves the leading blocks from host, then disk (verified), promoting disk hits into
-  host. ``prefetch`` moves disk-resident blocks into host in the background and pins them there
-  until loaded or ``prefetch_pin_timeout_s`` passes.
+- Reads: ``lend`` pins the slab slots of the leading blocks found (disk hits are read straight
+  into fresh slots first: disk -> host -> pool, never a side buffer) for a copy to read; the
+  caller ``release``s the lease once its copy completed. ``load`` is lend + copy out + release.
+  ``prefetch`` moves disk blocks into host in the background (``kvstore.prefetch``).
+- Writes: ``reserve`` gives new blocks slots nobody can read or evict; the caller copies into
+  them (asynchronously) and ``commit``s once the copy completed — only then are the blocks
+  readable — or ``cancel``s. ``put`` copies synchronously. When a block also goes to disk is
+  the ``disk_write_policy`` (``kvstore.write_policy``; the disk writes behind, in a thread).
 - Any tier may be off (host capacity 0, no disk_path); an unusable disk path disables the disk
   tier with a warning and the store keeps serving from host.
-- Locks: the store's own lock guards pins and prefetch bookkeeping; each tier has its own. The
-  order is store -> tier; tiers never call back into the store under their lock, and event
+- Locks: the store's own lock guards its pins and lease count; each tier has its own. The order
+  is store -> tier; tiers never call back into the store under their lock, and event
   subscribers are always called with no lock held.
 
 One TieredStore per ``disk_path`` at a time (an exclusive flock enforces it).
@@ -21,18 +23,21 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from kvstore.config import StoreConfig
 from kvstore.errors import DiskUnavailableError
 from kvstore.events import EventBus, EventListener, StoreEvent
+from kvstore.evictor import HostEvictor
 from kvstore.keys import HASH_NBYTES, BlockHash
 from kvstore.layout import KVLayout
+from kvstore.lending import Lease, Reservation, copy_rows_out, cpu_buffer, disk_to_slab
 from kvstore.metrics import StoreMetrics
+from kvstore.prefetch import Prefetcher
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
+from kvstore.write_policy import DiskWritePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +63,12 @@ class TieredStore:
         self.fingerprint = fingerprint
         self.config = config
         self.block_nbytes = layout.block_nbytes
-        self.prefetch_pin_timeout_s = prefetch_pin_timeout_s
         self.events = EventBus(max_events)
         self.metrics = StoreMetrics()
         self.host: HostTier | None = None
         self.disk: DiskTier | None = None
         self.disk_error: str | None = None  # why the configured disk tier is off
         self.num_disk_refused = 0  # writes the failed disk tier could not take
-        if config.host_enabled:
-            self.host = HostTier(
-                self.block_nbytes,
-                config.host_capacity_bytes,
-                pin_memory=config.pin_host_memory,
-                on_evict=self._demote,
-                publish=self.events.publish,
-            )
         if config.disk_enabled:
             assert config.disk_path is not None
             try:
@@ -87,16 +83,34 @@ class TieredStore:
             except DiskUnavailableError as e:
                 self.disk_error = str(e)
                 logger.warning("disk tier disabled, serving from host only: %s", e)
+        self.policy = DiskWritePolicy(config.disk_write_policy, self.disk)
+        if config.host_enabled:
+            self.host = HostTier(
+                self.block_nbytes,
+                config.host_capacity_bytes,
+                pin_memory=config.pin_host_memory,
+                on_evict=self.policy.host_evicted,
+                publish=self.events.publish,
+            )
+        self.evictor: HostEvictor | None = None
+        headroom = int(self.host.num_slots * config.host_headroom) if self.host else 0
+        if self.host is not None and headroom > 0:
+            self.evictor = HostEvictor(self.host, headroom)
+        self.prefetcher: Prefetcher | None = None
+        if self.host is not None and self.disk is not None:
+            self.prefetcher = Prefetcher(
+                self.host, self.disk, config.prefetch_threads, prefetch_pin_timeout_s, self.metrics
+            )
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(config.prefetch_threads, "strata-prefetch")
-        self._inflight: dict[BlockHash, Future[None]] = {}  # prefetches not finished
-        self._prefetch_pins: dict[BlockHash, float] = {}  # host pin held by prefetch -> deadline
         self._pins: dict[BlockHash, list[tuple[bool, bool]]] = {}  # (host, disk) per pin call
+        self._num_lent = 0  # leases not released yet
         self._closed = False
 
     # ----------------------------------------------------------------- read path
     def lookup(self, hashes: Sequence[BlockHash]) -> list[str]:
-        """Tier name ("host" | "disk") of each leading block present; stops at the first miss."""
+        """Tier name ("host" | "disk") of each leading block present; stops at the first miss.
+
+        A block whose copy into host is still under way is not present yet."""
         tiers: list[str] = []
         for h in hashes:
             if self.host is not None and self.host.contains(h):
@@ -107,139 +121,200 @@ class TieredStore:
                 break
         return tiers
 
+    def lend(self, hashes: Sequence[BlockHash]) -> Lease:
+        """Pin the leading blocks found for a copy to read; ``release`` the lease after it.
+
+        Disk hits are read (and verified) into fresh host slots first; a missing or corrupt
+        block ends the prefix. Without a host tier the disk hits land in a private buffer.
+        """
+        start = time.perf_counter()
+        prefetched: set[BlockHash] = set()
+        if self.prefetcher is not None:
+            self.prefetcher.wait_for(hashes)
+            prefetched = self.prefetcher.from_disk(hashes)
+        if self.host is None:
+            lease = self._lend_from_disk(list(hashes))
+        else:
+            lease = self._lend_from_host(list(hashes), prefetched)
+            if self.prefetcher is not None:
+                self.prefetcher.release(hashes)  # our own pins hold the blocks now
+        with self._lock:
+            self._num_lent += 1
+        num_disk = lease.tiers.count("disk")
+        if num_disk and lease.in_host:
+            self.metrics.add("promoted", num_disk - len(prefetched & set(lease.hashes)))
+        self.metrics.record_load(
+            time.perf_counter() - start,
+            {"host": lease.num_blocks - num_disk, "disk": num_disk},
+            len(hashes) - lease.num_blocks,
+            self.block_nbytes,
+        )
+        return lease
+
+    def _lend_from_host(self, hashes: list[BlockHash], prefetched: set[BlockHash]) -> Lease:
+        assert self.host is not None
+        host = self.host
+        slots: list[int | None] = []
+        tiers: list[str] = []
+        from_disk: list[int] = []
+        for i, h in enumerate(hashes):
+            slot = host.pin_slot(h)
+            if slot is not None:
+                slots.append(slot)
+                tiers.append("disk" if h in prefetched else "host")
+            elif self.disk is not None and self.disk.contains(h):
+                slots.append(None)
+                tiers.append("disk")
+                from_disk.append(i)
+            else:
+                break
+        if from_disk:
+            assert self.disk is not None
+            read, _ = disk_to_slab(host, self.disk, [hashes[i] for i in from_disk])
+            for i, slot in zip(from_disk, read):
+                slots[i] = slot
+        n = next((i for i, s in enumerate(slots) if s is None), len(slots))
+        for h, slot, tier in zip(hashes, slots[:n], tiers):
+            if tier == "host" and slot is not None:
+                self.policy.host_hit(h, host.slab[slot])
+        if n < len(slots) and self.disk is not None and self.disk.contains(hashes[n]):
+            return self._spill(hashes[: len(slots)], slots, tiers)  # no host room for it all
+        for h, slot in zip(hashes[n:], slots[n:]):  # past the first miss: not lent
+            if slot is not None:
+                host.unpin(h)
+        rows = [s for s in slots[:n] if s is not None]
+        return Lease(hashes[:n], host.slab, rows, tiers[:n], in_host=True)
+
+    def _spill(self, hashes: list[BlockHash], slots: list[int | None], tiers: list[str]) -> Lease:
+        """The host tier cannot hold every disk hit: lend a private copy of the whole prefix
+        (the pinned host rows copied, the rest read from disk), then unpin."""
+        assert self.host is not None and self.disk is not None
+        buf = cpu_buffer(len(hashes), self.block_nbytes)
+        pinned: list[int] = []
+        for i, slot in enumerate(slots):
+            if slot is not None:
+                buf[i].copy_(self.host.slab[slot])
+                self.host.unpin(hashes[i])
+                pinned.append(i)
+        rest = [i for i, s in enumerate(slots) if s is None]
+        ok = self.disk.get_into([hashes[i] for i in rest], buf, rows=rest)
+        got = set(pinned) | {i for i, o in zip(rest, ok) if o}
+        n = next((i for i in range(len(hashes)) if i not in got), len(hashes))
+        return Lease(hashes[:n], buf, list(range(n)), tiers[:n], in_host=False)
+
+    def _lend_from_disk(self, hashes: list[BlockHash]) -> Lease:
+        n = 0
+        if self.disk is not None:
+            while n < len(hashes) and self.disk.contains(hashes[n]):
+                n += 1
+        buf = cpu_buffer(n, self.block_nbytes)
+        if n:
+            assert self.disk is not None
+            ok = self.disk.get_into(hashes[:n], buf)
+            n = next((i for i, o in enumerate(ok) if not o), n)
+        return Lease(hashes[:n], buf, list(range(n)), ["disk"] * n, in_host=False)
+
+    def release(self, lease: Lease) -> None:
+        """The copy that read the lease completed: unpin its slots. Idempotent."""
+        if lease.released:
+            return
+        lease.released = True
+        if lease.in_host and self.host is not None:
+            for h in lease.hashes:
+                self.host.unpin(h)
+        with self._lock:
+            self._num_lent -= 1
+
     def load(self, hashes: Sequence[BlockHash], out: torch.Tensor) -> int:
         """Copy the leading blocks into ``out`` (uint8 ``[>= n, block_nbytes]``, CPU).
 
         Returns how many leading blocks were loaded; a missing or corrupt block ends the prefix.
         """
         self._check_buffer(out, len(hashes), "out")
-        start = time.perf_counter()
-        n = len(hashes)
-        with self._lock:
-            waits = {id(f): f for h in hashes if (f := self._inflight.get(h)) is not None}
-        for future in waits.values():
-            future.result()
-        host_ok = self.host.get_into(hashes, out) if self.host is not None else [False] * n
-        disk_rows: list[int] = []
-        for i in range(n):
-            if host_ok[i]:
-                continue
-            if self.disk is None or not self.disk.contains(hashes[i]):
-                break
-            disk_rows.append(i)
-        disk_hit: set[int] = set()
-        if disk_rows:
-            assert self.disk is not None
-            tmp = torch.empty((len(disk_rows), self.block_nbytes), dtype=torch.uint8)
-            ok = self.disk.get_into([hashes[i] for i in disk_rows], tmp)
-            got = [j for j, o in enumerate(ok) if o]
-            if got:
-                out.index_copy_(0, torch.tensor([disk_rows[j] for j in got]), tmp[got])
-            disk_hit = {disk_rows[j] for j in got}
-        num_loaded = 0
-        while num_loaded < n and (host_ok[num_loaded] or num_loaded in disk_hit):
-            num_loaded += 1
-        promote = [i for i in range(num_loaded) if i in disk_hit]
-        if promote and self.host is not None:
-            self.host.put([hashes[i] for i in promote], out[torch.tensor(promote)])
-            self.metrics.add("promoted", len(promote))
-        self._release_prefetch_pins(hashes)
-        num_host = sum(1 for i in range(num_loaded) if host_ok[i])
-        self.metrics.record_load(
-            time.perf_counter() - start,
-            {"host": num_host, "disk": num_loaded - num_host},
-            n - num_loaded,
-            self.block_nbytes,
-        )
-        return num_loaded
+        lease = self.lend(hashes)
+        try:
+            copy_rows_out(lease.base, lease.rows, out)
+        finally:
+            self.release(lease)
+        return lease.num_blocks
 
     def prefetch(self, hashes: Sequence[BlockHash]) -> None:
         """Start moving the leading disk-resident blocks into host; returns at once."""
-        if self.host is None or self.disk is None or self._closed:
-            return
-        self._expire_prefetch_pins()
-        deadline = time.monotonic() + self.prefetch_pin_timeout_s
-        todo: list[BlockHash] = []
-        with self._lock:
-            for h in hashes:
-                if h in self._inflight or h in todo:
-                    continue
-                if self.host.pin(h):
-                    self._hold_prefetch_pin_locked(h, deadline)
-                elif self.disk.contains(h):
-                    todo.append(h)
-                else:
-                    break
-            num_tasks = min(self.config.prefetch_threads, len(todo))
-            for t in range(num_tasks):
-                chunk = todo[t::num_tasks]
-                future = self._executor.submit(self._prefetch_task, chunk)
-                for h in chunk:
-                    self._inflight[h] = future
-
-    def _prefetch_task(self, hashes: list[BlockHash]) -> None:
-        assert self.host is not None and self.disk is not None
-        try:
-            tmp = torch.empty((len(hashes), self.block_nbytes), dtype=torch.uint8)
-            ok = self.disk.get_into(hashes, tmp)
-            got = [i for i, o in enumerate(ok) if o]
-            if got:
-                self.host.put([hashes[i] for i in got], tmp[got])
-            deadline = time.monotonic() + self.prefetch_pin_timeout_s
-            with self._lock:
-                for i in got:
-                    if self.host.pin(hashes[i]):
-                        self._hold_prefetch_pin_locked(hashes[i], deadline)
-            self.metrics.add("prefetched", len(got))
-        except Exception:
-            logger.exception("prefetch of %d block(s) failed", len(hashes))
-        finally:
-            with self._lock:
-                for h in hashes:
-                    self._inflight.pop(h, None)
+        if self.prefetcher is not None and not self._closed:
+            self.prefetcher.prefetch(hashes)
 
     def wait_prefetch(self, timeout_s: float | None = None) -> bool:
         """Wait for every prefetch started so far; False on timeout."""
-        with self._lock:
-            futures = set(self._inflight.values())
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for future in futures:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                future.result(remaining)
-            except TimeoutError:
-                return False
-        return True
+        return self.prefetcher.wait_all(timeout_s) if self.prefetcher is not None else True
 
     # ----------------------------------------------------------------- write path
-    def put(self, hashes: Sequence[BlockHash], data: torch.Tensor) -> int:
-        """Store ``data[i]`` (uint8 ``[>= n, block_nbytes]``, CPU) under ``hashes[i]``.
+    def reserve(self, hashes: Sequence[BlockHash]) -> Reservation:
+        """Rows for the blocks no tier holds yet, to copy into; ``commit`` or ``cancel`` after.
 
-        Host gets a synchronous copy, disk a write-behind one. Returns how many blocks some tier
-        accepted (already present counts as accepted).
-        """
+        Blocks the host refuses (every slot pinned or being written) are left out."""
+        if self.host is not None:
+            res = self.host.reserve(hashes)
+            if self.evictor is not None:
+                self.evictor.wake()
+            new = [hashes[i] for i in res.indices]
+            return Reservation(new, res.indices, self.host.slab, res.slots, in_host=True)
+        idx = []
+        if self.disk is not None:
+            idx = [i for i, h in enumerate(hashes) if not self.disk.contains(h)]
+        buf = cpu_buffer(len(idx), self.block_nbytes)
+        return Reservation([hashes[i] for i in idx], idx, buf, list(range(len(idx))), False)
+
+    def commit(self, res: Reservation) -> None:
+        """The copy into the reservation completed: the blocks become readable."""
+        assert not res.settled, "reservation committed or cancelled twice"
+        res.settled = True
+        if not res.hashes:
+            return
+        start = time.perf_counter()
+        if res.in_host:
+            assert self.host is not None
+            disk_ok = self.policy.stored(res.hashes, res.base, res.rows)  # before it can move
+            self.host.commit(res.hashes)
+        else:
+            disk_ok = self.policy.not_stored(res.hashes, res.base, res.rows)
+        n = res.num_blocks if res.in_host else 0
+        self.metrics.record_put(
+            time.perf_counter() - start, {"host": n, "disk": sum(disk_ok)}, self.block_nbytes
+        )
+
+    def cancel(self, res: Reservation) -> None:
+        """Give the reservation back unwritten (its copy failed or was abandoned)."""
+        assert not res.settled, "reservation committed or cancelled twice"
+        res.settled = True
+        if res.in_host and self.host is not None and res.hashes:
+            self.host.cancel(res.hashes)
+
+    def put(self, hashes: Sequence[BlockHash], data: torch.Tensor) -> int:
+        """Store ``data[i]`` (uint8 ``[>= n, block_nbytes]``, CPU) under ``hashes[i]``, copied now.
+
+        Returns how many blocks some tier accepted (already present counts as accepted)."""
         self._check_buffer(data, len(hashes), "data")
         start = time.perf_counter()
         n = len(hashes)
         host_ok = self.host.put(hashes, data) if self.host is not None else [False] * n
-        if self.disk is not None:
-            disk_ok = self.disk.put(hashes, data)
-        else:
-            disk_ok = [False] * n
-            if self.disk_error is not None:
-                with self._lock:
-                    self.num_disk_refused += n
+        if self.evictor is not None:
+            self.evictor.wake()
+        disk_ok = [False] * n
+        if self.policy.on_put:
+            disk_ok = self.policy.stored(hashes, data)
+        refused = [i for i in range(n) if not host_ok[i] and not disk_ok[i]]
+        took = self.policy.not_stored([hashes[i] for i in refused], data, refused)
+        for i, ok in zip(refused, took):
+            disk_ok[i] = ok
+        if self.disk is None and self.disk_error is not None:  # what the disk would have got
+            with self._lock:
+                self.num_disk_refused += n if self.policy.on_put else len(refused)
         self.metrics.record_put(
             time.perf_counter() - start,
             {"host": sum(host_ok), "disk": sum(disk_ok)},
             self.block_nbytes,
         )
         return sum(1 for a, b in zip(host_ok, disk_ok) if a or b)
-
-    def _demote(self, block_hash: BlockHash, row: torch.Tensor) -> None:
-        """Host eviction hook: keep the block on disk (its row is valid only during the call)."""
-        if self.disk is not None and not self.disk.contains(block_hash):
-            self.disk.put([block_hash], row.unsqueeze(0))
 
     def remove(self, hashes: Sequence[BlockHash]) -> int:
         """Drop unpinned blocks from every tier; how many tier copies were dropped."""
@@ -248,11 +323,36 @@ class TieredStore:
             for tier in (self.host, self.disk):
                 if tier is not None and tier.remove(h):
                     num += 1
+            self.policy.forget(h)
         return num
 
     def evict_host(self, num_blocks: int) -> int:
-        """Evict up to ``num_blocks`` LRU unpinned host blocks (demoted to disk)."""
-        return self.host.evict(num_blocks) if self.host is not None else 0
+        """Evict up to ``num_blocks`` LRU unpinned host blocks, each written to disk first if
+        the disk lacks it (whatever the write policy: this is a demotion)."""
+        if self.host is None:
+            return 0
+        self.persist(self.host.resident()[:num_blocks])
+        return self.host.evict(num_blocks)
+
+    def persist(self, hashes: Sequence[BlockHash]) -> int:
+        """Write the host blocks the disk lacks to disk, waiting for the writer; how many."""
+        if self.host is None or self.disk is None:
+            return 0
+        todo = [h for h in hashes if not self.disk.contains(h)]
+        chunk = self.config.disk_write_queue_blocks
+        num = 0
+        for i in range(0, len(todo), chunk):
+            part = todo[i : i + chunk]
+            slots = [self.host.pin_slot(h) for h in part]
+            held = [(h, s) for h, s in zip(part, slots) if s is not None]
+            try:
+                ok = self.disk.put([h for h, _ in held], self.host.slab, [s for _, s in held])
+                num += sum(ok)
+            finally:
+                for h, _ in held:
+                    self.host.unpin(h)
+            self.disk.flush()
+        return num
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait for the disk write-behind queue to drain; False on timeout."""
@@ -288,33 +388,17 @@ class TieredStore:
     def num_pinned(self) -> int:
         """Blocks pinned by ``pin`` or by prefetch (zero when every user is done)."""
         with self._lock:
-            return len(self._pins) + len(self._prefetch_pins)
+            num = len(self._pins)
+        return num + (self.prefetcher.num_pinned() if self.prefetcher is not None else 0)
 
-    def _hold_prefetch_pin_locked(self, h: BlockHash, deadline: float) -> None:
-        assert self.host is not None
-        if h in self._prefetch_pins:
-            self.host.unpin(h)  # one prefetch pin per block: refresh its deadline instead
-        self._prefetch_pins[h] = deadline
-
-    def _release_prefetch_pins(self, hashes: Sequence[BlockHash]) -> None:
-        if self.host is None:
-            return
+    def num_lent(self) -> int:
+        """Leases not released yet."""
         with self._lock:
-            for h in hashes:
-                if self._prefetch_pins.pop(h, None) is not None:
-                    self.host.unpin(h)
+            return self._num_lent
 
-    def _expire_prefetch_pins(self) -> None:
-        if self.host is None:
-            return
-        now = time.monotonic()
-        with self._lock:
-            expired = [h for h, deadline in self._prefetch_pins.items() if deadline < now]
-            for h in expired:
-                del self._prefetch_pins[h]
-                self.host.unpin(h)
-        if expired:
-            self.metrics.add("prefetch_expired", len(expired))
+    def num_reserved(self) -> int:
+        """Host slots reserved and not yet committed or cancelled."""
+        return self.host.num_writing() if self.host is not None else 0
 
     # ----------------------------------------------------------------- events, stats, close
     def held(self) -> dict[str, list[BlockHash]]:
@@ -334,17 +418,19 @@ class TieredStore:
 
     def stats(self) -> dict[str, object]:
         """Plain numbers (JSON-able): per-tier counters, hits, latency histograms."""
-        self._expire_prefetch_pins()
-        with self._lock:
-            prefetch_pinned, inflight = len(self._prefetch_pins), len(self._inflight)
+        pf = self.prefetcher
+        if pf is not None:
+            pf.expire()
         return {
             **self.metrics.snapshot(),
             "host": self.host.counters() if self.host is not None else {"enabled": 0},
             "disk": self.disk.counters() if self.disk is not None else {"enabled": 0},
+            "disk_policy": self.policy.counters(),
+            "host_evicted_ahead": self.evictor.num_evicted if self.evictor is not None else 0,
             "disk_disabled_by_error": int(self.disk_error is not None),
             "disk_refused_writes_disabled": self.num_disk_refused,
-            "prefetch_pinned_blocks": prefetch_pinned,
-            "prefetch_inflight_blocks": inflight,
+            "prefetch_pinned_blocks": pf.num_pinned() if pf is not None else 0,
+            "prefetch_inflight_blocks": pf.num_inflight() if pf is not None else 0,
             "events_dropped": self.events.num_dropped,
         }
 
@@ -355,16 +441,20 @@ class TieredStore:
         return measure_bandwidth(self, num_blocks, repeats)
 
     def close(self) -> None:
-        """Finish prefetches, flush the disk write-behind queue, close LMDB. Idempotent."""
+        """Finish prefetches, write host blocks the disk lacks (``persist_on_close``), flush the
+        disk writer, close LMDB. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        if self.host is not None:
-            with self._lock:
-                for h in self._prefetch_pins:
-                    self.host.unpin(h)
-                self._prefetch_pins.clear()
+        if self.evictor is not None:
+            self.evictor.close()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.config.persist_on_close and self.host is not None and self.disk is not None:
+            try:
+                self.persist(self.host.resident())
+            except Exception:  # noqa: BLE001 - a failing disk must not stop the shutdown
+                logger.exception("writing the host tier to disk at close failed")
         if self.disk is not None:
             self.disk.close()
         if self.host is not None:

@@ -172,6 +172,7 @@ class DiskTier:
                 "capacity_bytes": self._budget,
                 "map_size": self.map_size,
                 "written_blocks": self.num_written,
+                "written_bytes": self.num_written * self.block_nbytes,
                 "evictions": self.num_evictions,
                 "refused_writes": self.num_refused,
                 "corrupt_blocks": self.num_corrupt,
@@ -179,9 +180,16 @@ class DiskTier:
             }
 
     # ----------------------------------------------------------------- reads
-    def get_into(self, hashes: Sequence[BlockHash], out: torch.Tensor) -> list[bool]:
-        # out: [>= n, block_nbytes] uint8, CPU
-        assert out.shape[0] >= len(hashes) and out.shape[1] == self.block_nbytes, out.shape
+    def get_into(
+        self, hashes: Sequence[BlockHash], out: torch.Tensor, rows: Sequence[int] | None = None
+    ) -> list[bool]:
+        """Copy block ``i`` into ``out[rows[i]]`` (``out[i]`` without ``rows``); True = copied.
+
+        ``out``: uint8 ``[N, block_nbytes]`` CPU, e.g. the host slab with reserved ``rows``.
+        """
+        dst = list(range(len(hashes))) if rows is None else list(rows)
+        assert len(dst) == len(hashes), (len(dst), len(hashes))
+        assert not dst or (max(dst) < out.shape[0] and out.shape[1] == self.block_nbytes), out.shape
         found = [False] * len(hashes)
         queued: list[tuple[int, torch.Tensor]] = []
         to_read: list[int] = []
@@ -195,7 +203,7 @@ class DiskTier:
                 elif h in self._index and not self._index[h].foreign:
                     to_read.append(i)
         for i, row in queued:  # queued rows are private clones: safe to copy without the lock
-            out[i].copy_(row)
+            out[dst[i]].copy_(row)
             found[i] = True
         bad: list[BlockHash] = []
         if to_read:
@@ -206,7 +214,9 @@ class DiskTier:
                     if value is None:
                         continue  # evicted since we looked
                     if self._valid(value):
-                        out_np[i] = np.frombuffer(value, np.uint8, self.block_nbytes, HEADER_NBYTES)
+                        out_np[dst[i]] = np.frombuffer(
+                            value, np.uint8, self.block_nbytes, HEADER_NBYTES
+                        )
                         found[i] = True
                     else:
                         bad.append(hashes[i])
@@ -235,10 +245,14 @@ class DiskTier:
         )
 
     # ----------------------------------------------------------------- writes
-    def put(self, hashes: Sequence[BlockHash], data: torch.Tensor) -> list[bool]:
-        """Queue the rows for the writer (copied now); refused when the queue is full."""
-        # data: [>= n, block_nbytes] uint8, CPU
-        assert data.shape[0] >= len(hashes) and data.shape[1] == self.block_nbytes, data.shape
+    def put(
+        self, hashes: Sequence[BlockHash], data: torch.Tensor, rows: Sequence[int] | None = None
+    ) -> list[bool]:
+        """Queue ``data[rows[i]]`` (``data[i]`` without ``rows``) for the writer, copied now;
+        refused when the queue is full."""
+        # data: [N, block_nbytes] uint8, CPU
+        src = list(range(len(hashes))) if rows is None else list(rows)
+        assert not src or (max(src) < data.shape[0] and data.shape[1] == self.block_nbytes)
         accepted = [False] * len(hashes)
         with self._lock:
             for i, h in enumerate(hashes):
@@ -248,7 +262,7 @@ class DiskTier:
                     self.num_refused += 1
                 else:
                     self._cancelled.discard(h)
-                    self._queue[h] = data[i].clone()
+                    self._queue[h] = data[src[i]].clone()
                     accepted[i] = True
             self._cond.notify_all()
         return accepted

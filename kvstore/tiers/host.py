@@ -1,21 +1,29 @@
 """Host tier: one slab of RAM (registered with CUDA once when present), a slot allocator.
 
-``slab: [num_slots, block_nbytes]`` uint8, allocated once. A free list of slot indices, a map
-block_hash -> slot, and an LRU order (OrderedDict, oldest first) of the resident blocks whose
+``slab: [num_slots, block_nbytes]`` uint8, allocated once. A free heap of slot indices (the lowest
+free slot first, so blocks written together land in consecutive slots and travel as one copy), a
+map block_hash -> slot, and an LRU order (OrderedDict, oldest first) of the resident blocks whose
 ref_cnt is zero. Pinned blocks (ref_cnt > 0) are out of the LRU and never evicted.
+
+Writes go in three steps: ``reserve`` gives each new block a slot that nobody can read or evict,
+the caller copies the bytes in (here, or later on a copy lane), then ``commit`` makes the slots
+readable (or ``cancel`` frees them). ``put`` does the three at once. Reads either copy out
+(``get_into``) or borrow the slab row itself under a pin (``pin_slot`` + ``slab``).
 
 Eviction hands the victim's row to ``on_evict(block_hash, row)`` before the slot is reused (the
 store demotes it to disk there); the callback runs with no lock held, while the slot is
-reserved for the put that evicted it, so the row still holds the victim's bytes.
+reserved for the write that evicted it, so the row still holds the victim's bytes.
 Copies run outside the lock too: readers take a transient reference on the blocks they copy.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +33,14 @@ from kvstore.keys import BlockHash
 logger = logging.getLogger(__name__)
 
 EvictFn = Callable[[BlockHash, torch.Tensor], None]
+
+
+@dataclass(slots=True)
+class SlotReservation:
+    indices: list[int]  # positions (in the hashes given to ``reserve``) that got a slot
+    slots: list[int]  # the slot reserved for each of them
+    present: list[int]  # positions already resident or being written: nothing to copy
+    # every other position was refused: each slot pinned or being written
 
 
 class HostTier:
@@ -57,13 +73,13 @@ class HostTier:
         if pin_memory and torch.cuda.is_available():
             self._register()
         self._lock = threading.Lock()
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
+        self._free: list[int] = list(range(num_slots))  # a heap: the lowest free slot first
         self._slot_of: dict[BlockHash, int] = {}
         self._ref_cnt: dict[BlockHash, int] = {}  # only blocks with ref_cnt > 0
         self._lru: OrderedDict[BlockHash, None] = OrderedDict()  # unpinned residents, LRU first
-        self._writing: set[BlockHash] = set()  # slot reserved, bytes being copied in
+        self._writing: dict[BlockHash, int] = {}  # slot reserved, bytes being copied in
         self.num_evictions = 0
-        self.num_refused = 0  # puts refused: every slot pinned or being written
+        self.num_refused = 0  # writes refused: every slot pinned or being written
 
     def _register(self) -> None:
         nbytes = self._slab.numel()
@@ -74,6 +90,16 @@ class HostTier:
             self._registered = True
 
     # ----------------------------------------------------------------- queries
+    @property
+    def slab(self) -> torch.Tensor:
+        """The slab ``[num_slots, block_nbytes]``: read a row only under a pin or a reservation."""
+        return self._slab
+
+    @property
+    def registered(self) -> bool:
+        """The slab is page-locked for CUDA (copies from and to it run asynchronously)."""
+        return self._registered
+
     def contains(self, block_hash: BlockHash) -> bool:
         with self._lock:
             return block_hash in self._slot_of
@@ -99,6 +125,21 @@ class HostTier:
     def num_pinned(self) -> int:
         with self._lock:
             return len(self._ref_cnt)
+
+    def num_free(self) -> int:
+        """Slots holding nothing (a write takes one without evicting)."""
+        with self._lock:
+            return len(self._free)
+
+    def num_writing(self) -> int:
+        """Slots reserved and not yet committed or cancelled."""
+        with self._lock:
+            return len(self._writing)
+
+    def resident(self) -> list[BlockHash]:
+        """Every readable block, least recently used first among the unpinned."""
+        with self._lock:
+            return list(self._lru) + [h for h in self._slot_of if h not in self._lru]
 
     def slot_view(self, block_hash: BlockHash) -> torch.Tensor | None:
         """The block's row of the slab (zero copy). Hold a ``pin`` while using it."""
@@ -147,58 +188,88 @@ class HostTier:
             found[i] = True
         return found
 
+    def pin_slot(self, block_hash: BlockHash) -> int | None:
+        """Pin a resident block and return its slot (its bytes stay put until ``unpin``)."""
+        with self._lock:
+            slot = self._slot_of.get(block_hash)
+            if slot is not None:
+                self._ref_locked(block_hash)
+            return slot
+
     # ----------------------------------------------------------------- writes
-    def put(self, hashes: Sequence[BlockHash], data: torch.Tensor) -> list[bool]:
-        # data: [>= n, block_nbytes] uint8
-        assert data.shape[0] >= len(hashes) and data.shape[1] == self.block_nbytes, data.shape
-        accepted = [False] * len(hashes)
-        rows: list[int] = []
-        slots: list[int] = []
+    def reserve(self, hashes: Sequence[BlockHash]) -> SlotReservation:
+        """A private slot for each new block (evicting LRU blocks if need be).
+
+        Reserved slots are neither readable nor evictable until ``commit`` or ``cancel``;
+        resident blocks are touched (most recently used) instead.
+        """
+        res = SlotReservation([], [], [])
         victims: list[tuple[BlockHash, int]] = []
         with self._lock:
             for i, h in enumerate(hashes):
                 if h in self._slot_of:
                     self._touch_locked(h)
-                    accepted[i] = True
+                    res.present.append(i)
                 elif h in self._writing:
-                    accepted[i] = True  # another put (or an earlier row of this one) has it
+                    res.present.append(i)  # another write (or an earlier row of this one) has it
                 else:
                     slot = self._allocate_locked(victims)
                     if slot is None:
                         self.num_refused += 1
                         continue
-                    self._writing.add(h)
-                    rows.append(i)
-                    slots.append(slot)
+                    self._writing[h] = slot
+                    res.indices.append(i)
+                    res.slots.append(slot)
         self._hand_over(victims)
-        if not rows:
-            return accepted
-        try:
-            src = data[: len(rows)] if rows[-1] == len(rows) - 1 else data[torch.tensor(rows)]
-            self._slab.index_copy_(0, torch.tensor(slots, dtype=torch.int64), src)
-        except BaseException:
-            with self._lock:
-                for i, slot in zip(rows, slots):
-                    self._writing.discard(hashes[i])
-                    self._free.append(slot)
-            raise
+        return res
+
+    def commit(self, hashes: Sequence[BlockHash], *, pin: bool = False) -> None:
+        """The reserved blocks' bytes are in their slots: make them readable (pinned if asked)."""
         with self._lock:
-            for i, slot in zip(rows, slots):
-                h = hashes[i]
-                self._writing.discard(h)
+            for h in hashes:
+                slot = self._writing.pop(h)
                 assert h not in self._slot_of, f"block {h.hex()} written twice into the host slab"
                 self._slot_of[h] = slot
-                self._lru[h] = None
-                accepted[i] = True
-        if self._publish is not None:
-            self._publish("stored", self.name, [hashes[i] for i in rows])
+                if pin:
+                    self._ref_cnt[h] = self._ref_cnt.get(h, 0) + 1
+                else:
+                    self._lru[h] = None
+        if self._publish is not None and hashes:
+            self._publish("stored", self.name, list(hashes))
+
+    def cancel(self, hashes: Sequence[BlockHash]) -> None:
+        """Give reserved slots back unwritten."""
+        with self._lock:
+            for h in hashes:
+                heapq.heappush(self._free, self._writing.pop(h))
+
+    def put(self, hashes: Sequence[BlockHash], data: torch.Tensor) -> list[bool]:
+        # data: [>= n, block_nbytes] uint8
+        assert data.shape[0] >= len(hashes) and data.shape[1] == self.block_nbytes, data.shape
+        res = self.reserve(hashes)
+        accepted = [False] * len(hashes)
+        for i in res.present:
+            accepted[i] = True
+        if not res.indices:
+            return accepted
+        rows = res.indices
+        new = [hashes[i] for i in rows]
+        try:
+            src = data[: len(rows)] if rows[-1] == len(rows) - 1 else data[torch.tensor(rows)]
+            self._slab.index_copy_(0, torch.tensor(res.slots, dtype=torch.int64), src)
+        except BaseException:
+            self.cancel(new)
+            raise
+        self.commit(new)
+        for i in rows:
+            accepted[i] = True
         return accepted
 
     def remove(self, block_hash: BlockHash) -> bool:
         with self._lock:
             if block_hash not in self._slot_of or block_hash in self._ref_cnt:
                 return False
-            self._free.append(self._slot_of.pop(block_hash))
+            heapq.heappush(self._free, self._slot_of.pop(block_hash))
             del self._lru[block_hash]
         if self._publish is not None:
             self._publish("removed", self.name, [block_hash])
@@ -214,16 +285,13 @@ class HostTier:
                 victims.append(self._pop_lru_locked())
         self._hand_over(victims)
         with self._lock:
-            self._free.extend(slot for _, slot in victims)
+            for _, slot in victims:
+                heapq.heappush(self._free, slot)
         return len(victims)
 
     # ----------------------------------------------------------------- pins
     def pin(self, block_hash: BlockHash) -> bool:
-        with self._lock:
-            if block_hash not in self._slot_of:
-                return False
-            self._ref_locked(block_hash)
-            return True
+        return self.pin_slot(block_hash) is not None
 
     def unpin(self, block_hash: BlockHash) -> None:
         with self._lock:
@@ -264,7 +332,7 @@ class HostTier:
 
     def _allocate_locked(self, victims: list[tuple[BlockHash, int]]) -> int | None:
         if self._free:
-            return self._free.pop()
+            return heapq.heappop(self._free)
         if not self._lru:
             return None
         victim, slot = self._pop_lru_locked()

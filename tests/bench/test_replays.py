@@ -116,3 +116,38 @@ def test_cli_dispatch(capsys) -> None:
     assert cli.main(["--help"]) == 0
     assert "ttft" in capsys.readouterr().out
     assert cli.main(["trace", "--trace", "/nonexistent/trace.jsonl", "--quick"]) == 2
+
+
+def test_trace_policies_side_by_side(tmp_path) -> None:  # noqa: ANN001
+    argv = ["--quick", "--trace", TRACE, "--max-requests", "40", "--time-scale", "0.25",
+            "--pool-tokens", "1024", "--host-tokens", "1024", "--policies",
+            "write_through,evict", "--out", str(tmp_path), "--no-progress"]
+    assert trace.main(argv) == 0
+    data = _load(str(tmp_path), "trace")
+    assert list(data["policies"]) == ["write_through", "evict"]
+    rows = {r["policy"]: r for r in data["policy_table"]}
+    for name, run in data["policies"].items():
+        assert run["config"]["disk_write_policy"] == name and run["num_errors"] == 0
+        assert rows[name]["hit_rate"] == run["hit_rate"]
+        assert rows[name]["disk_written_bytes"] == run["config"]["store"][
+            "store_disk_written_bytes"]
+    # write-through writes every block the host takes; evict only what the host let go
+    assert rows["write_through"]["disk_written_bytes"] > rows["evict"]["disk_written_bytes"]
+    assert rows["evict"]["host_evictions"] > 0
+    assert trace.main(["--policies", "sometimes", "--out", str(tmp_path)]) == 2
+
+
+def test_offload_quick(tmp_path) -> None:  # noqa: ANN001
+    from bench import offload
+
+    assert offload.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = _load(str(tmp_path), "offload")
+    [row] = data["rows"]
+    assert row["length"] == 1024 and row["offloaded_blocks"] == 64
+    assert row["overhead"] == pytest.approx(row["offload_s"] / row["no_store_s"] - 1)
+    assert len(data["samples"]) == 2 * 2  # 2 repeats x both engines
+    by_prompt: dict[int, set] = {}
+    for s in data["samples"]:  # each prompt cold in both engines, with the same token
+        assert s["num_cached_tokens"] == 0
+        by_prompt.setdefault(s["prompt"], set()).add(tuple(s["output_token_ids"]))
+    assert len(by_prompt) == 2 and all(len(t) == 1 for t in by_prompt.values())

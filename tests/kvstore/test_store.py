@@ -63,7 +63,10 @@ def test_eviction_chain_host_to_disk_to_dropped_and_promotion(make_store) -> Non
 
 
 def test_pinned_blocks_survive_pressure_in_every_tier(make_store) -> None:  # noqa: ANN001
-    store = make_store(host_blocks=4, disk_capacity_bytes=256 << 10)
+    # write-through: the pinned blocks are on disk too, where the pressure must not drop them
+    store = make_store(
+        host_blocks=4, disk_capacity_bytes=256 << 10, disk_write_policy="write_through"
+    )
     hashes = make_hashes(150)
     data = block_bytes(hashes)
     store.put(hashes[:2], data[:2])
@@ -81,7 +84,7 @@ def test_pinned_blocks_survive_pressure_in_every_tier(make_store) -> None:  # no
 
 
 def test_events_and_stats_are_plain(make_store) -> None:  # noqa: ANN001
-    store = make_store(host_blocks=2)
+    store = make_store(host_blocks=2, disk_write_policy="write_through")
     seen = []
     store.subscribe(seen.append)
     hashes = make_hashes(3)

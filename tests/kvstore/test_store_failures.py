@@ -67,7 +67,7 @@ def test_garbage_data_file_is_moved_aside(make_store, tmp_path, caplog) -> None:
     disk_dir.mkdir()
     (disk_dir / "data.mdb").write_bytes(os.urandom(50_000))
     with caplog.at_level(logging.WARNING):
-        store = make_store(host_blocks=4)
+        store = make_store(host_blocks=4, disk_write_policy="write_through")
     assert "not a valid store" in caplog.text
     assert any(p.name.startswith("data.mdb.bad-") for p in disk_dir.iterdir())
     hashes = make_hashes(2)
@@ -97,7 +97,9 @@ def test_unwritable_path_disables_disk_and_keeps_serving(make_store, tmp_path, c
     parent = tmp_path / "file"
     parent.write_bytes(b"x")
     with caplog.at_level(logging.WARNING):
-        store = make_store(host_blocks=4, disk=str(parent / "disk"))
+        store = make_store(
+            host_blocks=4, disk=str(parent / "disk"), disk_write_policy="write_through"
+        )
     assert store.disk is None and "disk tier disabled" in caplog.text
     hashes = make_hashes(3)
     assert store.put(hashes, block_bytes(hashes)) == 3
@@ -115,7 +117,10 @@ def test_tiny_disk_refuses_and_host_keeps_serving(make_store, caplog) -> None:  
     nbytes = layout.block_nbytes
     assert nbytes == 64 << 10
     with caplog.at_level(logging.WARNING):
-        store = make_store(host_blocks=4, layout=layout, disk_capacity_bytes=256 << 10)
+        store = make_store(
+            host_blocks=4, layout=layout, disk_capacity_bytes=256 << 10,
+            disk_write_policy="write_through",
+        )
     assert "raise disk_capacity_bytes" in caplog.text
     hashes = make_hashes(6)
     assert store.put(hashes, block_bytes(hashes, nbytes)) == 6
