@@ -214,12 +214,13 @@ def decode_section(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:  # 
 
 
 def disagg_section(args: argparse.Namespace, ttft: dict[str, Any] | None) -> dict[str, Any]:
-    from bench.service import server_target
-    from bench.ttft_server import run_server
+    from bench.handoff import HANDOFF_TOKENS
+    from bench.service import local_service, server_target
+    from bench.ttft_server import run_handoff_only, run_server
 
     length = args.disagg_length
-    sizes = EngineSizes(pool_tokens=length + 256, host_tokens=2 * length + 256,
-                        disk_tokens=2 * length + 512, max_model_len=length + 2,
+    sizes = EngineSizes(pool_tokens=2 * (length + 256), host_tokens=2 * length + 256,
+                        disk_tokens=2 * length + 512, max_model_len=length + HANDOFF_TOKENS,
                         max_batched_tokens=args.max_batched_tokens)
     local = None
     if ttft is not None and length in ttft["config"]["lengths"]:
@@ -231,11 +232,19 @@ def disagg_section(args: argparse.Namespace, ttft: dict[str, Any] | None) -> dic
     ns = _ns(args, start_service=True)
     with server_target(ns, sizes) as target:
         served = run_server(ns, target, [length], args.repeats)
+    # The same handoff prompts through a colocated service (one worker prefills and decodes).
+    with local_service(ns.model, ns.dtype, sizes, num_prefill=0) as colo:
+        colocated = run_handoff_only(ns, colo, [length], args.repeats, "colocated")
     srv = served["summary"][0]
     ratios = {f"{m}_ratio": srv[f"{m}_s"] / local[f"{m}_s"]
               for m in ("cold", "device", "host", "disk")}
+    handoff = served["handoff"]["summary"][0]
     return {"length": length, "colocated": local, "disaggregated": srv, **ratios,
-            "handoff": served.get("kv_transfer"), "service": served}
+            "kv_transfer": served.get("kv_transfer"), "handoff": handoff,
+            "colocated_handoff": colocated["summary"][0],
+            # the goal: exposed handoff <= 10% of the prefill time (cold TTFT, disaggregated)
+            "exposed_over_prefill": handoff["exposed_s"] / handoff["ttft_s"],
+            "service": served}
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:

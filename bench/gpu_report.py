@@ -72,10 +72,18 @@ def _disagg(sec: dict[str, Any]) -> str:
     out = (f"disaggregated (service: prefill + decode worker) vs colocated (one engine) TTFT at "
            f"{sec['length']} tokens\n"
            + format_table(["run", "colocated ms", "disaggregated ms", "ratio"], rows))
-    h = sec.get("handoff")
-    if h:
-        out += (f"\nhandoff prefill -> decode: {h['blocks']:.0f} blocks, {h['bytes'] / 2**20:.0f} "
-                f"MiB in {h['seconds']:.2f} s of pushing = {h['gbps']:.2f} GB/s")
+    t = sec.get("kv_transfer")
+    if t:
+        out += (f"\nhandoff prefill -> decode: {t['blocks']:.0f} blocks, {t['bytes'] / 2**20:.0f} "
+                f"MiB in {t['seconds']:.2f} s of sending = {t['gbps']:.2f} GB/s")
+    h, c = sec.get("handoff"), sec.get("colocated_handoff")
+    if h and c:
+        rows = [[name, _ms(x["ttft_s"]), _ms(x["gap12_s"]), _ms(x["per_token_s"]),
+                 _ms(x["exposed_s"]), x["exposed_steps"]]
+                for name, x in (("disaggregated", h), ("colocated service", c))]
+        out += ("\n" + format_table(["service", "TTFT ms", "gap 1->2 ms", "per-token ms",
+                                      "exposed ms", "in steps"], rows)
+                + f"\nexposed handoff / prefill (cold TTFT): {sec['exposed_over_prefill']:.3f}")
     return out
 
 

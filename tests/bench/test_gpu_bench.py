@@ -49,12 +49,16 @@ def test_gpu_bench_quick_form(tmp_path, capsys) -> None:  # noqa: ANN001
     for mode in ("cold", "device", "host", "disk"):
         assert dis[f"{mode}_ratio"] == pytest.approx(
             dis["disaggregated"][f"{mode}_s"] / dis["colocated"][f"{mode}_s"])
-    assert dis["handoff"]["blocks"] > 0 and dis["handoff"]["failures"] == 0
+    assert dis["kv_transfer"]["blocks"] > 0 and dis["kv_transfer"]["failures"] == 0
+    for key in ("handoff", "colocated_handoff"):
+        assert dis[key]["length"] == 256 and dis[key]["per_token_s"] > 0
+    assert dis["exposed_over_prefill"] == pytest.approx(
+        dis["handoff"]["exposed_s"] / dis["handoff"]["ttft_s"])
     for s in dis["service"]["samples"]:
         if s["mode"] != "cold":
             assert s["cached_by_tier"] == {s["mode"]: 240}
     out = capsys.readouterr().out
-    assert "TTFT ms" in out and "handoff prefill -> decode" in out
+    assert "TTFT ms" in out and "handoff prefill -> decode" in out and "gap 1->2" in out
 
 
 def test_full_sizes_need_cuda(capsys) -> None:  # noqa: ANN001
