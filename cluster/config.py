@@ -10,7 +10,7 @@ YAML shape (every key optional)::
     store: {host_capacity_bytes: 1G, disk_path: /nvme/strata, disk_capacity_bytes: 64G}
     router: {host: 127.0.0.1, port: 50051, auth_token: null, metrics_port: null}
     backend: {transfer_timeout_s: 30, max_buffered_tokens: 4096}
-    transfer: {frame_bytes: 4M, shm_bytes: 256M, num_channels: 1}
+    transfer: {frame_bytes: 16M, shm_bytes: 256M, num_channels: 1}
 
 ``num_prefill: 0`` runs the service colocated: decode workers compute prompts too (no handoff).
 """

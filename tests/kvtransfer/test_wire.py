@@ -39,8 +39,8 @@ def test_payload_must_hold_whole_blocks() -> None:
 
 
 def test_blocks_per_frame() -> None:
-    assert wire.blocks_per_frame(32 << 10) == 128  # 4 MiB frames of tiny's 32 KiB blocks
-    assert wire.blocks_per_frame(8 << 20) == 1  # a block larger than a frame travels alone
+    assert wire.blocks_per_frame(32 << 10) == 512  # 16 MiB frames of tiny's 32 KiB blocks
+    assert wire.blocks_per_frame(32 << 20) == 1  # a block larger than a frame travels alone
     with pytest.raises(ValueError, match="cannot travel"):
         wire.blocks_per_frame(wire.MAX_MESSAGE_BYTES)
 
