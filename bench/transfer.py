@@ -5,8 +5,8 @@
 For every block size, the same bytes go from this process to a receiver in a child process
 (as between two workers: no shared GIL), side by side in one run, settings interleaved:
 
-- ``raw``: the ceiling — prebuilt ``bytes`` messages of the frame size on a gRPC stream with
-  identity serializers; no Strata code on either side;
+- ``raw``: the ceiling — the same bytes as ``bytes`` messages of the frame size, built before
+  the clock starts, on a gRPC stream with identity serializers; no Strata code on either side;
 - ``protobuf``: the same bytes inside a protobuf message (``google.protobuf.BytesValue``), what a
   protobuf-typed block message costs (the receiver reads the field);
 - ``grpc``: Strata's push (``kvtransfer``): each frame's blocks copied out of a pool-like slab (as
@@ -167,10 +167,15 @@ class _Pusher:
         parts = [range(i * n // self.streams, (i + 1) * n // self.streams)
                  for i in range(self.streams)]
         errors: list[BaseException] = []
+        # The ceiling's messages are built before the clock starts, each from its own bytes.
+        ready = [list(self._messages(parts[k])) if path == "raw" else [] for k in range(len(parts))]
 
         def one(k: int) -> None:
             try:
-                getattr(self, f"_{path}")(k, parts[k])
+                if path == "raw":
+                    self.channels[k].stream_unary(RAW)(iter(ready[k]), timeout=600)
+                else:
+                    getattr(self, f"_{path}")(k, parts[k])
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                 errors.append(e)
 
@@ -185,14 +190,10 @@ class _Pusher:
         return time.perf_counter() - t0
 
     def _messages(self, blocks: range) -> Iterator[bytes]:
+        """The blocks' bytes as messages of the frame size, each its own ``bytes`` object."""
         data = self.slab[blocks.start : blocks.stop].reshape(-1)
-        msg = data[: self.frame_bytes].tobytes()  # built once: the ceiling has no copies
         for start in range(0, data.size, self.frame_bytes):
-            yield msg if start + self.frame_bytes <= data.size else data[start:].tobytes()
-
-    def _raw(self, k: int, blocks: range) -> None:
-        msgs = list(self._messages(blocks))
-        self.channels[k].stream_unary(RAW)(iter(msgs), timeout=600)
+            yield data[start : start + self.frame_bytes].tobytes()
 
     def _protobuf(self, k: int, blocks: range) -> None:
         msgs = [BytesValue(value=m) for m in self._messages(blocks)]

@@ -86,6 +86,8 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self._watches: dict[str, _Watch] = {}
+        # (req_id, listener, first index, block ids) reported after the step's outputs
+        self._deferred_reports: list[tuple[str, BlockListener, int, list[int]]] = []
         logger.info(
             "engine ready: model=%s dtype=%s device=%s pool=%d blocks of %d tokens (%.1f MiB)",
             config.model,
@@ -160,13 +162,17 @@ class LLMEngine:
         """Report ``req_id``'s first ``num_blocks`` full blocks as steps compute them (loaded
         prefix blocks count as computed by the first step): ``listener(first_index, block_ids)``
         runs on this thread right after the step, while the blocks are still the request's, so
-        it can copy them out (``kv.read_pool_blocks_into``). Ends when the request does."""
+        it can copy them out (``kv.read_pool_blocks_into``). Ends when the request does.
+
+        The blocks of the step that finishes the request are reported after its outputs went
+        out (``flush_block_reports``, which the loop calls after delivering a step's outputs),
+        so copying them never delays the request's last token; they are held meanwhile."""
         if req_id not in self._seqs:
             raise ValueError(f"unknown request {req_id!r}")
         if num_blocks > 0:
             self._watches[req_id] = _Watch(listener, num_blocks)
 
-    def _report_blocks(self, seqs: list[Sequence]) -> None:
+    def _report_blocks(self, seqs: list[Sequence], finishing: set[str]) -> None:
         for seq in seqs:
             w = self._watches.get(seq.req_id)
             if w is None:
@@ -174,14 +180,32 @@ class LLMEngine:
             n = min(seq.num_computed_tokens // self.block_size, w.num_blocks)
             if n > w.num_reported:
                 first, w.num_reported = w.num_reported, n
-                try:
-                    w.listener(first, seq.block_ids[first:n])
-                except Exception:  # noqa: BLE001 - a listener failure must not fail the step
-                    logger.exception("block listener of %s failed; unwatching", seq.req_id)
-                    del self._watches[seq.req_id]
-                    continue
+                ids = seq.block_ids[first:n]
+                if seq.req_id in finishing:  # after the outputs: hold the blocks till then
+                    self.kv.pool.touch(ids)
+                    self._deferred_reports.append((seq.req_id, w.listener, first, ids))
+                else:
+                    self._call_listener(seq.req_id, w.listener, first, ids)
             if w.num_reported >= w.num_blocks:
                 self._watches.pop(seq.req_id, None)
+
+    def _call_listener(
+        self, req_id: str, listener: BlockListener, first: int, ids: list[int]
+    ) -> None:
+        try:
+            listener(first, ids)
+        except Exception:  # noqa: BLE001 - a listener failure must not fail the step
+            logger.exception("block listener of %s failed; unwatching", req_id)
+            self._watches.pop(req_id, None)
+
+    def flush_block_reports(self) -> None:
+        """Report the blocks held back from the last step (see ``watch_blocks``)."""
+        reports, self._deferred_reports = self._deferred_reports, []
+        for req_id, listener, first, ids in reports:
+            try:
+                self._call_listener(req_id, listener, first, ids)
+            finally:
+                self.kv.pool.free(ids)
 
     def abort(self, req_id: str) -> bool:
         self._watches.pop(req_id, None)
@@ -203,6 +227,8 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def step(self) -> list[StepOutput]:
+        if self._deferred_reports:  # a caller that did not flush them (engine.generate)
+            self.flush_block_reports()
         self.kv.poll_copies()
         batch = self.scheduler.schedule()
         if not batch:
@@ -223,7 +249,8 @@ class LLMEngine:
             outputs.append(self._output(seq, (tok,), reason))
         self.kv.register_computed([item.seq for item in batch])
         if self._watches:
-            self._report_blocks([item.seq for item in batch])
+            finishing = {out.req_id for out in outputs if out.finished}
+            self._report_blocks([item.seq for item in batch], finishing)
         for out in outputs:
             if out.finished:
                 self._watches.pop(out.req_id, None)
@@ -282,6 +309,7 @@ class LLMEngine:
                         out.ttft_s or 0.0,
                         time.perf_counter() - seq.arrival_time,
                     )
+        self.flush_block_reports()
         return [done[r] for r in req_ids]
 
     # ---- KV blocks as bytes (prefetch, transfer between workers) -------------------------
@@ -319,10 +347,17 @@ class LLMEngine:
         return n, torch.cat(parts)
 
     def write_blocks(self, hashes: list[BlockHash], data: torch.Tensor) -> int:
-        """Accept blocks computed elsewhere: into the pool as cached blocks, and into the store."""
+        """Accept blocks computed elsewhere (a push, a pull) into the pool as cached blocks; the
+        ones the pool has no room for go to the store. The pool hands the others down to the
+        store when it evicts them, so the copy into the host tier is off this (critical) path."""
         n = self.kv.write_pool_blocks(hashes, data)
         if self.store is not None:
-            self.store.put(hashes, data)
+            left = [i for i, h in enumerate(hashes) if not self.kv.pool.contains(h)]
+            if left:
+                rows = (
+                    data if len(left) == len(hashes) else data.index_select(0, torch.tensor(left))
+                )
+                self.store.put([hashes[i] for i in left], rows)
         return n
 
     def held_blocks(self) -> dict[str, list[BlockHash]]:
@@ -375,10 +410,12 @@ class LLMEngine:
         return out
 
     def check_no_leaks(self) -> None:
+        self.flush_block_reports()
         assert not self._seqs, f"requests still live: {list(self._seqs)[:5]}"
         self.kv.check_no_leaks()
 
     def close(self) -> None:
+        self.flush_block_reports()
         for req_id in list(self._seqs):
             self.abort(req_id)
         self.kv.close()

@@ -235,7 +235,9 @@ class KVCacheManager:
         ids = self.pool.allocate(len(todo))
         if ids is None:
             return 0
-        src = data[todo].view(self.layout.dtype).view(len(todo), *self.layout.block_shape)
+        # every block new (the sender skipped the held ones): no copy of the batch
+        picked = data if len(todo) == len(hashes) else data.index_select(0, torch.tensor(todo))
+        src = picked.view(self.layout.dtype).view(len(todo), *self.layout.block_shape)
         idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
         scatter_blocks(self.kv_caches, idx, src.to(self.device), self.layout)
         for i, block_id in zip(todo, ids):

@@ -161,6 +161,7 @@ class EngineLoop:
             except queue.Empty:
                 pass
             if not self.engine.has_unfinished():
+                self.engine.flush_block_reports()
                 self.engine.kv.poll_copies()  # offloads of the last step become readable
             else:
                 try:
@@ -184,6 +185,7 @@ class EngineLoop:
                         del self._streams[out.req_id]
                 if published:
                     self._publish(published, {})
+                self.engine.flush_block_reports()  # the finished requests' last blocks
         self._fail_all(RuntimeError("engine loop stopped"))
 
     def _publish(self, outputs: list[StepOutput], errors: dict[str, BaseException]) -> None:

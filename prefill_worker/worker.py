@@ -96,11 +96,8 @@ class PrefillWorker(WorkerBase):
         token = out.new_token_ids[0]
         stop = out.finish_reason == "stop"
         finished = stop or req.sampling.max_tokens == 1
-        if session is not None:
-            if finished:
-                session.abort()  # nothing will decode it
-            else:
-                session.finish()  # every block was queued by the step that sampled the token
+        if session is not None and finished:
+            session.abort()  # nothing will decode it (the listener closes the stream otherwise)
         return PrefillResult(
             req_id=req.req_id,
             first_token=token,
@@ -138,13 +135,25 @@ class PrefillWorker(WorkerBase):
 
     def _block_listener(self, session: PushSession):  # noqa: ANN202 - engine.BlockListener
         """Runs on the loop thread after each step: copies the request's new full blocks out of
-        the pool (the decode worker's held ones skipped) and queues them on the stream."""
+        the pool (the decode worker's held ones skipped) and queues them on the stream; the
+        last ones (reported after the first token went out) close it."""
         kv = self.engine.kv
         nbytes = self.engine.layout.block_nbytes
         per_frame = self.sender.frame_blocks
         segment = self.sender.segment
 
+        total = len(session.hashes)
+
         def on_blocks(first: int, block_ids: list[int]) -> None:
+            if first + len(block_ids) >= total:  # the last of them: close the stream after
+                try:
+                    send(first, block_ids)
+                finally:
+                    session.finish()
+                return
+            send(first, block_ids)
+
+        def send(first: int, block_ids: list[int]) -> None:
             if session.failed:
                 return
             todo = [(first + k, b) for k, b in enumerate(block_ids) if session.wanted(first + k)]
