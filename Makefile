@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine kvstore proto router prefill_worker decode_worker cluster bench textproc tests
+	$(BIN)/ruff check engine kvstore proto router prefill_worker decode_worker cluster bench textproc kvtransfer tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy engine kvstore

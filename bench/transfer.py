@@ -80,7 +80,7 @@ class NullSink:
     def read_blocks(self, hashes: Sequence[BlockHash]) -> tuple[int, memoryview]:
         return 0, memoryview(b"")
 
-    def transfer_done(self, req_id: str, ok: bool) -> None:
+    def transfer_done(self, req_id: str, ok: bool, first_token: int | None = None) -> None:
         pass
 
 

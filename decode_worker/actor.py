@@ -19,6 +19,9 @@ class DecodeActor(WorkerActorBase):
         """Take a decode request; its tokens come out on the worker's output stream."""
         self.worker.start(req)
 
+    def first_token(self, req_id: str, token: int | None, push_coming: bool = True) -> None:
+        self.worker.first_token(req_id, token, push_coming)
+
 
 def decode_actor_class(**options: Any):  # noqa: ANN201
     return ray.remote(DecodeActor).options(**options)

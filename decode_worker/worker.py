@@ -65,8 +65,13 @@ class DecodeWorker(WorkerBase):
         once; its tokens, or its error, come out on the output stream."""
         self.admissions.arrive(req)
 
-    def on_transfer_done(self, req_id: str, ok: bool) -> None:
-        self.admissions.pushed(req_id, ok)
+    def on_transfer_done(self, req_id: str, ok: bool, first_token: int | None = None) -> None:
+        self.admissions.pushed(req_id, ok, first_token)
+
+    def first_token(self, req_id: str, token: int | None, push_coming: bool = True) -> None:
+        """The router's word on ``req_id``'s first token (None: none was sampled, compute it)
+        and whether its blocks are being pushed at all."""
+        self.admissions.told(req_id, token, push_coming)
 
     def _admit(self, req: DecodeRequest, outcome: str, waited_s: float) -> None:
         with self._stats_lock:

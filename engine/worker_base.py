@@ -59,8 +59,8 @@ class BlockSinkAdapter:
         n, data = self.w.loop.call(lambda eng: eng.read_blocks(list(hashes)))
         return n, data.numpy().data.cast("B")
 
-    def transfer_done(self, req_id: str, ok: bool) -> None:
-        self.w.on_transfer_done(req_id, ok)
+    def transfer_done(self, req_id: str, ok: bool, first_token: int | None = None) -> None:
+        self.w.on_transfer_done(req_id, ok, first_token)
 
 
 class WorkerBase:
@@ -108,8 +108,9 @@ class WorkerBase:
     def _add_services(self, server: grpc.Server) -> None:
         """Register the role's own gRPC services on the worker's server (before it starts)."""
 
-    def on_transfer_done(self, req_id: str, ok: bool) -> None:
-        """A push of ``req_id``'s blocks into this worker ended (``ok``: completely)."""
+    def on_transfer_done(self, req_id: str, ok: bool, first_token: int | None = None) -> None:
+        """A push of ``req_id``'s blocks into this worker ended (``ok``: completely), with the
+        first token if the push carried one."""
 
     def _measure_tiers(self) -> dict[str, float]:
         if self.engine.store is None:

@@ -46,7 +46,9 @@ class BlockSink(Protocol):
         """The leading ``n`` blocks held, as ``n * block_nbytes`` contiguous bytes."""
         ...
 
-    def transfer_done(self, req_id: str, ok: bool) -> None: ...
+    def transfer_done(self, req_id: str, ok: bool, first_token: int | None = None) -> None:
+        """The push of ``req_id`` ended; ``first_token``: what its last frame carried."""
+        ...
 
 
 class _Refused(Exception):
@@ -213,6 +215,8 @@ class KVReceiver:
             )
         if h.last:
             state.closing = True
+            if h.HasField("first_token"):
+                state.first_token = h.first_token
             return None
         if not h.block_indices:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "a data frame carries no blocks")
@@ -322,7 +326,8 @@ class KVReceiver:
             with self._lock:
                 if self._contexts.get(state.req_id) is context:
                     del self._contexts[state.req_id]
-        self.sink.transfer_done(state.req_id, state.ok and state.error is None)
+        ok = state.ok and state.error is None
+        self.sink.transfer_done(state.req_id, ok, state.first_token if ok else None)
 
     # ---- Pull ----------------------------------------------------------------------------
     def pull(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -376,6 +381,7 @@ class _PushState:
         self.outstanding = 0  # sink writes not finished yet
         self.frames_done = 0  # shared-memory frames whose bytes were taken (acknowledged)
         self.pending: list[Future[int]] = []
+        self.first_token: int | None = None  # what the last frame carried
         # Buffers for bytes copied out of shared memory: reused once their write finished, so
         # a stream allocates (and page-faults) at most max_pending_frames + 1 of them.
         self.spare: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()

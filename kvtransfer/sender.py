@@ -108,6 +108,7 @@ class KVSender:
         deadline_s: float,
         use_shm: bool = True,
         on_done: Callable[[PushSession], None] | None = None,
+        with_first_token: bool = False,
     ) -> PushSession:
         """Open ``req_id``'s push stream now; blocks are added to it as they are computed."""
         if deadline_s <= 0:
@@ -126,6 +127,7 @@ class KVSender:
             self._metadata,
             segment=self.segment if use_shm else None,
             on_done=on_done,
+            with_first_token=with_first_token,
         )
 
     def pull(

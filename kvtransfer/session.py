@@ -69,6 +69,7 @@ class PushSession:
         metadata: tuple[tuple[str, str], ...],
         segment: shm.SlotSegment | None = None,
         on_done: Callable[[PushSession], None] | None = None,
+        with_first_token: bool = False,
     ) -> None:
         self.address = address
         self.req_id = req_id
@@ -92,6 +93,10 @@ class PushSession:
         self._num_sent = self._nbytes = self._shm_nbytes = 0
         self._send_seconds = 0.0
         self._closed = False  # finish() or abort() was called
+        # The stream's last frame carries the first token: it waits for set_first_token.
+        self._with_first_token = with_first_token
+        self._first_token: int | None = None
+        self._token_known = threading.Event()
         self._deadline_s = deadline_s
         self._responses = call(self._frames(), timeout=deadline_s, metadata=metadata)
         self._reader = threading.Thread(
@@ -148,8 +153,14 @@ class PushSession:
             self._closed = True
             self._q.put(_LAST)
 
+    def set_first_token(self, token: int) -> None:
+        """The first token the prefill sampled: the stream's last frame carries it."""
+        self._first_token = token
+        self._token_known.set()
+
     def abort(self) -> None:
         """Stop now: the stream is cancelled (the receiver drops the transfer)."""
+        self._token_known.set()
         with self._lock:
             self._closed = True
             self._q.put(_ABORT)
@@ -192,7 +203,13 @@ class PushSession:
             if item is _ABORT:
                 return
             if item is _LAST:
-                yield wire.encode(strata_pb2.FrameHeader(last=True))
+                last = strata_pb2.FrameHeader(last=True)
+                if self._with_first_token:
+                    self._token_known.wait(self._deadline_s)
+                    if self._first_token is None:
+                        return  # aborted meanwhile: end without `last`
+                    last.first_token = self._first_token
+                yield wire.encode(last)
                 return
             assert isinstance(item, _Data)
             frame = self._encode(item)
@@ -283,6 +300,7 @@ class PushSession:
             if isinstance(item, _Data) and item.slot >= 0:
                 self._release(item.slot)
         self._q.put(_ABORT)  # wake gRPC's request thread if it still waits for frames
+        self._token_known.set()
         with self._lock:
             slots = [slot for _, slot in self._slots_sent]
             self._slots_sent.clear()

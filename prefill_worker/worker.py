@@ -96,8 +96,11 @@ class PrefillWorker(WorkerBase):
         token = out.new_token_ids[0]
         stop = out.finish_reason == "stop"
         finished = stop or req.sampling.max_tokens == 1
-        if session is not None and finished:
-            session.abort()  # nothing will decode it (the listener closes the stream otherwise)
+        if session is not None:
+            if finished:
+                session.abort()  # nothing will decode it
+            else:  # the stream's last frame carries it (the listener closes the stream)
+                session.set_first_token(token)
         return PrefillResult(
             req_id=req.req_id,
             first_token=token,
@@ -122,6 +125,7 @@ class PrefillWorker(WorkerBase):
                 hashes,
                 deadline_s=self.transfer.deadline_s,
                 on_done=self._push_done,
+                with_first_token=True,
             )
         except (StrataError, ValueError) as e:
             logger.warning("push of %s not opened: %s", req.req_id, e)

@@ -148,7 +148,7 @@ class QueryBlocksResponse(_message.Message):
     def __init__(self, held: _Optional[_Iterable[bool]] = ..., num_leading_held: _Optional[int] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
-    __slots__ = ("req_id", "fingerprint", "block_hashes", "shm_segment", "host_id", "block_indices", "block_nbytes", "shm_offset", "shm_nbytes", "shm_gen", "last")
+    __slots__ = ("req_id", "fingerprint", "block_hashes", "shm_segment", "host_id", "block_indices", "block_nbytes", "shm_offset", "shm_nbytes", "shm_gen", "last", "first_token")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class FrameHeader(_message.Message):
     SHM_NBYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_GEN_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     fingerprint: bytes
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
@@ -171,7 +172,8 @@ class FrameHeader(_message.Message):
     shm_nbytes: int
     shm_gen: int
     last: bool
-    def __init__(self, req_id: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., shm_segment: _Optional[str] = ..., host_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., block_nbytes: _Optional[int] = ..., shm_offset: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_gen: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    first_token: int
+    def __init__(self, req_id: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., shm_segment: _Optional[str] = ..., host_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., block_nbytes: _Optional[int] = ..., shm_offset: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_gen: _Optional[int] = ..., last: _Optional[bool] = ..., first_token: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("held", "shm_ok", "frames_done", "num_blocks", "nbytes")

@@ -84,7 +84,8 @@ class PrefillResult:
 @dataclass(frozen=True)
 class DecodeRequest:
     """Continue ``token_ids`` on a decode worker; its tokens arrive on the worker's output
-    stream (``WorkerOutputs.Subscribe``), not as the call's reply."""
+    stream (``WorkerOutputs.Subscribe``), not as the call's reply. The router sends it as it
+    places the request, so the decode worker admits it the moment its blocks have landed."""
 
     req_id: str
     token_ids: tuple[int, ...]  # prompt (+ the first token when a prefill worker sampled it)
@@ -92,3 +93,6 @@ class DecodeRequest:
     cache_salt: str = ""
     expect_transfer: bool = True  # a prefill worker pushes this request's blocks
     transfer_timeout_s: float = 30.0  # then whatever did not arrive is computed
+    # The first token is not in ``token_ids`` yet: it comes at the end of the push (or from the
+    # router, ``DecodeActor.first_token``); ``sampling.max_tokens`` counts the tokens after it.
+    awaits_first_token: bool = False

@@ -40,8 +40,8 @@ from router.config import BackendConfig
 from router.errors import NoWorkerError, RequestTimeoutError
 from router.index import BlockEvent, GlobalBlockIndex
 from router.membership import GONE, Membership
-from router.outputs import Tokens, WorkerLostError
-from router.placement import CostModel
+from router.outputs import TokenQueue, Tokens, WorkerLostError
+from router.placement import CostModel, Placement
 from router.types import FINISH_ABORT, GenRequest, TokenDelta, Usage
 
 logger = logging.getLogger(__name__)
@@ -278,35 +278,57 @@ class RayBackend:
     def _generate(self, req: GenRequest, live: _Live, end: float) -> Iterator[TokenDelta]:
         prompt = list(req.prompt_token_ids)
         hashes = hash_prompt_blocks(prompt, self.block_size, self.fingerprint, req.cache_salt)
+        placement = self.cost.choose_prefill(self._alive(PREFILL), self.index, hashes, len(prompt))
+        p_id = placement.worker_id
+        d_id = self.cost.choose_decode(self._alive(DECODE), self.index, hashes)
+        live.prefill, live.decode = p_id, d_id
+        # The decode worker gets the request now, while the prompt is prefilled: it admits it
+        # the moment the pushed blocks and the first token (at the push's end) have landed.
+        early = None
+        if req.max_tokens > 1:
+            try:
+                early = self._start_decode(
+                    req, d_id, prompt, expect_transfer=bool(hashes), awaits_first_token=True
+                )
+            except WorkerLostError:  # its stream is down: sent later, to a worker that is up
+                early = None
+        d = self.members.get(d_id)
+        handed = False  # whether `early` went to the reader, whose clean-up then owns it
         try:
-            res, p_id, d_id = self._prefill(req, prompt, hashes, live, end)
-        except _PrefillLost as lost:
-            # The decode worker holds whatever blocks were pushed before the prefill worker
-            # died: it computes the rest (first token included) and goes on decoding.
-            logger.warning(
-                "prefill worker %s died serving %s; %s computes what is missing",
-                lost.prefill,
-                req.req_id,
-                lost.decode,
+            try:
+                res = self._prefill(req, prompt, hashes, placement, d_id, end)
+            except _PrefillLost:
+                # The decode worker holds whatever blocks were pushed before the prefill worker
+                # died: it computes the rest (first token included) and goes on decoding.
+                logger.warning(
+                    "prefill worker %s died serving %s; %s computes what is missing",
+                    p_id,
+                    req.req_id,
+                    d_id,
+                )
+                if early is not None:
+                    d.handle.first_token.remote(req.req_id, None, False)
+                usage = _Usage(len(prompt), prefill=p_id, decode=d_id)
+                handed = True
+                yield from self._decode_with_retries(req, prompt, [], d_id, live, end, usage, early)
+                return
+            tokens = [res.first_token]
+            usage = _Usage(
+                len(prompt), res.cached_tokens, dict(res.cached_by_tier), res.prefill_ms, p_id, d_id
             )
-            usage = _Usage(len(prompt), prefill=lost.prefill, decode=lost.decode)
-            yield from self._decode_with_retries(
-                req, prompt, [], lost.decode, False, live, end, usage
-            )
-            return
-        tokens = [res.first_token]
-        usage = _Usage(
-            len(prompt), res.cached_tokens, dict(res.cached_by_tier), res.prefill_ms, p_id, d_id
-        )
-        if res.num_pulled_blocks:
-            usage.by_tier["remote"] = res.num_pulled_blocks * self.block_size
-        if res.finished:
-            yield TokenDelta(tuple(tokens), res.finish_reason, usage.done(len(tokens)))
-            return
-        yield TokenDelta(tuple(tokens))
-        yield from self._decode_with_retries(
-            req, prompt, tokens, d_id, res.num_blocks_to_push > 0, live, end, usage
-        )
+            if res.num_pulled_blocks:
+                usage.by_tier["remote"] = res.num_pulled_blocks * self.block_size
+            if res.finished:
+                yield TokenDelta(tuple(tokens), res.finish_reason, usage.done(len(tokens)))
+                return
+            if early is not None:  # the push carries it too; this covers a push that broke
+                d.handle.first_token.remote(req.req_id, res.first_token, res.num_blocks_to_push > 0)
+            yield TokenDelta(tuple(tokens))
+            handed = True
+            yield from self._decode_with_retries(req, prompt, tokens, d_id, live, end, usage, early)
+        finally:
+            if early is not None and not handed:  # it will not decode after all
+                self._stop_decode(req.req_id, d_id, early)
 
     def _generate_colocated(self, req: GenRequest, live: _Live, end: float) -> Iterator[TokenDelta]:
         """No prefill workers: the decode worker holding most of the prefix computes the prompt
@@ -318,7 +340,7 @@ class RayBackend:
         if placement.plan.load_s > 0:  # blocks below its device pool: start moving them up
             self.members.get(d_id).handle.prefetch.remote(hashes)
         usage = _Usage(len(prompt), decode=d_id)
-        yield from self._decode_with_retries(req, prompt, [], d_id, False, live, end, usage)
+        yield from self._decode_with_retries(req, prompt, [], d_id, live, end, usage)
 
     def _decode_with_retries(
         self,
@@ -326,17 +348,23 @@ class RayBackend:
         prompt: list[int],
         tokens: list[int],
         d_id: str,
-        expect_transfer: bool,
         live: _Live,
         end: float,
         usage: _Usage,
+        started: TokenQueue | None = None,
     ) -> Iterator[TokenDelta]:
+        """The decode worker's tokens after ``tokens``; ``started``: the request was sent to
+        ``d_id`` already (this is its queue), else it is sent now. A decode worker lost on the
+        way: the request moves to another one, which recomputes its KV."""
         t0 = time.monotonic()
+        queue = started
         for attempt in range(self.config.max_retries + 1):
             live.decode = usage.decode = d_id
             try:
-                for item in self._decode(req, prompt + tokens, d_id, expect_transfer, live, end):
-                    if item.cached_by_tier is not None and not usage.ttft_ms:  # colocated
+                if queue is None:
+                    queue = self._start_decode(req, d_id, prompt + tokens, False, False)
+                for item in self._read_decode(req, d_id, queue, end):
+                    if item.cached_by_tier is not None and not usage.ttft_ms:  # its first token
                         usage.by_tier = {k: v for k, v in item.cached_by_tier.items() if v}
                         usage.cached_tokens = sum(usage.by_tier.values())
                         usage.ttft_ms = (time.monotonic() - t0) * 1e3
@@ -350,6 +378,7 @@ class RayBackend:
                         yield TokenDelta(item.token_ids)
                 raise NoWorkerError(f"decode worker {d_id} ended {req.req_id} without finishing")
             except WorkerLostError as e:
+                queue = None
                 self.members.on_stream_broken(d_id, e)
                 if live.cancelled:
                     yield TokenDelta((), FINISH_ABORT, usage.done(len(tokens)))
@@ -358,17 +387,18 @@ class RayBackend:
                     raise NoWorkerError(f"decode worker {d_id} lost serving {req.req_id}") from e
                 others = [w for w in self._alive(DECODE) if w != d_id] or self._alive(DECODE)
                 d_id = self.cost.choose_decode(others, self.index, [])
-                expect_transfer = False  # the new worker recomputes what it lacks
                 logger.warning("retrying %s on %s after %d tokens", req.req_id, d_id, len(tokens))
 
     def _prefill(
-        self, req: GenRequest, prompt: list[int], hashes: list, live: _Live, end: float
-    ) -> tuple[PrefillResult, str, str]:
-        candidates = self._alive(PREFILL)
-        placement = self.cost.choose_prefill(candidates, self.index, hashes, len(prompt))
+        self,
+        req: GenRequest,
+        prompt: list[int],
+        hashes: list,
+        placement: Placement,
+        d_id: str,
+        end: float,
+    ) -> PrefillResult:
         p_id = placement.worker_id
-        d_id = self.cost.choose_decode(self._alive(DECODE), self.index, hashes)
-        live.prefill, live.decode = p_id, d_id
         p, d = self.members.get(p_id), self.members.get(d_id)
         pull_addr = (
             self.members.get(placement.pull_from).info.kv_address if placement.pull_from else None
@@ -395,7 +425,7 @@ class RayBackend:
                 profile = self.cost.profiles.get(p_id)
                 if profile is not None:
                     profile.observe_service(time.monotonic() - t0)
-            return res, p_id, d_id
+            return res
         except GetTimeoutError:
             p.handle.abort.remote(req.req_id)
             raise RequestTimeoutError(f"prefill of {req.req_id} on {p_id} timed out") from None
@@ -407,34 +437,55 @@ class RayBackend:
         finally:
             self.members.add_in_flight(p_id, -1)
 
-    def _decode(
+    def _start_decode(
         self,
         req: GenRequest,
-        token_ids: list[int],
         d_id: str,
+        token_ids: list[int],
         expect_transfer: bool,
-        live: _Live,
-        end: float,
-    ) -> Iterator[Tokens]:
+        awaits_first_token: bool,
+    ) -> TokenQueue:
+        """Send the request to decode worker ``d_id`` (a Ray call that returns at once); its
+        tokens will come to the returned queue. ``WorkerLostError`` if the worker is gone."""
         d = self.members.get(d_id)
         outputs = d.outputs
         if outputs is None or not d.alive:
             raise WorkerLostError(f"decode worker {d_id} is gone")
         generated = len(token_ids) - len(req.prompt_token_ids)
+        remaining = req.max_tokens - generated - (1 if awaits_first_token else 0)
         queue = outputs.register(req.req_id)
         self.members.add_in_flight(d_id, +1)
+        d.handle.start.remote(
+            DecodeRequest(
+                req_id=req.req_id,
+                token_ids=tuple(token_ids),
+                sampling=self._sampling(req, remaining),
+                cache_salt=req.cache_salt,
+                expect_transfer=expect_transfer,
+                transfer_timeout_s=self.config.transfer_timeout_s,
+                awaits_first_token=awaits_first_token,
+            )
+        )
+        return queue
+
+    def _stop_decode(self, req_id: str, d_id: str, queue: TokenQueue) -> None:
+        """The request will not decode after all: drop it on its decode worker."""
+        d = self.members.get(d_id)
+        if d.outputs is not None:
+            d.outputs.unregister(req_id)
+        self.members.add_in_flight(d_id, -1)
+        if d.alive:
+            d.handle.abort.remote(req_id)
+
+    def _read_decode(
+        self, req: GenRequest, d_id: str, queue: TokenQueue, end: float
+    ) -> Iterator[Tokens]:
+        """The request's tokens from its decode worker until it finishes; if it does not (a
+        cancel, a deadline, a failure), the worker is told to drop it."""
+        d = self.members.get(d_id)
+        outputs = d.outputs
         done = False
         try:
-            d.handle.start.remote(
-                DecodeRequest(
-                    req_id=req.req_id,
-                    token_ids=tuple(token_ids),
-                    sampling=self._sampling(req, req.max_tokens - generated),
-                    cache_salt=req.cache_salt,
-                    expect_transfer=expect_transfer,
-                    transfer_timeout_s=self.config.transfer_timeout_s,
-                )
-            )
             while True:
                 item = queue.get(timeout=self._remaining(end, req.req_id))
                 done = item.finish_reason is not None
@@ -442,7 +493,8 @@ class RayBackend:
                 if done:
                     return
         finally:
-            outputs.unregister(req.req_id)
+            if outputs is not None:
+                outputs.unregister(req.req_id)
             self.members.add_in_flight(d_id, -1)
             if not done and d.alive:  # cancelled, timed out or failed: free its blocks there
                 d.handle.abort.remote(req.req_id)

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
+from kvstore.keys import BlockHash
 from proto.worker_api import DECODE, WorkerInfo
 from router.config import BackendConfig
 from router.errors import NoWorkerError
@@ -125,7 +126,9 @@ class Membership:
         blocks: dict[str, list[bytes]] = ray.get(
             w.handle.snapshot_blocks.remote(), timeout=self.config.call_timeout_s
         )
-        self.index.replace_worker(w.worker_id, blocks)
+        self.index.replace_worker(
+            w.worker_id, {tier: [BlockHash(h) for h in hs] for tier, hs in blocks.items()}
+        )
 
     # ---- queries ---------------------------------------------------------------------------
     def alive(self, role: str) -> list[str]:

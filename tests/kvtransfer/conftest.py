@@ -27,6 +27,7 @@ class DictSink:
         self.blocks: dict[bytes, bytes] = {}
         self.writes: list[int] = []  # blocks per write
         self.done: dict[str, bool] = {}
+        self.first_tokens: dict[str, int | None] = {}
         self.done_event = threading.Event()
         self.gate = threading.Event()  # cleared: writes wait (a busy engine)
         self.gate.set()
@@ -61,10 +62,11 @@ class DictSink:
                 out.append(self.blocks[h])
         return len(out), memoryview(b"".join(out))
 
-    def transfer_done(self, req_id: str, ok: bool) -> None:
+    def transfer_done(self, req_id: str, ok: bool, first_token: int | None = None) -> None:
         with self.lock:
             assert req_id not in self.done, f"transfer_done called twice for {req_id}"
             self.done[req_id] = ok
+            self.first_tokens[req_id] = first_token
         self.done_event.set()
 
     def wait_done(self, req_id: str, timeout: float = 10.0) -> bool:

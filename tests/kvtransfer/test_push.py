@@ -68,6 +68,21 @@ def test_push_delivers_every_block_and_skips_held_ones(receiver, make_sender, us
         assert sender.segment is not None and sender.segment.num_free == sender.segment.num_slots
 
 
+def test_the_last_frame_carries_the_first_token(receiver, make_sender) -> None:
+    sink, _, addr = receiver
+    sender = make_sender()
+    session = sender.open_push(
+        addr, "tok", FP, hashes(2, tag=11), deadline_s=30, use_shm=False, with_first_token=True
+    )
+    session.add_inline([0, 1], memoryview(payload(2, seed=11)))
+    session.finish()  # the blocks are all there; the stream waits for the token
+    time.sleep(0.2)
+    assert not session.done and "tok" not in sink.done
+    session.set_first_token(1234)
+    session.wait(10)
+    assert sink.wait_done("tok") and sink.first_tokens["tok"] == 1234
+
+
 def test_frames_before_the_answer_are_filtered_when_sent(receiver, make_sender) -> None:
     sink, _, addr = receiver
     sender = make_sender()
@@ -186,7 +201,7 @@ def test_malformed_frames_get_invalid_argument(receiver, frame, reason) -> None:
     sink, _, addr = receiver
     opening = wire.encode(pb.FrameHeader(req_id="bad", fingerprint=FP, block_hashes=hashes(2)))
     with pytest.raises(grpc.RpcError) as err:
-        _raw_push(addr, [opening, wire.encode(frame, payload(1)[: BLOCK])])
+        _raw_push(addr, [opening, wire.encode(frame, payload(1)[:BLOCK])])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason in (err.value.details() or "")
     assert sink.wait_done("bad") is False

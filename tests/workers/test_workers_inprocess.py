@@ -56,8 +56,15 @@ def _decode(out: OutputStream, d: DecodeWorker, req: DecodeRequest) -> tuple[lis
             return tokens, cached or {}
 
 
-def _handoff(p: PrefillWorker, d: DecodeWorker, out: OutputStream, req_id: str,
-             prompt: list[int], sampling: SamplingParams, salt: str = ""):  # noqa: ANN202
+def _handoff(
+    p: PrefillWorker,
+    d: DecodeWorker,
+    out: OutputStream,
+    req_id: str,
+    prompt: list[int],
+    sampling: SamplingParams,
+    salt: str = "",
+):  # noqa: ANN202
     res = p.prefill(
         PrefillRequest(req_id, tuple(prompt), sampling, salt, decode_kv_address=d.kv_address)
     )
@@ -84,8 +91,10 @@ def test_streamed_handoff_matches_single_engine(workers, path) -> None:  # noqa:
     assert after["push_blocks"] - before["push_blocks"] == 600 // 16
     assert after["push_frames"] - before["push_frames"] >= 5  # a frame per chunk, at least
     shm_bytes = after["push_shm_bytes"] - before["push_shm_bytes"]
-    assert (shm_bytes == 600 // 16 * d.engine.layout.block_nbytes) if path == "shm" else (
-        shm_bytes == 0
+    assert (
+        (shm_bytes == 600 // 16 * d.engine.layout.block_nbytes)
+        if path == "shm"
+        else (shm_bytes == 0)
     )
 
 
@@ -153,8 +162,9 @@ def test_prefill_pulls_a_prefix_from_another_worker(workers) -> None:  # noqa: A
     sampling = SamplingParams(max_tokens=5, ignore_eos=True)
     _, first, _ = _handoff(p, d, out, "r4", prompt, sampling)  # d now holds every full block
     other_tenant = p.prefill(
-        PrefillRequest("r5", tuple(prompt), sampling, "other", pull_from=d.kv_address,
-                       num_pull_blocks=16)
+        PrefillRequest(
+            "r5", tuple(prompt), sampling, "other", pull_from=d.kv_address, num_pull_blocks=16
+        )
     )
     assert other_tenant.num_pulled_blocks == 0  # another tenant's salt never matches
     d.evict_cached("host")
@@ -169,3 +179,26 @@ def test_prefill_pulls_a_prefix_from_another_worker(workers) -> None:  # noqa: A
         out, d, DecodeRequest("r6", (*prompt, res.first_token), continuation(sampling), "", False)
     )
     assert [res.first_token, *rest] == first
+
+
+@pytest.mark.parametrize("path", ["shm", "grpc"])
+def test_decode_request_sent_first_takes_the_first_token_from_the_push(workers, path) -> None:  # noqa: ANN001
+    """As the router does it: the decode request arrives before the prefill starts; the push's
+    last frame carries the first token, so it is admitted without a word from the router."""
+    prefills, d, out = workers
+    p = prefills[path]
+    prompt = [(i * 17 + len(path)) % 250 for i in range(500)]
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = p.loop.call(lambda eng: eng.generate([prompt], sampling, cache_salt="ref"))[0]
+    rid = f"early-{path}"
+    q = out.register(rid)
+    d.start(DecodeRequest(rid, tuple(prompt), continuation(sampling), "", True, 30.0, True))
+    res = p.prefill(PrefillRequest(rid, tuple(prompt), sampling, decode_kv_address=d.kv_address))
+    tokens = [res.first_token]
+    while True:
+        item = q.get(timeout=60)
+        tokens.extend(item.token_ids)
+        if item.finish_reason:
+            break
+    assert tokens == expected.output_token_ids
+    assert d.stats()["transfers_ok"] >= 1
