@@ -125,8 +125,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (Triton on CUDA) | torch | triton
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA + Triton kernels only)
     seed: int = 0  # weights of built-in models
-    # torch intra-op threads of a worker process; None: one per core. Ray starts actors with
-    # OMP_NUM_THREADS=1, which would leave a CPU worker's prefill on a single core.
+    # torch intra-op threads of a worker process; None: one per core in-process, and in the
+    # service the node's cores shared among its workers (cluster.workers.engine_threads). Ray
+    # starts actors with OMP_NUM_THREADS=1, which would leave a CPU worker on a single core.
     cpu_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
