@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ServiceConfig
 from cluster.workers import actor_options, create_worker
@@ -79,9 +80,12 @@ def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False)
     prefill = [create_worker(cfg, PREFILL, i, bind_all, detach) for i in range(cfg.num_prefill)]
     decode = [create_worker(cfg, DECODE, i, bind_all, detach) for i in range(cfg.num_decode)]
     workers = [(PREFILL, h) for h in prefill] + [(DECODE, h) for h in decode]
+    # The router runs on this node (the head, where `strata up` runs): its gRPC address is the
+    # one users are given, and a worker node that leaves must not take the router with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     router = (
         ray.remote(RouterActor)
-        .options(**actor_options(ROUTER_NAME, detach))
+        .options(**actor_options(ROUTER_NAME, detach), scheduling_strategy=here)
         .remote(workers, cfg, detach=detach)
     )
     try:

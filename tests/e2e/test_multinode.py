@@ -88,7 +88,11 @@ def _expected(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
 
 
 def test_roles_land_on_their_nodes_and_advertise_node_addresses(cluster, router) -> None:  # noqa: ANN001
-    _, nodes, _ = cluster
+    c, nodes, _ = cluster
+    router_node = ray.get(
+        router.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()), timeout=60
+    )
+    assert router_node == c.head_node.node_id  # where `strata up` ran, not a worker node
     node_of_role = {role: {n.node_id for n in ns} for role, ns in nodes.items()}
     workers = _workers(router)
     assert sorted(workers) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
