@@ -36,11 +36,17 @@ def add_service_flags(p: argparse.ArgumentParser) -> None:
 def model_shape(model: str, dtype: str) -> tuple[int, int]:
     """(vocabulary size, KV bytes per token) of a built-in shape or a checkpoint directory."""
     from engine.loader import BUILTIN_MODELS, read_config, resolve_device, resolve_dtype
+    from textproc.gguf_models import find_gguf
 
     dev = resolve_device("auto")
     if model in BUILTIN_MODELS:
         mc = BUILTIN_MODELS[model]
         dt = resolve_dtype(dtype, mc.torch_dtype, dev, builtin=True)
+    elif (gguf := find_gguf(model)) is not None:  # dequantized like the built-in shapes
+        from engine.gguf_loader import convert_gguf
+
+        mc = read_config(convert_gguf(gguf))
+        dt = resolve_dtype(dtype, "gguf", dev, builtin=True)
     else:
         mc = read_config(model)
         dt = resolve_dtype(dtype, mc.torch_dtype, dev, builtin=False)
