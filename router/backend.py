@@ -328,7 +328,7 @@ class RayBackend:
             yield from self._decode_with_retries(req, prompt, tokens, d_id, live, end, usage, early)
         finally:
             if early is not None and not handed:  # it will not decode after all
-                self._stop_decode(req.req_id, d_id, early)
+                self._end_decode(req.req_id, d_id, abort=True)
 
     def _generate_colocated(self, req: GenRequest, live: _Live, end: float) -> Iterator[TokenDelta]:
         """No prefill workers: the decode worker holding most of the prefix computes the prompt
@@ -468,13 +468,14 @@ class RayBackend:
         )
         return queue
 
-    def _stop_decode(self, req_id: str, d_id: str, queue: TokenQueue) -> None:
-        """The request will not decode after all: drop it on its decode worker."""
+    def _end_decode(self, req_id: str, d_id: str, abort: bool) -> None:
+        """The request is done with decode worker ``d_id``; ``abort``: it did not finish there
+        (cancelled, timed out, failed, or never read): the worker drops it and frees its blocks."""
         d = self.members.get(d_id)
         if d.outputs is not None:
             d.outputs.unregister(req_id)
         self.members.add_in_flight(d_id, -1)
-        if d.alive:
+        if abort and d.alive:
             d.handle.abort.remote(req_id)
 
     def _read_decode(
@@ -482,8 +483,6 @@ class RayBackend:
     ) -> Iterator[Tokens]:
         """The request's tokens from its decode worker until it finishes; if it does not (a
         cancel, a deadline, a failure), the worker is told to drop it."""
-        d = self.members.get(d_id)
-        outputs = d.outputs
         done = False
         try:
             while True:
@@ -493,11 +492,7 @@ class RayBackend:
                 if done:
                     return
         finally:
-            if outputs is not None:
-                outputs.unregister(req.req_id)
-            self.members.add_in_flight(d_id, -1)
-            if not done and d.alive:  # cancelled, timed out or failed: free its blocks there
-                d.handle.abort.remote(req.req_id)
+            self._end_decode(req.req_id, d_id, abort=not done)
 
     def close(self) -> None:
         stop = getattr(self, "_stop", None)

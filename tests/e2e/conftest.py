@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -13,6 +17,7 @@ from kvstore.config import StoreConfig
 from kvtransfer.config import TransferConfig
 from router.config import BackendConfig, RouterConfig
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKEN = "e2e-token"
 SECRET = "e2e-secret"
 
@@ -84,6 +89,33 @@ def assert_no_leaks(svc: Service) -> None:
 
     result = ray.get(svc.router.check_no_leaks.remote(), timeout=60)
     assert result and all(result.values()), result
+
+
+def wait_no_leaks(svc: Service, within_s: float = 30.0) -> None:
+    """``assert_no_leaks`` once it holds, within ``within_s`` (aborts and frees reach the
+    workers asynchronously)."""
+    import ray
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            assert_no_leaks(svc)
+            return
+        except (AssertionError, ray.exceptions.RayTaskError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def strata_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``strata ARGS`` in a subprocess, from the project root."""
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,9 @@ import time
 import pytest
 
 from cluster.config import ServiceConfig
+from tests.e2e.conftest import ROOT, strata_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.timeout(600)
-
-
-def _strata(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
@@ -65,7 +55,7 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
         ids = ",".join(str(i % 200) for i in range(100))
         outs = []
         for _ in range(2):
-            res = _strata(
+            res = strata_cli(
                 "generate",
                 "--server",
                 address,
@@ -82,7 +72,7 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
         assert outs[0]["output_token_ids"] == outs[1]["output_token_ids"]
         assert len(outs[0]["output_token_ids"]) == 5
         assert outs[1]["cached_tokens_by_tier"] == {"device": 96}
-        bad = _strata(
+        bad = strata_cli(
             "generate",
             "--server",
             address,
@@ -94,7 +84,7 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
             "0",
         )
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
-        stats = _strata("stats", "--server", address, "--token", "t0k")
+        stats = strata_cli("stats", "--server", address, "--token", "t0k")
         assert stats.returncode == 0, stats.stderr
         assert "prefill-0" in stats.stdout and "decode-0" in stats.stdout
     finally:

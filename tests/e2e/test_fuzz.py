@@ -4,8 +4,6 @@ every block free afterwards. The workers' KV API gets random frames too."""
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 import ray
@@ -15,7 +13,7 @@ from hypothesis import strategies as st
 from kvtransfer import wire
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc
-from tests.e2e.conftest import SECRET, TOKEN, assert_no_leaks, start
+from tests.e2e.conftest import SECRET, TOKEN, start, wait_no_leaks
 
 pytestmark = pytest.mark.timeout(900)
 CLEAR = {
@@ -125,12 +123,4 @@ def test_the_service_still_serves_and_nothing_leaked(service, stub) -> None:  # 
         )
     )
     assert sum(len(r.token_ids) for r in res) == 3 and res[-1].finish_reason == "length"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            assert_no_leaks(service)
-            break
-        except (AssertionError, ray.exceptions.RayTaskError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_no_leaks(service)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,20 +18,9 @@ from ray.cluster_utils import Cluster
 from engine.sampling import SamplingParams
 from router.client import StrataClient
 from router.errors import RemoteError
-from tests.e2e.conftest import TOKEN, prompt
+from tests.e2e.conftest import TOKEN, prompt, strata_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.timeout(1200)
-
-
-def _strata(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +42,14 @@ def cluster(tmp_path_factory):  # noqa: ANN001, ANN201
         "backend: {transfer_timeout_s: 10}\n"
         "transfer: {shm_bytes: 0}\n"  # one machine, but the bytes take the cross-node path
     )
-    up = _strata("up", "--address", c.address, "--config", str(cfg), "--detach")
+    up = strata_cli("up", "--address", c.address, "--config", str(cfg), "--detach", timeout=600)
     assert up.returncode == 0, up.stderr
     address = next(
         line.split()[4] for line in up.stdout.splitlines() if "serving gRPC on" in line
     )
     ray.init(address=c.address, namespace="strata")
     yield c, nodes, address
-    down = _strata("down", "--address", c.address)
+    down = strata_cli("down", "--address", c.address, timeout=600)
     assert down.returncode == 0, down.stderr
     ray.shutdown()
     c.shutdown()
@@ -151,7 +138,7 @@ def test_killed_worker_comes_back_and_serves_its_disk_tier(cluster, router, clie
 
 def test_scale_down_and_up(cluster, router, client, reference_engine) -> None:  # noqa: ANN001
     c, _, _ = cluster
-    down = _strata("scale", "--address", c.address, "--decode", "1")
+    down = strata_cli("scale", "--address", c.address, "--decode", "1", timeout=600)
     assert down.returncode == 0, down.stderr
     assert "removed ['decode-1']" in down.stdout
     live = [w for w in _workers(router).values() if w["state"] != "gone"]
@@ -159,7 +146,7 @@ def test_scale_down_and_up(cluster, router, client, reference_engine) -> None:  
     ids = prompt(100, 90)
     res = client.generate(prompt_token_ids=ids, max_tokens=5, temperature=0.0, ignore_eos=True)
     assert res.usage.decode_worker == "decode-0"
-    up = _strata("scale", "--address", c.address, "--decode", "2")
+    up = strata_cli("scale", "--address", c.address, "--decode", "2", timeout=600)
     assert up.returncode == 0, up.stderr
     assert "added ['decode-1']" in up.stdout and "2 prefill + 2 decode" in up.stdout
     assert list(res.token_ids) == _expected(reference_engine, ids, 5)

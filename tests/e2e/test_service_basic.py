@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import grpc
 import pytest
@@ -21,10 +20,10 @@ from router.config import BackendConfig
 from router.errors import RemoteError
 from tests.e2e.conftest import (
     TOKEN,
-    assert_no_leaks,
     prompt,
     shm_segments_of,
     start,
+    wait_no_leaks,
     worker_pids,
 )
 
@@ -164,15 +163,7 @@ def test_32_streams_with_random_cancellations(service, client, reference_engine)
             res = results[i]
             assert not isinstance(res, Exception), res
             assert list(res.token_ids) == _expected(reference_engine, prompts[i], 12)  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 30
-    while True:  # aborts reach the workers asynchronously
-        try:
-            assert_no_leaks(service)
-            break
-        except (AssertionError, ray.exceptions.RayTaskError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_no_leaks(service)  # aborts reach the workers asynchronously
 
 
 def test_stats_and_health(client):  # noqa: ANN001
@@ -261,15 +252,8 @@ def test_client_that_stops_reading_is_cut_off(service, client, reference_engine)
         res = client.generate(prompt_token_ids=ids, max_tokens=8, temperature=0.0,
                               ignore_eos=True)
         assert list(res.token_ids) == exp.output_token_ids
-    deadline = time.monotonic() + 240
-    while True:  # once it fell MAX_BUFFERED tokens behind, its sequence was aborted
-        try:
-            assert_no_leaks(service)
-            break
-        except (AssertionError, ray.exceptions.RayTaskError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    # once it fell MAX_BUFFERED tokens behind, its sequence was aborted
+    wait_no_leaks(service, within_s=240)
     with pytest.raises(_grpc.RpcError) as err:  # reading on: what was sent, then the status
         for _ in stalled:
             pass

@@ -15,7 +15,7 @@ from engine.sampling import SamplingParams
 from kvtransfer.config import TransferConfig
 from router.client import StrataClient
 from router.errors import RemoteError
-from tests.e2e.conftest import TOKEN, assert_no_leaks, prompt, start
+from tests.e2e.conftest import TOKEN, assert_no_leaks, prompt, start, wait_no_leaks
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -213,12 +213,4 @@ def test_killed_prefill_worker_mid_transfer(service, client, reference_engine): 
     ok, _ = client.health()
     assert not ok
     # The surviving decode worker holds no blocks once its requests ended.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            assert_no_leaks(service)
-            break
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_no_leaks(service)
