@@ -12,6 +12,7 @@ import torch
 from bench import gpu, results
 
 
+@pytest.mark.slow
 def test_gpu_bench_quick_form(tmp_path, capsys) -> None:  # noqa: ANN001
     assert gpu.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     [path] = glob.glob(os.path.join(tmp_path, "gpu-*.json"))

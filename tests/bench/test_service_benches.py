@@ -10,6 +10,8 @@ import pytest
 
 from bench import decode, longdoc, results, trace, ttft
 
+pytestmark = pytest.mark.slow  # each test starts a service (Ray workers, gRPC) and runs a benchmark
+
 
 def _load(out_dir: str, name: str) -> dict:
     [path] = glob.glob(os.path.join(out_dir, f"{name}-*.json"))
