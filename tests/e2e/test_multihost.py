@@ -195,6 +195,33 @@ def test_placement_follows_the_prefix_across_hosts(testbed: MultiHost,  # noqa: 
     assert all(testbed.wait_no_leaks().values())
 
 
+def test_bench_ttft_and_soak_against_it(testbed: MultiHost) -> None:
+    """``strata bench ttft --server`` and ``strata bench soak --server`` from the client host."""
+    import glob
+    import json
+
+    tb = testbed.tb
+    out = "/tmp/bench"  # in the client host's /tmp
+    ttft = tb.strata(CLIENT, "bench", "ttft", "--server", testbed.grpc, "--token", TOKEN,
+                     "--lengths", "256", "--repeats", "1", "--no-progress", "--out", out)
+    assert ttft.returncode == 0, ttft.stderr[-3000:]
+    soak = tb.strata(CLIENT, "bench", "soak", "--server", testbed.grpc, "--token", TOKEN,
+                     "--seconds", "12", "--clients", "2", "--prefix-tokens", "128",
+                     "--no-kill", "--no-progress", "--out", out)
+    assert soak.returncode == 0, soak.stderr[-3000:]
+    results = {os.path.basename(f).split("-")[0]: json.load(open(f))  # noqa: SIM115
+               for f in glob.glob(os.path.join(tb.hosts[CLIENT].tmp, "bench", "*.json"))}
+    assert {s["mode"] for s in results["ttft"]["samples"]} == {"cold", "warm"}
+    warm = [s for s in results["ttft"]["samples"] if s["mode"] == "warm"]
+    cold = [s for s in results["ttft"]["samples"] if s["mode"] == "cold"]
+    assert all(w["num_cached_tokens"] >= 240 for w in warm)
+    assert [w["output_token_ids"] for w in warm] == [c["output_token_ids"] for c in cold]
+    r = results["soak"]
+    assert r["num_requests"] > 0 and r["by_status"].get("OK", 0) > 0, r["by_status"]
+    assert r["wrong_outputs"] == 0 and r["hung_requests"] == 0, soak.stdout
+    assert not r["leaks"]["leaking"] and r["leaks"]["workers_checked"] == 4, r["leaks"]
+
+
 def test_nothing_is_left_when_the_builder_is_killed(tmp_path) -> None:  # noqa: ANN001
     """A process that made two hosts and a bridge is killed (SIGKILL, no clean-up of its own):
     its hosts' processes, namespaces and links all go with it."""
