@@ -3,6 +3,7 @@ tier is full, then an account of every request.
 
     strata bench soak --seconds 180            # starts 2 prefill + 2 decode workers (loopback)
     strata bench soak --seconds 60 --server 127.0.0.1:50051 --token T   # a running service
+    strata bench soak --hosts 4 --seconds 180   # on 4 test hosts, link faults too (root)
 
 ``--clients`` threads send greedy requests whose prompts share one of a few long prefixes (so
 prefix reuse, pushes and placement all work) with a random suffix; some are cancelled after a

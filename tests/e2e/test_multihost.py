@@ -8,8 +8,9 @@ host-a offers one ``prefill`` and one ``decode`` unit (two workers that really s
 host-b one ``prefill``, host-c one ``decode``. What holds: the hosts are separate; roles land on
 their hosts and every worker advertises its host's address; greedy outputs equal the in-process
 engine; the KV crosses hosts over gRPC (at a measured rate) and takes the shared-memory path only
-between the two workers of host-a; placement follows the prefix across hosts; nothing of the
-cluster is left after it is torn down, even when the process that built it is killed.
+between the two workers of host-a; placement follows the prefix across hosts; ``strata bench
+ttft --server`` and ``strata bench soak --server`` run against it from the client host; nothing
+of the cluster is left after it is torn down, even when the process that built it is killed.
 The network faults are in ``test_multihost_faults.py``."""
 
 from __future__ import annotations
