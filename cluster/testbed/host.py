@@ -69,6 +69,20 @@ def _child_of(pid: int, timeout: float) -> int:
     raise TestbedError(f"unshare (pid {pid}) started no process within {timeout} s")
 
 
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Until process ``pid`` has ended (a zombie has: it only waits to be reaped)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise TestbedError(f"process {pid} still runs {timeout} s after its parent was killed")
+
+
 def _unshare(flags: Sequence[str], cmd: Sequence[str], stdout: int | None) -> subprocess.Popen:
     return subprocess.Popen(
         ["unshare", *flags, "--fork", "--kill-child", *cmd],
@@ -96,6 +110,7 @@ class Host:
         self.root = root
         self.tmp = os.path.join(root, "tmp")  # the host's /tmp, seen from outside
         os.makedirs(root, exist_ok=True)
+        self.pid = 0  # PID 1 of the host, seen from outside (once it runs)
         self._unshare = _unshare(
             ["--net", "--mount", "--uts", "--ipc", "--pid", "--mount-proc",
              "--propagation", "private"],
@@ -109,7 +124,7 @@ class Host:
         if line != "ready":
             self.close()
             raise TestbedError(f"host {name} did not start (its init said {line!r})")
-        self.pid = _child_of(self._unshare.pid, 10.0)  # PID 1 of the host, seen from outside
+        self.pid = _child_of(self._unshare.pid, 10.0)
 
     def write_tmp(self, name: str, text: str) -> str:
         """A file in the host's ``/tmp``; its path inside the host."""
@@ -153,6 +168,8 @@ class Host:
         self._unshare.wait(timeout=30)
         if self._unshare.stdout is not None:
             self._unshare.stdout.close()
+        if self.pid:
+            _wait_gone(self.pid, 30.0)  # PID 1 goes by its parent-death signal, just after
 
 
 class Lan:
@@ -201,3 +218,4 @@ class Lan:
         if self._unshare.poll() is None:
             self._unshare.kill()
         self._unshare.wait(timeout=30)
+        _wait_gone(self.pid, 30.0)
