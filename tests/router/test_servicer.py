@@ -112,9 +112,11 @@ def test_stats_and_health(make_server, backend) -> None:
     ],
 )
 def test_error_status_codes(make_server, kwargs, code) -> None:
+    from tests.router.conftest import wire_request
+
     client, _ = make_server()
-    with pytest.raises(RemoteError) as e:
-        client.generate(timeout=10, **kwargs)
+    with pytest.raises(RemoteError) as e:  # sent as is: the server's checks answer
+        list(client.stream_request(wire_request(**kwargs), timeout=10))
     assert e.value.code == code
     assert e.value.details  # the reason travels to the client
 
