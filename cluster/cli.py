@@ -145,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help=f"Ray cluster address (env {ENV_RAY_ADDRESS}; auto)"
     )
     down.add_argument("--namespace", default="strata", help="Ray namespace of the service")
-    down.add_argument("--stop-ray", action="store_true", help="also run `ray stop`")
+    down.add_argument(
+        "--stop-ray",
+        action="store_true",
+        help="also stop the Ray head that `strata up --detach` started",
+    )
 
     stats = sub.add_parser("stats", help="metrics of a running service, a table per worker")
     flags.add_client_args(stats, server_default=flags.DEFAULT_SERVER)

@@ -43,9 +43,10 @@ class Service:
             ray.shutdown()
 
 
-def connect(address: str | None, cfg: ServiceConfig) -> bool:
-    """Join the cluster at ``address``, or start an embedded one of this process's own (never
-    a Ray cluster that already runs on this machine); True if this process owns it."""
+def connect(address: str | None, cfg: ServiceConfig, local: bool = False) -> bool:
+    """Join the cluster at ``address`` (``local``: the loopback head of ``strata up
+    --detach``), or start an embedded one of this process's own (never a Ray cluster that
+    already runs on this machine); True if this process owns it."""
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": _ENV_VARS}
@@ -55,6 +56,7 @@ def connect(address: str | None, cfg: ServiceConfig) -> bool:
             namespace=cfg.namespace,
             runtime_env=runtime_env,
             logging_level=logging.WARNING,
+            **({"_node_ip_address": "127.0.0.1"} if local else {}),
         )
         return False
     from cluster.quiet import use_local_ray

@@ -105,18 +105,60 @@ def start_head(resources: dict[str, float]) -> tuple[str, bool]:
     environ = {**os.environ, **LOCAL_RAY_ENV, **RUNTIME_ENV_VARS}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=environ)
     if proc.returncode != 0:
-        out = (proc.stderr + proc.stdout).strip().splitlines()
-        raise ClusterError(f"`ray start --head` failed: {out[-1] if out else proc.returncode}")
+        lines = (proc.stdout + "\n" + proc.stderr).strip().splitlines()
+        said = [ln for ln in lines if ln.strip() and " INFO " not in ln and "\tINFO " not in ln]
+        raise ClusterError(
+            f"`ray start --head` failed: {said[-1].strip() if said else proc.returncode}"
+        )
     address = f"127.0.0.1:{HEAD_PORT}"
     use_local_ray()
     record_head(gcs_address=address, started=time.time())
     return address, True
 
 
-def stop_head() -> None:
-    """``ray stop`` (every Ray process of this machine) and forget the recorded head."""
-    subprocess.run([ray_bin(), "stop"], check=False, capture_output=True)
+def head_processes(address: str) -> list[Any]:
+    """The processes of the Ray cluster whose GCS is at ``address`` (its GCS, raylet, monitors
+    and workers all carry the address on their command line), this user's only."""
+    import psutil
+
+    port = address.rsplit(":", 1)[1]
+    marks = (address, f"--gcs_server_port={port}")
+    found = []
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or ())
+            if proc.pid != os.getpid() and proc.info["uids"].real == os.getuid():
+                if any(m in cmdline for m in marks):
+                    found.append(proc)
+        except (psutil.Error, TypeError, AttributeError):
+            continue
+    return found
+
+
+def stop_head(address: str | None = None) -> int:
+    """Stop the loopback head ``strata up --detach`` started (every process of that cluster and
+    of nothing else: other Ray clusters of the machine keep running) and forget it; returns
+    how many processes were stopped."""
+    import psutil
+
+    address = address or str((read_head() or {}).get("gcs_address") or "")
     forget_head()
+    if not address:
+        return 0
+    procs = head_processes(address)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
 
 
 def resolve_address(address: str | None) -> str | None:
@@ -137,18 +179,23 @@ def connect(address: str, namespace: str) -> None:
     """``ray.init`` against a running cluster; ClusterError when it does not answer."""
     import ray
 
+    head = read_head()
+    local = head is not None and head.get("gcs_address") == address
     try:
         ray.init(
             address=address,
             namespace=namespace,
             logging_level=logging.WARNING,
             log_to_driver=False,
+            **({"_node_ip_address": "127.0.0.1"} if local else {}),
         )
     except (ConnectionError, RuntimeError) as e:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {e}") from None
 
 
 def run_down(args: argparse.Namespace) -> int:
+    """Stop the service's actors; with ``--stop-ray`` also the loopback head that ``strata up
+    --detach`` started (never a cluster given with ``--address``)."""
     import ray
 
     from cluster.launcher import ROUTER_NAME, named_workers, shutdown_actors
@@ -174,10 +221,12 @@ def run_down(args: argparse.Namespace) -> int:
         print(f"strata: stopped the service ({found} actors)")
     else:
         print(f"strata: nothing to stop (no Strata service in Ray namespace {args.namespace!r})")
-    ours = read_head()
-    if args.stop_ray:
-        stop_head()
-        print("strata: stopped Ray too")
-    elif ours is not None and not args.address:
-        print("strata: its Ray head still runs (`strata down --stop-ray` or `ray stop` ends it)")
+    ours = read_head() if not (args.address or env(ENV_RAY_ADDRESS)) else None
+    if args.stop_ray and ours is not None:
+        stop_head(str(ours["gcs_address"]))
+        print("strata: stopped its Ray head too")
+    elif args.stop_ray:
+        print("strata: the Ray cluster was not started by `strata up --detach`: it keeps running")
+    elif ours is not None:
+        print("strata: its Ray head still runs (`strata down --stop-ray` stops it)")
     return 0

@@ -144,7 +144,7 @@ def run_up(args: argparse.Namespace) -> int:
         local = True
     try:
         if address:
-            connect(address, cfg)
+            connect(address, cfg, local=local)
             running = _running_service(cfg.namespace)
             if running is not None:
                 raise ServiceRunningError(
