@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # build (CUDA on Linux), `make TORCH_INDEX=https://download.pytorch.org/whl/cu128` a CUDA version.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: run test lint typecheck clean
+.PHONY: run test test-fast lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+# The inner loop: everything but the tests marked slow (make test and CI run those too).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check strata engine kvstore proto router prefill_worker decode_worker cluster bench textproc kvtransfer tests
