@@ -1,5 +1,6 @@
 """The command line against a real service: `strata up` in the foreground, `strata generate
---server`, `strata stats`, then Ctrl-C stops it cleanly."""
+--server`, `strata stats`, its Prometheus metrics (every metric the Grafana dashboard queries is
+there), then Ctrl-C stops it cleanly."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
             str(tmp_path / "kv"),
             "--token",
             "t0k",
+            "--metrics-port",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -43,16 +46,19 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
         cwd=ROOT,
     )
     try:
-        address = None
+        address = metrics = None
         deadline = time.monotonic() + 240
         assert proc.stdout is not None
-        while address is None and time.monotonic() < deadline:
+        while metrics is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             if line.startswith("strata: serving gRPC on "):
                 address = line.split()[4]
+            if line.startswith("strata: Prometheus metrics on "):
+                metrics = line.split()[4]
         assert address, "strata up did not print its address"
+        assert metrics and metrics.endswith("/metrics"), "strata up did not print its metrics"
         ids = ",".join(str(i % 200) for i in range(100))
         outs = []
         for _ in range(2):
@@ -88,11 +94,32 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
         stats = strata_cli("stats", "--server", address, "--token", "t0k")
         assert stats.returncode == 0, stats.stderr
         assert "prefill-0" in stats.stdout and "decode-0" in stats.stdout
+        prefill_row = next(ln for ln in stats.stdout.splitlines() if ln.startswith("prefill-0"))
+        assert float(prefill_row.split()[-1]) > 0  # the prefill tok/s column
+        _check_metrics(metrics)
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     assert "strata: stopped" in out
+
+
+def _check_metrics(url: str) -> None:
+    """The live exposition: conventional names, and every metric the dashboard queries."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.workers.test_worker_metrics import dashboard_metrics
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {s.name for f in families.values() for s in f.samples}
+    assert not dashboard_metrics() - samples, sorted(dashboard_metrics() - samples)
+    assert families["strata_worker_store_hits"].type == "counter"
+    assert "strata_worker_pid" not in families
+    assert 'strata_requests_total{status="OK"} 2.0' in text
 
 
 def test_service_config_yaml(tmp_path):  # noqa: ANN001
