@@ -86,11 +86,14 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
             "--token",
             "t0k",
             "--prompt-ids",
-            "1,2",
-            "--max-tokens",
-            "0",
+            "1,99999",  # outside the model's vocabulary: the service refuses it
         )
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+        assert "vocabulary" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        early = strata_cli(
+            "generate", "--server", address, "--prompt-ids", "1", "--max-tokens", "0"
+        )
+        assert early.returncode == 2 and "--max-tokens must be in [1, " in early.stderr
         stats = strata_cli("stats", "--server", address, "--token", "t0k")
         assert stats.returncode == 0, stats.stderr
         assert "prefill-0" in stats.stdout and "decode-0" in stats.stdout
