@@ -49,7 +49,7 @@ class RouterActor:
     def __init__(
         self, workers: list[tuple[str, Any]], service: ServiceConfig, detach: bool = False
     ) -> None:
-        logging.basicConfig(level=logging.INFO)
+        logging.basicConfig(level=logging.WARNING)  # the command line prints where it serves
         self.service = service  # kept for `strata scale` (the configuration of new workers)
         self.detach = detach
         model = service.engine.model
