@@ -162,3 +162,25 @@ def test_detached_service_life_cycle(tmp_path) -> None:  # noqa: ANN001
 
         stop_head("127.0.0.1:6379")
     assert not _head_processes()
+
+
+@pytest.mark.slow
+def test_make_run_answers_from_the_document() -> None:
+    """`make run` (`strata demo`): exit 0, and each answer of smollm2-135m holds what the
+    document says (the demo prints it beside the answer)."""
+    from textproc.gguf_models import find_gguf
+
+    try:
+        find_gguf("smollm2-135m")
+    except ValueError as e:
+        pytest.skip(str(e))
+    demo = strata("demo", timeout=900)
+    assert demo.returncode == 0, demo.stderr
+    assert "Traceback" not in demo.stderr + demo.stdout
+    lines = [ln.strip() for ln in demo.stdout.splitlines()]
+    answers = [ln[3:] for ln in lines if ln.startswith("A: ")]
+    facts = [ln[len("(the document says: "):-1] for ln in lines if ln.startswith("(the document")]
+    assert len(answers) == len(facts) == 5
+    for answer, fact in zip(answers, facts, strict=True):
+        assert fact.removeprefix("about ").lower() in answer.lower(), (answer, fact)
+    assert "identical answer tokens" in demo.stdout and "service stopped" in demo.stdout
