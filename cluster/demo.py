@@ -59,6 +59,10 @@ def turn_request(
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from cluster.preflight import check_disk_path, check_model
+
+    check_model(args.model)  # before Ray or torch: a mistake is reported at once
+    check_disk_path(args.disk_path)
     if args.in_process:
         return _run_in_process(args)
     return _run_service(args)

@@ -59,6 +59,7 @@ def one_line_error(res: subprocess.CompletedProcess, code: int, *needles: str) -
 def test_mistakes_fail_before_ray_with_one_line(tmp_path) -> None:  # noqa: ANN001
     one_line_error(strata("up", "--model", "/no/such/model"), 2, "--model /no/such/model")
     one_line_error(strata("up", "--model", "gpt-7"), 2, "unknown model", "smollm2-135m")
+    one_line_error(strata("demo", "--model", "/no/such/model"), 2, "--model /no/such/model")
     empty = tmp_path / "ckpt"
     empty.mkdir()
     one_line_error(strata("up", "--model", str(empty)), 2, "config.json")
