@@ -56,6 +56,7 @@ def one_line_error(res: subprocess.CompletedProcess, code: int, *needles: str) -
     return err
 
 
+@pytest.mark.slow  # some twenty processes, one of them importing torch
 def test_mistakes_fail_before_ray_with_one_line(tmp_path) -> None:  # noqa: ANN001
     one_line_error(strata("up", "--model", "/no/such/model"), 2, "--model /no/such/model")
     one_line_error(strata("up", "--model", "gpt-7"), 2, "unknown model", "smollm2-135m")
