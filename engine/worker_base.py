@@ -142,7 +142,7 @@ class WorkerBase:
     def stats(self) -> dict[str, float]:
         """Flat stats (``strata stats``; Prometheus names them by ``router.worker_metrics``'s
         rule): the engine's and store's counters and levels, the store's latency histograms,
-        and the prefill speed measured at start-up."""
+        the prefill speed measured at start-up, and the pid (which is no metric)."""
 
         def collect(eng: LLMEngine) -> dict[str, float]:
             s = eng.stats()
@@ -155,6 +155,7 @@ class WorkerBase:
 
         s = self.loop.call(collect)
         s["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        s["pid"] = os.getpid()  # `strata bench soak --server` kills workers by it; not a metric
         return s
 
     def drain_events(self) -> list[tuple[str, str, list[bytes]]]:

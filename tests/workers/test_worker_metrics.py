@@ -58,7 +58,6 @@ def exposition(worker_stats: dict) -> tuple[dict[str, str], str]:
 
 
 def test_worker_stats_get_conventional_names(worker_stats) -> None:  # noqa: ANN001
-    assert "pid" not in worker_stats["prefill-0"]
     assert worker_stats["prefill-0"]["prefill_tokens_per_s"] > 0
     families, text = exposition(worker_stats)
     worker_families = {n: t for n, t in families.items() if n.startswith("strata_worker_")}
