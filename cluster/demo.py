@@ -180,6 +180,8 @@ def _run_in_process(args: argparse.Namespace) -> int:
                 else tok.encode(request["prompt"])
             )
             sampling = SamplingParams(max_tokens=MAX_TOKENS)
+            if args.model in NOISE_MODELS:
+                print(f"note: {args.model} has random weights: its answer is noise")
             print(
                 f"model {args.model}: prompt of {len(ids)} tokens, {engine.device}, "
                 f"pool {engine.num_blocks} blocks of {engine.block_size} tokens"
