@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--repeats must be at least 1")
         from bench.service import check_lengths
 
-        check_lengths(args.model, lengths, 1)
+        check_lengths(args.model, lengths)
         result = run(args, lengths, repeats)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -48,17 +48,16 @@ def model_context(model: str) -> int:
     return read_config(model).max_position_embeddings
 
 
-def check_lengths(model: str, lengths: list[int], extra: int = 0) -> None:
-    """ValueError when a prompt of ``lengths`` (plus ``extra`` generated tokens) does not fit
-    the model's context window: past it a model's output means nothing, and the benchmark
-    would time what no one serves."""
+def check_lengths(model: str, lengths: list[int]) -> None:
+    """ValueError when a prompt of ``lengths`` does not fit the model's context window: past
+    it a model's output means nothing, and the benchmark would time what no one serves. (The
+    few tokens a benchmark generates after a prompt that fills the window run past it.)"""
     context = model_context(model)
-    too_long = [n for n in lengths if n + extra > context]
+    too_long = [n for n in lengths if n > context]
     if too_long:
         raise ValueError(
             f"--lengths {','.join(map(str, too_long))}: beyond {model}'s context of {context} "
-            f"tokens (prompt + {extra} generated must fit); the longest it takes is "
-            f"{context - extra}"
+            f"tokens (the longest prompt it takes)"
         )
 
 

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.server:  # a running service checks its own context window
             from bench.service import check_lengths
 
-            check_lengths(args.model, lengths, HANDOFF_TOKENS)
+            check_lengths(args.model, lengths)
         if args.server or args.start_service:
             from bench.ttft_server import run_handoff_only, run_server
 
