@@ -103,8 +103,10 @@ def test_prefix_reuse_from_each_tier(service, client, reference_engine):  # noqa
     ],
 )
 def test_bad_requests_get_status_and_service_keeps_serving(client, kwargs, code):  # noqa: ANN001
-    with pytest.raises(RemoteError) as err:
-        client.generate(**kwargs)
+    from tests.router.conftest import wire_request
+
+    with pytest.raises(RemoteError) as err:  # sent as is (the client would refuse some first)
+        list(client.stream_request(wire_request(**kwargs), timeout=60))
     assert err.value.code == code
     ok = client.generate(prompt_token_ids=[5, 6, 7], max_tokens=2)
     assert len(ok.token_ids) == 2
