@@ -202,7 +202,8 @@ def test_prometheus_metrics_of_router_and_workers(service, client):  # noqa: ANN
     assert 'strata_worker_push_bytes_total{worker="prefill-0"}' in text  # counters: *_total
     assert 'strata_worker_store_hits_total{tier="host",worker="decode-0"}' in text
     assert 'strata_worker_store_load_seconds_bucket{le="+Inf",worker="decode-0"}' in text
-    assert "# TYPE strata_worker_push_bytes counter" in text and "strata_worker_pid" not in text
+    assert "# TYPE strata_worker_push_bytes_total counter" in text
+    assert "strata_worker_pid" not in text
 
 
 @pytest.mark.slow
