@@ -154,3 +154,34 @@ def test_up_flags_override_the_yaml_only_when_given(tmp_path) -> None:  # noqa: 
     assert flagged.engine.block_size == 32 and flagged.store.disk_capacity_bytes == 2 << 30
     bare = config_from_args(build_parser().parse_args(["up"]))  # no YAML: the defaults
     assert bare.engine.model == "tiny" and bare.engine.max_num_batched_tokens == 2048
+
+
+def test_settings_precedence_flag_env_yaml_default(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from cluster.cli import build_parser
+    from cluster.up import config_from_args
+
+    yaml_path = tmp_path / "svc.yaml"
+    yaml_path.write_text(
+        "secret: from-yaml\nrouter: {auth_token: yaml-token, port: 7000, metrics_port: 9100}\n"
+    )
+    monkeypatch.setenv("STRATA_CONFIG", str(yaml_path))
+    cfg = config_from_args(build_parser().parse_args(["up"]))  # the YAML from the environment
+    assert (cfg.secret, cfg.router.auth_token, cfg.router.port) == ("from-yaml", "yaml-token", 7000)
+    monkeypatch.setenv("STRATA_TOKEN", "env-token")
+    monkeypatch.setenv("STRATA_SECRET", "env-secret")
+    monkeypatch.setenv("STRATA_PORT", "7001")
+    cfg = config_from_args(build_parser().parse_args(["up"]))  # env over YAML
+    assert (cfg.secret, cfg.router.auth_token, cfg.router.port) == ("env-secret", "env-token", 7001)
+    assert cfg.router.metrics_port == 9100  # not in the environment: the YAML's
+    argv = ["up", "--token", "flag-token", "--secret", "flag-secret", "--port", "7002"]
+    cfg = config_from_args(build_parser().parse_args(argv))  # flags over env
+    assert (cfg.secret, cfg.router.auth_token, cfg.router.port) == (
+        "flag-secret",
+        "flag-token",
+        7002,
+    )
+    monkeypatch.delenv("STRATA_CONFIG")
+    for var in ("STRATA_TOKEN", "STRATA_SECRET", "STRATA_PORT"):
+        monkeypatch.delenv(var)
+    cfg = config_from_args(build_parser().parse_args(["up"]))  # the defaults
+    assert (cfg.secret, cfg.router.auth_token, cfg.router.port) == (None, None, 50051)
