@@ -89,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
         if repeats < 1:
             raise ValueError("--repeats must be at least 1")
+        if not args.server:  # a running service checks its own context window
+            from bench.service import check_lengths
+
+            check_lengths(args.model, lengths)
         if args.server or args.start_service:
             from bench.ttft_server import run_handoff_only, run_server
 
