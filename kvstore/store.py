@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 import torch
 
@@ -32,8 +33,9 @@ from kvstore.events import EventBus, EventListener, StoreEvent
 from kvstore.evictor import HostEvictor
 from kvstore.keys import HASH_NBYTES, BlockHash
 from kvstore.layout import KVLayout
-from kvstore.lending import Lease, Reservation, copy_rows_out, cpu_buffer, disk_to_slab
+from kvstore.lending import Lease, Reservation, aligned_buffer, copy_rows_out, cpu_buffer
 from kvstore.metrics import StoreMetrics
+from kvstore.pending import PendingLease
 from kvstore.prefetch import Prefetcher
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
@@ -79,6 +81,9 @@ class TieredStore:
                     fingerprint,
                     write_queue_blocks=config.disk_write_queue_blocks,
                     publish=self.events.publish,
+                    read_threads=config.disk_read_threads,
+                    read_chunk_bytes=config.disk_read_chunk_bytes,
+                    read_limit_bytes_per_s=config.disk_read_limit_bytes_per_s,
                 )
             except DiskUnavailableError as e:
                 self.disk_error = str(e)
@@ -124,95 +129,158 @@ class TieredStore:
     def lend(self, hashes: Sequence[BlockHash]) -> Lease:
         """Pin the leading blocks found for a copy to read; ``release`` the lease after it.
 
-        Disk hits are read (and verified) into fresh host slots first; a missing or corrupt
-        block ends the prefix. Without a host tier the disk hits land in a private buffer.
-        """
-        start = time.perf_counter()
-        prefetched: set[BlockHash] = set()
-        if self.prefetcher is not None:
-            self.prefetcher.wait_for(hashes)
-            prefetched = self.prefetcher.from_disk(hashes)
-        if self.host is None:
-            lease = self._lend_from_disk(list(hashes))
-        else:
-            lease = self._lend_from_host(list(hashes), prefetched)
-            if self.prefetcher is not None:
-                self.prefetcher.release(hashes)  # our own pins hold the blocks now
-        with self._lock:
-            self._num_lent += 1
-        num_disk = lease.tiers.count("disk")
-        if num_disk and lease.in_host:
-            self.metrics.add("promoted", num_disk - len(prefetched & set(lease.hashes)))
-        self.metrics.record_load(
-            time.perf_counter() - start,
-            {"host": lease.num_blocks - num_disk, "disk": num_disk},
-            len(hashes) - lease.num_blocks,
-            self.block_nbytes,
-        )
+        ``start_load`` waited for: disk hits are read (and verified) into fresh host slots
+        first; a missing or corrupt block ends the prefix. Without room in the host tier (or
+        without a host tier) the blocks land in a private buffer."""
+        pending = self.start_load(hashes)
+        pending.wait()
+        lease = pending.take(pending.num_ready())
+        pending.close()
         return lease
 
-    def _lend_from_host(self, hashes: list[BlockHash], prefetched: set[BlockHash]) -> Lease:
-        assert self.host is not None
+    def start_load(
+        self, hashes: Sequence[BlockHash], on_progress: Callable[[], None] | None = None
+    ) -> PendingLease:
+        """Start loading the leading blocks found; returns at once (the engine keeps serving).
+
+        Host hits are pinned and ready now; disk hits are read by the disk tier's threads into
+        reserved host slots (a private buffer when the host tier cannot hold them all); blocks
+        a prefetch is reading arrive when it completes. ``on_progress`` runs (on any thread)
+        whenever blocks arrive. Take what arrived (``PendingLease.take``) and ``close`` it."""
+        hashes = list(hashes)
+        requested = len(hashes)
         host = self.host
-        slots: list[int | None] = []
-        tiers: list[str] = []
-        from_disk: list[int] = []
+        from_disk = self.prefetcher.from_disk(hashes) if self.prefetcher is not None else set()
+        kinds, slots, futures = self._classify(hashes)
+        tiers = [
+            "disk" if k != "host" or h in from_disk else "host" for h, k in zip(hashes, kinds)
+        ]
+        if host is not None:
+            for h, tier, slot in zip(hashes, tiers, slots):
+                if tier == "host":
+                    self.policy.host_hit(h, host.slab[slot])
+        in_host = host is not None
+        to_read = [i for i, k in enumerate(kinds) if k == "disk"]
+        if host is not None and to_read:
+            in_host = self._reserve_reads(hashes, kinds, slots, to_read)
+        cut = next((i for i, k in enumerate(kinds) if k == "none"), len(kinds))
+        if not in_host:  # a private buffer cannot wait for a prefetch into the slab
+            cut = next((i for i in range(cut) if kinds[i] == "prefetch"), cut)
+        if host is not None:  # past what can arrive: give back
+            for i in range(cut, len(kinds)):
+                if kinds[i] == "host":
+                    host.unpin(hashes[i])
+                elif kinds[i] == "disk" and in_host:
+                    host.cancel([hashes[i]])
+        del hashes[cut:], kinds[cut:], slots[cut:], tiers[cut:]
+        if in_host:
+            assert host is not None
+            base, rows = host.slab, slots
+        else:  # private buffer: the host hits are copied in (and unpinned), the rest read
+            base, rows = aligned_buffer(cut, self.block_nbytes), list(range(cut))
+            for i in range(cut):
+                if kinds[i] == "host":
+                    assert host is not None
+                    base[i].copy_(host.slab[slots[i]])
+                    host.unpin(hashes[i])
+        pending = PendingLease(
+            hashes, tiers, base, rows, in_host,
+            host=host if in_host else None, requested=requested,
+            read_here=[k == "disk" for k in kinds],
+            on_taken=self._lease_taken, on_closed=self._load_closed, on_progress=on_progress,
+        )
+        with self._lock:
+            self._num_lent += 1
+        ready = [i for i in range(cut) if kinds[i] == "host"]
+        if ready:
+            pending.arrived(ready, [True] * len(ready), [rows[i] for i in ready])
+        for i, future in futures.items():
+            if i < cut:
+                pending.await_prefetch(i, future, self._pin_prefetched(hashes[i]))
+        reads = [i for i in range(cut) if kinds[i] == "disk"]
+        if reads:
+            assert self.disk is not None
+            pending.disk_read = self.disk.read_async(
+                [hashes[i] for i in reads], base, [rows[i] for i in reads],
+                lambda pos, oks: pending.arrived([reads[p] for p in pos], oks),
+            )
+        return pending
+
+    def _classify(
+        self, hashes: list[BlockHash]
+    ) -> tuple[list[str], list[int], dict[int, Future[None]]]:
+        """Each leading block's way in -- "host" (pinned now, with its slot), "prefetch" (a
+        prefetch is reading it: its future), "disk" -- up to the first miss."""
+        pf, host, disk = self.prefetcher, self.host, self.disk
+        kinds: list[str] = []
+        slots: list[int] = []
+        futures: dict[int, Future[None]] = {}
         for i, h in enumerate(hashes):
-            slot = host.pin_slot(h)
+            slot = host.pin_slot(h) if host is not None else None
+            future = pf.inflight(h) if pf is not None and slot is None else None
             if slot is not None:
-                slots.append(slot)
-                tiers.append("disk" if h in prefetched else "host")
-            elif self.disk is not None and self.disk.contains(h):
-                slots.append(None)
-                tiers.append("disk")
-                from_disk.append(i)
+                kinds.append("host")
+            elif future is not None:
+                kinds.append("prefetch")
+                futures[i] = future
+            elif disk is not None and disk.contains(h):
+                kinds.append("disk")
             else:
                 break
-        if from_disk:
-            assert self.disk is not None
-            read, _ = disk_to_slab(host, self.disk, [hashes[i] for i in from_disk])
-            for i, slot in zip(from_disk, read):
-                slots[i] = slot
-        n = next((i for i, s in enumerate(slots) if s is None), len(slots))
-        for h, slot, tier in zip(hashes, slots[:n], tiers):
-            if tier == "host" and slot is not None:
-                self.policy.host_hit(h, host.slab[slot])
-        if n < len(slots) and self.disk is not None and self.disk.contains(hashes[n]):
-            return self._spill(hashes[: len(slots)], slots, tiers)  # no host room for it all
-        for h, slot in zip(hashes[n:], slots[n:]):  # past the first miss: not lent
-            if slot is not None:
-                host.unpin(h)
-        rows = [s for s in slots[:n] if s is not None]
-        return Lease(hashes[:n], host.slab, rows, tiers[:n], in_host=True)
+            slots.append(-1 if slot is None else slot)
+        if pf is not None:  # our pins hold the hits now; nothing past the first miss is loaded
+            pf.release(hashes)
+        return kinds, slots, futures
 
-    def _spill(self, hashes: list[BlockHash], slots: list[int | None], tiers: list[str]) -> Lease:
-        """The host tier cannot hold every disk hit: lend a private copy of the whole prefix
-        (the pinned host rows copied, the rest read from disk), then unpin."""
-        assert self.host is not None and self.disk is not None
-        buf = cpu_buffer(len(hashes), self.block_nbytes)
-        pinned: list[int] = []
-        for i, slot in enumerate(slots):
-            if slot is not None:
-                buf[i].copy_(self.host.slab[slot])
-                self.host.unpin(hashes[i])
-                pinned.append(i)
-        rest = [i for i, s in enumerate(slots) if s is None]
-        ok = self.disk.get_into([hashes[i] for i in rest], buf, rows=rest)
-        got = set(pinned) | {i for i, o in zip(rest, ok) if o}
-        n = next((i for i in range(len(hashes)) if i not in got), len(hashes))
-        return Lease(hashes[:n], buf, list(range(n)), tiers[:n], in_host=False)
+    def _reserve_reads(
+        self, hashes: list[BlockHash], kinds: list[str], slots: list[int], to_read: list[int]
+    ) -> bool:
+        """Reserve host slots for the disk reads; False (nothing reserved) when the host tier
+        cannot take them all. A block that turned up in host meanwhile becomes a host hit (or,
+        being written by someone else, "none": the load ends there)."""
+        assert self.host is not None
+        host = self.host
+        res = host.reserve([hashes[i] for i in to_read])
+        for j, slot in zip(res.indices, res.slots):
+            slots[to_read[j]] = slot
+        for j in res.present:
+            got = host.pin_slot(hashes[to_read[j]])
+            kinds[to_read[j]] = "none" if got is None else "host"
+            slots[to_read[j]] = -1 if got is None else got
+        if len(res.indices) + len(res.present) == len(to_read):
+            return True
+        host.cancel([hashes[to_read[j]] for j in res.indices])
+        return False
 
-    def _lend_from_disk(self, hashes: list[BlockHash]) -> Lease:
-        n = 0
-        if self.disk is not None:
-            while n < len(hashes) and self.disk.contains(hashes[n]):
-                n += 1
-        buf = cpu_buffer(n, self.block_nbytes)
-        if n:
-            assert self.disk is not None
-            ok = self.disk.get_into(hashes[:n], buf)
-            n = next((i for i, o in enumerate(ok) if not o), n)
-        return Lease(hashes[:n], buf, list(range(n)), ["disk"] * n, in_host=False)
+    def _pin_prefetched(self, h: BlockHash) -> Callable[[], int | None]:
+        def pin() -> int | None:
+            assert self.host is not None
+            slot = self.host.pin_slot(h)
+            if self.prefetcher is not None:
+                self.prefetcher.release([h])
+            return slot
+
+        return pin
+
+    def _lease_taken(self, lease: Lease) -> None:
+        with self._lock:
+            self._num_lent += 1
+
+    def _load_closed(self, pending: PendingLease) -> None:
+        """Every block of a closed pending lease arrived or failed: account the load."""
+        taken = pending.num_taken()
+        num_disk = pending.tiers[:taken].count("disk")
+        if pending.in_host:
+            self.metrics.add("promoted", sum(pending.read_here[:taken]))
+        end = pending.settled_at or time.perf_counter()
+        self.metrics.record_load(
+            end - pending.started,
+            {"host": taken - num_disk, "disk": num_disk},
+            pending.requested - taken,
+            self.block_nbytes,
+        )
+        with self._lock:
+            self._num_lent -= 1
 
     def release(self, lease: Lease) -> None:
         """The copy that read the lease completed: unpin its slots. Idempotent."""
