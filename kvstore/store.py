@@ -109,6 +109,8 @@ class TieredStore:
         self._lock = threading.Lock()
         self._pins: dict[BlockHash, list[tuple[bool, bool]]] = {}  # (host, disk) per pin call
         self._num_lent = 0  # leases not released yet
+        self._loads_done = threading.Condition(self._lock)  # notified as pending leases end
+        self._num_pending = 0  # pending leases whose blocks are not all settled and closed
         self._closed = False
 
     # ----------------------------------------------------------------- read path
@@ -191,6 +193,7 @@ class TieredStore:
         )
         with self._lock:
             self._num_lent += 1
+            self._num_pending += 1
         ready = [i for i in range(cut) if kinds[i] == "host"]
         if ready:
             pending.arrived(ready, [True] * len(ready), [rows[i] for i in ready])
@@ -281,6 +284,14 @@ class TieredStore:
         )
         with self._lock:
             self._num_lent -= 1
+            self._num_pending -= 1
+            self._loads_done.notify_all()
+
+    def wait_loads(self, timeout_s: float | None = None) -> bool:
+        """Wait until every pending lease closed has settled (its reads ended); False on
+        timeout. Leak checks call it: a closed load's last reads end on their own."""
+        with self._loads_done:
+            return self._loads_done.wait_for(lambda: self._num_pending == 0, timeout_s)
 
     def release(self, lease: Lease) -> None:
         """The copy that read the lease completed: unpin its slots. Idempotent."""

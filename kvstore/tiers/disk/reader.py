@@ -54,8 +54,9 @@ ChunkDone = Callable[[list[ReadItem], list[bool], bool], None]  # (items, ok per
 
 
 class ReadThrottle:
-    """At most ``bytes_per_s`` over all reader threads: a read of n bytes ends no earlier than
-    n / bytes_per_s after the previous one ended."""
+    """At most ``bytes_per_s`` over all reader threads: a read of n bytes starts no earlier
+    than n / bytes_per_s after the previous one was allowed to (a cancelled read stops
+    waiting at once)."""
 
     def __init__(self, bytes_per_s: float) -> None:
         self.bytes_per_s = bytes_per_s
@@ -63,7 +64,7 @@ class ReadThrottle:
         self._next = 0.0
 
     def reserve(self, nbytes: int) -> float:
-        """The time (``time.monotonic``) this read may complete."""
+        """The time (``time.monotonic``) this read may start."""
         with self._lock:
             self._next = max(time.monotonic(), self._next) + nbytes / self.bytes_per_s
             return self._next
@@ -77,12 +78,14 @@ class DiskRead:
         self.started = time.perf_counter()
         self.finished: float | None = None
         self._futures: list[Future[None]] = []
+        self.cancelled = threading.Event()
         self._left = 0
         self._lock = threading.Lock()
         self._on_finished = on_finished
 
     def cancel(self) -> None:
-        """Cancel the chunks not started (they report their blocks as failed)."""
+        """Cancel the chunks not started or throttled (they report their blocks as failed)."""
+        self.cancelled.set()
         for f in self._futures:
             f.cancel()
 
@@ -157,19 +160,24 @@ class DiskReader:
         return chunks
 
     def _run(self, chunk: list[ReadItem], on_chunk: ChunkDone, read: DiskRead) -> None:
+        cancelled = False
+        oks = [False] * len(chunk)
         try:
-            oks = self._read(chunk)
+            if self.throttle is not None:
+                wait = self.throttle.reserve(len(chunk) * self.block_nbytes) - time.monotonic()
+                cancelled = wait > 0 and read.cancelled.wait(wait)
+            cancelled = cancelled or read.cancelled.is_set()
+            if not cancelled:
+                oks = self._read(chunk)
         except Exception:  # noqa: BLE001 - an I/O error is a miss, never a crash
             logger.exception("disk read of %d block(s) failed", len(chunk))
-            oks = [False] * len(chunk)
         try:
-            on_chunk(chunk, oks, False)
+            on_chunk(chunk, oks, cancelled)
         finally:
             read._chunk_done()
 
     def _read(self, chunk: list[ReadItem]) -> list[bool]:
         n, nb, slot_nb = len(chunk), self.block_nbytes, self.slot_nbytes
-        until = self.throttle.reserve(n * nb) if self.throttle is not None else 0.0
         rows = [item.row for item in chunk]
         direct = nb == slot_nb and (
             not self.segments.direct or all(r.ctypes.data % ALIGN == 0 for r in rows)
@@ -185,8 +193,6 @@ class DiskReader:
                enumerate(zip(rows, chunk))]
         with self._stats_lock:
             self.bytes_read += sum(oks) * nb
-        if until:
-            time.sleep(max(0.0, until - time.monotonic()))
         return oks
 
     def _bounce(self) -> np.ndarray:
