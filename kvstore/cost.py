@@ -10,11 +10,12 @@ token is always computed (it gives the first output token). Two shapes of plan:
   rest; ``T(t) = load(0, t) + compute(P - t*bs)``, minimised over the ends of the runs (the
   cost is linear inside a run). A tier that cannot be loaded (bandwidth 0) ends what can be.
 - split (``overlap=True``, the engine's): compute the first ``h`` blocks while blocks ``[h, t)``
-  load, then compute the rest: ``T(h, t) = max(compute(h*bs), load(h, t)) + compute(P - t*bs)``.
-  Working from both ends is faster than either alone (per block ``l*c/(l+c) < min(l, c)`` for
-  load time ``l`` and compute time ``c``), so ``t`` is every loadable block and ``h`` is where
-  the two meet: a slow disk never makes the first token later than computing the prompt, and
-  mostly makes it earlier than both. ``h = t`` (nothing worth loading) is plain recompute.
+  load, then compute the rest: ``T(h, t) = max(compute(h*bs), load(h, t)) + compute(P - t*bs)``,
+  minimised exactly in one pass (for each ``t`` the best ``h`` is where computing the head
+  outlasts loading the rest, and it only moves right as ``t`` grows). Working from both ends
+  beats either alone (two equal blocks of load time ``l`` and compute time ``c`` take
+  ``max(c, l)``, not ``min(2c, 2l)``): a slow disk never makes the first token later than
+  computing the prompt, and mostly earlier than both. ``t = 0`` is plain recompute.
 
 Every plan has a load ``deadline_s`` (``LOAD_SLACK`` times the predicted load, plus
 ``LOAD_MARGIN_S``): past it the engine stops waiting and recomputes what has not arrived. Where a
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import math
 import threading
-from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +37,7 @@ LOAD_SLACK = 1.5  # the deadline of a load, in predicted load times
 LOAD_MARGIN_S = 0.02  # plus this
 EWMA_ALPHA = 0.2  # weight of a new observation in the moving averages
 DEVICE_TIER = "device"  # already in the device pool: loading it is free
+_TIE = 1 - 1e-9  # plans within this factor of each other cost the same
 
 
 @dataclass(frozen=True)
@@ -131,28 +132,29 @@ def _sequential(
 
 
 def _split(loads: list[float], prompt_len: int, block_size: int, speed: float) -> LoadPlan:
-    t = len(loads)
+    n = len(loads)
     cold = prompt_len / speed
-    if t == 0:
-        return LoadPlan(0, 0, 0.0, 0.0, cold, None)
     prefix = [0.0]
     for x in loads:
         prefix.append(prefix[-1] + x)
     c = block_size / speed  # compute time of one block
-    rest = (prompt_len - t * block_size) / speed
-    # the head h where computing [0, h) takes as long as loading [h, t): f(h) = h*c - load(h, t)
-    # grows with h; the best h is the first one with f(h) >= 0, or the one before it
-    first = bisect_left(range(t + 1), 0.0, key=lambda h: h * c - (prefix[t] - prefix[h]))
-    best_h, best_total = t, cold
-    for h in (first - 1, first):
-        if 0 <= h < t:
-            total = max(h * c, prefix[t] - prefix[h]) + rest
-            if total < best_total:
-                best_h, best_total = h, total
-    if best_h == t:
+    best_h, best_t, best_total = 0, 0, cold
+    h = 0  # for each end t: the first head h whose compute outlasts the load of [h, t); it only
+    for t in range(1, n + 1):  # moves right as t grows, so one pass finds them all
+        while h < t and h * c < prefix[t] - prefix[h]:
+            h += 1
+        rest = (prompt_len - t * block_size) / speed
+        for k in (h - 1, h):
+            if 0 <= k < t:
+                total = max(k * c, prefix[t] - prefix[k]) + rest
+                # ties (to rounding) between two loads go to the later end: more is loaded
+                if total < best_total * _TIE or (best_t and total <= best_total / _TIE):
+                    best_h, best_t, best_total = k, t, min(total, best_total)
+    if best_t == 0:
         return LoadPlan(0, 0, 0.0, 0.0, cold, None)
-    load_s = prefix[t] - prefix[best_h]
-    return LoadPlan(best_h, t - best_h, best_h * c, load_s, rest, _deadline(load_s))
+    load_s = prefix[best_t] - prefix[best_h]
+    rest_s = (prompt_len - best_t * block_size) / speed
+    return LoadPlan(best_h, best_t - best_h, best_h * c, load_s, rest_s, _deadline(load_s))
 
 
 def _deadline(load_s: float) -> float | None:

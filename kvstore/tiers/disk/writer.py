@@ -137,6 +137,8 @@ class DiskWriter:
             try:
                 self._emit("removed", victims)
                 self._write(batch, slots, clocks, deletes, touched)
+                for slot_nbytes in emptied:  # the deletions are committed: the files can go
+                    remove_class(self.catalog.path, slot_nbytes)
             except Exception:
                 logger.exception("disk store %s: write batch failed", self.catalog.path)
                 with self._cond:
@@ -151,8 +153,6 @@ class DiskWriter:
                         self.queue.cancelled.discard(h)
                     self.busy = False
                     self._cond.notify_all()
-            for slot_nbytes in emptied:
-                remove_class(self.catalog.path, slot_nbytes)
             if stop:
                 return
 
