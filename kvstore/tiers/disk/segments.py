@@ -33,6 +33,7 @@ from kvstore.tiers.disk.format import ALIGN, SEGMENTS_DIR
 logger = logging.getLogger(__name__)
 
 EXTENT_NBYTES = 64 << 20  # preallocation step of a segment file
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers per call
 Buffer = np.ndarray  # uint8, contiguous
 
 
@@ -76,7 +77,13 @@ class SegmentFiles:
         if fd is None:
             return 0
         offset = self.offset_of(first_slot)
-        n = os.preadv(fd, [b.data for b in bufs], offset)
+        n = 0
+        for i in range(0, len(bufs), IOV_MAX):
+            part = bufs[i : i + IOV_MAX]
+            got = os.preadv(fd, [b.data for b in part], offset + n)
+            n += got
+            if got < sum(b.nbytes for b in part):
+                break  # end of file
         if not self.direct:
             os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
         return n
@@ -90,7 +97,9 @@ class SegmentFiles:
         fd = self._fd(seg, create=True)
         assert fd is not None
         self._preallocate(seg, fd, offset + nbytes)
-        done = os.pwritev(fd, [b.data for b in bufs], offset)
+        done = 0
+        for i in range(0, len(bufs), IOV_MAX):
+            done += os.pwritev(fd, [b.data for b in bufs[i : i + IOV_MAX]], offset + done)
         if done != nbytes:
             raise OSError(errno.EIO, f"short write to segment {seg}: {done} of {nbytes} bytes")
         if not self.direct:
