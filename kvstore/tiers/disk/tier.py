@@ -20,6 +20,7 @@ payload files), ``reader`` (parallel verified reads), ``writer`` (the write-behi
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -124,8 +125,16 @@ class DiskTier:
     def _load(self) -> None:
         if self.catalog.fresh:
             remove_all(self.path)  # segments no index describes: unreachable
-        entries, bad = self.catalog.entries()
-        shared = self.index.load(entries, self.fingerprint, self.block_nbytes)
+        # Hundreds of thousands of small objects: the cyclic GC would scan the whole heap (a
+        # process with torch loaded) again and again meanwhile; they hold no cycles.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            entries, bad = self.catalog.entries()
+            shared = self.index.load(entries, self.fingerprint, self.block_nbytes)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         if bad or shared:
             self.catalog.commit([], bad + list(shared))
             logger.warning("disk store %s: %d unreadable entries deleted on open", self.path,
