@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 
 import torch
 
@@ -33,7 +32,8 @@ from kvstore.events import EventBus, EventListener, StoreEvent
 from kvstore.evictor import HostEvictor
 from kvstore.keys import HASH_NBYTES, BlockHash
 from kvstore.layout import KVLayout
-from kvstore.lending import Lease, Reservation, aligned_buffer, copy_rows_out, cpu_buffer
+from kvstore.lending import Lease, Reservation, copy_rows_out, cpu_buffer
+from kvstore.loader import Loader
 from kvstore.metrics import StoreMetrics
 from kvstore.pending import PendingLease
 from kvstore.prefetch import Prefetcher
@@ -106,6 +106,10 @@ class TieredStore:
             self.prefetcher = Prefetcher(
                 self.host, self.disk, config.prefetch_threads, prefetch_pin_timeout_s, self.metrics
             )
+        self.loader = Loader(
+            self.host, self.disk, self.prefetcher, self.policy, self.block_nbytes,
+            on_taken=self._lease_taken, on_closed=self._load_closed,
+        )
         self._lock = threading.Lock()
         self._pins: dict[BlockHash, list[tuple[bool, bool]]] = {}  # (host, disk) per pin call
         self._num_lent = 0  # leases not released yet
@@ -147,123 +151,13 @@ class TieredStore:
 
         Host hits are pinned and ready now; disk hits are read by the disk tier's threads into
         reserved host slots (a private buffer when the host tier cannot hold them all); blocks
-        a prefetch is reading arrive when it completes. ``on_progress`` runs (on any thread)
-        whenever blocks arrive. Take what arrived (``PendingLease.take``) and ``close`` it."""
-        hashes = list(hashes)
-        requested = len(hashes)
-        host = self.host
-        from_disk = self.prefetcher.from_disk(hashes) if self.prefetcher is not None else set()
-        kinds, slots, futures = self._classify(hashes)
-        tiers = [
-            "disk" if k != "host" or h in from_disk else "host" for h, k in zip(hashes, kinds)
-        ]
-        if host is not None:
-            for h, tier, slot in zip(hashes, tiers, slots):
-                if tier == "host":
-                    self.policy.host_hit(h, host.slab[slot])
-        in_host = host is not None
-        to_read = [i for i, k in enumerate(kinds) if k == "disk"]
-        if host is not None and to_read:
-            in_host = self._reserve_reads(hashes, kinds, slots, to_read)
-        cut = next((i for i, k in enumerate(kinds) if k == "none"), len(kinds))
-        if not in_host:  # a private buffer cannot wait for a prefetch into the slab
-            cut = next((i for i in range(cut) if kinds[i] == "prefetch"), cut)
-        if host is not None:  # past what can arrive: give back
-            for i in range(cut, len(kinds)):
-                if kinds[i] == "host":
-                    host.unpin(hashes[i])
-                elif kinds[i] == "disk" and in_host:
-                    host.cancel([hashes[i]])
-        del hashes[cut:], kinds[cut:], slots[cut:], tiers[cut:]
-        if in_host:
-            assert host is not None
-            base, rows = host.slab, slots
-        else:  # private buffer: the host hits are copied in (and unpinned), the rest read
-            base, rows = aligned_buffer(cut, self.block_nbytes), list(range(cut))
-            for i in range(cut):
-                if kinds[i] == "host":
-                    assert host is not None
-                    base[i].copy_(host.slab[slots[i]])
-                    host.unpin(hashes[i])
-        pending = PendingLease(
-            hashes, tiers, base, rows, in_host,
-            host=host if in_host else None, requested=requested,
-            read_here=[k == "disk" for k in kinds],
-            on_taken=self._lease_taken, on_closed=self._load_closed, on_progress=on_progress,
-        )
+        a prefetch is reading arrive when it completes (``kvstore.loader``). ``on_progress``
+        runs (on any thread) whenever blocks arrive. Take what arrived
+        (``PendingLease.take``), then ``close`` it."""
         with self._lock:
             self._num_lent += 1
             self._num_pending += 1
-        ready = [i for i in range(cut) if kinds[i] == "host"]
-        if ready:
-            pending.arrived(ready, [True] * len(ready), [rows[i] for i in ready])
-        for i, future in futures.items():
-            if i < cut:
-                pending.await_prefetch(i, future, self._pin_prefetched(hashes[i]))
-        reads = [i for i in range(cut) if kinds[i] == "disk"]
-        if reads:
-            assert self.disk is not None
-            pending.disk_read = self.disk.read_async(
-                [hashes[i] for i in reads], base, [rows[i] for i in reads],
-                lambda pos, oks: pending.arrived([reads[p] for p in pos], oks),
-            )
-        return pending
-
-    def _classify(
-        self, hashes: list[BlockHash]
-    ) -> tuple[list[str], list[int], dict[int, Future[None]]]:
-        """Each leading block's way in -- "host" (pinned now, with its slot), "prefetch" (a
-        prefetch is reading it: its future), "disk" -- up to the first miss."""
-        pf, host, disk = self.prefetcher, self.host, self.disk
-        kinds: list[str] = []
-        slots: list[int] = []
-        futures: dict[int, Future[None]] = {}
-        for i, h in enumerate(hashes):
-            slot = host.pin_slot(h) if host is not None else None
-            future = pf.inflight(h) if pf is not None and slot is None else None
-            if slot is not None:
-                kinds.append("host")
-            elif future is not None:
-                kinds.append("prefetch")
-                futures[i] = future
-            elif disk is not None and disk.contains(h):
-                kinds.append("disk")
-            else:
-                break
-            slots.append(-1 if slot is None else slot)
-        if pf is not None:  # our pins hold the hits now; nothing past the first miss is loaded
-            pf.release(hashes)
-        return kinds, slots, futures
-
-    def _reserve_reads(
-        self, hashes: list[BlockHash], kinds: list[str], slots: list[int], to_read: list[int]
-    ) -> bool:
-        """Reserve host slots for the disk reads; False (nothing reserved) when the host tier
-        cannot take them all. A block that turned up in host meanwhile becomes a host hit (or,
-        being written by someone else, "none": the load ends there)."""
-        assert self.host is not None
-        host = self.host
-        res = host.reserve([hashes[i] for i in to_read])
-        for j, slot in zip(res.indices, res.slots):
-            slots[to_read[j]] = slot
-        for j in res.present:
-            got = host.pin_slot(hashes[to_read[j]])
-            kinds[to_read[j]] = "none" if got is None else "host"
-            slots[to_read[j]] = -1 if got is None else got
-        if len(res.indices) + len(res.present) == len(to_read):
-            return True
-        host.cancel([hashes[to_read[j]] for j in res.indices])
-        return False
-
-    def _pin_prefetched(self, h: BlockHash) -> Callable[[], int | None]:
-        def pin() -> int | None:
-            assert self.host is not None
-            slot = self.host.pin_slot(h)
-            if self.prefetcher is not None:
-                self.prefetcher.release([h])
-            return slot
-
-        return pin
+        return self.loader.start(list(hashes), on_progress)
 
     def _lease_taken(self, lease: Lease) -> None:
         with self._lock:
