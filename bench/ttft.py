@@ -13,10 +13,11 @@ between measurements) is timed (``RequestResult.ttft_s``, one generated token):
 - cold: nothing cached;
 - device: the same prompt again, its blocks still in the pool;
 - host: the pool's free cached blocks evicted first, so the prefix loads from the host slab;
-- disk: the host tier emptied too (blocks on disk only; the disk tier reads with ``O_DIRECT``,
-  and the whole page cache is dropped first where the process may: the JSON's
-  ``config.disk_cache`` says what was done, and the table says so when the reads may have come
-  from the page cache).
+- disk: the host tier emptied too (blocks on disk only). The disk tier reads with ``O_DIRECT``,
+  so its data never comes from the page cache; where the filesystem refuses ``O_DIRECT`` the
+  whole page cache is dropped before each warm-disk run (root). The JSON's
+  ``config.disk_cache`` says which, and the table says so when the reads may have come from
+  the page cache.
 
 Every warm run must be served by the tier it claims, with the cold run's output token; the
 benchmark aborts otherwise (a warm-disk run may compute part of its prefix: the engine's
@@ -235,14 +236,14 @@ def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any
     bandwidth["device"] = memory_copy_bandwidth(engine.layout.dtype, engine.device)
     for tier in ("host", "disk"):
         engine.kv.speeds.set_tier(tier, tiers[tier] * 1e9)
-    root = drop_os_caches()
-    disk_cache = {
-        "reads": disk_read_method(store),
-        "dropped_before_disk_runs": "drop_caches (echo 3)" if root
-        else "POSIX_FADV_DONTNEED on the store's files (not root)",
-        "disk_floor": floor,
-        "honest": store.disk.direct_io or root,
-    }
+    if store.disk.direct_io:  # the data never enters the page cache: nothing to drop
+        dropped, honest = "nothing needed: O_DIRECT reads (the store's files fadvised out)", True
+    elif drop_os_caches():
+        dropped, honest = "drop_caches (echo 3) before each warm-disk run", True
+    else:
+        dropped, honest = "POSIX_FADV_DONTNEED on the store's files only (not root)", False
+    disk_cache = {"reads": disk_read_method(store), "dropped_before_disk_runs": dropped,
+                  "disk_floor": floor, "honest": honest}
     return bandwidth, disk_cache
 
 
@@ -273,8 +274,9 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN
             store.flush()
             store.evict_host(store.host.num_slots)
             _expect_lookup(store, hashes[:num_hit], "disk")
-            if not drop_os_caches():
-                drop_page_cache(store.disk.path)
+            drop_page_cache(store.disk.path)
+            if not store.disk.direct_io:  # buffered reads: only an empty page cache is honest
+                drop_os_caches()
         store.flush()  # no write-behind traffic during the timed run
         res = engine.generate([prompt], sampling)[0]
         if mode == "cold":
