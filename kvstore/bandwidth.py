@@ -33,7 +33,7 @@ from kvstore.layout import aligned_empty
 if TYPE_CHECKING:
     from kvstore.store import TieredStore
 
-PROBE_BYTES = 32 << 20  # at least this much is read to time the disk (past latency, caches)
+PROBE_BYTES = 16 << 20  # at least this much is read to time the disk (past latency, caches)
 
 
 def measure_bandwidth(
