@@ -17,8 +17,10 @@ token is always computed (it gives the first output token). Two shapes of plan:
   ``max(c, l)``, not ``min(2c, 2l)``): a slow disk never makes the first token later than
   computing the prompt, and mostly earlier than both. ``t = 0`` is plain recompute.
 
-Every plan has a load ``deadline_s`` (``LOAD_SLACK`` times the predicted load, plus
-``LOAD_MARGIN_S``): past it the engine stops waiting and recomputes what has not arrived. Where a
+A split must beat loading every hit by ``SPLIT_GAIN`` (10%), else that simpler plan runs (a
+fraction of a block's load time is not worth the noise of two moving parts). Every plan has a
+load ``deadline_s`` (``LOAD_SLACK`` times the predicted load, plus ``LOAD_MARGIN_S``): past it
+the engine stops waiting and recomputes what has not arrived. Where a
 speed is not known yet (``Speeds.prefill_tokens_per_s`` None, or a tier missing with
 ``unknown_loads``), everything loadable is loaded and there is no deadline.
 
@@ -33,8 +35,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-LOAD_SLACK = 1.5  # the deadline of a load, in predicted load times
-LOAD_MARGIN_S = 0.02  # plus this
+LOAD_SLACK = 2.0  # the deadline of a load, in predicted load times
+LOAD_MARGIN_S = 0.25  # plus this (a busy machine's scheduling noise is not a slow disk)
+SPLIT_GAIN = 0.9  # a split must beat loading every hit by 10% (else that simpler plan runs)
 EWMA_ALPHA = 0.2  # weight of a new observation in the moving averages
 DEVICE_TIER = "device"  # already in the device pool: loading it is free
 _TIE = 1 - 1e-9  # plans within this factor of each other cost the same
@@ -152,6 +155,10 @@ def _split(loads: list[float], prompt_len: int, block_size: int, speed: float) -
                     best_h, best_t, best_total = k, t, min(total, best_total)
     if best_t == 0:
         return LoadPlan(0, 0, 0.0, 0.0, cold, None)
+    if best_h > 0:  # loading every hit and computing the rest, unless the split clearly wins
+        plain = prefix[n] + (prompt_len - n * block_size) / speed
+        if plain < cold and best_total >= SPLIT_GAIN * plain:
+            best_h, best_t = 0, n
     load_s = prefix[best_t] - prefix[best_h]
     rest_s = (prompt_len - best_t * block_size) / speed
     return LoadPlan(best_h, best_t - best_h, best_h * c, load_s, rest_s, _deadline(load_s))

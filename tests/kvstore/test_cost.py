@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kvstore.cost import (
     LOAD_MARGIN_S,
     LOAD_SLACK,
+    SPLIT_GAIN,
     Speeds,
     SpeedTracker,
     plan_load,
@@ -89,7 +90,11 @@ def test_the_split_is_optimal_and_never_worse_than_computing(
     cold = prompt_len / speed
     assert plan.ttft_s <= cold * (1 + 1e-9)
     assert plan.ttft_s <= seq.ttft_s * (1 + 1e-9) + 1e-12
-    assert plan.ttft_s == pytest.approx(_brute_force(loads, prompt_len, speed), rel=1e-9)
+    best = _brute_force(loads, prompt_len, speed)
+    if plan.num_head_blocks:  # the split runs only where it is the optimum
+        assert plan.ttft_s == pytest.approx(best, rel=1e-9)
+    else:  # else the optimum, or loading every hit when that is within SPLIT_GAIN of it
+        assert best <= plan.ttft_s * (1 + 1e-9) and best >= SPLIT_GAIN * plan.ttft_s * (1 - 1e-9)
     assert plan.num_head_blocks + plan.num_load_blocks <= len(loads)
 
 
