@@ -84,8 +84,10 @@ class WorkerBase:
         self.engine = LLMEngine(engine_config, store_config)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
         self.tier_bytes_per_s = self._measure_tiers()
-        self.engine.kv.prefill_tokens_per_s = self.prefill_tokens_per_s
-        self.engine.kv.tier_bytes_per_s = dict(self.tier_bytes_per_s)
+        speeds = self.engine.kv.speeds  # load-or-recompute starts from the measured speeds
+        speeds.set_prefill(self.prefill_tokens_per_s)
+        for tier, bytes_per_s in self.tier_bytes_per_s.items():
+            speeds.set_tier(tier, bytes_per_s)
         self.loop = EngineLoop(self.engine, name=f"{worker_id}-loop", on_outputs=self._outputs())
         self.receiver = KVReceiver(BlockSinkAdapter(self), self.engine.fingerprint, secret=secret)
         self.server = grpc.server(
