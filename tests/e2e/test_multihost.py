@@ -199,7 +199,6 @@ def test_placement_follows_the_prefix_across_hosts(testbed: MultiHost,  # noqa: 
 def test_bench_ttft_and_soak_against_it(testbed: MultiHost) -> None:
     """``strata bench ttft --server`` and ``strata bench soak --server`` from the client host."""
     import glob
-    import json
 
     tb = testbed.tb
     out = "/tmp/bench"  # in the client host's /tmp
@@ -210,7 +209,10 @@ def test_bench_ttft_and_soak_against_it(testbed: MultiHost) -> None:
                      "--seconds", "12", "--clients", "2", "--prefix-tokens", "128",
                      "--no-kill", "--no-progress", "--out", out)
     assert soak.returncode == 0, soak.stderr[-3000:]
-    results = {os.path.basename(f).split("-")[0]: json.load(open(f))  # noqa: SIM115
+    from bench import results as bench_results
+
+    # a run writes a summary JSON and its samples beside it; load() puts them back together
+    results = {os.path.basename(f).split("-")[0]: bench_results.load(f)
                for f in glob.glob(os.path.join(tb.hosts[CLIENT].tmp, "bench", "*.json"))}
     assert {s["mode"] for s in results["ttft"]["samples"]} == {"cold", "warm"}
     warm = [s for s in results["ttft"]["samples"] if s["mode"] == "warm"]
