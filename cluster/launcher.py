@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,15 @@ from proto.worker_api import DECODE, PREFILL
 logger = logging.getLogger(__name__)
 
 ROUTER_NAME = "strata-router"
-_ENV_VARS = {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment of the Ray workers: the repository root first on ``PYTHONPATH`` (Ray starts
+    them without it), then the user's own entries, kept in their order."""
+    env = os.environ if environ is None else environ
+    user = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != _ROOT]
+    return {"PYTHONPATH": os.pathsep.join([_ROOT, *user])}
 
 
 @dataclass
@@ -48,7 +57,7 @@ def connect(address: str | None, cfg: ServiceConfig) -> bool:
     """Join the cluster at ``address`` or start an embedded one; True if this process owns it."""
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": _ENV_VARS}
+    runtime_env = {"env_vars": worker_env()}
     if address:
         ray.init(
             address=address,
@@ -125,7 +134,7 @@ def start_head(cfg: ServiceConfig) -> bool:
         f"--resources={res}",
         "--disable-usage-stats",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_ENV_VARS})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **worker_env()})
     if proc.returncode != 0:
         out = (proc.stderr + proc.stdout).strip()
         if "already running" in out or "already" in out and "ray stop" in out:
