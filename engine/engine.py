@@ -16,7 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_manager import KVCacheManager
 from engine.loader import LoadedModel, load_model, model_fingerprint_fields
-from engine.runner import DecodeGraphSpec, ModelRunner
+from engine.runner import GraphSpec, ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import RequestResult, Sequence, StepOutput
@@ -75,7 +75,7 @@ class LLMEngine:
             config.enable_prefix_caching,
         )
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        graphs = DecodeGraphSpec(self.kv.scratch_block, config.max_num_seqs, self.max_model_len)
+        graphs = GraphSpec(self.kv.scratch_block, config.max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(
             self.loaded.model,
             self.kv.kv_caches,
