@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 SHORT_MAX_QUERIES = 16  # a chunk this short over a prefix goes to the split-KV kernel
 
@@ -69,13 +68,16 @@ class AttnMetadata:
     batch_invariant: bool = False  # projections through engine.matmul (deterministic mode)
 
 
-def _window_mask(
-    q_start: int, q_len: int, ctx_len: int, window: int, device: torch.device
+def _causal_mask(
+    q_start: int, q_len: int, ctx_len: int, window: int | None, device: torch.device
 ) -> torch.Tensor:
     # [q_len, ctx_len] bool, True = attend
     qpos = torch.arange(q_start, q_start + q_len, device=device)[:, None]
     kpos = torch.arange(ctx_len, device=device)[None, :]
-    return (kpos <= qpos) & (kpos > qpos - window)
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
 
 
 def gather_prefix(
@@ -103,18 +105,23 @@ def attend_sdpa(
     # [1, H, S, D] views: the fused kernels take them (3-D inputs fall back to a path that
     # materialises every score, ~10x slower on a CPU at 2K tokens)
     qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k, v))
-    if window is not None and ctx > 1 and q_start + q_len > window:
-        mask = _window_mask(q_start, q_len, ctx, window, q.device)
-        o = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask[None, None], scale=scale, enable_gqa=True
-        )
-    elif q_len == 1:
+    windowed = window is not None and ctx > window
+    if q_len == 1 and not windowed:
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)
-    elif q_len == ctx:
+    elif q_len == ctx and not windowed:
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-    else:
+    elif q.is_cuda and not windowed:
+        # imported here: it imports triton, which the CPU path never needs (and which the
+        # interpreter tests must import first, with TRITON_INTERPRET set)
+        from torch.nn.attention.bias import causal_lower_right
+
         o = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=causal_lower_right(q_len, ctx), scale=scale, enable_gqa=True
+        )
+    else:  # CPU: the same lower-right mask, materialised (what PyTorch does there anyway)
+        mask = _causal_mask(q_start, q_len, ctx, window, q.device)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask[None, None], scale=scale, enable_gqa=True
         )
     return o[0].transpose(0, 1)
 

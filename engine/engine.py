@@ -74,7 +74,12 @@ class LLMEngine:
             self.store,
             config.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        grid = config.max_num_batched_tokens if config.deterministic else 0
+        if grid:
+            self.kv.hit_grid_blocks = grid // config.block_size
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, grid
+        )
         graphs = GraphSpec(self.kv.scratch_block, config.max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(
             self.loaded.model,
@@ -83,6 +88,7 @@ class LLMEngine:
             self.device,
             config.attention_backend,
             graphs if config.cuda_graphs else None,
+            deterministic=config.deterministic,
         )
         self._seqs: dict[str, Sequence] = {}
         self._watches: dict[str, _Watch] = {}
@@ -145,7 +151,11 @@ class LLMEngine:
         prompt_token_ids: Seq[int],
         sampling: SamplingParams,
         cache_salt: str = "",
+        prefill_len: int | None = None,
     ) -> None:
+        """Queue a request. ``prefill_len``: how many leading tokens of ``prompt_token_ids`` are
+        the prompt, when the tokens after them were sampled already (a decode worker continuing
+        a prefill worker's request); deterministic mode computes those one per step."""
         if req_id in self._seqs:
             raise ValueError(f"request id {req_id!r} is already in use")
         self.validate(prompt_token_ids, sampling)
@@ -155,6 +165,8 @@ class LLMEngine:
             )
         ids = [int(t) for t in prompt_token_ids]
         seq = Sequence(req_id, ids, len(ids), sampling, cache_salt, time.perf_counter())
+        if prefill_len is not None:
+            seq.prefill_len = max(1, min(prefill_len, len(ids)))
         self._seqs[req_id] = seq
         self.scheduler.add(seq)
 

@@ -65,6 +65,9 @@ class KVCacheManager:
         self.prefill_tokens_per_s: float | None = None
         self.tier_bytes_per_s: dict[str, float] = {}
         self.num_hits_recomputed = 0  # store hits recomputed because loading them was slower
+        # Deterministic mode: a prefix hit counts in whole grids of this many blocks (the
+        # chunk size), so the rest is computed in the chunks a cold run computes.
+        self.hit_grid_blocks = 1
 
     # ---- hashing -------------------------------------------------------------------------
     def update_hashes(self, seq: Sequence) -> None:
@@ -90,6 +93,9 @@ class KVCacheManager:
             n_load = self.num_worth_loading(tiers, len(seq.token_ids) - n_dev * self.block_size)
             self.num_hits_recomputed += len(tiers) - n_load
             tiers = tiers[:n_load]
+        if self.hit_grid_blocks > 1:  # deterministic mode: round the hit down to the grid
+            keep = (n_dev + len(tiers)) // self.hit_grid_blocks * self.hit_grid_blocks
+            n_dev, tiers = min(n_dev, keep), tiers[: max(0, keep - n_dev)]
         return AdmitPlan(n_dev, tiers)
 
     def num_worth_loading(self, tiers: tuple[str, ...], num_tokens: int) -> int:

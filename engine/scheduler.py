@@ -5,6 +5,12 @@ take one token, unfinished prefills take a chunk. Waiting sequences are admitted
 while the pool can hold their whole prompt (never over-committed); the first one that does not
 fit waits (backpressure) until blocks are freed. A running sequence that cannot grow preempts the
 most recently admitted one (its blocks stay in the prefix cache, so re-admission is cheap).
+
+With ``grid`` set (deterministic mode: the chunk size) every prompt is cut at the multiples of
+``grid`` and at its end, whatever else runs, so a chunk's shapes never depend on the batch or on
+how much of the prompt was cached (hits are rounded to the same grid); a chunk that does not
+fit the step's budget waits, unless it is the step's first; tokens after the prompt go one per
+step.
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, grid: int = 0
+    ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.grid = grid  # 0: chunks as large as the budget allows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -42,16 +51,29 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _num_tokens(self, seq: Sequence, budget: int, batch: list[ScheduledSeq]) -> int:
+        """Tokens ``seq`` computes in this step (0: it waits for the next one)."""
+        left = len(seq.token_ids) - seq.num_computed_tokens
+        assert left > 0, f"sequence {seq.req_id} has nothing to compute"
+        if not self.grid:
+            return min(left, budget)
+        done = seq.num_computed_tokens
+        if done >= seq.prefill_len:
+            return 1
+        n = min(seq.prefill_len, (done // self.grid + 1) * self.grid) - done
+        return n if n <= budget or all(item.q_len == 1 for item in batch) else 0
+
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         for seq in list(self.running):
-            if budget == 0:
+            if budget <= 0:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            assert n > 0, f"running sequence {seq.req_id} has nothing to compute"
+            n = self._num_tokens(seq, budget, batch)
+            if n == 0:
+                continue
             while not self.kv.append_slots(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -70,9 +92,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
-            budget -= n
+            n = self._num_tokens(seq, budget, batch)
+            if n:
+                batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+                budget -= n
         return batch
 
     def _preempt(self, seq: Sequence) -> None:

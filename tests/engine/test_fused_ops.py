@@ -100,3 +100,38 @@ def test_cpu_invariant_linear_same_bits_in_any_batch(dtype: torch.dtype) -> None
         full = invariant_linear(x, w)
         for rows in (slice(0, 1), slice(7, 8), slice(2, 19), slice(31, 100)):
             assert torch.equal(invariant_linear(x[rows], w), full[rows]), (n, k, rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_ops_and_invariant_gemm_on_cuda_real_shapes() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiled-kernel test; run without TRITON_INTERPRET=1")
+    from engine.matmul_triton import linear_triton
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    h_q, h_kv, d, hidden, t = 32, 8, 128, 4096, 300
+    x, res = (torch.randn((t, hidden), generator=gen, device=dev).to(bf16) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen, device=dev)).to(bf16)
+    for got, want in zip(ops.rms_norm(x, w, 1e-5, res, fused=True), ops.rms_norm(x, w, 1e-5, res)):
+        assert got is not None and want is not None
+        _close(got, want)
+    gate_up = torch.randn((t, 2 * 14336), generator=gen, device=dev).to(bf16)
+    _close(ops.silu_mul(gate_up, fused=True), ops.silu_mul(gate_up))
+    rotary = RotaryEmbedding(d, 500000.0, None).to(dev)
+    cos, sin = rotary.cos_sin(torch.arange(1000, 1000 + t, device=dev), bf16)
+    qkv = torch.randn((t, (h_q + 2 * h_kv) * d), generator=gen, device=dev).to(bf16)
+    blocks = torch.arange(t, device=dev) // 16
+    offs = torch.arange(t, device=dev) % 16
+    caches = [torch.zeros((t // 16 + 1, 2, 16, h_kv, d), dtype=bf16, device=dev) for _ in "ab"]
+    want = ops.rope_write_kv(qkv.clone(), cos, sin, caches[0], blocks, offs, h_q, h_kv)
+    got = ops.rope_write_kv(qkv.clone(), cos, sin, caches[1], blocks, offs, h_q, h_kv, fused=True)
+    for g, ww in zip(got, want):
+        _close(g, ww)
+    _close(caches[1], caches[0])
+    wt = (0.02 * torch.randn((6144, hidden), generator=gen, device=dev)).to(bf16)
+    full = linear_triton(x, wt)
+    _close(full, torch.nn.functional.linear(x, wt))
+    for rows in (slice(0, 1), slice(7, 8), slice(3, 67), slice(100, 300)):
+        assert torch.equal(linear_triton(x[rows], wt), full[rows]), rows
