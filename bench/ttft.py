@@ -189,12 +189,15 @@ def _sizes(args: argparse.Namespace, lengths: list[int], repeats: int) -> Engine
 def run_inprocess(
     args: argparse.Namespace, lengths: list[int], repeats: int, *,
     sizes: EngineSizes | None = None, loaded: Any = None, clear: bool = False,  # noqa: ANN401
-    peer: Any = None,  # noqa: ANN401
+    peer: Any = None, modes: tuple[str, ...] = MODES,  # noqa: ANN401
+    warmup_length: int | None = None, engine_kw: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Cold and warm TTFT of every length in-process. ``sizes``/``loaded``: the engine's sizes
     and a LoadedModel to share; ``clear``: drop each prompt's blocks from every tier after its
     cycle (tiers sized for one prompt at a time); ``peer(prompt) -> (seconds, first token)``
-    times another implementation on the same prompt just before its cold run."""
+    times another implementation on the same prompt just before its cold run; ``modes``: cold
+    and the warm tiers to time (all four by default); ``warmup_length``: of the untimed first
+    cycle (default the shortest length); ``engine_kw``: further EngineConfig fields."""
     from engine.sampling import SamplingParams
 
     sizes = sizes or _sizes(args, lengths, repeats)
@@ -202,19 +205,20 @@ def run_inprocess(
     with tempfile.TemporaryDirectory(prefix="strata-bench-ttft-") as disk_dir:
         engine = build_engine(args.model, args.dtype, sizes, disk_dir, loaded=loaded,
                               store_kw={"persist_on_close": False, "disk_write_queue_blocks":
-                                        max(64, (256 << 20) // _block_nbytes(args, loaded))})
+                                        max(64, (256 << 20) // _block_nbytes(args, loaded))},
+                              **(engine_kw or {}))
         try:
             assert engine.store is not None and engine.store.disk is not None, "store tiers missing"
             probe_blocks = max(64, (32 << 20) // engine.layout.block_nbytes)  # past the CPU caches
             bandwidth = dict(engine.store.measure_bandwidth(num_blocks=probe_blocks))
             bandwidth["device"] = memory_copy_bandwidth(engine.layout.dtype, engine.device)
             vocab = engine.model_config.vocab_size
-            bar = progress((repeats * len(lengths) + 1) * len(MODES), "ttft", args.no_progress)
+            bar = progress((repeats * len(lengths) + 1) * len(modes), "ttft", args.no_progress)
             # Warm-up cycle (first-call costs of every path), not recorded.
-            warm_up = random_prompt(-1, min(lengths), vocab)
+            warm_up = random_prompt(-1, warmup_length or min(lengths), vocab)
             if peer is not None:
                 peer(warm_up)
-            _cycle(engine, warm_up, sampling, bar, clear)
+            _cycle(engine, warm_up, sampling, bar, clear, modes)
             samples: list[dict[str, Any]] = []
             for rep in range(repeats):
                 for length in lengths:
@@ -224,7 +228,7 @@ def run_inprocess(
                         peer_s, peer_token = peer(prompt)
                         samples.append({"length": length, "repeat": rep, "mode": "peer",
                                         "ttft_s": peer_s, "output_token_ids": [peer_token]})
-                    for mode, res, gap in _cycle(engine, prompt, sampling, bar, clear):
+                    for mode, res, gap in _cycle(engine, prompt, sampling, bar, clear, modes):
                         samples.append({
                             "length": length, "repeat": rep, "mode": mode, "ttft_s": res.ttft_s,
                             "num_cached_tokens": res.num_cached_tokens,
@@ -261,7 +265,8 @@ def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:  # noqa: ANN401
 
 
 def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN401
-           clear: bool = False) -> list[tuple[str, Any, dict[str, Any]]]:
+           clear: bool = False, modes: tuple[str, ...] = MODES,
+           ) -> list[tuple[str, Any, dict[str, Any]]]:
     """Cold, then warm from device, host and disk; each run checked before it counts (tier,
     logits gate); each with its logits' gap to the cold run's (empty for the cold run)."""
     store = engine.store
@@ -275,7 +280,7 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN
     engine.runner.keep_logits = True
     out: list[tuple[str, Any]] = []
     cold = cold_logits = None
-    for mode in MODES:
+    for mode in modes:
         if mode == "host":
             engine.kv.evict_all_free()
             _expect_lookup(store, hashes[:num_hit], "host")
@@ -336,8 +341,8 @@ def _summarize(
         row["kv_bytes"] = kv_bytes(engine, cached)
         for mode in MODES:
             xs = [s["ttft_s"] for s in samples if s["length"] == length and s["mode"] == mode]
-            row[f"{mode}_s"] = statistics.median(xs)
-        for tier in MODES[1:]:
+            row[f"{mode}_s"] = statistics.median(xs) if xs else None
+        for tier in [m for m in MODES[1:] if row[f"{m}_s"] is not None]:
             floor = row["kv_bytes"] / (bandwidth[tier] * 1e9)
             row[f"{tier}_floor_s"] = floor
             row[f"{tier}_over_floor"] = row[f"{tier}_s"] / floor if floor > 0 else None

@@ -246,12 +246,15 @@ class LLMEngine:
         if not batch:
             return []
         self.kv.wait_loads()  # the blocks admission started loading
-        tokens = self.runner.execute(batch)
+        pending = self.runner.launch(batch)  # on a GPU queued, not finished: the host goes on
+        for item in batch:
+            item.seq.num_computed_tokens = item.q_start + item.q_len
+        self.kv.register_computed([item.seq for item in batch])  # hashing, offload: meanwhile
+        tokens = pending()  # waits for the step
         now = time.perf_counter()
         outputs: list[StepOutput] = []
         for item, tok in zip(batch, tokens):
             seq = item.seq
-            seq.num_computed_tokens = item.q_start + item.q_len
             if tok is None:
                 continue
             seq.token_ids.append(tok)
@@ -259,7 +262,6 @@ class LLMEngine:
                 seq.first_token_time = now
             reason = self._finish_reason(seq, tok)
             outputs.append(self._output(seq, (tok,), reason))
-        self.kv.register_computed([item.seq for item in batch])
         if self._watches:
             finishing = {out.req_id for out in outputs if out.finished}
             self._report_blocks([item.seq for item in batch], finishing)

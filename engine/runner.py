@@ -7,6 +7,7 @@ Steps of decodes and short chunks replay CUDA graphs (``engine.cuda_graphs``) on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,14 @@ class ModelRunner:
 
     def execute(self, batch: list[ScheduledSeq]) -> list[int | None]:
         """Run one step; the sampled token of every sequence whose chunk reached its end."""
+        return self.launch(batch)()
+
+    def launch(self, batch: list[ScheduledSeq]) -> Callable[[], list[int | None]]:
+        """Queue one step; returns the call that waits for it and gives ``execute``'s tokens.
+
+        On a GPU the step (and, for greedy requests, the argmax and its copy to the host) is
+        only queued when this returns, so the host's work between the two calls overlaps it;
+        sampling with temperature runs in the second call."""
         if self.graphs is not None and self.graphs.supports(batch):
             logits = self.graphs.run(batch)  # [len(batch), vocab]: every sequence's last row
             sampling_rows = [i for i, item in enumerate(batch) if item.samples]
@@ -158,24 +167,34 @@ class ModelRunner:
                 if item.samples:
                     last.append(t - 1)
                     sampling_rows.append(i)
-            result: list[int | None] = [None] * len(batch)
             if not last:
-                return result
+                return lambda: [None] * len(batch)
             rows = hidden[torch.tensor(last, device=hidden.device)]
             logits = self.model.compute_logits(rows, self.deterministic)
         sampling_items = [batch[i] for i in sampling_rows]
+        params = [item.seq.sampling for item in sampling_items]
+        greedy: torch.Tensor | None = None
+        done: torch.cuda.Event | None = None
+        if logits.is_cuda and all(p.greedy for p in params):
+            greedy = logits.argmax(dim=-1).to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
         if self.keep_logits:
             for item, row in zip(sampling_items, logits.cpu()):
                 self.kept_logits.setdefault(item.seq.req_id, []).append(row.clone())
-        tokens = sample(
-            logits,
-            [item.seq.sampling for item in sampling_items],
-            [len(item.seq.token_ids) for item in sampling_items],
-        )
-        out: list[int | None] = [None] * len(batch)
-        for i, tok in zip(sampling_rows, tokens):
-            out[i] = tok
-        return out
+
+        def finish() -> list[int | None]:
+            if greedy is not None and done is not None:
+                done.synchronize()
+                tokens = greedy.tolist()
+            else:
+                tokens = sample(logits, params, [len(it.seq.token_ids) for it in sampling_items])
+            out: list[int | None] = [None] * len(batch)
+            for i, tok in zip(sampling_rows, tokens):
+                out[i] = tok
+            return out
+
+        return finish
 
 
 def select_kernels(backend: str, device: torch.device, sliding_window: int | None) -> bool:

@@ -94,13 +94,13 @@ def test_deterministic_handoff_to_a_decode_engine(make_engine, loaded) -> None:
     assert n == 9 and decode.write_blocks(hashes, data) == 9
     decode.runner.keep_logits = True
     steps: list[tuple[int, int]] = []
-    run = decode.runner.execute
+    run = decode.runner.launch
 
     def spy(batch):  # noqa: ANN001, ANN202
         steps.append((batch[0].q_start, batch[0].q_len))
         return run(batch)
 
-    decode.runner.execute = spy  # type: ignore[method-assign]
+    decode.runner.launch = spy  # type: ignore[method-assign]
     decode.add_request("handoff", prompt + [first], SamplingParams(max_tokens=3, ignore_eos=True),
                        prefill_len=len(prompt))  # fmt: skip
     tokens = []
@@ -121,14 +121,14 @@ def test_deterministic_request_whatever_its_batch(make_engine, loaded) -> None:
     _, [alone] = _run(make_engine(loaded=loaded, deterministic=True, **kw), [target])
     eng = make_engine(loaded=loaded, deterministic=True, **kw)
     steps: list[list[int]] = []  # query counts of the steps the target ran in
-    run = eng.runner.execute
+    run = eng.runner.launch
 
     def spy(batch):  # noqa: ANN001, ANN202
         if any(item.seq.token_ids[:150] == target for item in batch):
             steps.append([item.q_len for item in batch])
         return run(batch)
 
-    eng.runner.execute = spy  # type: ignore[method-assign]
+    eng.runner.launch = spy  # type: ignore[method-assign]
     _, logits = _run(eng, [others[0], target, others[1], others[2]])
     assert torch.equal(logits[1], alone)
     assert any(len(s) > 1 and max(s) > 1 for s in steps)  # it shared steps with others' chunks

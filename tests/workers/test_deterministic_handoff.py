@@ -43,13 +43,13 @@ def test_handoff_gives_one_engines_bits() -> None:
         assert out.wait_connected(30)
         engine = d.loop.engine
         steps: list[tuple[int, int]] = []
-        run = engine.runner.execute
+        run = engine.runner.launch
 
         def spy(batch):  # noqa: ANN001, ANN202 - runs on the decode worker's loop thread
             steps.extend((item.q_start, item.q_len) for item in batch)
             return run(batch)
 
-        engine.runner.execute = spy  # type: ignore[method-assign]
+        engine.runner.launch = spy  # type: ignore[method-assign]
         engine.runner.keep_logits = True
         first = p.prefill(PrefillRequest("r", tuple(prompt), sampling, "",
                                          decode_kv_address=d.kv_address)).first_token  # fmt: skip
