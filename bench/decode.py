@@ -265,12 +265,14 @@ def render_table(result: dict[str, Any]) -> str:
         return out
     roof = result["roofline"]
     rows = [[r["batch"], r["tokens_per_s"], r["ms_per_step"], r["roofline_tokens_per_s"],
-             r["fraction_of_roofline"]] for r in result["rows"]]
+             r["fraction_of_roofline"], r.get("fraction_of_weights_roofline")]
+            for r in result["rows"]]
     head = (f"decode, {cfg['model']} {cfg['dtype']} on {cfg['device']}, prompt "
             f"{cfg['prompt_tokens']} tokens; roofline = {roof['name']} "
             f"({roof['copy_bandwidth_gbps']:.1f} GB/s copy)")
     return head + "\n" + format_table(
-        ["batch", "tok/s", "ms/step", "roofline tok/s", "of roofline"], rows)
+        ["batch", "tok/s", "ms/step", "roofline tok/s", "of roofline", "of weights roofline"],
+        rows)
 
 
 def plot(result: dict[str, Any], path: str) -> None:

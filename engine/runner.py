@@ -49,8 +49,12 @@ class ModelRunner:
         self.sliding_window = model.config.sliding_window
         self.use_kernels = select_kernels(attention_backend, device, self.sliding_window)
         # Fused norm / RoPE + KV write / SiLU kernels wherever the Triton attention runs on a
-        # GPU (on a CPU the interpreter would run them row by row in Python: tests only).
-        self.fused = self.use_kernels and device.type == "cuda"
+        # GPU (on a CPU the interpreter would run them row by row in Python: tests only), and
+        # in deterministic mode on any GPU: torch's CUDA reductions pick their split from the
+        # row count, the row kernels never do.
+        self.fused = (self.use_kernels or deterministic) and device.type == "cuda"
+        if self.fused and not self.use_kernels and not _has_triton():
+            raise ValueError("deterministic mode on CUDA needs triton (pip install triton)")
         self.deterministic = deterministic
         # Logits of each request's sampled tokens, kept when asked (benchmarks' cold-vs-warm
         # check): req_id -> [n, vocab] float32 on the CPU.
@@ -176,7 +180,8 @@ class ModelRunner:
         greedy: torch.Tensor | None = None
         done: torch.cuda.Event | None = None
         if logits.is_cuda and all(p.greedy for p in params):
-            greedy = logits.argmax(dim=-1).to("cpu", non_blocking=True)
+            greedy = torch.empty(len(params), dtype=torch.int64, pin_memory=True)
+            greedy.copy_(logits.argmax(dim=-1), non_blocking=True)
             done = torch.cuda.Event()
             done.record()
         if self.keep_logits:
@@ -207,8 +212,10 @@ def select_kernels(backend: str, device: torch.device, sliding_window: int | Non
         return False
     if backend == "triton":
         return True
-    if device.type != "cuda":
-        return False
+    return device.type == "cuda" and _has_triton()
+
+
+def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -82,13 +82,17 @@ def extend_hashes(
     fingerprint: bytes,
     cache_salt: str = "",
 ) -> list[BlockHash]:
-    """Append the hashes of blocks that became full since ``hashes`` was computed (in place)."""
-    ids = np.asarray(token_ids, dtype="<i4")
-    n_full = len(ids) // block_size
+    """Append the hashes of blocks that became full since ``hashes`` was computed (in place).
+    Only the new blocks' tokens are read: the engine calls this for every sequence of every
+    step, and a long context must not cost a conversion of all its tokens each time."""
+    first, n_full = len(hashes), len(token_ids) // block_size
+    if n_full <= first:
+        return hashes
+    ids = np.asarray(token_ids[first * block_size : n_full * block_size], dtype="<i4")
     parent: bytes = hashes[-1] if hashes else ROOT_HASH
-    for i in range(len(hashes), n_full):
+    for j, i in enumerate(range(first, n_full)):
         extra = first_block_extra(fingerprint, cache_salt) if i == 0 else b""
-        parent = hash_block(parent, ids[i * block_size : (i + 1) * block_size], extra)
+        parent = hash_block(parent, ids[j * block_size : (j + 1) * block_size], extra)
         hashes.append(BlockHash(parent))
     return hashes
 
