@@ -26,16 +26,15 @@ drops the least wanted):
 8. ``offload`` -- prefill with the pool -> host offload running against no store.
 
 The parent process runs each section as ``python -m bench.gpu --run-section NAME`` with a time
-limit (``LIMITS_S``, shortened to what is left of ``--budget-s``); a section writes
-``gpu-section-NAME.json`` under ``--out`` when it finishes, so a section that is killed or fails
-costs only itself. The parent then writes one summary (``gpu-*.json``, ``.png``): per-request
-dumps are not kept.
+limit (``LIMITS_S``, shortened to what is left of ``--budget-s``); a section writes its summary,
+``gpu-section-NAME.json`` under ``--out`` (its per-request samples beside it, ``bench.results``),
+when it finishes, so a section that is killed or fails costs only itself. The parent then writes
+the run's summary (``gpu-*.json``, ``.png``; samples in ``gpu-*.samples.json.gz``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -48,6 +47,7 @@ from typing import Any
 
 import torch
 
+from bench import results
 from bench.common import add_run_flags, machine_info, new_parser, parse_ints, report
 from bench.gpu_report import plot, render_table
 
@@ -149,15 +149,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 continue
             limit = min(limit, int(left) - 5)
         path = _section_path(out_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
+        for old in (path, results.samples_path(path)):
+            if os.path.exists(old):
+                os.remove(old)
         cmd = [sys.executable, "-m", "bench.gpu", *argv, "--run-section", name, "--out", out_dir]
         t0 = time.monotonic()
         rc = _run_child(cmd, limit)
         result["section_seconds"][name] = time.monotonic() - t0
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                sec = json.load(f)
+            sec = results.load(path)
             if "error" in sec:
                 result["errors"][name] = sec["error"]
             else:
@@ -202,11 +202,7 @@ def run_section(args: argparse.Namespace) -> int:
         traceback.print_exc()
         payload = {"error": f"{type(e).__name__}: {e}"}
     payload["seconds"] = time.perf_counter() - t0
-    path = _section_path(args.out, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    results.save(_section_path(args.out, name), payload)
     print(f"section {name}: {'FAILED ' + payload['error'] if 'error' in payload else 'done'} "
           f"in {payload['seconds']:.0f} s", flush=True)
     return 0 if "error" not in payload else 1

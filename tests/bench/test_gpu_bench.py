@@ -6,20 +6,20 @@ one that does not fit the budget is skipped."""
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import pytest
 import torch
 
-from bench import gpu
+from bench import gpu, results
 
 
 def _summary(tmp_path) -> dict:  # noqa: ANN001
-    [path] = glob.glob(os.path.join(tmp_path, "gpu-2*.json"))
-    return json.load(open(path, encoding="utf-8"))
+    [path] = glob.glob(os.path.join(tmp_path, "gpu-2*[0-9].json"))
+    return results.load(path)  # the summary with its samples file put back
 
 
+@pytest.mark.slow
 def test_gpu_bench_quick_form(tmp_path, capsys) -> None:  # noqa: ANN001
     sections = "correctness,ttft,decode,determinism,disagg,kernels,offload"
     assert gpu.main(["--quick", "--sections", sections, "--lengths", "256",
