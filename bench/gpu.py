@@ -20,9 +20,10 @@ drops the least wanted):
    the HBM roofline of the bytes a step reads (``bench.decode``).
 5. ``determinism`` -- what ``engine: {deterministic: true}`` costs: cold and warm TTFT and decode
    steps with it and without, and its warm runs checked bit-identical.
-6. ``disagg`` -- TTFT through a service this run starts (one prefill, one decode worker) against
+6. ``kernels`` -- the attention paths, the fused ops and the batch-invariant GEMM against torch
+   (``bench.kernels_gpu``): which path is the fastest on this GPU.
+7. ``disagg`` -- TTFT through a service this run starts (one prefill, one decode worker) against
    the colocated engine, with the handoff's bytes and speed.
-7. ``kernels`` -- attention paths and the batch-invariant GEMM against torch (``kernels_gpu``).
 8. ``offload`` -- prefill with the pool -> host offload running against no store.
 
 The parent process runs each section as ``python -m bench.gpu --run-section NAME`` with a time
@@ -51,7 +52,7 @@ from bench import results
 from bench.common import add_run_flags, machine_info, new_parser, parse_ints, report
 from bench.gpu_report import plot, render_table
 
-SECTIONS = ("correctness", "ttft", "ttft-long", "decode", "determinism", "disagg", "kernels",
+SECTIONS = ("correctness", "ttft", "ttft-long", "decode", "determinism", "kernels", "disagg",
             "offload")
 LIMITS_S = {"correctness": 120, "ttft": 180, "ttft-long": 180, "decode": 90, "determinism": 120,
             "disagg": 180, "kernels": 90, "offload": 90}
