@@ -115,6 +115,10 @@ def _resolve(args: argparse.Namespace) -> None:
             setattr(args, key, value)
     args.lengths = parse_ints(str(args.lengths), "--lengths")
     args.long_lengths = parse_ints(str(args.long_lengths), "--long-lengths")
+    from bench.service import check_lengths
+
+    # the longest prompt may fill the whole window
+    check_lengths(args.model, [*args.lengths, *args.long_lengths])
     args.batches = parse_ints(str(args.batches), "--batches")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(args.sections) - set(SECTIONS)

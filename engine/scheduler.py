@@ -4,7 +4,9 @@ Each step has a token budget (``max_num_batched_tokens``). Running sequences go 
 take one token, unfinished prefills take a chunk. Waiting sequences are admitted in arrival order
 while the pool can hold their whole prompt (never over-committed); the first one that does not
 fit waits (backpressure) until blocks are freed. A running sequence that cannot grow preempts the
-most recently admitted one (its blocks stay in the prefix cache, so re-admission is cheap).
+most recently admitted one (its blocks stay in the prefix cache, so re-admission is cheap). A
+sequence whose cached prefix is loading computes only up to ``kv.compute_limit`` (its head, if
+the load plan split it) and is skipped otherwise: the others run meanwhile.
 
 With ``grid`` set (deterministic mode: the chunk size) every prompt is cut at the multiples of
 ``grid`` and at its end, whatever else runs, so a chunk's shapes never depend on the batch or on
@@ -52,15 +54,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _num_tokens(self, seq: Sequence, budget: int, batch: list[ScheduledSeq]) -> int:
-        """Tokens ``seq`` computes in this step (0: it waits for the next one)."""
-        left = len(seq.token_ids) - seq.num_computed_tokens
-        assert left > 0, f"sequence {seq.req_id} has nothing to compute"
-        if not self.grid:
-            return min(left, budget)
+        """Tokens ``seq`` computes in this step (0: it waits, its cached prefix still loading
+        or, on the grid, its chunk not fitting the budget)."""
         done = seq.num_computed_tokens
+        limit = self.kv.compute_limit(seq)
+        if limit <= done:
+            return 0  # its cached prefix is loading: scheduled once it arrived
+        if not self.grid:
+            return min(limit - done, budget)
         if done >= seq.prefill_len:
             return 1
-        n = min(seq.prefill_len, (done // self.grid + 1) * self.grid) - done
+        n = min(seq.prefill_len, (done // self.grid + 1) * self.grid, limit) - done
         return n if n <= budget or all(item.q_len == 1 for item in batch) else 0
 
     def schedule(self) -> list[ScheduledSeq]:

@@ -83,16 +83,18 @@ def extend_hashes(
     cache_salt: str = "",
 ) -> list[BlockHash]:
     """Append the hashes of blocks that became full since ``hashes`` was computed (in place).
-    Only the new blocks' tokens are read: the engine calls this for every sequence of every
-    step, and a long context must not cost a conversion of all its tokens each time."""
-    first, n_full = len(hashes), len(token_ids) // block_size
-    if n_full <= first:
+
+    O(1) when no block became full (a decode step), else O(tokens of the new blocks)."""
+    n_full = len(token_ids) // block_size
+    start = len(hashes)
+    if n_full <= start:
         return hashes
-    ids = np.asarray(token_ids[first * block_size : n_full * block_size], dtype="<i4")
+    ids = np.asarray(token_ids[start * block_size : n_full * block_size], dtype="<i4")
     parent: bytes = hashes[-1] if hashes else ROOT_HASH
-    for j, i in enumerate(range(first, n_full)):
+    for i in range(start, n_full):
         extra = first_block_extra(fingerprint, cache_salt) if i == 0 else b""
-        parent = hash_block(parent, ids[j * block_size : (j + 1) * block_size], extra)
+        j = (i - start) * block_size
+        parent = hash_block(parent, ids[j : j + block_size], extra)
         hashes.append(BlockHash(parent))
     return hashes
 

@@ -21,23 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
+from kvstore.cost import plan_load, tier_runs
 from kvstore.keys import BlockHash
 from router.errors import NoWorkerError
 from router.index import GlobalBlockIndex
 from router.profile import REMOTE_TIER, WorkerProfile
 
 __all__ = ["REMOTE_TIER", "CostModel", "LoadPlan", "Placement", "WorkerProfile", "tier_runs"]
-
-def tier_runs(tiers: Sequence[str]) -> list[tuple[str, int]]:
-    """``["host", "host", "disk"]`` -> ``[("host", 2), ("disk", 1)]``."""
-    runs: list[tuple[str, int]] = []
-    for tier in tiers:
-        if runs and runs[-1][0] == tier:
-            runs[-1] = (tier, runs[-1][1] + 1)
-        else:
-            runs.append((tier, 1))
-    return runs
-
 
 @dataclass(frozen=True)
 class LoadPlan:
@@ -93,31 +83,19 @@ class CostModel:
     def _plan(
         self, profile: WorkerProfile, runs: Sequence[tuple[str, int]], prompt_len: int
     ) -> tuple[int, float, float]:
-        max_blocks = (prompt_len - 1) // self.block_size
-        best_k, best_load = 0, 0.0
-        best_total = self.compute_time_s(profile, prompt_len)
-        k, load = 0, 0.0
-        for tier, num in runs:
-            bw = profile.bandwidth(tier)
-            if k >= max_blocks or bw <= 0:
-                break  # a tier that cannot be loaded here ends what can be loaded
-            num = min(num, max_blocks - k)
-            k += num
-            load += num * (self.block_nbytes / bw)
-            total = load + self.compute_time_s(profile, prompt_len - k * self.block_size)
-            if total < best_total:
-                best_k, best_load, best_total = k, load, total
-        return best_k, best_load, best_total - best_load
+        """``kvstore.cost.plan_load`` without the split (the blocks a worker pulls are the
+        leading ones): (blocks to load, load time, compute time)."""
+        plan = plan_load(
+            runs, prompt_len, self.block_size, self.block_nbytes, profile.speeds(), overlap=False
+        )
+        return plan.num_load_blocks, plan.load_s, plan.rest_s
 
     def _pull_plan(
         self, profile: WorkerProfile, num_blocks: int, prompt_len: int
     ) -> tuple[int, float, float]:
         """``_plan(profile, [(REMOTE_TIER, n)], prompt_len)`` for ``num_blocks`` = min(n, the
-        loadable blocks) > 0, with the same sums: load all of them or none."""
-        compute_all = self.compute_time_s(profile, prompt_len)
-        load = 0.0 + num_blocks * (self.block_nbytes / profile.net_bytes_per_s)
-        total = load + self.compute_time_s(profile, prompt_len - num_blocks * self.block_size)
-        return (num_blocks, load, total - load) if total < compute_all else (0, 0.0, compute_all)
+        loadable blocks) > 0: load all of them or none."""
+        return self._plan(profile, [(REMOTE_TIER, num_blocks)], prompt_len)
 
     def predicted_ttft(self, worker_id: str, tiers: Sequence[str], prompt_len: int) -> float:
         return self.plan_load(self._profile(worker_id), tiers, prompt_len).ttft_s
