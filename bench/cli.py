@@ -30,7 +30,7 @@ SUMMARY = {
     "soak": "chaos soak: clients while workers are killed; statuses, wrong outputs, recovery",
     "router": "placement and index at 8-1,024 simulated workers; trace hit rates and TTFT",
     "offload": "prefill with the offload to the host tier running against without",
-    "gpu": "every GPU table in one run (TTFT vs transformers, decode, offload, handoff)",
+    "gpu": "every GPU table, a process per section (correctness, TTFT to 128K, decode, ...)",
     "disk": "disk tier vs the device: read layouts, a hit across processes, opening a store",
     "results": "result files: resave full JSONs as summaries, plot a run again",
 }

@@ -4,10 +4,12 @@
 
 Per batch size: the requests are prefilled first (not timed), then the decode steps are timed:
 tokens/s = batch / median step time (the
-mean is in the JSON too). Roofline of one step = (weight bytes + K/V bytes read at the
-mean context) / measured copy bandwidth (bytes read + written of a large tensor copy). On CUDA
-that is the HBM roofline; on a CPU the column is the host-memory-bandwidth analogue and is named
-so. The tiered store is off here: decode does not touch it.
+mean is in the JSON too). Roofline of one step = (the bytes a step reads: every weight once, but
+of an untied embedding table only the batch's rows, + K/V bytes at the mean context) / measured
+copy bandwidth (bytes read + written of a large tensor copy); ``fraction_of_weights_roofline``
+counts the weights alone. On CUDA that is the HBM roofline; on a CPU the column is the
+host-memory-bandwidth analogue and is named so. The tiered store is off here: decode does not
+touch it.
 
 ``--start-service`` / ``--server HOST:PORT``: the same batches through the service. For each batch
 size B, B streams are opened at once (prompt ``--prompt-tokens``, ``--steps`` + 1 tokens each);
@@ -110,7 +112,7 @@ def run(
     try:
         dtype, device = engine.layout.dtype, engine.device
         bandwidth = memory_copy_bandwidth(dtype, device)
-        weight_bytes = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
+        weight_bytes, row_bytes = step_weight_bytes(engine.loaded.model)
         bytes_per_token = engine.layout.bytes_per_token
         sampling = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
         vocab = engine.model_config.vocab_size
@@ -122,13 +124,16 @@ def run(
             times = _measure(engine, b, prompt_tokens, sampling, vocab, args.seed + b)
             step_s = statistics.median(times)  # robust to a noisy neighbour on a shared machine
             mean_ctx = prompt_tokens + (len(times) + 1) / 2
-            step_bytes = weight_bytes + b * mean_ctx * bytes_per_token
+            weights = weight_bytes + b * row_bytes
+            step_bytes = weights + b * mean_ctx * bytes_per_token
             roof_step = step_bytes / (bandwidth * 1e9)
             rows.append({
                 "batch": b, "steps": len(times), "step_s": times, "tokens_per_s": b / step_s,
                 "ms_per_step": step_s * 1e3, "mean_tokens_per_s": b * len(times) / sum(times),
-                "bytes_per_step": step_bytes, "roofline_tokens_per_s": b / roof_step,
+                "bytes_per_step": step_bytes, "weight_bytes_per_step": weights,
+                "roofline_tokens_per_s": b / roof_step,
                 "fraction_of_roofline": roof_step / step_s,
+                "fraction_of_weights_roofline": weights / (bandwidth * 1e9) / step_s,
             })
             bar.update(1)
         bar.close()
@@ -145,6 +150,18 @@ def run(
         }
     finally:
         engine.close()
+
+
+def step_weight_bytes(model: Any) -> tuple[int, int]:  # noqa: ANN401 - a CausalLM
+    """(weight bytes one decode step reads whatever its batch, bytes per sequence on top): every
+    parameter once, except an embedding table not tied to the LM head, of which a step reads
+    one row per sequence."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    table = model.model.embed_tokens.weight
+    row = table.shape[1] * table.element_size()
+    if model.config.tie_word_embeddings:  # the LM head reads the whole table anyway
+        return total, 0
+    return total - table.numel() * table.element_size(), row
 
 
 def run_server(args: argparse.Namespace, address: str, batches: list[int], prompt_tokens: int,
@@ -248,12 +265,14 @@ def render_table(result: dict[str, Any]) -> str:
         return out
     roof = result["roofline"]
     rows = [[r["batch"], r["tokens_per_s"], r["ms_per_step"], r["roofline_tokens_per_s"],
-             r["fraction_of_roofline"]] for r in result["rows"]]
+             r["fraction_of_roofline"], r.get("fraction_of_weights_roofline")]
+            for r in result["rows"]]
     head = (f"decode, {cfg['model']} {cfg['dtype']} on {cfg['device']}, prompt "
             f"{cfg['prompt_tokens']} tokens; roofline = {roof['name']} "
             f"({roof['copy_bandwidth_gbps']:.1f} GB/s copy)")
     return head + "\n" + format_table(
-        ["batch", "tok/s", "ms/step", "roofline tok/s", "of roofline"], rows)
+        ["batch", "tok/s", "ms/step", "roofline tok/s", "of roofline", "of weights roofline"],
+        rows)
 
 
 def plot(result: dict[str, Any], path: str) -> None:

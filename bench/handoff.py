@@ -68,7 +68,9 @@ def summarize(samples: list[dict[str, Any]], lengths: list[int]) -> list[dict[st
         row: dict[str, Any] = {"length": length}
         for key in ("ttft_s", "gap12_s", "per_token_s", "exposed_s"):
             row[key] = statistics.median(s[key] for s in xs)
-        row["exposed_steps"] = row["exposed_s"] / row["per_token_s"]
+        # tokens that arrive in one message (a loaded machine) leave no gap to divide by
+        per = row["per_token_s"]
+        row["exposed_steps"] = row["exposed_s"] / per if per > 0 else None
         rows.append(row)
     return rows
 

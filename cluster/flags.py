@@ -28,6 +28,7 @@ ENGINE_FLAGS = {
     "max_model_len": "max_model_len",
     "max_num_batched_tokens": "max_batched_tokens",
     "kv_cache_bytes": "device_capacity",
+    "deterministic": "deterministic",
 }
 STORE_FLAGS = {
     "host_capacity_bytes": "host_capacity",
@@ -131,6 +132,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         type=bounded_int("--max-batched-tokens", 1, 1 << 24),
         default=2048,
         help="tokens per engine step (the prefill chunk size)",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="bit-identical results cold, warm from any tier and across the prefill -> decode "
+        "handoff (costs recompute and GEMM speed)",
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,16 @@ from proto.worker_api import DECODE, PREFILL
 logger = logging.getLogger(__name__)
 
 ROUTER_NAME = "strata-router"
-_ENV_VARS = {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-RUNTIME_ENV_VARS = _ENV_VARS  # what every Ray process of the service gets (`ray start` too)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What every Ray process of the service gets in its environment (``ray start`` too): the
+    repository root first on ``PYTHONPATH`` (Ray starts workers without it), then the user's
+    own entries, kept in their order."""
+    env = os.environ if environ is None else environ
+    user = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != _ROOT]
+    return {"PYTHONPATH": os.pathsep.join([_ROOT, *user])}
 
 
 @dataclass
@@ -49,7 +58,7 @@ def connect(address: str | None, cfg: ServiceConfig, local: bool = False) -> boo
     already runs on this machine); True if this process owns it."""
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": _ENV_VARS}
+    runtime_env = {"env_vars": worker_env()}
     if address:
         ray.init(
             address=address,

@@ -100,9 +100,9 @@ def start_head(resources: dict[str, float]) -> tuple[str, bool]:
         f"--resources={res}",
         "--disable-usage-stats",
     ]
-    from cluster.launcher import RUNTIME_ENV_VARS
+    from cluster.launcher import worker_env
 
-    environ = {**os.environ, **LOCAL_RAY_ENV, **RUNTIME_ENV_VARS}
+    environ = {**os.environ, **LOCAL_RAY_ENV, **worker_env()}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=environ)
     if proc.returncode != 0:
         lines = (proc.stdout + "\n" + proc.stderr).strip().splitlines()

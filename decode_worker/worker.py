@@ -87,7 +87,10 @@ class DecodeWorker(WorkerBase):
                 req.req_id,
                 req.transfer_timeout_s,
             )
-        self.loop.submit_published(req.req_id, list(req.token_ids), req.sampling, req.cache_salt)
+        self.loop.submit_published(
+            req.req_id, list(req.token_ids), req.sampling, req.cache_salt,
+            prefill_len=req.num_prompt_tokens or None,
+        )  # fmt: skip
 
     def _aborted_while_waiting(self, req_id: str) -> None:
         self.receiver.cancel_transfer(req_id)

@@ -1,20 +1,27 @@
-"""Paged attention in Triton: split-K decode and causal chunked prefill over the paged KV pool.
+"""Paged attention in Triton: one split-KV (flash-decoding) kernel for any query count.
 
 KV cache of one layer: ``[num_blocks, 2, block_size, H_kv, D]`` (index 0 = K, 1 = V). Block
 tables map a sequence's logical block ``j`` (tokens ``j*bs .. j*bs+bs-1``) to a pool block id;
 entries past the sequence's last block are padding (any value, never read). GQA: query head
 ``h`` reads kv head ``h // (H_q // H_kv)``. Scores and softmax in float32; outputs in q's dtype.
 
-- ``paged_decode_attention``: one new query token per sequence (its K/V already in the cache).
-  Flash-decoding: each program handles one (sequence, kv head, partition of ``partition_size``
-  context tokens) with all the query heads of its GQA group, writes a partial (max, sum, acc),
-  and a second kernel merges the partitions, so one long sequence spreads over many SMs.
-- ``paged_prefill_attention`` / ``paged_prefill_attention_varlen``: a chunk of ``T`` queries at
-  positions ``q_start .. q_start+T-1`` over the cached prefix plus the chunk itself (its K/V
-  already in the cache), causal: position ``p`` attends keys ``0..p``.
-- ``*_ref``: plain torch references (gather, repeat for GQA, masked float32 softmax) used by the
-  tests and the benchmark; independent of the kernels.
+``paged_attention_split_kv``: sequence ``b`` has ``q_lens[b]`` queries in rows ``q_rows[b] ..``
+of the flat batch, at positions ``q_starts[b] ..``; its cache holds K/V of positions ``0 ..
+q_starts[b] + q_lens[b] - 1`` (the chunk's own K/V written already); causal. One program takes
+one (sequence, tile of ``block_q`` queries, kv head, partition of the context):
 
+- GQA-packed tiles: the tile's rows are its queries x the query heads of one kv head, so each
+  K/V tile is loaded once for the whole group (not once per query head);
+- block-table loads per tile: a K/V tile of ``BLOCK_N`` tokens reads its ``BLOCK_N / bs``
+  page ids once and addresses the tokens from them;
+- split-KV: the context is cut in partitions of ``partition_size`` tokens, so a few queries
+  over a long prefix still spread over many SMs; a second kernel merges the partitions'
+  (max, sum, acc) in a fixed order. ``split=False`` runs one partition (a long chunk).
+
+Every number a query gets depends on its own sequence only, and on fixed constants (tile and
+partition sizes, the merge's block), never on the batch: the kernel is batch-invariant.
+``paged_decode_attention`` / ``paged_prefill_attention(_varlen)`` are the decode and chunk
+forms; ``*_ref`` are plain torch references (gather, repeat for GQA, masked float32 softmax).
 Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests). This module
 imports triton; ``engine`` never imports it on the CPU path.
 """
@@ -23,173 +30,28 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+MERGE_BLOCK = 16  # partitions merged per step: a constant, so the merge order never varies
 
 
 @triton.jit
-def _attend_tile(
-    q,  # [M, BLOCK_D] queries (M = query heads of a group, or query rows)
-    m_i,  # [M] float32 running max (log2 domain)
-    l_i,  # [M] float32 running sum
-    acc,  # [M, BLOCK_D] float32 running sum of p * V
-    cache_ptr,  # [num_blocks, 2, bs, H_kv, D]
-    bt_row,  # this sequence's block-table row
-    toks,  # [BLOCK_N] token positions of this tile
-    t_mask,  # [BLOCK_N] positions that exist
-    visible,  # [M, BLOCK_N] which scores count
-    kvh,  # kv head
-    offs_d,  # [BLOCK_D]
-    d_mask,  # [BLOCK_D]
-    qk_scale,
-    stride_cb,
-    stride_ckv,
-    stride_ct,
-    stride_ch,
-    BLOCK_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    """One online-softmax step over a tile of paged keys; returns the new (m_i, l_i, acc)."""
-    page = tl.load(bt_row + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-    kv_off = page * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kvh * stride_ch  # [BN]
-    kv_ptrs = cache_ptr + kv_off[:, None] + offs_d[None, :]  # [BN, BD] K; + stride_ckv: V
-    kv_mask = t_mask[:, None] & d_mask[None, :]
-    k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(kv_ptrs + stride_ckv, mask=kv_mask, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, BN]
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _decode_partial_kernel(
-    q_ptr,  # [B, H_q, D]
+def _split_kv_kernel(
+    q_ptr,  # [T, H_q, D]
     cache_ptr,  # [num_blocks, 2, bs, H_kv, D]
     block_tables_ptr,  # [B, max_blocks] int32
-    context_lens_ptr,  # [B] int32
-    m_ptr,  # [B, H_q, P] float32: running max (log2 domain) per partition
-    l_ptr,  # [B, H_q, P] float32: sum of exp2(s - m) per partition
-    acc_ptr,  # [B, H_q, P, D] float32: un-normalised sum of p * V per partition
-    qk_scale,  # scale * log2(e)
-    stride_qb,
-    stride_qh,
-    stride_cb,
-    stride_ckv,
-    stride_ct,
-    stride_ch,
-    stride_bt,
-    num_heads_q,
-    num_partitions,
-    GROUP: tl.constexpr,  # H_q // H_kv
-    BLOCK_H: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot minimum)
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,  # tokens per KV block
-    BLOCK_N: tl.constexpr,  # tokens per inner iteration
-    PARTITION: tl.constexpr,  # tokens per program (multiple of BLOCK_N)
-    DOT_PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr,  # upcast dot operands to float32 (interpreter bf16 only)
-):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    part = tl.program_id(2)
-    ctx = tl.load(context_lens_ptr + b)
-    start = part * PARTITION
-    if start < ctx:
-        end = tl.minimum(start + PARTITION, ctx)
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, BLOCK_D)
-        h_mask = offs_h < GROUP
-        d_mask = offs_d < HEAD_DIM
-        heads = kvh * GROUP + offs_h  # [BLOCK_H] query heads of this kv head
-        q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # [BH, BD]
-        if DOT_F32:
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-        for n0 in range(start, end, BLOCK_N):
-            toks = n0 + tl.arange(0, BLOCK_N)
-            t_mask = toks < end
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, cache_ptr, bt_row, toks, t_mask, t_mask[None, :], kvh,
-                offs_d, d_mask, qk_scale, stride_cb, stride_ckv, stride_ct, stride_ch,
-                BLOCK_SIZE, DOT_PRECISION, DOT_F32,
-            )  # fmt: skip
-        row = (b.to(tl.int64) * num_heads_q + heads) * num_partitions + part  # [BH]
-        tl.store(m_ptr + row, m_i, mask=h_mask)
-        tl.store(l_ptr + row, l_i, mask=h_mask)
-        acc_ptrs = acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(acc_ptrs, acc, mask=h_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    m_ptr,
-    l_ptr,
-    acc_ptr,  # partials, see _decode_partial_kernel
-    out_ptr,  # [B, H_q, D]
-    context_lens_ptr,  # [B] int32
-    stride_ob,
-    stride_oh,
-    num_heads_q,
-    num_partitions,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PARTITION: tl.constexpr,
-    BLOCK_P: tl.constexpr,  # partitions merged per iteration
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    ctx = tl.load(context_lens_ptr + b)
-    num_parts = tl.cdiv(ctx, PARTITION)  # partitions this sequence actually wrote
-    base = (b.to(tl.int64) * num_heads_q + h) * num_partitions
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_tot = tl.full([], float("-inf"), tl.float32)
-    l_tot = tl.zeros([], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for p0 in range(0, num_parts, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = offs_p < num_parts
-        m = tl.load(m_ptr + base + offs_p, mask=p_mask, other=float("-inf"))
-        l_part = tl.load(l_ptr + base + offs_p, mask=p_mask, other=0.0)
-        a_ptrs = acc_ptr + (base + offs_p)[:, None] * HEAD_DIM + offs_d[None, :]
-        a = tl.load(a_ptrs, mask=p_mask[:, None] & d_mask[None, :], other=0.0)  # [BP, BD]
-        m_new = tl.maximum(m_tot, tl.max(m, 0))
-        alpha = tl.exp2(m_tot - m_new)
-        w = tl.exp2(m - m_new)  # [BP]; 0 for masked partitions
-        l_tot = l_tot * alpha + tl.sum(l_part * w, 0)
-        acc = acc * alpha + tl.sum(a * w[:, None], 0)
-        m_tot = m_new
-    out = acc / tl.where(l_tot > 0, l_tot, 1.0)  # a zero-length context gives zeros
-    out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-
-
-@triton.jit
-def _prefill_kernel(
-    q_ptr,  # [total_T, H_q, D]
-    cache_ptr,  # [num_blocks, 2, bs, H_kv, D]
-    block_tables_ptr,  # [B, max_blocks] int32
-    cu_q_lens_ptr,  # [B + 1] int32: sequence b's queries are rows cu[b] .. cu[b+1]-1
-    q_starts_ptr,  # [B] int32: position of sequence b's first query
-    out_ptr,  # [total_T, H_q, D]
+    q_rows_ptr,  # [B] int32: first row of each sequence in q / out
+    q_lens_ptr,  # [B] int32
+    q_starts_ptr,  # [B] int32: position of each sequence's first query
+    out_ptr,  # [T, H_q, D] (written when not SPLIT)
+    m_ptr,  # [T, H_q, P] float32: running max per partition (log2 domain) (SPLIT)
+    l_ptr,  # [T, H_q, P] float32: sum of exp2(s - m) per partition (SPLIT)
+    acc_ptr,  # [T, H_q, P, D] float32: un-normalised sum of p * V per partition (SPLIT)
     qk_scale,  # scale * log2(e)
     stride_qt,
     stride_qh,
@@ -200,52 +62,144 @@ def _prefill_kernel(
     stride_ct,
     stride_ch,
     stride_bt,
-    GROUP: tl.constexpr,
+    num_heads_q,
+    num_parts,
+    num_q_tiles,
+    GROUP: tl.constexpr,  # H_q // H_kv
+    BLOCK_Q: tl.constexpr,  # queries per program
+    BLOCK_M: tl.constexpr,  # BLOCK_Q * GROUP rounded up to a power of two >= 16
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # queries per program
-    BLOCK_N: tl.constexpr,  # keys per inner iteration
+    BLOCK_SIZE: tl.constexpr,  # tokens per KV block
+    BLOCK_N: tl.constexpr,  # tokens per inner iteration (a multiple of BLOCK_SIZE)
+    PARTITION: tl.constexpr,  # tokens per partition (a multiple of BLOCK_N)
+    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast dot operands to float32 (interpreter bf16 only)
 ):
-    m_tile = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_begin = tl.load(cu_q_lens_ptr + b)
-    q_len = tl.load(cu_q_lens_ptr + b + 1) - q_begin
-    if m_tile * BLOCK_M < q_len:
+    pid = tl.program_id(0)
+    b = pid // num_q_tiles
+    q_tile = pid % num_q_tiles
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    q_len = tl.load(q_lens_ptr + b)
+    q_first = q_tile * BLOCK_Q
+    if q_first < q_len:
         q_start = tl.load(q_starts_ptr + b)
-        kvh = h // GROUP
-        offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row0 = tl.load(q_rows_ptr + b).to(tl.int64)
+        tile_end = q_start + tl.minimum(q_len, q_first + BLOCK_Q)  # keys the tile can see
+        if SPLIT:
+            start = part * PARTITION
+            end = tl.minimum(start + PARTITION, tile_end)
+        else:
+            start = 0
+            end = tile_end
+        r = tl.arange(0, BLOCK_M)
+        qi = q_first + r // GROUP  # query of each row
+        heads = kvh * GROUP + r % GROUP
+        r_mask = (r < BLOCK_Q * GROUP) & (qi < q_len)
+        pos = q_start + qi  # [BM] positions of the rows' queries
         offs_d = tl.arange(0, BLOCK_D)
-        m_mask = offs_m < q_len
         d_mask = offs_d < HEAD_DIM
-        pos = q_start + offs_m  # [BM] absolute positions of the queries
-        rows = (q_begin + offs_m).to(tl.int64)
-        q_ptrs = q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
+        rows = row0 + qi
+        q_ptrs = q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=r_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
         if DOT_F32:
             q = q.to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # keys beyond the tile's last query position are masked for every row: stop there.
-        # Key 0 is in the first iteration and visible to every row, so m_i is finite after it.
-        end = tl.minimum(q_start + q_len, q_start + (m_tile + 1) * BLOCK_M)
         bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-        for n0 in range(0, end, BLOCK_N):
+        pages_per_tile: tl.constexpr = BLOCK_N // BLOCK_SIZE
+        in_page = tl.arange(0, BLOCK_SIZE)
+        for n0 in range(start, end, BLOCK_N):
+            page_idx = n0 // BLOCK_SIZE + tl.arange(0, pages_per_tile)
+            pages = tl.load(bt_row + page_idx, mask=page_idx * BLOCK_SIZE < end, other=0)
+            tok_off = pages.to(tl.int64)[:, None] * stride_cb + in_page[None, :] * stride_ct
+            kv_off = tl.reshape(tok_off, [BLOCK_N]) + kvh * stride_ch  # [BN]
             toks = n0 + tl.arange(0, BLOCK_N)
             t_mask = toks < end
-            visible = (toks[None, :] <= pos[:, None]) & t_mask[None, :]  # causal
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, cache_ptr, bt_row, toks, t_mask, visible, kvh,
-                offs_d, d_mask, qk_scale, stride_cb, stride_ckv, stride_ct, stride_ch,
-                BLOCK_SIZE, DOT_PRECISION, DOT_F32,
+            kv_ptrs = cache_ptr + kv_off[:, None] + offs_d[None, :]
+            kv_mask = t_mask[:, None] & d_mask[None, :]
+            k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(kv_ptrs + stride_ckv, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+            visible = (toks[None, :] <= pos[:, None]) & t_mask[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(
+                p.to(v.dtype), v, input_precision=DOT_PRECISION
             )  # fmt: skip
-        out = acc / l_i[:, None]
-        o_ptrs = out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+            m_i = m_new
+        if SPLIT:
+            idx = (rows * num_heads_q + heads) * num_parts + part  # [BM]
+            tl.store(m_ptr + idx, m_i, mask=r_mask)
+            tl.store(l_ptr + idx, l_i, mask=r_mask)
+            a_ptrs = acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(a_ptrs, acc, mask=r_mask[:, None] & d_mask[None, :])
+        else:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_ptrs = out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh
+            tl.store(o_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=r_mask[:, None] & d_mask[None, :])  # fmt: skip
+
+
+@triton.jit
+def _merge_kernel(
+    m_ptr,
+    l_ptr,
+    acc_ptr,  # partials, see _split_kv_kernel
+    out_ptr,  # [T, H_q, D]
+    q_rows_ptr,
+    q_lens_ptr,
+    q_starts_ptr,
+    stride_ot,
+    stride_oh,
+    num_heads_q,
+    num_parts,
+    max_q_len,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PARTITION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // max_q_len
+    qi = pid % max_q_len
+    h = tl.program_id(1)
+    if qi < tl.load(q_lens_ptr + b):
+        row = tl.load(q_rows_ptr + b).to(tl.int64) + qi
+        pos = tl.load(q_starts_ptr + b) + qi
+        parts = tl.cdiv(pos + 1, PARTITION)  # the partitions holding keys this query sees
+        base = (row * num_heads_q + h) * num_parts
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        m_tot = tl.full([], float("-inf"), tl.float32)
+        l_tot = tl.zeros([], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for p0 in range(0, parts, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_mask = offs_p < parts
+            m = tl.load(m_ptr + base + offs_p, mask=p_mask, other=float("-inf"))
+            l_part = tl.load(l_ptr + base + offs_p, mask=p_mask, other=0.0)
+            a_ptrs = acc_ptr + (base + offs_p)[:, None] * HEAD_DIM + offs_d[None, :]
+            a = tl.load(a_ptrs, mask=p_mask[:, None] & d_mask[None, :], other=0.0)  # [BP, BD]
+            m_new = tl.maximum(m_tot, tl.max(m, 0))
+            alpha = tl.exp2(m_tot - m_new)
+            w = tl.exp2(m - m_new)  # [BP]; 0 for masked partitions
+            l_tot = l_tot * alpha + tl.sum(l_part * w, 0)
+            acc = acc * alpha + tl.sum(a * w[:, None], 0)
+            m_tot = m_new
+        out = acc / tl.where(l_tot > 0, l_tot, 1.0)
+        o_ptrs = out_ptr + row * stride_ot + h * stride_oh + offs_d
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def _check_cache(q: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -282,6 +236,85 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def paged_attention_split_kv(
+    q: torch.Tensor,  # [T, H_q, D]
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, H_kv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    q_rows: torch.Tensor,  # [B] int32
+    q_lens: torch.Tensor,  # [B] int32
+    q_starts: torch.Tensor,  # [B] int32
+    scale: float | None = None,
+    *,
+    max_q_len: int,
+    max_context_len: int,
+    out: torch.Tensor | None = None,  # [T, H_q, D]: written in the sequences' rows only
+    split: bool = True,
+    block_q: int | None = None,
+    partition_size: int = 512,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Causal attention of ``B`` sequences' queries over their paged caches (see the module).
+
+    ``max_q_len`` / ``max_context_len`` size the grid (no host sync); a sequence whose
+    ``q_lens`` is 0 is skipped. ``block_q``: queries per program (default 1 for a decode
+    launch, 16 otherwise); ``partition_size`` a multiple of ``block_n``, itself a multiple of
+    the block size.
+    """
+    num_heads_q, num_heads_kv, group = _check_cache(q, kv_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, H_q, D], got {tuple(q.shape)}")
+    num_seqs = block_tables.shape[0]
+    if block_tables.dim() != 2 or any(t.shape != (num_seqs,) for t in (q_rows, q_lens, q_starts)):
+        raise ValueError(
+            f"block_tables {tuple(block_tables.shape)} must be [B, max_blocks] and q_rows / "
+            f"q_lens / q_starts [B] ({tuple(q_rows.shape)}, {tuple(q_lens.shape)}, "
+            f"{tuple(q_starts.shape)})"
+        )
+    block_size = kv_cache.shape[2]
+    if block_n % block_size or partition_size % block_n:
+        raise ValueError(
+            f"block_n {block_n} must be a multiple of the block size {block_size} and "
+            f"partition_size {partition_size} a multiple of block_n"
+        )
+    out = torch.zeros_like(q) if out is None else out
+    if num_seqs == 0 or max_q_len == 0 or q.shape[0] == 0:
+        return out
+    head_dim = q.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    block_q = block_q or (1 if max_q_len == 1 else 16)
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    num_q_tiles = triton.cdiv(max_q_len, block_q)
+    num_parts = max(1, triton.cdiv(max_context_len, partition_size)) if split else 1
+    split = split and num_parts > 1
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if split:
+        part_shape = (q.shape[0], num_heads_q, num_parts)
+        m = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+        l_sum = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+        acc = torch.empty((*part_shape, head_dim), dtype=torch.float32, device=q.device)
+    else:
+        m = l_sum = acc = out  # not read
+    _split_kv_kernel[(num_seqs * num_q_tiles, num_heads_kv, num_parts)](
+        q, kv_cache, block_tables, q_rows, q_lens, q_starts, out, m, l_sum, acc,
+        scale * _LOG2E, *q.stride()[:2], *out.stride()[:2], *kv_cache.stride()[:4],
+        block_tables.stride(0), num_heads_q, num_parts, num_q_tiles,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION=partition_size, SPLIT=split,
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_F32=_dot_f32(q.dtype),
+    )  # fmt: skip
+    if split:
+        _merge_kernel[(num_seqs * max_q_len, num_heads_q)](
+            m, l_sum, acc, out, q_rows, q_lens, q_starts, *out.stride()[:2], num_heads_q,
+            num_parts, max_q_len, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            PARTITION=partition_size, BLOCK_P=MERGE_BLOCK,
+        )  # fmt: skip
+    return out
+
+
+def _int32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.int32).contiguous()
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H_q, D]
     kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, H_kv, D]
@@ -293,52 +326,27 @@ def paged_decode_attention(
     max_context_len: int | None = None,
     block_n: int = 64,
 ) -> torch.Tensor:  # [B, H_q, D] in q's dtype
-    """Split-K (flash-decoding) paged attention for one new token per sequence.
-
-    ``partition_size`` tokens per program (a multiple of ``block_n``); the number of partitions
-    comes from ``max_context_len`` when given, else from ``max_blocks * block_size`` (no host
-    sync either way). A sequence with ``context_lens[b] == 0`` gets zeros.
-    """
-    num_heads_q, _, group = _check_cache(q, kv_cache)
+    """One new query per sequence (its K/V already in the cache); ``context_lens[b] == 0``
+    gives zeros. ``max_context_len`` sizes the split (default: the block tables' width)."""
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H_q, D], got {tuple(q.shape)}")
-    num_seqs, _, head_dim = q.shape
-    if (
-        block_tables.dim() != 2
-        or block_tables.shape[0] != num_seqs
-        or context_lens.shape != (num_seqs,)
+    num_seqs = q.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or context_lens.shape != (
+        num_seqs,
     ):
         raise ValueError(
             f"block_tables {tuple(block_tables.shape)} / context_lens "
             f"{tuple(context_lens.shape)} must be [B, max_blocks] / [B] with B={num_seqs}"
         )
-    if partition_size <= 0 or partition_size % block_n != 0:
-        raise ValueError(f"partition_size {partition_size} must be a multiple of {block_n}")
-    block_size = kv_cache.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    max_len = block_tables.shape[1] * block_size if max_context_len is None else max_context_len
-    num_parts = max(1, triton.cdiv(max_len, partition_size))
-    block_tables = block_tables.to(device=q.device, dtype=torch.int32).contiguous()
-    context_lens = context_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    part_shape = (num_seqs, num_heads_q, num_parts)
-    m = torch.empty(part_shape, dtype=torch.float32, device=q.device)
-    l_sum = torch.empty(part_shape, dtype=torch.float32, device=q.device)
-    acc = torch.empty((*part_shape, head_dim), dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    _decode_partial_kernel[(num_seqs, kv_cache.shape[3], num_parts)](
-        q, kv_cache, block_tables, context_lens, m, l_sum, acc, scale * _LOG2E,
-        *q.stride()[:2], *kv_cache.stride()[:4], block_tables.stride(0), num_heads_q, num_parts,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION=partition_size,
-        DOT_PRECISION=_dot_precision(q.dtype), DOT_F32=_dot_f32(q.dtype),
+    dev = q.device
+    ctx = _int32(context_lens, dev)
+    max_len = block_tables.shape[1] * kv_cache.shape[2]
+    return paged_attention_split_kv(
+        q, kv_cache, _int32(block_tables, dev), torch.arange(num_seqs, dtype=torch.int32,
+        device=dev), (ctx > 0).to(torch.int32), (ctx - 1).clamp(min=0), scale, max_q_len=1,
+        max_context_len=max_context_len or max_len, partition_size=partition_size,
+        block_n=block_n,
     )  # fmt: skip
-    _decode_reduce_kernel[(num_seqs, num_heads_q)](
-        m, l_sum, acc, out, context_lens, *out.stride()[:2], num_heads_q, num_parts,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PARTITION=partition_size,
-        BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
-    )  # fmt: skip
-    return out
 
 
 def paged_prefill_attention_varlen(
@@ -350,43 +358,30 @@ def paged_prefill_attention_varlen(
     scale: float | None = None,
     *,
     max_q_len: int | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    split: bool = False,
+    **kernel_opts: Any,  # noqa: ANN401 - block_q, partition_size, block_n
 ) -> torch.Tensor:  # [total_T, H_q, D] in q's dtype
-    """Causal attention of several sequences' prefill chunks over their paged caches.
-
-    Sequence ``b`` owns query rows ``cu_q_lens[b] .. cu_q_lens[b+1]-1`` at positions
-    ``q_starts[b] + t``; its cache holds K/V of positions ``0 .. q_starts[b] + T_b - 1``.
-    ``max_q_len`` sizes the grid; without it ``cu_q_lens`` is read on the host (one sync).
-    """
-    _, _, group = _check_cache(q, kv_cache)
-    if q.dim() != 3:
-        raise ValueError(f"q must be [total_T, H_q, D], got {tuple(q.shape)}")
+    """Causal attention of several sequences' chunks; sequence ``b`` owns query rows
+    ``cu_q_lens[b] .. cu_q_lens[b+1]-1`` at positions ``q_starts[b] + t``. ``max_q_len`` sizes
+    the grid; without it ``cu_q_lens`` is read on the host (one sync)."""
+    _check_cache(q, kv_cache)
     num_seqs = block_tables.shape[0]
     if cu_q_lens.shape != (num_seqs + 1,) or q_starts.shape != (num_seqs,):
         raise ValueError(
             f"cu_q_lens {tuple(cu_q_lens.shape)} / q_starts {tuple(q_starts.shape)} must be "
             f"[B+1] / [B] with B={num_seqs} (rows of block_tables)"
         )
-    head_dim = q.shape[2]
+    dev = q.device
+    cu = _int32(cu_q_lens, dev)
+    q_lens = cu[1:] - cu[:-1]
     if max_q_len is None:
-        max_q_len = int((cu_q_lens[1:] - cu_q_lens[:-1]).max()) if num_seqs else 0
-    out = torch.empty_like(q)
-    if max_q_len == 0 or q.shape[0] == 0:
-        return out
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    block_tables = block_tables.to(device=q.device, dtype=torch.int32).contiguous()
-    cu_q_lens = cu_q_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    q_starts = q_starts.to(device=q.device, dtype=torch.int32).contiguous()
-    grid = (triton.cdiv(max_q_len, block_m), q.shape[1], num_seqs)
-    _prefill_kernel[grid](
-        q, kv_cache, block_tables, cu_q_lens, q_starts, out, scale * _LOG2E,
-        *q.stride()[:2], *out.stride()[:2], *kv_cache.stride()[:4], block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=kv_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q.dtype), DOT_F32=_dot_f32(q.dtype),
+        max_q_len = int(q_lens.max()) if num_seqs else 0
+    max_ctx = block_tables.shape[1] * kv_cache.shape[2]
+    return paged_attention_split_kv(
+        q, kv_cache, _int32(block_tables, dev), cu[:-1].contiguous(), q_lens.contiguous(),
+        _int32(q_starts, dev), scale, max_q_len=max_q_len, max_context_len=max_ctx, split=split,
+        **kernel_opts,
     )  # fmt: skip
-    return out
 
 
 def paged_prefill_attention(
@@ -395,7 +390,7 @@ def paged_prefill_attention(
     block_table: torch.Tensor,  # [max_blocks] int32
     q_start: int,  # position of q[0]
     scale: float | None = None,
-    **kernel_opts: int,
+    **kernel_opts: Any,  # noqa: ANN401 - split, block_q, partition_size, block_n
 ) -> torch.Tensor:  # [T, H_q, D]
     """One sequence's prefill chunk: ``paged_prefill_attention_varlen`` with B = 1."""
     if q_start < 0:
@@ -404,15 +399,9 @@ def paged_prefill_attention(
     cu = torch.tensor([0, num_tokens], dtype=torch.int32, device=q.device)
     starts = torch.tensor([q_start], dtype=torch.int32, device=q.device)
     return paged_prefill_attention_varlen(
-        q,
-        kv_cache,
-        block_table.reshape(1, -1),
-        cu,
-        starts,
-        scale,
-        max_q_len=num_tokens,
+        q, kv_cache, block_table.reshape(1, -1), cu, starts, scale, max_q_len=num_tokens,
         **kernel_opts,
-    )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- torch references

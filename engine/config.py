@@ -123,7 +123,12 @@ class EngineConfig:
     max_waiting: int = 1024  # queued requests beyond this are refused
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto (Triton on CUDA) | torch | triton
-    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA + Triton kernels only)
+    cuda_graphs: bool = True  # short steps replay CUDA graphs (CUDA + Triton kernels only)
+    # Bit-identical numbers cold, warm from any tier and across the prefill -> decode handoff:
+    # prefix hits rounded down to the chunk grid (multiples of max_num_batched_tokens), prompt
+    # chunks cut on that grid, tokens after the prompt one per step, and batch-invariant
+    # projections (engine.matmul). It costs recompute (up to a chunk per hit) and GEMM speed.
+    deterministic: bool = False
     seed: int = 0  # weights of built-in models
     # torch intra-op threads of a worker process; None: one per core in-process, and in the
     # service the node's cores shared among its workers (cluster.workers.engine_threads). Ray
@@ -148,3 +153,9 @@ class EngineConfig:
             )
         if self.max_num_seqs <= 0:
             raise ValueError("max_num_seqs must be positive")
+        if self.deterministic and self.max_num_batched_tokens % self.block_size:
+            raise ValueError(
+                f"deterministic mode cuts prompts on a grid of max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}) tokens, which must be a multiple of block_size "
+                f"({self.block_size})"
+            )

@@ -16,7 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_manager import KVCacheManager
 from engine.loader import LoadedModel, load_model, model_fingerprint_fields
-from engine.runner import DecodeGraphSpec, ModelRunner
+from engine.runner import GraphSpec, ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import RequestResult, Sequence, StepOutput
@@ -76,8 +76,13 @@ class LLMEngine:
             self.store,
             config.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        graphs = DecodeGraphSpec(self.kv.scratch_block, config.max_num_seqs, self.max_model_len)
+        grid = config.max_num_batched_tokens if config.deterministic else 0
+        if grid:
+            self.kv.set_hit_grid(grid // config.block_size)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, grid
+        )
+        graphs = GraphSpec(self.kv.scratch_block, config.max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(
             self.loaded.model,
             self.kv.kv_caches,
@@ -85,6 +90,7 @@ class LLMEngine:
             self.device,
             config.attention_backend,
             graphs if config.cuda_graphs else None,
+            deterministic=config.deterministic,
         )
         self._seqs: dict[str, Sequence] = {}
         self._watches: dict[str, _Watch] = {}
@@ -147,7 +153,11 @@ class LLMEngine:
         prompt_token_ids: Seq[int],
         sampling: SamplingParams,
         cache_salt: str = "",
+        prefill_len: int | None = None,
     ) -> None:
+        """Queue a request. ``prefill_len``: how many leading tokens of ``prompt_token_ids`` are
+        the prompt, when the tokens after them were sampled already (a decode worker continuing
+        a prefill worker's request); deterministic mode computes those one per step."""
         if req_id in self._seqs:
             raise ValueError(f"request id {req_id!r} is already in use")
         self.validate(prompt_token_ids, sampling)
@@ -157,6 +167,8 @@ class LLMEngine:
             )
         ids = [int(t) for t in prompt_token_ids]
         seq = Sequence(req_id, ids, len(ids), sampling, cache_salt, time.perf_counter())
+        if prefill_len is not None:
+            seq.prefill_len = max(1, min(prefill_len, len(ids)))
         self._seqs[req_id] = seq
         self.scheduler.add(seq)
 
@@ -240,7 +252,11 @@ class LLMEngine:
             return []
         self.kv.wait_loads()  # the blocks admission started loading
         start = time.perf_counter()
-        tokens = self.runner.execute(batch)
+        pending = self.runner.launch(batch)  # on a GPU queued, not finished: the host goes on
+        for item in batch:
+            item.seq.num_computed_tokens = item.q_start + item.q_len
+        self.kv.register_computed([item.seq for item in batch])  # hashing, offload: meanwhile
+        tokens = pending()  # waits for the step
         now = time.perf_counter()
         prefill = sum(item.q_len for item in batch if item.q_len > 1)
         if prefill >= MIN_OBSERVED_PREFILL:  # feeds load-or-recompute (kvstore.cost)
@@ -248,7 +264,6 @@ class LLMEngine:
         outputs: list[StepOutput] = []
         for item, tok in zip(batch, tokens):
             seq = item.seq
-            seq.num_computed_tokens = item.q_start + item.q_len
             if tok is None:
                 continue
             seq.token_ids.append(tok)
@@ -256,7 +271,6 @@ class LLMEngine:
                 seq.first_token_time = now
             reason = self._finish_reason(seq, tok)
             outputs.append(self._output(seq, (tok,), reason))
-        self.kv.register_computed([item.seq for item in batch])
         if self._watches:
             finishing = {out.req_id for out in outputs if out.finished}
             self._report_blocks([item.seq for item in batch], finishing)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -76,6 +76,16 @@ class KVCacheManager:
             self.loader = PrefixLoader(store, self.copier, self.block_size, self.speeds)
         self.num_hits_recomputed = 0  # store hits recomputed because loading them was slower
         self.num_split_loads = 0  # loads planned with a computed head (the split)
+        # Deterministic mode (``set_hit_grid``): prefix hits count in whole chunks of this many
+        # blocks, so the rest is computed in the chunks a cold run computes.
+        self.hit_grid_blocks = 1
+
+    def set_hit_grid(self, num_blocks: int) -> None:
+        """Round every prefix hit down to a multiple of ``num_blocks`` blocks (deterministic
+        mode), and what a load cut short brings too (``PrefixLoader.grid_blocks``)."""
+        self.hit_grid_blocks = num_blocks
+        if self.loader is not None:
+            self.loader.grid_blocks = num_blocks
 
     # ---- hashing -------------------------------------------------------------------------
     def update_hashes(self, seq: Sequence) -> None:
@@ -97,13 +107,25 @@ class KVCacheManager:
         hashes = seq.block_hashes[:max_hit]
         n_dev = len(self.pool.lookup(hashes))
         if self.store is None or n_dev == len(hashes):
-            return AdmitPlan(n_dev)
+            return self._on_grid(AdmitPlan(n_dev))
         tiers = self.store.lookup(hashes[n_dev:])
         if not tiers:
-            return AdmitPlan(n_dev)
+            return self._on_grid(AdmitPlan(n_dev))
         lp = self.plan_load(tiers, len(seq.token_ids) - n_dev * self.block_size)
         head, n = lp.num_head_blocks, lp.num_load_blocks
-        return AdmitPlan(n_dev, head, tuple(tiers[head : head + n]), lp.deadline_s, len(tiers))
+        if self.hit_grid_blocks > 1 and n:  # deterministic: no computed head, it loads too
+            head, n = 0, head + n
+        plan = AdmitPlan(n_dev, head, tuple(tiers[head : head + n]), lp.deadline_s, len(tiers))
+        return self._on_grid(plan)
+
+    def _on_grid(self, plan: AdmitPlan) -> AdmitPlan:
+        """Deterministic mode: the hit rounded down to whole chunks (no head there)."""
+        g = self.hit_grid_blocks
+        if g <= 1:
+            return plan
+        keep = (plan.num_device_blocks + len(plan.store_tiers)) // g * g
+        n_dev = min(plan.num_device_blocks, keep)
+        return replace(plan, num_device_blocks=n_dev, store_tiers=plan.store_tiers[: keep - n_dev])
 
     def plan_load(self, tiers: list[str], num_tokens: int) -> LoadPlan:
         """``kvstore.cost.plan_load`` (with the split) for store hits of these tiers, leading a

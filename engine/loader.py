@@ -7,6 +7,7 @@ CPU tests) and the real shapes of ``llama-3.2-1b`` and ``llama-3.1-8b`` with det
 weights from a fixed seed (weight values do not change timings). A Llama-family GGUF file (a
 ``*.gguf`` path, or ``smollm2-135m``: a trained model that a Python package installs) is
 converted once into a cached checkpoint directory (``engine.gguf_loader``) and loaded from it.
+Weights load by their Hugging Face names; then ``CausalLM.fuse`` merges q/k/v and gate/up.
 """
 
 from __future__ import annotations
@@ -238,6 +239,7 @@ def _checkpoint_model(
     if missing:
         raise ValueError(f"checkpoint {os.path.dirname(files[0])}: missing tensors {missing[:5]}")
     _reset_rotary(model, dev)
+    model.fuse()
     return model.eval()
 
 
@@ -265,6 +267,7 @@ def _random_model(cfg: ModelConfig, dtype: torch.dtype, dev: torch.device, seed:
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     _reset_rotary(model, dev)
+    model.fuse()
     return model.eval()
 
 

@@ -97,14 +97,16 @@ class EngineLoop:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         cache_salt: str = "",
+        prefill_len: int | None = None,
     ) -> None:
         """Queue a request whose outputs go to ``on_outputs``; so do its errors, bad input
-        included (nothing is raised here)."""
+        included (nothing is raised here). ``prefill_len``: see ``LLMEngine.add_request``."""
         assert self.on_outputs is not None, "a published request needs the loop's on_outputs"
 
         def add() -> None:
             try:
-                self.engine.add_request(req_id, prompt_token_ids, sampling, cache_salt)
+                self.engine.add_request(req_id, prompt_token_ids, sampling, cache_salt,
+                                        prefill_len)  # fmt: skip
             except (ValueError, OverflowError) as e:
                 self._publish([], {req_id: e})
                 return

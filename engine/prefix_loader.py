@@ -55,6 +55,9 @@ class PrefixLoader:
         self._loads: dict[str, _Load] = {}
         self._progress = threading.Event()  # set by the store's threads as blocks arrive
         self.num_cut_by_deadline = 0  # loads finished by their deadline with blocks missing
+        # Deterministic mode (``KVCacheManager.set_hit_grid``): a load cut short resumes the
+        # computing at the last whole chunk it reached, on the grid a cold run computes.
+        self.grid_blocks = 1
 
     @property
     def num_loading(self) -> int:
@@ -139,6 +142,10 @@ class PrefixLoader:
             self.speeds.observe_load(
                 "disk", num_disk * self.store.block_nbytes, end - pending.started
             )
-        seq.num_computed_tokens = (load.first + n) * self.block_size
+        end = load.first + n
+        if self.grid_blocks > 1:  # recomputed in the cold run's chunks (the same bits)
+            end = end // self.grid_blocks * self.grid_blocks
+            n = max(0, end - load.first)
+        seq.num_computed_tokens = end * self.block_size
         seq.num_registered_blocks = max(seq.num_registered_blocks, load.first + n)
         return LoadResult(n, tuple(pending.tiers[:n]), pending.num_blocks)

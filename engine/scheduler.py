@@ -7,6 +7,12 @@ fit waits (backpressure) until blocks are freed. A running sequence that cannot 
 most recently admitted one (its blocks stay in the prefix cache, so re-admission is cheap). A
 sequence whose cached prefix is loading computes only up to ``kv.compute_limit`` (its head, if
 the load plan split it) and is skipped otherwise: the others run meanwhile.
+
+With ``grid`` set (deterministic mode: the chunk size) every prompt is cut at the multiples of
+``grid`` and at its end, whatever else runs, so a chunk's shapes never depend on the batch or on
+how much of the prompt was cached (hits are rounded to the same grid); a chunk that does not
+fit the step's budget waits, unless it is the step's first; tokens after the prompt go one per
+step.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, grid: int = 0
+    ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.grid = grid  # 0: chunks as large as the budget allows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -44,16 +53,30 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _num_tokens(self, seq: Sequence, budget: int, batch: list[ScheduledSeq]) -> int:
+        """Tokens ``seq`` computes in this step (0: it waits, its cached prefix still loading
+        or, on the grid, its chunk not fitting the budget)."""
+        done = seq.num_computed_tokens
+        limit = self.kv.compute_limit(seq)
+        if limit <= done:
+            return 0  # its cached prefix is loading: scheduled once it arrived
+        if not self.grid:
+            return min(limit - done, budget)
+        if done >= seq.prefill_len:
+            return 1
+        n = min(seq.prefill_len, (done // self.grid + 1) * self.grid, limit) - done
+        return n if n <= budget or all(item.q_len == 1 for item in batch) else 0
+
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         for seq in list(self.running):
-            if budget == 0:
+            if budget <= 0:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(self.kv.compute_limit(seq) - seq.num_computed_tokens, budget)
-            if n <= 0:  # its cached prefix is still loading
+            n = self._num_tokens(seq, budget, batch)
+            if n == 0:
                 continue
             while not self.kv.append_slots(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
@@ -73,8 +96,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            n = min(self.kv.compute_limit(seq) - seq.num_computed_tokens, budget)
-            if n > 0:  # else its cached prefix is loading: scheduled once it arrived
+            n = self._num_tokens(seq, budget, batch)
+            if n:
                 batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
                 budget -= n
         return batch

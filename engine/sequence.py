@@ -33,6 +33,14 @@ class Sequence:
     first_token_time: float | None = None  # perf_counter() when the first token was sampled
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_preemptions: int = 0
+    # Leading tokens that form the prompt; the rest were sampled (a decode worker's request
+    # carries the first token the prefill worker sampled). Deterministic mode computes them
+    # one per step, as the decode steps that sampled them did.
+    prefill_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefill_len <= 0:
+            self.prefill_len = self.prompt_len
 
     @property
     def num_output_tokens(self) -> int:

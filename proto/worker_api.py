@@ -96,3 +96,6 @@ class DecodeRequest:
     # The first token is not in ``token_ids`` yet: it comes at the end of the push (or from the
     # router, ``DecodeActor.first_token``); ``sampling.max_tokens`` counts the tokens after it.
     awaits_first_token: bool = False
+    # Leading tokens of ``token_ids`` that are the prompt (0: all); the others were sampled,
+    # and deterministic mode computes them as the decode steps that sampled them did.
+    num_prompt_tokens: int = 0

@@ -464,6 +464,7 @@ class RayBackend:
                 expect_transfer=expect_transfer,
                 transfer_timeout_s=self.config.transfer_timeout_s,
                 awaits_first_token=awaits_first_token,
+                num_prompt_tokens=len(req.prompt_token_ids),
             )
         )
         return queue

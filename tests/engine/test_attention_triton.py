@@ -1,4 +1,6 @@
-"""Paged attention kernels vs torch references, under TRITON_INTERPRET=1 on CPU."""
+"""The split-KV paged attention kernel vs torch references, under TRITON_INTERPRET=1 on CPU:
+decodes, chunks (split over the context or not, GQA-packed tiles of several queries), launches
+over a subset of a flat batch's rows, and one sequence's bits alone or among others."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from engine.attention_triton import (
+    paged_attention_split_kv,
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_prefill_attention,
@@ -135,10 +138,12 @@ def test_prefill_matches_reference(dtype: torch.dtype, q_start: int, num_tokens:
     cache, tables = _paged([q_start + num_tokens], dtype, gen)
     q = torch.randn((num_tokens, H_Q, HEAD_DIM), generator=gen).to(dtype)
     want = paged_prefill_attention_ref(q, cache, tables[0], q_start)
-    got = paged_prefill_attention(
-        q.to(device), cache.to(device), tables[0].to(device), q_start, block_m=16, block_n=16
-    )
-    _assert_close(got.cpu(), want, dtype)
+    for split, block_q in ((False, 4), (True, 16)):  # several query tiles / one, split or not
+        got = paged_prefill_attention(
+            q.to(device), cache.to(device), tables[0].to(device), q_start, block_q=block_q,
+            block_n=8, split=split, partition_size=16,
+        )  # fmt: skip
+        _assert_close(got.cpu(), want, dtype)
 
 
 def test_prefill_last_row_equals_decode() -> None:
@@ -148,7 +153,7 @@ def test_prefill_last_row_equals_decode() -> None:
     cache, tables = _paged([21], torch.float32, gen)
     q = torch.randn((6, H_Q, HEAD_DIM), generator=gen)
     cache, tables, q = cache.to(device), tables.to(device), q.to(device)
-    pre = paged_prefill_attention(q, cache, tables[0], 15, block_m=16, block_n=16)
+    pre = paged_prefill_attention(q, cache, tables[0], 15, block_q=4, block_n=16)
     dec = paged_decode_attention(
         q[-1:],
         cache,
@@ -173,7 +178,7 @@ def test_prefill_varlen_matches_per_sequence_reference() -> None:
         tables.to(device),
         cu.to(device),
         torch.tensor(starts, dtype=torch.int32, device=device),
-        block_m=16,
+        block_q=8,
         block_n=16,
     ).cpu()
     for b, start in enumerate(starts):
@@ -181,6 +186,44 @@ def test_prefill_varlen_matches_per_sequence_reference() -> None:
         assert rows.stop - rows.start == counts[b]
         want = paged_prefill_attention_ref(q[rows], cache, tables[b], start)
         torch.testing.assert_close(got[rows], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launch_over_some_rows_of_a_flat_batch(dtype: torch.dtype) -> None:
+    # The runner's short-chunk launch: sequences at scattered rows of a flat batch, each with
+    # a few queries after a cached prefix, the context split into partitions; rows of other
+    # sequences are left as they were.
+    device = _device()
+    gen = torch.Generator().manual_seed(60)
+    starts, counts, rows = [20, 3, 41], [5, 1, 16], [2, 11, 14]
+    cache, tables = _paged([s + n for s, n in zip(starts, counts)], dtype, gen)
+    q = torch.randn((32, H_Q, HEAD_DIM), generator=gen).to(dtype)
+    out = torch.full_like(q, 7.0)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    paged_attention_split_kv(
+        q.to(device), cache.to(device), tables.to(device), i32(rows), i32(counts), i32(starts),
+        max_q_len=16, max_context_len=57, out=out, partition_size=16, block_n=8,
+    )  # fmt: skip
+    covered = torch.zeros(32, dtype=torch.bool)
+    for b, (row, n, start) in enumerate(zip(rows, counts, starts)):
+        want = paged_prefill_attention_ref(q[row : row + n], cache, tables[b], start)
+        _assert_close(out[row : row + n].cpu(), want, dtype)
+        covered[row : row + n] = True
+    assert torch.all(out[~covered] == 7.0)
+
+
+def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch() -> None:
+    device = _device()
+    gen = torch.Generator().manual_seed(70)
+    lens = [37, 9, 60, 2]
+    cache, tables = _paged(lens, torch.bfloat16, gen)
+    cache, tables = cache.to(device), tables.to(device)
+    q = torch.randn((len(lens), H_Q, HEAD_DIM), generator=gen).to(torch.bfloat16).to(device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    opts = dict(partition_size=16, block_n=8)
+    together = paged_decode_attention(q, cache, tables, ctx, **opts)
+    alone = paged_decode_attention(q[2:3], cache, tables[2:3], ctx[2:3], **opts)
+    assert torch.equal(together[2], alone[0])
 
 
 def test_bad_arguments_raise_value_error() -> None:
@@ -228,6 +271,11 @@ def test_decode_and_prefill_on_cuda_real_shapes() -> None:
     want = paged_decode_attention_ref(q, cache, tables, ctx)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     qp = torch.randn((600, h_q, d), generator=gen).cuda().bfloat16()
-    got_p = paged_prefill_attention(qp, cache, tables[3], 4097 - 600)
     want_p = paged_prefill_attention_ref(qp, cache, tables[3], 4097 - 600)
-    torch.testing.assert_close(got_p.float(), want_p.float(), atol=2e-2, rtol=2e-2)
+    for split in (False, True):
+        got_p = paged_prefill_attention(qp, cache, tables[3], 4097 - 600, split=split)
+        torch.testing.assert_close(got_p.float(), want_p.float(), atol=2e-2, rtol=2e-2)
+    qs = qp[:12]  # a short chunk (a warm hit's tail) over 4K of prefix, split over partitions
+    got_s = paged_prefill_attention(qs, cache, tables[3], 4097 - 12, split=True)
+    want_s = paged_prefill_attention_ref(qs, cache, tables[3], 4097 - 12)
+    torch.testing.assert_close(got_s.float(), want_s.float(), atol=2e-2, rtol=2e-2)

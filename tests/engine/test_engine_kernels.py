@@ -31,3 +31,19 @@ def test_triton_backend_matches_torch(make_engine):  # noqa: ANN001
     got = tri.generate(prompts, params)
     assert [g.output_token_ids for g in got] == [w.output_token_ids for w in want]
     assert got[1].num_cached_tokens == 64  # the kernels read a cached paged prefix
+
+
+def test_fused_ops_in_the_engine_match_torch(make_engine):  # noqa: ANN001
+    # The fused norm / RoPE + KV write / SiLU kernels run on GPUs only; here the interpreter
+    # runs them (row by row, so the prompts are short) through the engine's own steps.
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreter off: the CUDA run is covered by the gpu-marked tests")
+    kw = dict(model="tiny", kv_cache_bytes=4 << 20)
+    ref = make_engine(attention_backend="torch", **kw)
+    tri = make_engine(attention_backend="triton", **kw)
+    tri.runner.fused = True
+    prompts = [[(i * 5) % 250 for i in range(9)], [7, 3, 11, 2, 40]]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    got = tri.generate(prompts, params)
+    assert [g.output_token_ids for g in got] == [
+        w.output_token_ids for w in ref.generate(prompts, params)]
