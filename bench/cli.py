@@ -16,6 +16,7 @@ COMMANDS = {
     "router": "bench.router",
     "offload": "bench.offload",
     "gpu": "bench.gpu",
+    "results": "bench.results",
 }
 
 
@@ -29,6 +30,7 @@ SUMMARY = {
     "router": "placement and index at 8-1,024 simulated workers; trace hit rates and TTFT",
     "offload": "prefill with the offload to the host tier running against without",
     "gpu": "every GPU table in one run (TTFT vs transformers, decode, offload, handoff)",
+    "results": "result files: resave full JSONs as summaries, plot a run again",
 }
 
 

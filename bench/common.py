@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -16,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from bench.results import compact_png, samples_path
+from bench.results import write as write_result
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +141,9 @@ def _fmt(x: object) -> str:
 
 
 def write_json(out_dir: str | None, name: str, payload: dict[str, Any]) -> str:
-    """Write ``payload`` as ``<out_dir>/<name>-<timestamp>.json``; returns the path."""
-    out_dir = out_dir or RESULTS_DIR
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, sort_keys=False)
-    return path
+    """Write ``payload`` as ``<out_dir>/<name>-<timestamp>.json``, a summary, with its
+    per-request samples in a compressed file beside it (``bench.results``); returns the path."""
+    return write_result(out_dir or RESULTS_DIR, name, payload)
 
 
 def report(
@@ -155,15 +153,18 @@ def report(
     render: Callable[[dict[str, Any]], str],
     draw: Callable[[dict[str, Any], str], None],
 ) -> None:
-    """Print the table, write the JSON and draw the PNG beside it."""
+    """Print the table, write the summary JSON (+ samples file) and draw the PNG beside it
+    (from the whole result, samples included)."""
     print(render(result))
     path = write_json(out_dir, name, result)
+    wrote = path + (f", {samples_path(path)}" if os.path.exists(samples_path(path)) else "")
     try:
         draw(result, png_path(path))
+        compact_png(png_path(path))
     except ImportError as e:  # a machine without matplotlib still gets the table and the JSON
-        print(f"\nwrote {path} (no PNG: {e})")
+        print(f"\nwrote {wrote} (no PNG: {e})")
         return
-    print(f"\nwrote {path} and {png_path(path)}")
+    print(f"\nwrote {wrote} and {png_path(path)}")
 
 
 def png_path(json_path: str) -> str:

@@ -3,6 +3,7 @@ tier is full, then an account of every request.
 
     strata bench soak --seconds 180            # starts 2 prefill + 2 decode workers (loopback)
     strata bench soak --seconds 60 --server 127.0.0.1:50051 --token T   # a running service
+    strata bench soak --hosts 4 --seconds 180   # on 4 test hosts, link faults too (root)
 
 ``--clients`` threads send greedy requests whose prompts share one of a few long prefixes (so
 prefix reuse, pushes and placement all work) with a random suffix; some are cancelled after a
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--no-kill", action="store_true", help="load only, no faults")
     p.add_argument("--server", default=None, help="HOST:PORT of a running service")
+    p.add_argument("--hosts", type=int, default=0, metavar="N",
+                   help="run on N separate test hosts (network namespaces; root), with link "
+                        "faults beside the kills (bench/soak_hosts.py)")
     p.add_argument("--token", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
@@ -75,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.server:
             result = run(args, args.server, None)
+        elif args.hosts:
+            from bench.soak_hosts import hosts_service
+
+            with hosts_service(args) as (address, faults):
+                result = run(args, address, None, faults)
         else:
             with _started_service(args) as svc:
                 result = run(args, svc.address, svc)
@@ -156,7 +165,8 @@ class _Faults:
                 self.back[wid] = time.monotonic()
 
 
-def run(args: argparse.Namespace, address: str, svc: Any) -> dict[str, Any]:  # noqa: ANN401
+def run(args: argparse.Namespace, address: str, svc: Any,  # noqa: ANN401
+        host_faults: Any = None) -> dict[str, Any]:  # noqa: ANN401 - bench.soak_hosts.HostFaults
     from router.client import StrataClient
     from router.errors import RemoteError
 
@@ -212,13 +222,15 @@ def run(args: argparse.Namespace, address: str, svc: Any) -> dict[str, Any]:  # 
 
     with StrataClient(address, token=args.token) as control:
         vocab = _vocab(control, vocab)
-        faults = _Faults(control, svc)
+        faults = host_faults or _Faults(control, svc)
         threads = [threading.Thread(target=worker, args=(i,), daemon=True)
                    for i in range(args.clients)]
         for t in threads:
             t.start()
         plan = [] if args.no_kill else [(args.seconds / 3, "prefill-0"),
                                          (args.seconds / 3 + KILL_GAP_S, "decode-0")]
+        if host_faults is not None and not args.no_kill:
+            plan = host_faults.plan(args.seconds)
         last = 0
         while any(t.is_alive() for t in threads):
             now = time.monotonic() - t_start
@@ -319,7 +331,7 @@ def _summary(args: argparse.Namespace, records: list[dict[str, Any]], faults: _F
         "config": {k: getattr(args, k) for k in ("model", "seconds", "clients", "prefill",
                                                  "decode", "prefix_tokens", "max_tokens",
                                                  "cancel_share", "bad_share", "request_timeout",
-                                                 "no_kill", "server", "seed")},
+                                                 "no_kill", "server", "hosts", "seed")},
         "num_requests": len(records), "by_status": by_status,
         "ok_share_of_answered": ok / len(answered) if answered else None,
         "wrong_outputs": wrong, "hung_requests": hung, "leaks": leaks,

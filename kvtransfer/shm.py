@@ -47,12 +47,21 @@ class TornReadError(Exception):
 
 
 def host_id() -> str:
-    """Identity of this host: two processes with the same one share ``/dev/shm``."""
+    """Identity of this host: two processes with the same one share ``/dev/shm``.
+
+    The kernel's boot id names the machine, and the device and inode of ``/dev/shm`` name the
+    file system behind it on that kernel: containers (or network namespaces) of one machine
+    that each mount their own ``/dev/shm`` differ here even under one hostname, and processes
+    that see the same ``/dev/shm`` agree. The hostname is kept for the logs."""
     boot = ""
     with contextlib.suppress(OSError):
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
-    return f"{socket.gethostname()}/{boot}"
+    shm_fs = "-"
+    with contextlib.suppress(OSError):
+        st = os.stat(SHM_DIR)
+        shm_fs = f"{st.st_dev}:{st.st_ino}"
+    return f"{socket.gethostname()}/{boot}/{shm_fs}"
 
 
 def free_bytes() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -90,7 +89,13 @@ class RouterActor:
         self.http: HttpFrontDoor | None = None
         if cfg.http_port is not None:
             self.http = HttpFrontDoor(self.servicer, cfg.host, cfg.http_port, cfg.auth_token)
-        host = cfg.host if cfg.host not in ("0.0.0.0", "::", "[::]") else socket.gethostname()
+        host = cfg.host
+        if host in ("0.0.0.0", "::", "[::]"):
+            # Bound to every interface: the address clients are given is the node's (the one
+            # Ray knows it by, as the workers advertise), not a hostname they may not resolve.
+            import ray
+
+            host = ray.util.get_node_ip_address()
         self.address = f"{host}:{self.port}"
         self.metrics_port: int | None = None
         if cfg.metrics_port is not None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import pytest
 
-from bench import cli, decode, longdoc, trace, transfer
+from bench import cli, decode, longdoc, results, trace, transfer
 
 TRACE = trace.DEFAULT_TRACE
 
@@ -16,8 +15,7 @@ TRACE = trace.DEFAULT_TRACE
 def _load(out_dir: str, name: str) -> dict:
     [path] = glob.glob(os.path.join(out_dir, f"{name}-*.json"))
     assert os.path.getsize(path.replace(".json", ".png")) > 1000
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return results.load(path)  # the summary with its samples file put back
 
 
 @pytest.mark.parametrize("with_baseline", [False, True])

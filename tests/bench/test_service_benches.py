@@ -4,19 +4,19 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import pytest
 
-from bench import decode, longdoc, trace, ttft
+from bench import decode, longdoc, results, trace, ttft
+
+pytestmark = pytest.mark.slow  # each test starts a service (Ray workers, gRPC) and runs a benchmark
 
 
 def _load(out_dir: str, name: str) -> dict:
     [path] = glob.glob(os.path.join(out_dir, f"{name}-*.json"))
     assert os.path.getsize(path.replace(".json", ".png")) > 1000
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return results.load(path)  # the summary with its samples file put back
 
 
 def _check_hit_rates(hr: dict) -> None:

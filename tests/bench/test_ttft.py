@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
-from bench import ttft
+from bench import results, ttft
 
 
 def test_ttft_quick_inprocess(tmp_path, capsys) -> None:
@@ -15,7 +14,7 @@ def test_ttft_quick_inprocess(tmp_path, capsys) -> None:
     assert rc == 0
     [path] = glob.glob(os.path.join(tmp_path, "ttft-*.json"))
     assert os.path.getsize(path.replace(".json", ".png")) > 1000
-    data = json.load(open(path, encoding="utf-8"))
+    data = results.load(path)  # the summary with its samples file put back
     assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch"]
     assert data["config"]["model"] == "tiny" and data["config"]["lengths"] == [64, 200]
     assert set(data["bandwidth_gbps"]) == {"device", "host", "disk"}

@@ -18,6 +18,7 @@ from tests.e2e.conftest import ROOT, strata_cli
 pytestmark = pytest.mark.timeout(600)
 
 
+@pytest.mark.slow
 def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
     proc = subprocess.Popen(
         [

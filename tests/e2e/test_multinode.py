@@ -20,7 +20,7 @@ from router.client import StrataClient
 from router.errors import RemoteError
 from tests.e2e.conftest import TOKEN, prompt, strata_cli
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

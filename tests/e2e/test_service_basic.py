@@ -201,6 +201,7 @@ def test_prometheus_metrics_of_router_and_workers(service, client):  # noqa: ANN
     assert 'strata_worker_store_host_hits{worker="decode-0"}' in text
 
 
+@pytest.mark.slow
 def test_64_streams_at_once_equal_the_engine(client, reference_engine):  # noqa: ANN001
     prompts = [prompt(30 + 7 * i, 500 + i) for i in range(64)]
     expected = reference_engine.generate(

@@ -17,7 +17,7 @@ from router.client import StrataClient
 from router.errors import RemoteError
 from tests.e2e.conftest import TOKEN, assert_no_leaks, prompt, start, wait_no_leaks
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

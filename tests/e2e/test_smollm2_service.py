@@ -21,7 +21,7 @@ from tests.e2e.conftest import assert_no_leaks
 from tests.smollm2_refs import CHAT, MODEL, N_NEW, chat_ids, document_ids
 
 TOKEN = "smollm2-token"
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

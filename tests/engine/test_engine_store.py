@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import lmdb
+import pytest
 
 from engine.sampling import SamplingParams
 from kvstore.config import StoreConfig
@@ -106,6 +107,7 @@ def test_corrupt_disk_block_is_recomputed(tmp_path, make_engine):  # noqa: ANN00
     assert again.store.stats()["disk"]["corrupt_blocks"] >= 1
 
 
+@pytest.mark.slow
 def test_second_cli_process_reuses_the_first_ones_blocks(tmp_path):  # noqa: ANN001
     disk = str(tmp_path / "cli-lmdb")
     ids = ",".join(str(t) for t in _prompt(300, 7))

@@ -91,3 +91,33 @@ def test_stale_segments_of_a_dead_process_are_removed_on_start() -> None:
         assert shm.remove_stale("test-shm-crash") == 0  # a live process's segment stays
     finally:
         seg.close()
+
+
+def _host_id_in(*unshare_flags: str, setup: str = "") -> str:
+    import subprocess
+    import sys
+
+    code = "from kvtransfer.shm import host_id; print(host_id())"
+    script = f"{setup} exec {sys.executable} -c '{code}'"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(["unshare", *unshare_flags, "sh", "-c", script], capture_output=True,
+                         text=True, timeout=60, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a mount namespace)")
+def test_host_id_names_the_shm_file_system_not_only_the_hostname() -> None:
+    """Two processes under the same hostname but with different /dev/shm (containers of one
+    machine, or namespaces) are different hosts for the shared-memory path; the same /dev/shm
+    is the same host."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    here = shm.host_id()
+    assert _host_id_in("--mount", "--propagation", "private") == here
+    other = _host_id_in("--mount", "--propagation", "private",
+                        setup="mount -t tmpfs -o size=1m tmpfs /dev/shm &&")
+    assert other != here
+    assert other.split("/")[:2] == here.split("/")[:2]  # same hostname, same boot
