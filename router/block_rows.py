@@ -145,7 +145,8 @@ class RowTable:
 
     def bits(self, row: int, word: int, bit: np.uint64) -> tuple[int, int, int, int]:
         """Whether (1 or 0) the worker is in ``row``: in any tier, in HBM, host, disk."""
-        d, h, s = (int(x != 0) for x in self.words[row, :, word] & bit)
+        b = int(bit)
+        d, h, s = (int(x & b != 0) for x in self.words[row, :, word].tolist())
         return d | h | s, d, h, s
 
     def transitions(self, rows: np.ndarray, codes: np.ndarray, word: int, bit: np.uint64,

@@ -94,20 +94,8 @@ class BlockTable:
 
     def _probe(self, k0: np.ndarray, k1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(id, row id, free slot) of each key: a key found has its id and row and free slot
-        -1; a key not found has id -1, row ``EMPTY_ROW`` and the free slot its probe ended at.
-        The home slot of every key first (most keys sit there), then ``_scan`` for the rest."""
-        home = self._home(k0)
-        rec = np.take(self.slots, home)
-        row = rec["row"]
-        used = row != FREE
-        hit = (rec["k0"] == k0) & (rec["k1"] == k1) & used
-        ids = np.where(hit, home, -1)
-        rows = np.where(hit, row, EMPTY_ROW)
-        free = np.where(used, -1, home)
-        rest = np.flatnonzero(used & ~hit)
-        if len(rest):
-            ids[rest], rows[rest], free[rest] = self._scan(k0[rest], k1[rest], home[rest] + 1)
-        return ids, rows, free
+        -1; a key not found has id -1, row ``EMPTY_ROW`` and the free slot its probe ended at."""
+        return self._scan(k0, k1, self._home(k0))
 
     def _home(self, k0: np.ndarray) -> np.ndarray:
         """A key's home slot: the top bits of its first 8 bytes (keys sorted by those bytes
@@ -117,29 +105,35 @@ class BlockTable:
 
     def _scan(self, k0: np.ndarray, k1: np.ndarray, pos: np.ndarray,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``_probe`` from slots ``pos`` on, ``_WINDOW`` slots a key a round."""
-        mask = self.capacity - 1
-        ids = np.full(len(k0), -1, np.intp)
-        rows = np.full(len(k0), EMPTY_ROW, np.int32)
-        free = np.full(len(k0), -1, np.intp)
-        todo = np.arange(len(k0))
+        """``_probe`` from slots ``pos`` on: each round looks at a window of slots per key (the
+        first round 4, 64 bytes; then ``_WINDOW``), until each key is found or a free slot."""
+        ends, hit, at, got = self._round(k0, k1, pos, _STEPS[:4])
+        ids = np.where(hit, at, -1)
+        rows = np.where(hit, got, EMPTY_ROW)
+        free = np.where(ends & ~hit, at, -1)
+        todo = np.flatnonzero(~ends)
+        pos = pos[todo] + 4
         while len(todo):
-            window = (pos[:, None] + _STEPS) & mask  # [key, step]
-            rec = np.take(self.slots, window)
-            empty = rec["row"] == FREE
-            hit = (rec["k0"] == k0[todo, None]) & (rec["k1"] == k1[todo, None]) & ~empty
-            stop = hit | empty
-            step = stop.argmax(axis=1)
-            each = np.arange(len(todo))
-            ends = stop[each, step]
-            at = window[each, step]
-            found = ends & hit[each, step]
-            ids[todo[found]] = at[found]
-            rows[todo[found]] = rec["row"][each, step][found]
-            missing = ends & ~found
-            free[todo[missing]] = at[missing]
+            ends, hit, at, got = self._round(k0[todo], k1[todo], pos, _STEPS)
+            ids[todo] = np.where(hit, at, -1)
+            rows[todo] = np.where(hit, got, EMPTY_ROW)
+            free[todo] = np.where(ends & ~hit, at, -1)
             todo, pos = todo[~ends], pos[~ends] + _WINDOW
         return ids, rows, free
+
+    def _round(self, k0: np.ndarray, k1: np.ndarray, pos: np.ndarray, steps: np.ndarray,
+               ) -> tuple[np.ndarray, ...]:
+        """One probe round over ``steps`` slots from ``pos``: per key, whether it ended (found,
+        or a free slot), whether found, the slot it ended at and that slot's row."""
+        window = (pos[:, None] + steps) & (self.capacity - 1)  # [key, step]
+        rec = np.take(self.slots, window)
+        row = rec["row"]
+        stop = (row == FREE) | ((rec["k0"] == k0[:, None]) & (rec["k1"] == k1[:, None]))
+        step = stop.argmax(axis=1)
+        each = np.arange(len(pos))
+        got = row[each, step]
+        ends = stop[each, step]
+        return ends, ends & (got != FREE), window[each, step], got
 
     def _insert(self, k0: np.ndarray, k1: np.ndarray, ids: np.ndarray, free: np.ndarray) -> None:
         """Give the keys not found (``ids`` -1) the free slots their probes ended at. When

@@ -367,7 +367,7 @@ class GlobalBlockIndex:
         old = table.row_of[ids]
         word, bit = slot_word(slot)
         key = (old.astype(np.int64) << 6) | codes  # codes fit in 6 bits
-        pairs, inv, num = _distinct(key)
+        pairs, inv, num = _distinct(key, rows.num_rows << 6)
         before = pairs >> 6
         if len(pairs) <= 4:  # the usual case: a few pairs, plain integers
             self._apply_pairs_locked(slot, before.tolist(), (pairs & 63).tolist(),
@@ -421,24 +421,18 @@ class GlobalBlockIndex:
         self._counts[slot] += delta
 
 
-def _distinct(key: np.ndarray, few: int = 8,
-              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def _distinct(key: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``np.unique(key, return_inverse=True, return_counts=True)`` (inverse None when all are
-    equal), without a sort while the distinct values are ``few``."""
+    equal) of keys in ``[0, bound)``; counted, not sorted, when ``bound`` is small."""
     if (key == key[0]).all():
         return key[:1], None, np.array([len(key)])
-    values, nums = [], []
-    inv = np.empty(len(key), np.intp)
-    at, rest = np.arange(len(key)), key
-    while len(rest) and len(values) < few:
-        same = rest == rest[0]
-        inv[at[same]] = len(values)
-        values.append(rest[0])
-        nums.append(int(same.sum()))
-        at, rest = at[~same], rest[~same]
-    if len(rest):
+    if bound > max(1 << 16, 4 * len(key)):
         return np.unique(key, return_inverse=True, return_counts=True)
-    return np.array(values, np.int64), inv, np.array(nums, np.int64)
+    counts = np.bincount(key, minlength=bound)
+    values = np.flatnonzero(counts)
+    at = np.empty(bound, np.intp)
+    at[values] = np.arange(len(values))
+    return values, at[key], counts[values]
 
 
 def _keys(parts: list[Sequence[bytes]]) -> tuple[np.ndarray, np.ndarray]:
