@@ -1,13 +1,13 @@
 """The router's global view of which worker holds which block, in which tiers.
 
 One index over all workers, in numpy arrays. Each worker owns a slot, a bit position. A block
-hash is interned to a block id (``block_table``: an open-addressing table of the hashes' two
-64-bit halves); per block id the table keeps the id of its row (``block_rows``: the bit sets of
-the workers holding the block in HBM, in host memory and on disk, interned, so blocks with the
-same holders share one row). An event batch is a few vectorized passes: the hashes are looked
-up (or inserted) at once, and each event's blocks move to their new rows with one gather and
-one scatter, the new row of each distinct old row computed once. A block can sit in several
-tiers of one worker at once (HBM and disk): removing the HBM copy leaves the disk one.
+hash is interned to a block id (``block_table``: an open-addressing table of 96 bits of the
+hashes); per block id the table keeps the id of its row (``block_rows``: the bit sets of the
+workers holding the block in HBM, in host memory and on disk, interned, so blocks with the
+same holders share one row). A worker's event batch is a few vectorized passes
+(``block_events``): its hashes looked up at once, its events folded per block, each distinct
+(old row, event) pair turned into its new row once. A block can sit in several tiers of one
+worker at once (HBM and disk): removing the HBM copy leaves the disk one.
 
 A placement walks the prompt's blocks (``walk``, ``residency``): their row ids are gathered a
 chunk at a time and only the change points are looked at; the walk stops as soon as no worker
@@ -33,18 +33,10 @@ from typing import Protocol
 
 import numpy as np
 
-from kvstore.keys import HASH_NBYTES, BlockHash
-from router.block_rows import (
-    ANY_STORED,
-    NUM_TIERS,
-    RowTable,
-    Scrubber,
-    fold_codes,
-    merge_ops,
-    op_code,
-    slot_word,
-)
-from router.block_table import EMPTY_ROW, BlockTable, split_raw
+from kvstore.keys import BlockHash
+from router.block_events import Batch, EventApplier
+from router.block_rows import NUM_TIERS, RowTable, Scrubber, op_code, slot_word
+from router.block_table import BlockTable
 from router.incarnation import Action, Incarnations
 from router.profile import TIER_NAMES
 from router.residency import Residency, ResidencyGroup, ResidencyWalk
@@ -57,7 +49,6 @@ EVENT_REMOVED = "removed"
 
 __all__ = ["TIERS", "BlockEvent", "GlobalBlockIndex", "ResidencyGroup", "tier_bit"]
 
-Batch = list[tuple[int, Sequence[bytes]]]  # (op code, block hashes) per event, in order
 
 
 class StoreEventLike(Protocol):
@@ -105,6 +96,7 @@ class GlobalBlockIndex:
         self._table = BlockTable()
         self._rows = RowTable()
         self._counts = np.zeros((64, 1 + NUM_TIERS), np.int64)  # slot -> [any, HBM, host, disk]
+        self._events = EventApplier(self._table, self._rows, self._counts)
         self._scrub = Scrubber()
         self._incarnations = Incarnations()
         self.layout_version = 0  # changes whenever a worker gets or leaves a slot
@@ -134,7 +126,7 @@ class GlobalBlockIndex:
             old = self._slot_of.pop(worker_id, None)
             if old is not None:
                 self._retire_locked(old)
-            self._apply_batch_locked(self._slot_locked(worker_id), batch)
+            self._events.apply(self._slot_locked(worker_id), batch)
             return True
 
     def compact(self) -> None:
@@ -191,7 +183,7 @@ class GlobalBlockIndex:
         is applied."""
         batch = [(op_code(_tier_num(e.tier), _is_stored(e.kind)), e.block_hashes) for e in events]
         with self._lock:
-            self._apply_batch_locked(self._slot_locked(worker_id), batch)
+            self._events.apply(self._slot_locked(worker_id), batch)
             self._scrub_locked()
 
     def apply_batch(self, worker_id: str, batch: EventBatchLike) -> bool:
@@ -206,7 +198,7 @@ class GlobalBlockIndex:
                     old = self._slot_of.pop(worker_id, None)
                     if old is not None:
                         self._retire_locked(old)
-                self._apply_batch_locked(self._slot_locked(worker_id), ops)
+                self._events.apply(self._slot_locked(worker_id), ops)
             self._scrub_locked()
             return self._incarnations.in_sync(worker_id)
 
@@ -293,6 +285,7 @@ class GlobalBlockIndex:
         self._rows.ensure_slot(slot)
         if slot >= len(self._counts):
             self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+            self._events.counts = self._counts
         self._counts[slot] = 0
         word, bit = slot_word(slot)
         if word >= len(self._live):
@@ -327,121 +320,6 @@ class GlobalBlockIndex:
         if self._scrub.busy:
             self._free_locked(self._scrub.step(self._rows, self._table,
                                                self.SCRUB_ROWS_PER_BATCH))
-
-    def _apply_batch_locked(self, slot: int, batch: Batch) -> None:
-        """The events of ``batch`` (in order) of the worker at ``slot``: the hashes sorted
-        (the table is then probed in slot order) and each looked up once, the events folded
-        per block, one pass over the rows."""
-        batch = merge_ops([(code, hashes) for code, hashes in batch if len(hashes)])
-        if not batch:
-            return
-        k0, k1 = _keys([hashes for _, hashes in batch])
-        codes = np.repeat(np.array([code for code, _ in batch], np.int64),
-                          [len(hashes) for _, hashes in batch])
-        order = np.argsort(k0, kind="stable")  # a block's events stay in order
-        k0, k1, codes = k0[order], k1[order], codes[order]
-        same0 = k0[1:] == k0[:-1]
-        same = same0 & (k1[1:] == k1[:-1])
-        if (same0 & ~same).any():  # two blocks share their first 8 bytes: order by all 12
-            order = np.lexsort((k1, k0))
-            k0, k1, codes = k0[order], k1[order], codes[order]
-            same = (k0[1:] == k0[:-1]) & (k1[1:] == k1[:-1])
-        starts = None
-        if same.any():
-            starts = np.flatnonzero(np.concatenate([[True], ~same]))
-            codes = fold_codes(codes, starts)
-            k0, k1 = k0[starts], k1[starts]
-        stores = any(code & ANY_STORED for code, _ in batch)
-        ids = self._table.find_keys(k0, k1, insert=stores)
-        if not stores:
-            known = ids >= 0
-            ids, codes = ids[known], codes[known]
-        self._apply_locked(slot, ids, codes)
-
-    def _apply_locked(self, slot: int, ids: np.ndarray, codes: np.ndarray) -> None:
-        """Operation ``codes[i]`` of the worker at ``slot`` on block ``ids[i]`` (distinct):
-        the new row of each distinct (old row, code) computed once."""
-        if not len(ids):
-            return
-        table, rows = self._table, self._rows
-        old = table.row_of[ids]
-        word, bit = slot_word(slot)
-        key = (old.astype(np.int64) << 6) | codes  # codes fit in 6 bits
-        pairs, inv, num = _distinct(key, rows.num_rows << 6)
-        before = pairs >> 6
-        if len(pairs) <= 4:  # the usual case: a few pairs, plain integers
-            self._apply_pairs_locked(slot, before.tolist(), (pairs & 63).tolist(),
-                                     num.tolist(), ids, inv)
-            return
-        after = rows.transitions(before, pairs & 63, word, bit)
-        changed = after != before
-        if not changed.any():
-            return
-        table.row_of[ids] = after[inv]
-        before, after, num = before[changed], after[changed], num[changed]
-        self._counts[slot] += (rows.counts(after, num, word, bit)
-                               - rows.counts(before, num, word, bit))
-        table.num_held += int(num[before == EMPTY_ROW].sum() - num[after == EMPTY_ROW].sum())
-        kept = after != EMPTY_ROW
-        np.add.at(rows.ref, after[kept], num[kept])
-        left = before != EMPTY_ROW
-        np.subtract.at(rows.ref, before[left], num[left])
-        for row in np.unique(before[left]).tolist():
-            if not rows.ref[row]:
-                rows.release(row)
-
-    def _apply_pairs_locked(self, slot: int, before: list[int], codes: list[int],
-                            num: list[int], ids: np.ndarray, inv: np.ndarray | None) -> None:
-        """``_apply_locked`` for a few (old row, code) pairs, one at a time."""
-        table, rows = self._table, self._rows
-        word, bit = slot_word(slot)
-        after = [rows.transition(o, c, word, bit) for o, c in zip(before, codes)]
-        if after == before:
-            return
-        table.row_of[ids] = after[0] if inv is None else np.array(after, np.int32)[inv]
-        delta = [0] * (1 + NUM_TIERS)
-        released = []
-        for o, n, k in zip(before, after, num):
-            if o == n:
-                continue
-            for i, (a, b) in enumerate(zip(rows.bits(o, word, bit), rows.bits(n, word, bit))):
-                delta[i] += k * (b - a)
-            if n != EMPTY_ROW:
-                rows.ref[n] += k
-            else:
-                table.num_held -= k
-            if o != EMPTY_ROW:
-                released.append((o, k))
-            else:
-                table.num_held += k
-        for o, k in released:
-            rows.ref[o] -= k
-            if not rows.ref[o]:
-                rows.release(o)
-        self._counts[slot] += delta
-
-
-def _distinct(key: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """``np.unique(key, return_inverse=True, return_counts=True)`` (inverse None when all are
-    equal) of keys in ``[0, bound)``; counted, not sorted, when ``bound`` is small."""
-    if (key == key[0]).all():
-        return key[:1], None, np.array([len(key)])
-    if bound > max(1 << 16, 4 * len(key)):
-        return np.unique(key, return_inverse=True, return_counts=True)
-    counts = np.bincount(key, minlength=bound)
-    values = np.flatnonzero(counts)
-    at = np.empty(bound, np.intp)
-    at[values] = np.arange(len(values))
-    return values, at[key], counts[values]
-
-
-def _keys(parts: list[Sequence[bytes]]) -> tuple[np.ndarray, np.ndarray]:
-    """``split_hashes`` of several lists of hashes, one after the other."""
-    raw = b"".join(parts[0]) if len(parts) == 1 else b"".join([b"".join(p) for p in parts])
-    if len(raw) != HASH_NBYTES * sum(map(len, parts)):
-        raise ValueError(f"block hashes must be {HASH_NBYTES} bytes each")
-    return split_raw(raw)
-
 
 def _words_of(slots: np.ndarray, num_words: int) -> np.ndarray:
     """The bit set (uint64 words) of ``slots`` (negative ones left out)."""
