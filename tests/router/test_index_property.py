@@ -153,7 +153,7 @@ def test_choose_prefill_matches_reference(num_workers: int, events: st.DataObjec
     index, ref = _index(), ReferenceBlockIndex()
     for op in events.draw(ops(num_workers)):
         _apply(op, index, ref)
-    cost = CostModel(block_size=16, block_nbytes=2 * MB)
+    cost = CostModel(block_size=16, block_nbytes=2 * MB, max_plans=64)  # > keys: exact
     names = [f"w{i:02d}" for i in range(num_workers)]
     for w in names:
         speed, host, disk, net, depth, service = params.draw(profiles)
