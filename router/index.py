@@ -85,7 +85,8 @@ class BlockEvent:
 
 class GlobalBlockIndex:
     SCRUB_ROWS_PER_BATCH = 256  # rows cleared of retired slots' bits per event batch
-    FIRST_CHUNK = 128  # blocks the walk looks up first; each later chunk 16x the last
+    FIRST_CHUNK = 32  # blocks the walk looks up first; each later chunk 64x the last
+    FEW_POINTS = 16  # change points up to which a walk splits groups of bit sets
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -215,14 +216,14 @@ class GlobalBlockIndex:
                 alive = alive & _words_of(follow, len(alive))
             if not n or not alive.any():
                 return Residency(len(names)), names
-            walk = ResidencyWalk(alive)
+            walk = ResidencyWalk(alive, self.FEW_POINTS)
             table, words = self._table, self._rows.words
             start, size = 0, self.FIRST_CHUNK
             while start < n:
                 rows = table.rows(hashes[start : start + size])
                 if not walk.feed(start, rows, words):
                     break
-                start, size = start + size, size * 16
+                start, size = start + size, size * 64
             return walk.finish(len(names)), names
 
     def residency(self, hashes: Sequence[BlockHash]) -> list[ResidencyGroup]:

@@ -163,6 +163,11 @@ class CostModel:
             bound = (queue_s + prompt_len / tokens_per_s).min()  # computing it all
             follow = sel.index_slots[floor <= bound * (1 + 1e-9)]
         res, names = index.walk(hashes, follow) if hashes else index.walk((), None)
+        if not res.longest:  # nobody holds the prefix: every plan computes the whole prompt
+            compute = prompt_len / tokens_per_s  # as load_plan's, with nothing to load
+            win = self._winner(sel, index, queue_s + compute, np.zeros(len(cs), np.int64))
+            return Placement(sel.names[win], LoadPlan(0, 0.0, float(compute[win]),
+                                                      float(queue_s[win])), 0)
         known = sel.index_slots >= 0
         at = np.where(known, sel.index_slots, 0) if len(res.ends) else None
         local = np.where(known, res.ends[at], 0) if at is not None else np.zeros(len(cs), int)
@@ -189,7 +194,7 @@ class CostModel:
             donor = max(names[s] for s in np.flatnonzero(res.ends == longest).tolist())
         return Placement(
             worker_id=w,
-            plan=LoadPlan(num_load, load_s, compute_s, self.profiles[w].queue_wait_s),
+            plan=LoadPlan(num_load, load_s, compute_s, float(queue_s[win])),
             num_local_blocks=num_local,
             pull_from=donor,
             num_pull_blocks=num_pull,
@@ -262,10 +267,11 @@ class CostModel:
         key = (tuple(candidates), id(index), index.layout_version, self.table.version)
         sel = self._selection
         if sel is None or sel.key != key:
-            names = tuple(w for w in candidates if w in self.profiles)
-            slot_of = self.table.slot_of
-            sel = _Selection(key, names, np.array([slot_of[w] for w in names], np.int64),
-                             index.slots(names))
+            get = self.table.slot_of.get
+            found = [(w, get(w)) for w in candidates]  # (a worker removed meanwhile: None)
+            names = tuple(w for w, slot in found if slot is not None)
+            slots = np.array([slot for _, slot in found if slot is not None], np.int64)
+            sel = _Selection(key, names, slots, index.slots(names))
             self._selection = sel
         return sel
 

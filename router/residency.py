@@ -27,6 +27,7 @@ from router.block_table import EMPTY_ROW
 # (tier number, number of blocks) of each run of equal best tiers, in prompt order
 Runs = tuple[tuple[int, int], ...]
 
+_FEW_GROUPS = 16  # groups up to which ``finish`` splits groups of bit sets
 _MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 
@@ -82,6 +83,27 @@ class Residency:
         np.add.at(self.tier_blocks, (c.slot[held], c.state[held] - 1), c.span[held])
         self.longest = int(self.ends.max())
 
+    @classmethod
+    def of_groups(cls, num_slots: int, groups: list[tuple[int, Runs, int]]) -> Residency:
+        """From (workers bit set, runs, end) of each group."""
+        res = cls(num_slots)
+        if not groups:
+            return res
+        nbytes = 8 * ((num_slots + 63) // 64)
+        masks = np.frombuffer(b"".join(m.to_bytes(nbytes, "little") for m, _, _ in groups),
+                              np.uint8).reshape(len(groups), nbytes)
+        member = np.unpackbits(masks, axis=1, bitorder="little")[:, :num_slots]  # [group, slot]
+        holds = member.any(axis=0)
+        group_of = member.argmax(axis=0)
+        res.group_of = np.where(holds, group_of, -1)
+        per_group = np.array([[end, *_tier_counts(runs)] for _, runs, end in groups], np.int64)
+        res.ends = np.where(holds, per_group[group_of, 0], 0)
+        res.tier_blocks = np.where(holds[:, None], per_group[group_of, 1:], 0)
+        res._runs = {g: runs for g, (_, runs, _) in enumerate(groups)}
+        res._reps = np.arange(len(groups))
+        res.longest = int(per_group[:, 0].max())
+        return res
+
     @property
     def num_groups(self) -> int:
         return len(self._reps)
@@ -102,9 +124,11 @@ class Residency:
 
 
 class ResidencyWalk:
-    def __init__(self, alive: np.ndarray) -> None:
-        """``alive``: the bit set (uint64 words) of the workers to follow."""
+    def __init__(self, alive: np.ndarray, few_points: int = 16) -> None:
+        """``alive``: the bit set (uint64 words) of the workers to follow; up to ``few_points``
+        change points, ``finish`` splits groups of bit sets instead of reading changes."""
         self._alive = alive.copy()
+        self._few_points = few_points
         self._last_row = -1
         self._pos: list[np.ndarray] = []
         self._tiers: list[np.ndarray] = []  # [change point, HBM | host, word] per chunk
@@ -142,6 +166,40 @@ class ResidencyWalk:
                 self._alive = held[-1]
         return not stop
 
+    def _refine(self, pos: np.ndarray, held: np.ndarray, device: np.ndarray, host: np.ndarray,
+                ) -> list[tuple[int, Runs, int]] | None:
+        """Few change points: split the holders, change point by change point, by the best
+        tier of the block there (bit sets as Python integers); None past ``_FEW_GROUPS``."""
+        def ints(words: np.ndarray) -> list[int]:
+            return [int.from_bytes(row.tobytes(), "little") for row in words]
+
+        starts = pos.tolist()
+        held_at, device_at, host_at = ints(held), ints(device), ints(host)
+        groups: list[tuple[int, list[tuple[int, int]]]] = [(held_at[0], [])]
+        done: list[tuple[int, list[tuple[int, int]], int]] = []
+        for c, start in enumerate(starts):
+            split = []
+            for mask, runs in groups:
+                gone = mask & ~held_at[c]
+                if gone:
+                    done.append((gone, runs, start))
+                d = mask & device_at[c]
+                h = mask & host_at[c]
+                for t, part in ((0, d), (1, h), (2, mask & held_at[c] & ~d & ~h)):
+                    if part:
+                        split.append((part, runs if runs and runs[-1][0] == t
+                                      else [*runs, (t, start)]))
+            groups = split
+            if len(groups) + len(done) > _FEW_GROUPS:
+                return None
+        done += [(mask, runs, self.end) for mask, runs in groups]
+        out = []
+        for mask, runs, end in done:
+            bounds = [start for _, start in runs] + [end]
+            out.append((mask, tuple((t, bounds[j + 1] - bounds[j]) for j, (t, _) in
+                                    enumerate(runs)), end))
+        return [g for g in out if g[1]]
+
     def finish(self, num_slots: int) -> Residency:
         """The holders of the walked prefix, grouped by residency."""
         if not self._pos:
@@ -151,6 +209,10 @@ class ResidencyWalk:
         tiers = np.concatenate(self._tiers)
         device = tiers[:, 0] & held
         host = tiers[:, 1] & held & ~device
+        if len(pos) <= self._few_points:
+            groups = self._refine(pos, held, device, host)
+            if groups is not None:
+                return Residency.of_groups(num_slots, groups)
         changed = np.zeros_like(held)
         changed[0] = held[0]  # at the first change point, every holder starts
         for now in (held, device, host):
@@ -177,6 +239,13 @@ class ResidencyWalk:
         changes = _Changes(slot, state, start, span, first)
         group, reps = _group(changes)
         return Residency(num_slots, changes, group, reps, self.end)
+
+
+def _tier_counts(runs: Runs) -> list[int]:
+    counts = [0, 0, 0]
+    for t, num in runs:
+        counts[t] += num
+    return counts
 
 
 def _group(c: _Changes) -> tuple[np.ndarray, np.ndarray]:

@@ -62,10 +62,11 @@ query = st.one_of(st.lists(block, max_size=12), st.just(list(range(len(H)))))
 queries = st.lists(query, min_size=1, max_size=4)
 
 
-def _index() -> GlobalBlockIndex:
+def _index(few_points: int = 16) -> GlobalBlockIndex:
     index = GlobalBlockIndex()
     index.SCRUB_ROWS_PER_BATCH = 1  # removed workers' bits linger across several batches
     index.FIRST_CHUNK = 2  # a walk crosses chunk boundaries
+    index.FEW_POINTS = few_points  # 0: groups found from the changes, never by splitting
     return index
 
 
@@ -125,10 +126,11 @@ def _check(index: GlobalBlockIndex, ref: ReferenceBlockIndex, query: list[bytes]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(num_workers=st.sampled_from([3, 6, 70]), events=st.data(), query_idx=queries)
-def test_index_matches_reference(num_workers: int, events: st.DataObject,
+@given(num_workers=st.sampled_from([3, 6, 70]), few_points=st.sampled_from([0, 3, 16]),
+       events=st.data(), query_idx=queries)
+def test_index_matches_reference(num_workers: int, few_points: int, events: st.DataObject,
                                  query_idx: list[list[int]]) -> None:
-    index, ref = _index(), ReferenceBlockIndex()
+    index, ref = _index(few_points), ReferenceBlockIndex()
     for op in events.draw(ops(num_workers)):
         _apply(op, index, ref)
         _check(index, ref, [H[i] for i in query_idx[0]])
@@ -145,12 +147,12 @@ profiles = st.builds(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(num_workers=st.sampled_from([3, 6, 40]), events=st.data(), query_idx=queries,
-       extra_tokens=st.integers(1, 40), params=st.data())
-def test_choose_prefill_matches_reference(num_workers: int, events: st.DataObject,
-                                          query_idx: list[list[int]], extra_tokens: int,
-                                          params: st.DataObject) -> None:
-    index, ref = _index(), ReferenceBlockIndex()
+@given(num_workers=st.sampled_from([3, 6, 40]), few_points=st.sampled_from([0, 16]),
+       events=st.data(), query_idx=queries, extra_tokens=st.integers(1, 40), params=st.data())
+def test_choose_prefill_matches_reference(num_workers: int, few_points: int,
+                                          events: st.DataObject, query_idx: list[list[int]],
+                                          extra_tokens: int, params: st.DataObject) -> None:
+    index, ref = _index(few_points), ReferenceBlockIndex()
     for op in events.draw(ops(num_workers)):
         _apply(op, index, ref)
     cost = CostModel(block_size=16, block_nbytes=2 * MB, max_plans=64)  # > keys: exact
