@@ -46,7 +46,6 @@ class EventApplier:
             order = np.lexsort((k1, k0))
             k0, k1, codes = k0[order], k1[order], codes[order]
             same = (k0[1:] == k0[:-1]) & (k1[1:] == k1[:-1])
-        starts = None
         if same.any():
             starts = np.flatnonzero(np.concatenate([[True], ~same]))
             codes = fold_codes(codes, starts)
