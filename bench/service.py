@@ -33,6 +33,34 @@ def add_service_flags(p: argparse.ArgumentParser) -> None:
                         "size the service reports)")
 
 
+def model_context(model: str) -> int:
+    """The context window (tokens) a model was made for: ``max_position_embeddings``."""
+    from engine.loader import BUILTIN_MODELS, read_config
+    from textproc.gguf_models import find_gguf
+
+    if model in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model].max_position_embeddings
+    gguf = find_gguf(model)
+    if gguf is not None:
+        from engine.gguf_loader import convert_gguf
+
+        return read_config(convert_gguf(gguf)).max_position_embeddings
+    return read_config(model).max_position_embeddings
+
+
+def check_lengths(model: str, lengths: list[int]) -> None:
+    """ValueError when a prompt of ``lengths`` does not fit the model's context window: past
+    it a model's output means nothing, and the benchmark would time what no one serves. (The
+    few tokens a benchmark generates after a prompt that fills the window run past it.)"""
+    context = model_context(model)
+    too_long = [n for n in lengths if n > context]
+    if too_long:
+        raise ValueError(
+            f"--lengths {','.join(map(str, too_long))}: beyond {model}'s context of {context} "
+            f"tokens (the longest prompt it takes)"
+        )
+
+
 def model_shape(model: str, dtype: str) -> tuple[int, int]:
     """(vocabulary size, KV bytes per token) of a built-in shape or a checkpoint directory."""
     from engine.loader import BUILTIN_MODELS, read_config, resolve_device, resolve_dtype

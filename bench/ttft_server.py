@@ -158,7 +158,7 @@ def _cycle(client: Any, target: Target, prompt: list[int], modes: tuple[str, ...
             # prefill reads them: a warm-disk run is then served partly "by host" (it still
             # waited for the disk read, which started with the request).
             allowed = {"disk", "host"} if mode == "disk" else {mode}
-            if mode != "warm" and not (set(by_tier) <= allowed and by_tier):
+            if mode != "warm" and not (set(by_tier) <= allowed and (by_tier or mode == "disk")):
                 raise BenchmarkError(
                     f"warm-{mode} run of {len(prompt)} tokens was served by {by_tier}")
             if res.token_ids != cold.token_ids:

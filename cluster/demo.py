@@ -20,14 +20,18 @@ from typing import Any
 DOCUMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "document.md")
 
 # (label, question (None: the previous request again), tier the cached prefix is pushed down
-# to before the turn)
-PLAN: tuple[tuple[str, str | None, str | None], ...] = (
-    ("question 1 (cold)", "When did Agnes Morrow buy the building?", None),
-    ("question 1 again", None, None),
-    ("follow-up 2", "Who is the head librarian today?", None),
-    ("follow-up 3, prefix in host", "How much does a temporary card cost?", "host"),
-    ("follow-up 4, prefix on disk", "What does the blue van do?", "disk"),
+# to before the turn, what the document says). The questions are ones smollm2-135m answers
+# correctly from the built-in document in this conversation (greedy). Asked alone, it answered
+# 4 of 12 candidate questions correctly (the head librarian, the price of a temporary card and
+# what the blue van does, among others, it got wrong).
+PLAN: tuple[tuple[str, str | None, str | None, str], ...] = (
+    ("question 1 (cold)", "In which year was the customs house built?", None, "1872"),
+    ("question 1 again", None, None, "1872"),
+    ("follow-up 2", "How many books does the library hold?", None, "about 38,000"),
+    ("follow-up 3, prefix in host", "What is the name of the archivist?", "host", "Mairi Quinn"),
+    ("follow-up 4, prefix on disk", "How many villages does the van visit?", "disk", "eleven"),
 )
+NOISE_MODELS = ("tiny", "llama-3.2-1b", "llama-3.1-8b")  # random weights: output is noise
 MAX_TOKENS = 48
 
 
@@ -55,6 +59,10 @@ def turn_request(
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from cluster.preflight import check_disk_path, check_model
+
+    check_model(args.model)  # before Ray or torch: a mistake is reported at once
+    check_disk_path(args.disk_path)
     if args.in_process:
         return _run_in_process(args)
     return _run_service(args)
@@ -102,6 +110,9 @@ def _run_service(args: argparse.Namespace) -> int:
         )
         t0 = time.perf_counter()
         print(f"starting the service: 1 prefill + 1 decode worker, model {args.model} ...")
+        if args.model in NOISE_MODELS:
+            print(f"note: {args.model} has random weights: its answers are noise (the cache and "
+                  "the timings are real)")
         svc = launch(cfg)
         print(f"serving gRPC on {svc.address} (up in {time.perf_counter() - t0:.1f} s)", flush=True)
         try:
@@ -121,7 +132,7 @@ def _run_plan(client: Any, doc: str, chat: bool, evict: Any) -> int:  # noqa: AN
     history: list[tuple[str, str]] = []
     results = []
     request: dict[str, Any] = {}
-    for label, asked, tier in PLAN:
+    for label, asked, tier, fact in PLAN:
         if tier:
             evict(tier)
         question = asked or history[-1][0]
@@ -135,6 +146,8 @@ def _run_plan(client: Any, doc: str, chat: bool, evict: Any) -> int:  # noqa: AN
             f"cached {u.cached_tokens:>5} ({tiers})"
         )
         print(f"      Q: {question}\n      A: {' '.join(res.text.split())}", flush=True)
+        if chat:  # a model without a chat template here is a random-weight shape
+            print(f"      (the document says: {fact})", flush=True)
         if asked is not None:
             history.append((question, res.text.strip()))
         results.append(res)
@@ -167,6 +180,8 @@ def _run_in_process(args: argparse.Namespace) -> int:
                 else tok.encode(request["prompt"])
             )
             sampling = SamplingParams(max_tokens=MAX_TOKENS)
+            if args.model in NOISE_MODELS:
+                print(f"note: {args.model} has random weights: its answer is noise")
             print(
                 f"model {args.model}: prompt of {len(ids)} tokens, {engine.device}, "
                 f"pool {engine.num_blocks} blocks of {engine.block_size} tokens"

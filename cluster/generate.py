@@ -6,12 +6,12 @@ import argparse
 import sys
 import time
 
-from cluster.cli import _ids, chat_messages, print_result
+from cluster.flags import chat_messages, parse_ids, print_result
 from textproc.tokenizer import Tokenizer, render_chat
 
 
 def engine_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - an EngineConfig
-    from cluster.cli import ENGINE_FLAGS
+    from cluster.flags import ENGINE_FLAGS
     from engine.config import EngineConfig
 
     return EngineConfig(**{f: getattr(args, a) for f, a in ENGINE_FLAGS.items()})
@@ -45,7 +45,7 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[i
         if tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer.json; pass --prompt-ids")
         return tokenizer.encode(args.prompt)
-    return _ids(args.prompt_ids)
+    return parse_ids(args.prompt_ids)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def run_generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
-            stop_token_ids=tuple(_ids(args.stop_token_ids)),
+            stop_token_ids=tuple(parse_ids(args.stop_token_ids, "--stop-token-ids")),
             ignore_eos=args.ignore_eos,
         )
         engine = engine_from_args(args)

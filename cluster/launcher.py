@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 ROUTER_NAME = "strata-router"
 _ENV_VARS = {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+RUNTIME_ENV_VARS = _ENV_VARS  # what every Ray process of the service gets (`ray start` too)
 
 
 @dataclass
@@ -37,6 +35,7 @@ class Service:
     decode: list[Any] = field(default_factory=list)
     owns_ray: bool = False  # this process started the Ray cluster (and stops it)
     http_address: str | None = None  # host:port of the OpenAI-compatible HTTP API, if on
+    metrics_address: str | None = None  # host:port of Prometheus /metrics, if on
 
     def shutdown(self) -> None:
         shutdown_actors(self.router, self.prefill + self.decode)
@@ -44,8 +43,10 @@ class Service:
             ray.shutdown()
 
 
-def connect(address: str | None, cfg: ServiceConfig) -> bool:
-    """Join the cluster at ``address`` or start an embedded one; True if this process owns it."""
+def connect(address: str | None, cfg: ServiceConfig, local: bool = False) -> bool:
+    """Join the cluster at ``address`` (``local``: the loopback head of ``strata up
+    --detach``), or start an embedded one of this process's own (never a Ray cluster that
+    already runs on this machine); True if this process owns it."""
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": _ENV_VARS}
@@ -55,10 +56,15 @@ def connect(address: str | None, cfg: ServiceConfig) -> bool:
             namespace=cfg.namespace,
             runtime_env=runtime_env,
             logging_level=logging.WARNING,
+            **({"_node_ip_address": "127.0.0.1"} if local else {}),
         )
         return False
-    n = cfg.num_prefill + cfg.num_decode
+    from cluster.quiet import use_local_ray
+
+    use_local_ray()
     ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
         namespace=cfg.namespace,
         runtime_env=runtime_env,
         include_dashboard=False,
@@ -67,16 +73,19 @@ def connect(address: str | None, cfg: ServiceConfig) -> bool:
         object_store_memory=256 << 20,
         logging_level=logging.WARNING,
         _system_config={"worker_register_timeout_seconds": 120},
-        ignore_reinit_error=True,
-    ) if n else None
+    )
     return True
 
 
-def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False) -> Service:
+def launch(
+    cfg: ServiceConfig, address: str | None = None, detach: bool = False, local: bool = False
+) -> Service:
+    """Start the service's actors. ``local``: the cluster at ``address`` is this machine's
+    loopback head (workers then listen on 127.0.0.1 only, as in an embedded cluster)."""
     from router.actor import RouterActor
 
     owns = connect(address, cfg)
-    bind_all = bool(address)
+    bind_all = bool(address) and not local
     prefill = [create_worker(cfg, PREFILL, i, bind_all, detach) for i in range(cfg.num_prefill)]
     decode = [create_worker(cfg, DECODE, i, bind_all, detach) for i in range(cfg.num_decode)]
     workers = [(PREFILL, h) for h in prefill] + [(DECODE, h) for h in decode]
@@ -91,13 +100,26 @@ def launch(cfg: ServiceConfig, address: str | None = None, detach: bool = False)
     try:
         grpc_address = ray.get(router.address_of.remote(), timeout=600)
         http_port = ray.get(router.http_port_of.remote(), timeout=60)
-    except Exception:
+        metrics_port = ray.get(router.metrics_port_of.remote(), timeout=60)
+    except Exception as e:
         shutdown_actors(router, prefill + decode)
         if owns:
             ray.shutdown()
-        raise
-    http = f"{grpc_address.rsplit(':', 1)[0]}:{http_port}" if http_port is not None else None
-    return Service(grpc_address, router, prefill, decode, owns_ray=owns, http_address=http)
+        from cluster.errors import ClusterError
+
+        raise ClusterError(f"the service did not start: {failure_line(e)}") from e
+    host = grpc_address.rsplit(":", 1)[0]
+    http = f"{host}:{http_port}" if http_port is not None else None
+    metrics = f"{host}:{metrics_port}" if metrics_port is not None else None
+    return Service(
+        grpc_address,
+        router,
+        prefill,
+        decode,
+        owns_ray=owns,
+        http_address=http,
+        metrics_address=metrics,
+    )
 
 
 def shutdown_actors(router: Any, workers: list[Any]) -> None:  # noqa: ANN401
@@ -112,51 +134,7 @@ def shutdown_actors(router: Any, workers: list[Any]) -> None:  # noqa: ANN401
             pass
 
 
-def start_head(cfg: ServiceConfig) -> bool:
-    """``ray start --head`` in the background, so detached actors outlive this process. False
-    when a Ray head already runs on this machine (the service then joins it); RuntimeError with
-    Ray's own message on any other failure."""
-    res = f'{{"prefill": {max(cfg.num_prefill, 1)}, "decode": {cfg.num_decode}}}'
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "ray"),
-        "start",
-        "--head",
-        "--include-dashboard=false",
-        f"--resources={res}",
-        "--disable-usage-stats",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_ENV_VARS})
-    if proc.returncode != 0:
-        out = (proc.stderr + proc.stdout).strip()
-        if "already running" in out or "already" in out and "ray stop" in out:
-            return False
-        raise RuntimeError(f"`ray start --head` failed: {out.splitlines()[-1] if out else ''}")
-    time.sleep(1.0)
-    return True
-
-
-def down(address: str | None, namespace: str = "strata", stop_ray: bool = False) -> int:
-    """Kill the named actors of a detached service; returns how many were found."""
-    ray.init(address=address or "auto", namespace=namespace, logging_level=logging.WARNING)
-    found = 0
-    for name in [ROUTER_NAME] + [a["name"] for a in _named_workers(namespace)]:
-        try:
-            handle = ray.get_actor(name)
-        except ValueError:
-            continue
-        found += 1
-        shutdown_actors(handle, [])
-    ray.shutdown()
-    if stop_ray:
-        subprocess.run(
-            [os.path.join(os.path.dirname(sys.executable), "ray"), "stop"],
-            check=False,
-            capture_output=True,
-        )
-    return found
-
-
-def _named_workers(namespace: str) -> list[dict[str, str]]:
+def named_workers(namespace: str) -> list[dict[str, str]]:
     from ray.util import list_named_actors
 
     return [
@@ -167,3 +145,9 @@ def _named_workers(namespace: str) -> list[dict[str, str]]:
         and a.get("name", "").startswith("strata-")
         and a.get("name") != ROUTER_NAME
     ]
+
+
+def failure_line(e: BaseException) -> str:
+    """The last line of what a Ray failure says (its cause), for a one-line error."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__

@@ -5,24 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.cli import _ids, chat_messages, print_result
+from cluster.flags import chat_messages, parse_ids, print_result
 
 
 def run_remote_generate(args: argparse.Namespace) -> int:
     from router.client import StrataClient
     from router.errors import RemoteError
 
+    prompt_ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
     with StrataClient(args.server, token=args.token) as client:
         try:
             res = client.generate(
                 prompt=args.prompt,
-                prompt_token_ids=_ids(args.prompt_ids) if args.prompt_ids is not None else None,
+                prompt_token_ids=prompt_ids,
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
                 top_p=args.top_p,
                 top_k=args.top_k,
                 seed=args.seed,
-                stop_token_ids=_ids(args.stop_token_ids),
+                stop_token_ids=parse_ids(args.stop_token_ids, "--stop-token-ids"),
                 cache_salt=args.cache_salt,
                 timeout=args.timeout,
                 ignore_eos=args.ignore_eos,

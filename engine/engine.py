@@ -28,6 +28,8 @@ from kvstore.layout import KVLayout
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
+LOAD_WAIT_S = 0.005  # a step with nothing to run but loads waits this long for them at most
+MIN_OBSERVED_PREFILL = 64  # prefill tokens a step needs for its speed to count
 
 # (index of the first block, pool block ids): a watched request's newly computed full blocks
 BlockListener = Callable[[int, list[int]], None]
@@ -230,12 +232,19 @@ class LLMEngine:
         if self._deferred_reports:  # a caller that did not flush them (engine.generate)
             self.flush_block_reports()
         self.kv.poll_copies()
+        self.kv.poll_loads()  # arrived blocks go to the pool; finished loads free their sequence
         batch = self.scheduler.schedule()
         if not batch:
+            if self.kv.num_loading:  # only loads to wait for: sleep until one progresses
+                self.kv.wait_load_progress(LOAD_WAIT_S)
             return []
         self.kv.wait_loads()  # the blocks admission started loading
+        start = time.perf_counter()
         tokens = self.runner.execute(batch)
         now = time.perf_counter()
+        prefill = sum(item.q_len for item in batch if item.q_len > 1)
+        if prefill >= MIN_OBSERVED_PREFILL:  # feeds load-or-recompute (kvstore.cost)
+            self.kv.speeds.observe_prefill(prefill, now - start)
         outputs: list[StepOutput] = []
         for item, tok in zip(batch, tokens):
             seq = item.seq
@@ -392,6 +401,8 @@ class LLMEngine:
             "pool_cached_blocks": pool.num_cached_blocks,
             "pool_evicted_blocks": pool.num_evicted,
             "store_hits_recomputed": self.kv.num_hits_recomputed,
+            "store_split_loads": self.kv.num_split_loads,
+            "store_loads_in_flight": self.kv.num_loading,
             "num_waiting": self.num_waiting,
             "num_running": self.num_running,
         }

@@ -1,12 +1,14 @@
 """The engine's KV cache: the paged pool tensors, prefix reuse, and the tiered store below.
 
 On admission a sequence's prompt blocks are found, in order, in the device pool (a hit costs
-nothing), then in the tiered store (host slab, then LMDB on disk); store hits are copied from
-the slab rows into fresh pool blocks on the load lane (``engine.block_copier``) and the step
-that reads them waits for that copy; only the rest is computed. Full blocks are registered in
-the pool's prefix cache and offloaded to the store on the offload lane, off the critical path;
-a cached block evicted from the pool is demoted to the store if the store lacks it, so it is
-never simply dropped.
+nothing), then in the tiered store (host slab, then disk). ``kvstore.cost.plan_load`` decides,
+with the speeds this engine measured and observed (``speeds``), which store hits to load and
+how many leading ones to compute meanwhile (the split); the load runs while the engine keeps
+stepping (``engine.prefix_loader``), its blocks copied from the slab rows into fresh pool blocks
+on the load lane (``engine.block_copier``) as they arrive; the step that reads them waits for
+that copy; only the rest is computed. Full blocks are registered in the pool's prefix cache and
+offloaded to the store on the offload lane, off the critical path; a cached block evicted from
+the pool is demoted to the store if the store lacks it, so it is never simply dropped.
 
 The pool tensor has one block more than the block pool hands out: ``scratch_block``, where the
 padding lanes of a captured decode graph write (``engine.cuda_graphs``).
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.block_copier import BlockCopier
 from engine.block_pool import BlockPool
+from engine.prefix_loader import LoadResult, PrefixLoader
 from engine.sequence import Sequence
+from kvstore.cost import LoadPlan, SpeedTracker, plan_load, tier_runs
 from kvstore.keys import BlockHash, extend_hashes
 from kvstore.layout import KVLayout, gather_blocks, scatter_blocks
 from kvstore.store import TieredStore
@@ -33,7 +38,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AdmitPlan:
     num_device_blocks: int  # leading blocks already in the pool
-    store_tiers: tuple[str, ...]  # tier of each following block found in the store
+    num_head_blocks: int = 0  # store hits after them computed while the next ones load
+    store_tiers: tuple[str, ...] = ()  # tier of each store hit to load (after the head)
+    load_deadline_s: float | None = None  # stop waiting for the load this long after its start
+    num_store_hits: int = 0  # leading store hits found (loaded or not)
 
 
 class KVCacheManager:
@@ -59,12 +67,15 @@ class KVCacheManager:
         self.scratch_block = num_blocks  # never handed out by the block pool
         self.pool = BlockPool(num_blocks, on_evict=self._demote if store is not None else None)
         self.copier: BlockCopier | None = None
+        # Load-or-recompute: speeds measured (workers, at start-up) and observed (every load
+        # and prefill); until one is known, every hit is loaded.
+        self.speeds = SpeedTracker()
+        self.loader: PrefixLoader | None = None
         if store is not None:
             self.copier = BlockCopier(self._pool, layout, self.pool, store, device)
-        # Load-or-recompute: measured speeds (None until measured: then every hit is loaded).
-        self.prefill_tokens_per_s: float | None = None
-        self.tier_bytes_per_s: dict[str, float] = {}
+            self.loader = PrefixLoader(store, self.copier, self.block_size, self.speeds)
         self.num_hits_recomputed = 0  # store hits recomputed because loading them was slower
+        self.num_split_loads = 0  # loads planned with a computed head (the split)
 
     # ---- hashing -------------------------------------------------------------------------
     def update_hashes(self, seq: Sequence) -> None:
@@ -77,49 +88,59 @@ class KVCacheManager:
 
     # ---- admission -----------------------------------------------------------------------
     def plan(self, seq: Sequence) -> AdmitPlan:
-        """Where the sequence's leading full blocks are cached (at least one token is computed)."""
+        """Where the sequence's leading full blocks are cached (at least one token is computed)
+        and which of the store hits to load."""
         if not self.enable_prefix_caching:
-            return AdmitPlan(0, ())
+            return AdmitPlan(0)
         self.update_hashes(seq)
         max_hit = (len(seq.token_ids) - 1) // self.block_size
         hashes = seq.block_hashes[:max_hit]
         n_dev = len(self.pool.lookup(hashes))
-        tiers: tuple[str, ...] = ()
-        if self.store is not None and n_dev < len(hashes):
-            tiers = tuple(self.store.lookup(hashes[n_dev:]))
-            n_load = self.num_worth_loading(tiers, len(seq.token_ids) - n_dev * self.block_size)
-            self.num_hits_recomputed += len(tiers) - n_load
-            tiers = tiers[:n_load]
-        return AdmitPlan(n_dev, tiers)
+        if self.store is None or n_dev == len(hashes):
+            return AdmitPlan(n_dev)
+        tiers = self.store.lookup(hashes[n_dev:])
+        if not tiers:
+            return AdmitPlan(n_dev)
+        lp = self.plan_load(tiers, len(seq.token_ids) - n_dev * self.block_size)
+        head, n = lp.num_head_blocks, lp.num_load_blocks
+        return AdmitPlan(n_dev, head, tuple(tiers[head : head + n]), lp.deadline_s, len(tiers))
 
-    def num_worth_loading(self, tiers: tuple[str, ...], num_tokens: int) -> int:
-        """How many leading store hits to load so that load + compute time is least.
+    def plan_load(self, tiers: list[str], num_tokens: int) -> LoadPlan:
+        """``kvstore.cost.plan_load`` (with the split) for store hits of these tiers, leading a
+        prompt of ``num_tokens`` tokens."""
+        known = self.speeds.tier_bytes_per_s()
+        if "host" in tiers and "host" not in known:
+            self.speeds.set_tier("host", self._probe_host_speed())
+        if "disk" in tiers and "disk" not in known and self.store is not None:
+            if self.store.disk is not None:  # the tier's own reads so far, if any
+                self.speeds.set_tier("disk", self.store.disk.read_bytes_per_s)
+        return plan_load(
+            tier_runs(tiers), num_tokens, self.block_size, self.layout.block_nbytes,
+            self.speeds.snapshot(), overlap=True,
+        )
 
-        Loading block i costs ``block_nbytes / bandwidth(tier_i)``; every block not loaded costs
-        ``block_size / prefill speed`` to recompute. A slow disk thus never makes TTFT worse
-        than no cache. Without measured speeds every hit is loaded.
-        """
-        if self.prefill_tokens_per_s is None or not tiers:
-            return len(tiers)
-        per_token = 1.0 / self.prefill_tokens_per_s
-        nbytes = self.layout.block_nbytes
-        best_n, best_t = 0, num_tokens * per_token
-        load_t = 0.0
-        for i, tier in enumerate(tiers):
-            bw = self.tier_bytes_per_s.get(tier)
-            if not bw:
-                break
-            load_t += nbytes / bw
-            total = load_t + (num_tokens - (i + 1) * self.block_size) * per_token
-            if total < best_t:
-                best_n, best_t = i + 1, total
-        return best_n
+    def _probe_host_speed(self, nbytes: int = 16 << 20) -> float:
+        """Bytes/s of a copy from host memory into the pool's device (a few ms, once)."""
+        cuda = self.device.type == "cuda"
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        best = math.inf
+        for _ in range(3):
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=cuda)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - t0)
+        return nbytes / max(best, 1e-9)
 
     def num_new_blocks(self, seq: Sequence, plan: AdmitPlan) -> int:
         return self.blocks_needed(len(seq.token_ids)) - plan.num_device_blocks
 
     def admit(self, seq: Sequence, plan: AdmitPlan) -> bool:
-        """Reserve blocks for the whole sequence and load cached ones; False if short of blocks."""
+        """Reserve blocks for the whole sequence and start loading the cached ones; False if
+        short of blocks."""
         hashes = seq.block_hashes
         dev_ids = self.pool.lookup(hashes[: plan.num_device_blocks])
         assert len(dev_ids) == plan.num_device_blocks, "device hits changed between plan and admit"
@@ -129,32 +150,51 @@ class KVCacheManager:
             self.pool.free(dev_ids)
             return False
         seq.block_ids = dev_ids + new_ids
-        loaded: list[str] = []  # where each loaded block was found
-        if plan.store_tiers:
-            first = len(dev_ids)
-            loaded = self._load(hashes[first : first + len(plan.store_tiers)], new_ids)
-        n_cached_blocks = len(dev_ids) + len(loaded)  # loaded blocks are cached once copied
-        seq.num_registered_blocks = n_cached_blocks
-        seq.num_computed_tokens = n_cached_blocks * self.block_size
+        seq.num_registered_blocks = len(dev_ids)
+        seq.num_computed_tokens = len(dev_ids) * self.block_size
         if seq.first_token_time is None:  # a preempted sequence keeps its first accounting
             seq.num_cached_tokens = seq.num_computed_tokens
-            by_tier = {"device": len(dev_ids) * self.block_size}
-            for tier in loaded:
-                by_tier[tier] = by_tier.get(tier, 0) + self.block_size
-            seq.cached_by_tier = {k: v for k, v in by_tier.items() if v}
+            seq.cached_by_tier = {"device": seq.num_computed_tokens} if dev_ids else {}
+        self.num_hits_recomputed += plan.num_store_hits - len(plan.store_tiers)
+        if plan.store_tiers:
+            assert self.loader is not None
+            self.num_split_loads += plan.num_head_blocks > 0
+            first = len(dev_ids) + plan.num_head_blocks
+            res = self.loader.start(seq, first, len(plan.store_tiers), plan.load_deadline_s)
+            if res is not None:
+                self.loaded(seq, res)
         return True
 
-    def _load(self, hashes: list[BlockHash], block_ids: list[int]) -> list[str]:
-        """Start copying the leading store hits into ``block_ids``; the tier each was found in
-        (as many as will arrive)."""
-        assert self.store is not None and self.copier is not None
-        lease = self.store.lend(hashes)
-        n = lease.num_blocks
-        if n == 0:
-            self.store.release(lease)
-            return []
-        self.copier.load(lease, block_ids[:n], lease.hashes)
-        return list(lease.tiers)
+    def loaded(self, seq: Sequence, res: LoadResult) -> None:
+        """A load finished (``seq``'s computed tokens already jumped over its blocks)."""
+        self.num_hits_recomputed += res.num_planned - res.num_blocks
+        if seq.first_token_time is None:
+            by_tier = seq.cached_by_tier
+            for tier in res.tiers:
+                by_tier[tier] = by_tier.get(tier, 0) + self.block_size
+            seq.num_cached_tokens += res.num_blocks * self.block_size
+
+    def compute_limit(self, seq: Sequence) -> int:
+        """Tokens of ``seq`` that may be computed now (while it loads: its head only)."""
+        return len(seq.token_ids) if self.loader is None else self.loader.compute_limit(seq)
+
+    def poll_loads(self) -> int:
+        """Advance the loads under way (between steps); how many finished."""
+        if self.loader is None:
+            return 0
+        finished = self.loader.poll()
+        for seq, res in finished:
+            self.loaded(seq, res)
+        return len(finished)
+
+    @property
+    def num_loading(self) -> int:
+        return self.loader.num_loading if self.loader is not None else 0
+
+    def wait_load_progress(self, timeout_s: float) -> None:
+        """Sleep until a load progresses (or ``timeout_s``): nothing else can run meanwhile."""
+        if self.loader is not None:
+            self.loader.wait_progress(timeout_s)
 
     # ---- growth, registration, release ---------------------------------------------------
     def append_slots(self, seq: Sequence, num_tokens: int) -> bool:
@@ -196,6 +236,8 @@ class KVCacheManager:
             fence.make_compute_wait()  # the blocks are about to be reused
 
     def free(self, seq: Sequence) -> None:
+        if self.loader is not None:
+            self.loader.cancel(seq)
         if seq.block_ids:
             self.pool.free(seq.block_ids)
         seq.block_ids = []
@@ -281,12 +323,17 @@ class KVCacheManager:
 
     def check_no_leaks(self) -> None:
         """Every copy finished, every block free, every lease and reservation given back."""
+        assert not self.num_loading, f"{self.num_loading} loads not finished"
         self.finish_copies()
+        if self.store is not None:
+            assert self.store.wait_loads(timeout_s=30.0), "disk reads of ended loads still running"
         self.pool.check_no_leaks()
         if self.store is not None:
             assert self.store.num_lent() == 0, f"{self.store.num_lent()} leases not released"
             assert self.store.num_reserved() == 0, f"{self.store.num_reserved()} slots reserved"
 
     def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
         if self.copier is not None:
             self.copier.close()

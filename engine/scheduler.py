@@ -4,7 +4,9 @@ Each step has a token budget (``max_num_batched_tokens``). Running sequences go 
 take one token, unfinished prefills take a chunk. Waiting sequences are admitted in arrival order
 while the pool can hold their whole prompt (never over-committed); the first one that does not
 fit waits (backpressure) until blocks are freed. A running sequence that cannot grow preempts the
-most recently admitted one (its blocks stay in the prefix cache, so re-admission is cheap).
+most recently admitted one (its blocks stay in the prefix cache, so re-admission is cheap). A
+sequence whose cached prefix is loading computes only up to ``kv.compute_limit`` (its head, if
+the load plan split it) and is skipped otherwise: the others run meanwhile.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            assert n > 0, f"running sequence {seq.req_id} has nothing to compute"
+            n = min(self.kv.compute_limit(seq) - seq.num_computed_tokens, budget)
+            if n <= 0:  # its cached prefix is still loading
+                continue
             while not self.kv.append_slots(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -70,9 +73,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
-            budget -= n
+            n = min(self.kv.compute_limit(seq) - seq.num_computed_tokens, budget)
+            if n > 0:  # else its cached prefix is loading: scheduled once it arrived
+                batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+                budget -= n
         return batch
 
     def _preempt(self, seq: Sequence) -> None:

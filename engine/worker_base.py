@@ -86,8 +86,10 @@ class WorkerBase:
         self.engine = LLMEngine(engine_config, store_config)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
         self.tier_bytes_per_s = self._measure_tiers()
-        self.engine.kv.prefill_tokens_per_s = self.prefill_tokens_per_s
-        self.engine.kv.tier_bytes_per_s = dict(self.tier_bytes_per_s)
+        speeds = self.engine.kv.speeds  # load-or-recompute starts from the measured speeds
+        speeds.set_prefill(self.prefill_tokens_per_s)
+        for tier, bytes_per_s in self.tier_bytes_per_s.items():
+            speeds.set_tier(tier, bytes_per_s)
         self.loop = EngineLoop(self.engine, name=f"{worker_id}-loop", on_outputs=self._outputs())
         self.receiver = KVReceiver(BlockSinkAdapter(self), self.engine.fingerprint, secret=secret)
         self.server = grpc.server(
@@ -143,8 +145,22 @@ class WorkerBase:
         )
 
     def stats(self) -> dict[str, float]:
-        s = self.loop.call(lambda eng: eng.stats())
-        s["pid"] = os.getpid()
+        """Flat stats (``strata stats``; Prometheus names them by ``router.worker_metrics``'s
+        rule): the engine's and store's counters and levels, the store's latency histograms,
+        the prefill speed measured at start-up, and the pid (which is no metric)."""
+
+        def collect(eng: LLMEngine) -> dict[str, float]:
+            s = eng.stats()
+            if eng.store is not None:
+                for old in ("store_load_latency_", "store_store_latency_"):
+                    s.pop(old + "sum_s", None)
+                    s.pop(old + "count", None)
+                s.update(eng.store.metrics.latency_stats())
+            return s
+
+        s = self.loop.call(collect)
+        s["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        s["pid"] = os.getpid()  # `strata bench soak --server` kills workers by it; not a metric
         return s
 
     def drain_events(self) -> EventBatch:

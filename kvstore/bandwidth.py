@@ -1,38 +1,53 @@
-"""Measured (never hard-coded) read bandwidth of each tier, for benchmarks and the cost model.
+"""Measured (never hard-coded) read bandwidth of each tier, on the medium it names.
 
-``measure_bandwidth(store)`` times, best of ``repeats``:
-- host: a batched copy of ``num_blocks`` rows of the block size (the host tier's read path is
-  one ``index_select`` out of the slab, so this is its speed);
-- disk: writing ``num_blocks`` scratch blocks through the write-behind queue, dropping them from
-  the OS page cache where the OS allows (fsync + POSIX_FADV_DONTNEED), then one batched
-  ``get_into`` (LMDB read + header and crc32 check + copy). The scratch blocks are removed.
+``measure_bandwidth(store)`` gives GB/s per enabled tier:
+- host: a batched copy of ``num_blocks`` rows of the block size, best of ``repeats`` (the host
+  tier's read path is one ``index_select`` out of the slab, so this is its speed);
+- disk: scratch blocks written through the tier, then read back through the tier's own read
+  path (parallel ``O_DIRECT`` reads, checksums, the copy into the caller's rows), median of
+  ``repeats``; the scratch blocks are removed. ``O_DIRECT`` never touches the page cache, so
+  this is the device; where the filesystem refuses ``O_DIRECT`` the tier drops the pages it
+  wrote and read, and ``disk_read_method`` says so.
+
+``device_read_ceiling(directory)`` is the device's own sequential read speed: a scratch file read
+with ``O_DIRECT`` in 4 MiB requests at several queue depths (the best one), no checksum, no copy
+-- what ``dd iflag=direct`` reports with more requests in flight. It is the floor benchmarks put
+beside a load from disk. ``drop_os_caches`` empties the whole page cache (root only).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvstore.errors import StoreError
 from kvstore.keys import BlockHash
+from kvstore.layout import aligned_empty
 
 if TYPE_CHECKING:
     from kvstore.store import TieredStore
 
+PROBE_BYTES = 16 << 20  # at least this much is read to time the disk (past latency, caches)
+
 
 def measure_bandwidth(
-    store: TieredStore, num_blocks: int = 16, repeats: int = 3
+    store: TieredStore, num_blocks: int | None = None, repeats: int = 3
 ) -> dict[str, float]:
     """GB/s per enabled tier (``{"host": ..., "disk": ...}``)."""
+    nb = store.block_nbytes
+    if num_blocks is None:
+        num_blocks = max(16, PROBE_BYTES // nb)
     if num_blocks <= 0 or repeats <= 0:
         raise ValueError("num_blocks and repeats must be positive")
-    nbytes = num_blocks * store.block_nbytes
-    src = torch.randint(0, 256, (num_blocks, store.block_nbytes), dtype=torch.uint8)
-    dst = torch.empty_like(src)
+    nbytes = num_blocks * nb
+    src = torch.randint(0, 256, (num_blocks, nb), dtype=torch.uint8)
+    dst = aligned_empty(num_blocks, nb)
     result: dict[str, float] = {}
     if store.host is not None:
         idx = torch.randperm(num_blocks)
@@ -40,19 +55,109 @@ def measure_bandwidth(
         result["host"] = nbytes / best / 1e9
     disk = store.disk
     if disk is not None:
+        num_blocks = min(num_blocks, max(1, disk.capacity_bytes // disk.slot_nbytes // 2))
         hashes = [BlockHash(os.urandom(16)) for _ in range(num_blocks)]
-        if not all(disk.put(hashes, src)) or not disk.flush(timeout_s=60.0):
-            raise StoreError("disk bandwidth probe: the write-behind queue refused the blocks")
-        times = []
-        for _ in range(repeats):
-            drop_page_cache(disk.path)
-            times.append(_timed(lambda: disk.get_into(hashes, dst)))
-        assert torch.equal(dst, src), "disk bandwidth probe read back different bytes"
-        for h in hashes:
-            disk.remove(h)
-        disk.flush(timeout_s=60.0)
-        result["disk"] = nbytes / min(times) / 1e9
+        step = store.config.disk_write_queue_blocks
+        for i in range(0, num_blocks, step):
+            if not all(disk.put(hashes[i : i + step], src[i : i + step])) or not disk.flush(60.0):
+                raise StoreError("disk bandwidth probe: the write-behind queue refused the blocks")
+        try:
+            times = []
+            for _ in range(repeats):
+                times.append(_timed(lambda: disk.get_into(hashes, dst[:num_blocks])))
+            if not torch.equal(dst[:num_blocks], src[:num_blocks]):
+                raise StoreError("disk bandwidth probe read back different bytes")
+        finally:
+            for h in hashes:
+                disk.remove(h)
+            disk.flush(timeout_s=60.0)
+        result["disk"] = num_blocks * nb / statistics.median(times) / 1e9
     return result
+
+
+def disk_read_method(store: TieredStore) -> str:
+    """How the disk tier's reads reach the device (for benchmark reports)."""
+    if store.disk is None:
+        return "no disk tier"
+    if store.disk.direct_io:
+        return "O_DIRECT (the page cache is bypassed)"
+    return "buffered (no O_DIRECT here): pages dropped after each read and write"
+
+
+def device_read_ceiling(
+    directory: str,
+    nbytes: int = 256 << 20,
+    request_nbytes: int = 4 << 20,
+    depths: tuple[int, ...] = (1, 4, 8),
+) -> float:
+    """Sequential ``O_DIRECT`` read GB/s of the device holding ``directory``: the best of the
+    queue depths (a scratch file of ``nbytes``, written and removed here). Raises ``OSError``
+    where ``O_DIRECT`` is refused."""
+    path = os.path.join(directory, f".strata-ceiling-{os.getpid()}")
+    buf = aligned_empty(1, request_nbytes).numpy().reshape(-1)
+    buf[:] = torch.randint(0, 256, (request_nbytes,), dtype=torch.uint8).numpy()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+    try:
+        for off in range(0, nbytes, request_nbytes):
+            os.pwrite(fd, buf.data, off)
+        os.fsync(fd)
+        offsets = list(range(0, nbytes, request_nbytes))
+        best = 0.0
+        for depth in depths:
+            with ThreadPoolExecutor(depth) as pool:
+                start = time.perf_counter()
+                list(pool.map(_read_share(fd, offsets, depth, request_nbytes), range(depth)))
+                best = max(best, nbytes / (time.perf_counter() - start) / 1e9)
+        return best
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _read_share(
+    fd: int, offsets: list[int], depth: int, request_nbytes: int
+) -> Callable[[int], None]:
+    """Reader ``k`` of ``depth``: every ``depth``-th request, into its own aligned buffer."""
+
+    def read(k: int) -> None:
+        buf = aligned_empty(1, request_nbytes).numpy().reshape(-1)
+        for off in offsets[k::depth]:
+            os.preadv(fd, [buf.data], off)
+
+    return read
+
+
+def drop_os_caches() -> bool:
+    """``sync`` then ``echo 3 > /proc/sys/vm/drop_caches``: every clean page leaves the page
+    cache (root only; False where it could not be done)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def drop_page_cache(disk_path: str) -> bool:
+    """``POSIX_FADV_DONTNEED`` on every file of the store (its index; segment files are read
+    with ``O_DIRECT`` and never cached). Best effort: False where it could not be done."""
+    ok = True
+    for root, _, files in os.walk(disk_path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                ok = False
+                continue
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                ok = False
+            finally:
+                os.close(fd)
+    return ok
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -60,21 +165,3 @@ def _timed(fn: Callable[[], object]) -> float:
     fn()
     return max(time.perf_counter() - start, 1e-9)
 
-
-def drop_page_cache(disk_path: str) -> bool:
-    """fsync + POSIX_FADV_DONTNEED on the LMDB data file, so later reads come from the disk.
-
-    Best effort: False where it could not be done (then reads may hit the page cache)."""
-    data_file = os.path.join(disk_path, "data.mdb")
-    try:
-        fd = os.open(data_file, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    except OSError:
-        return False  # then a read figure is the page-cache read speed
-    finally:
-        os.close(fd)

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StoreConfig:
     host_capacity_bytes: int = 1 << 30  # pinned host slab; 0 turns the host tier off
-    disk_path: str | None = None  # LMDB directory (NVMe); None turns the disk tier off
-    disk_capacity_bytes: int = 8 << 30  # LMDB map_size ceiling; 0 turns the disk tier off
+    disk_path: str | None = None  # store directory (NVMe); None turns the disk tier off
+    disk_capacity_bytes: int = 8 << 30  # bytes of blocks on disk; 0 turns the disk tier off
     disk_write_queue_blocks: int = 256  # bound of the write-behind queue (then writes are refused)
+    disk_read_threads: int = 8  # disk reads in flight (kvstore.tiers.disk.reader)
+    disk_read_chunk_bytes: int = 1 << 20  # bytes of one read (one block at least)
+    # caps the disk tier's read speed (0 = off): a slow disk on purpose, for tests and benchmarks
+    disk_read_limit_bytes_per_s: float = 0.0
     prefetch_threads: int = 2  # background workers moving disk -> host
     pin_host_memory: bool = True  # cudaHostRegister the slab when CUDA is present
     # when a block goes to disk (kvstore.write_policy): "evict" | "write_through" |
@@ -30,6 +34,10 @@ class StoreConfig:
             raise ValueError("disk_write_queue_blocks must be positive")
         if self.prefetch_threads <= 0:
             raise ValueError("prefetch_threads must be positive")
+        if self.disk_read_threads <= 0 or self.disk_read_chunk_bytes <= 0:
+            raise ValueError("disk_read_threads and disk_read_chunk_bytes must be positive")
+        if self.disk_read_limit_bytes_per_s < 0:
+            raise ValueError("disk_read_limit_bytes_per_s must be >= 0 (0 = no limit)")
         if not 0.0 <= self.host_headroom < 0.5:
             raise ValueError(f"host_headroom must be in [0, 0.5), got {self.host_headroom}")
         from kvstore.write_policy import POLICIES

@@ -82,13 +82,19 @@ def extend_hashes(
     fingerprint: bytes,
     cache_salt: str = "",
 ) -> list[BlockHash]:
-    """Append the hashes of blocks that became full since ``hashes`` was computed (in place)."""
-    ids = np.asarray(token_ids, dtype="<i4")
-    n_full = len(ids) // block_size
+    """Append the hashes of blocks that became full since ``hashes`` was computed (in place).
+
+    O(1) when no block became full (a decode step), else O(tokens of the new blocks)."""
+    n_full = len(token_ids) // block_size
+    start = len(hashes)
+    if n_full <= start:
+        return hashes
+    ids = np.asarray(token_ids[start * block_size : n_full * block_size], dtype="<i4")
     parent: bytes = hashes[-1] if hashes else ROOT_HASH
-    for i in range(len(hashes), n_full):
+    for i in range(start, n_full):
         extra = first_block_extra(fingerprint, cache_salt) if i == 0 else b""
-        parent = hash_block(parent, ids[i * block_size : (i + 1) * block_size], extra)
+        j = (i - start) * block_size
+        parent = hash_block(parent, ids[j : j + block_size], extra)
         hashes.append(BlockHash(parent))
     return hashes
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+IO_ALIGN = 4096  # O_DIRECT alignment of disk offsets, lengths and buffers (a page)
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -100,3 +102,13 @@ def scatter_blocks(
         scatter_blocks_triton(kv_caches, block_ids, src, layout)
         return
     scatter_blocks_torch(kv_caches, block_ids, src, layout)
+
+
+def aligned_empty(rows: int, row_nbytes: int) -> torch.Tensor:
+    """uint8 ``[rows, row_nbytes]`` on the CPU whose first byte is ``IO_ALIGN``-aligned (so is
+    every row when ``row_nbytes`` is a multiple of it): disk reads land in such rows with
+    ``O_DIRECT``, no bounce copy."""
+    nbytes = rows * row_nbytes
+    raw = torch.empty(nbytes + IO_ALIGN, dtype=torch.uint8)
+    offset = (-raw.data_ptr()) % IO_ALIGN
+    return raw[offset : offset + nbytes].view(rows, row_nbytes)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.keys import BlockHash
+from kvstore.layout import aligned_empty
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 
@@ -53,6 +54,14 @@ def cpu_buffer(num_rows: int, block_nbytes: int) -> torch.Tensor:
     return torch.empty(
         (num_rows, block_nbytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available()
     )
+
+
+def aligned_buffer(num_rows: int, block_nbytes: int) -> torch.Tensor:
+    """``cpu_buffer`` whose rows start on 4 KiB boundaries when ``block_nbytes`` is a multiple
+    of 4 KiB (the disk tier reads into such rows with ``O_DIRECT``, no bounce copy)."""
+    if torch.cuda.is_available():
+        return cpu_buffer(num_rows, block_nbytes)  # page-locked allocations are page-aligned
+    return aligned_empty(num_rows, block_nbytes)
 
 
 def runs(rows: list[int]) -> list[tuple[int, int, int]]:

@@ -39,6 +39,18 @@ class LatencyStat:
         self.count += 1
         self.buckets[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
 
+    def as_flat(self, base: str) -> dict[str, float]:
+        """Flat stats in the exposition's convention (``router.worker_metrics``): cumulative
+        ``<base>_bucket_le_<bound>``, ``<base>_sum`` (seconds) and ``<base>_count``."""
+        out: dict[str, float] = {}
+        total = 0
+        for bound, n in zip(LATENCY_BUCKETS_S, self.buckets, strict=False):
+            total += n
+            out[f"{base}_bucket_le_{bound:g}"] = float(total)
+        out[f"{base}_sum"] = self.sum_s
+        out[f"{base}_count"] = float(self.count)
+        return out
+
     def as_dict(self) -> dict[str, object]:
         return {
             "sum_s": self.sum_s,
@@ -91,6 +103,15 @@ class StoreMetrics:
         assert name in ("prefetched", "prefetch_expired", "promoted"), f"unknown counter {name}"
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
+
+    def latency_stats(self) -> dict[str, float]:
+        """The load and put latency histograms as flat stats (``store_load_seconds_*``,
+        ``store_put_seconds_*``)."""
+        with self._lock:
+            return {
+                **self.load_latency.as_flat("store_load_seconds"),
+                **self.store_latency.as_flat("store_put_seconds"),
+            }
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:

@@ -87,12 +87,10 @@ class Prefetcher:
                 for h in hashes:
                     self._inflight.pop(h, None)
 
-    def wait_for(self, hashes: Sequence[BlockHash]) -> None:
-        """Wait for the prefetches of these blocks that are under way."""
+    def inflight(self, block_hash: BlockHash) -> Future[None] | None:
+        """The prefetch reading this block, if one is under way."""
         with self._lock:
-            waits = {id(f): f for h in hashes if (f := self._inflight.get(h)) is not None}
-        for future in waits.values():
-            future.result()
+            return self._inflight.get(block_hash)
 
     def wait_all(self, timeout_s: float | None = None) -> bool:
         """Wait for every prefetch started so far; False on timeout."""

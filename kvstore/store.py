@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,8 +32,10 @@ from kvstore.events import EventBus, EventListener, StoreEvent
 from kvstore.evictor import HostEvictor
 from kvstore.keys import HASH_NBYTES, BlockHash
 from kvstore.layout import KVLayout
-from kvstore.lending import Lease, Reservation, copy_rows_out, cpu_buffer, disk_to_slab
+from kvstore.lending import Lease, Reservation, copy_rows_out, cpu_buffer
+from kvstore.loader import Loader
 from kvstore.metrics import StoreMetrics
+from kvstore.pending import PendingLease
 from kvstore.prefetch import Prefetcher
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
@@ -79,6 +81,9 @@ class TieredStore:
                     fingerprint,
                     write_queue_blocks=config.disk_write_queue_blocks,
                     publish=self.events.publish,
+                    read_threads=config.disk_read_threads,
+                    read_chunk_bytes=config.disk_read_chunk_bytes,
+                    read_limit_bytes_per_s=config.disk_read_limit_bytes_per_s,
                 )
             except DiskUnavailableError as e:
                 self.disk_error = str(e)
@@ -101,9 +106,15 @@ class TieredStore:
             self.prefetcher = Prefetcher(
                 self.host, self.disk, config.prefetch_threads, prefetch_pin_timeout_s, self.metrics
             )
+        self.loader = Loader(
+            self.host, self.disk, self.prefetcher, self.policy, self.block_nbytes,
+            on_taken=self._lease_taken, on_closed=self._load_closed,
+        )
         self._lock = threading.Lock()
         self._pins: dict[BlockHash, list[tuple[bool, bool]]] = {}  # (host, disk) per pin call
         self._num_lent = 0  # leases not released yet
+        self._loads_done = threading.Condition(self._lock)  # notified as pending leases end
+        self._num_pending = 0  # pending leases whose blocks are not all settled and closed
         self._closed = False
 
     # ----------------------------------------------------------------- read path
@@ -124,95 +135,57 @@ class TieredStore:
     def lend(self, hashes: Sequence[BlockHash]) -> Lease:
         """Pin the leading blocks found for a copy to read; ``release`` the lease after it.
 
-        Disk hits are read (and verified) into fresh host slots first; a missing or corrupt
-        block ends the prefix. Without a host tier the disk hits land in a private buffer.
-        """
-        start = time.perf_counter()
-        prefetched: set[BlockHash] = set()
-        if self.prefetcher is not None:
-            self.prefetcher.wait_for(hashes)
-            prefetched = self.prefetcher.from_disk(hashes)
-        if self.host is None:
-            lease = self._lend_from_disk(list(hashes))
-        else:
-            lease = self._lend_from_host(list(hashes), prefetched)
-            if self.prefetcher is not None:
-                self.prefetcher.release(hashes)  # our own pins hold the blocks now
-        with self._lock:
-            self._num_lent += 1
-        num_disk = lease.tiers.count("disk")
-        if num_disk and lease.in_host:
-            self.metrics.add("promoted", num_disk - len(prefetched & set(lease.hashes)))
-        self.metrics.record_load(
-            time.perf_counter() - start,
-            {"host": lease.num_blocks - num_disk, "disk": num_disk},
-            len(hashes) - lease.num_blocks,
-            self.block_nbytes,
-        )
+        ``start_load`` waited for: disk hits are read (and verified) into fresh host slots
+        first; a missing or corrupt block ends the prefix. Without room in the host tier (or
+        without a host tier) the blocks land in a private buffer."""
+        pending = self.start_load(hashes)
+        pending.wait()
+        lease = pending.take(pending.num_ready())
+        pending.close()
         return lease
 
-    def _lend_from_host(self, hashes: list[BlockHash], prefetched: set[BlockHash]) -> Lease:
-        assert self.host is not None
-        host = self.host
-        slots: list[int | None] = []
-        tiers: list[str] = []
-        from_disk: list[int] = []
-        for i, h in enumerate(hashes):
-            slot = host.pin_slot(h)
-            if slot is not None:
-                slots.append(slot)
-                tiers.append("disk" if h in prefetched else "host")
-            elif self.disk is not None and self.disk.contains(h):
-                slots.append(None)
-                tiers.append("disk")
-                from_disk.append(i)
-            else:
-                break
-        if from_disk:
-            assert self.disk is not None
-            read, _ = disk_to_slab(host, self.disk, [hashes[i] for i in from_disk])
-            for i, slot in zip(from_disk, read):
-                slots[i] = slot
-        n = next((i for i, s in enumerate(slots) if s is None), len(slots))
-        for h, slot, tier in zip(hashes, slots[:n], tiers):
-            if tier == "host" and slot is not None:
-                self.policy.host_hit(h, host.slab[slot])
-        if n < len(slots) and self.disk is not None and self.disk.contains(hashes[n]):
-            return self._spill(hashes[: len(slots)], slots, tiers)  # no host room for it all
-        for h, slot in zip(hashes[n:], slots[n:]):  # past the first miss: not lent
-            if slot is not None:
-                host.unpin(h)
-        rows = [s for s in slots[:n] if s is not None]
-        return Lease(hashes[:n], host.slab, rows, tiers[:n], in_host=True)
+    def start_load(
+        self, hashes: Sequence[BlockHash], on_progress: Callable[[], None] | None = None
+    ) -> PendingLease:
+        """Start loading the leading blocks found; returns at once (the engine keeps serving).
 
-    def _spill(self, hashes: list[BlockHash], slots: list[int | None], tiers: list[str]) -> Lease:
-        """The host tier cannot hold every disk hit: lend a private copy of the whole prefix
-        (the pinned host rows copied, the rest read from disk), then unpin."""
-        assert self.host is not None and self.disk is not None
-        buf = cpu_buffer(len(hashes), self.block_nbytes)
-        pinned: list[int] = []
-        for i, slot in enumerate(slots):
-            if slot is not None:
-                buf[i].copy_(self.host.slab[slot])
-                self.host.unpin(hashes[i])
-                pinned.append(i)
-        rest = [i for i, s in enumerate(slots) if s is None]
-        ok = self.disk.get_into([hashes[i] for i in rest], buf, rows=rest)
-        got = set(pinned) | {i for i, o in zip(rest, ok) if o}
-        n = next((i for i in range(len(hashes)) if i not in got), len(hashes))
-        return Lease(hashes[:n], buf, list(range(n)), tiers[:n], in_host=False)
+        Host hits are pinned and ready now; disk hits are read by the disk tier's threads into
+        reserved host slots (a private buffer when the host tier cannot hold them all); blocks
+        a prefetch is reading arrive when it completes (``kvstore.loader``). ``on_progress``
+        runs (on any thread) whenever blocks arrive. Take what arrived
+        (``PendingLease.take``), then ``close`` it."""
+        with self._lock:
+            self._num_lent += 1
+            self._num_pending += 1
+        return self.loader.start(list(hashes), on_progress)
 
-    def _lend_from_disk(self, hashes: list[BlockHash]) -> Lease:
-        n = 0
-        if self.disk is not None:
-            while n < len(hashes) and self.disk.contains(hashes[n]):
-                n += 1
-        buf = cpu_buffer(n, self.block_nbytes)
-        if n:
-            assert self.disk is not None
-            ok = self.disk.get_into(hashes[:n], buf)
-            n = next((i for i, o in enumerate(ok) if not o), n)
-        return Lease(hashes[:n], buf, list(range(n)), ["disk"] * n, in_host=False)
+    def _lease_taken(self, lease: Lease) -> None:
+        with self._lock:
+            self._num_lent += 1
+
+    def _load_closed(self, pending: PendingLease) -> None:
+        """Every block of a closed pending lease arrived or failed: account the load."""
+        taken = pending.num_taken()
+        num_disk = pending.tiers[:taken].count("disk")
+        if pending.in_host:
+            self.metrics.add("promoted", sum(pending.read_here[:taken]))
+        end = pending.settled_at or time.perf_counter()
+        self.metrics.record_load(
+            end - pending.started,
+            {"host": taken - num_disk, "disk": num_disk},
+            pending.requested - taken,
+            self.block_nbytes,
+        )
+        with self._lock:
+            self._num_lent -= 1
+            self._num_pending -= 1
+            self._loads_done.notify_all()
+
+    def wait_loads(self, timeout_s: float | None = None) -> bool:
+        """Wait until every pending lease closed has settled (its reads ended); False on
+        timeout. Leak checks call it: a closed load's last reads end on their own."""
+        with self._loads_done:
+            return self._loads_done.wait_for(lambda: self._num_pending == 0, timeout_s)
 
     def release(self, lease: Lease) -> None:
         """The copy that read the lease completed: unpin its slots. Idempotent."""

@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
 
 from router.backend import RayBackend
 from router.config import RouterConfig
@@ -17,6 +14,7 @@ from router.http_api import HttpFrontDoor
 from router.metrics import RouterMetrics, start_metrics_http
 from router.server import serve
 from router.servicer import GenerationServicer
+from router.worker_metrics import WorkerCollector
 from textproc.tokenizer import Tokenizer, load_tokenizer, render_chat
 
 if TYPE_CHECKING:  # the router is handed the service's configuration; it never builds one
@@ -46,35 +44,11 @@ class _ModelVocab:
         return render_chat(self._tok, messages)
 
 
-class _Exposition:
-    """What ``/metrics`` shows: the router's own metrics and every worker's stats as gauges
-    labelled by worker (store hits and bytes per tier, pool occupancy, queue depth, transfer
-    bytes and seconds), read from the workers at scrape time."""
-
-    def __init__(self, metrics: RouterMetrics, backend: RayBackend) -> None:
-        self.metrics = metrics
-        self.backend = backend
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self.metrics.registry.collect()
-        families: dict[str, GaugeMetricFamily] = {}
-        for worker, stats in self.backend.stats().items():
-            for key, value in stats.items():
-                name = "strata_worker_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-                fam = families.get(name)
-                if fam is None:
-                    fam = families[name] = GaugeMetricFamily(
-                        name, f"worker stat {key}", labels=["worker"]
-                    )
-                fam.add_metric([worker], float(value))
-        yield from families.values()
-
-
 class RouterActor:
     def __init__(
         self, workers: list[tuple[str, Any]], service: ServiceConfig, detach: bool = False
     ) -> None:
-        logging.basicConfig(level=logging.INFO)
+        logging.basicConfig(level=logging.WARNING)  # the command line prints where it serves
         self.service = service  # kept for `strata scale` (the configuration of new workers)
         self.detach = detach
         model = service.engine.model
@@ -83,7 +57,11 @@ class RouterActor:
             **{**service.router.__dict__, "max_model_len": self.backend.max_model_len}
         )
         tok = _ModelVocab(load_tokenizer(model), self.backend.vocab_size)
-        self.metrics = RouterMetrics()
+        # One registry for this process: the router's metrics and the workers' (collected
+        # from them at scrape time, named by router.worker_metrics).
+        self.registry = CollectorRegistry()
+        self.metrics = RouterMetrics(self.registry)
+        self.registry.register(WorkerCollector(self.backend.stats))  # type: ignore[arg-type]
         self.servicer = GenerationServicer(self.backend, tok, cfg, self.metrics, model=model)
         self.server, self.port = serve(self.servicer)
         self.http: HttpFrontDoor | None = None
@@ -99,9 +77,7 @@ class RouterActor:
         self.address = f"{host}:{self.port}"
         self.metrics_port: int | None = None
         if cfg.metrics_port is not None:
-            exposition = CollectorRegistry(auto_describe=False)
-            exposition.register(_Exposition(self.metrics, self.backend))  # type: ignore[arg-type]
-            http, _ = start_metrics_http(exposition, cfg.metrics_port, addr=cfg.host)
+            http, _ = start_metrics_http(self.registry, cfg.metrics_port, addr=cfg.host)
             self.metrics_port = http.server_port
         logger.info("router serving gRPC on %s", self.address)
 

@@ -20,6 +20,7 @@ from proto import strata_pb2, strata_pb2_grpc
 from router.auth import bearer_metadata
 from router.errors import RemoteError
 from router.types import Usage
+from router.validation import check_field, check_token_ids
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
@@ -108,7 +109,18 @@ class StrataClient:
         messages: Sequence[Mapping[str, str]] | None = None,
     ) -> strata_pb2.GenerateRequest:
         """``messages``: a conversation (``{"role": ..., "content": ...}`` each), rendered by
-        the service with the model's chat template; the third prompt form."""
+        the service with the model's chat template; the third prompt form. ValueError naming
+        the field when a number is out of its range (nothing is sent)."""
+        for name, value in (
+            ("max_tokens", max_tokens),
+            ("temperature", temperature),
+            ("top_p", top_p),
+            ("top_k", top_k),
+            ("seed", seed),
+        ):
+            check_field(name, value)
+        check_token_ids(list(prompt_token_ids or ()), "prompt_token_ids")
+        check_token_ids(list(stop_token_ids), "stop_token_ids")
         req = strata_pb2.GenerateRequest(
             prompt_token_ids=list(prompt_token_ids or ()),
             messages=[

@@ -1,5 +1,7 @@
-"""Prometheus metrics of the router, in a registry of their own (one per ``RouterMetrics``), so
-several routers or tests in one process never clash."""
+"""Prometheus metrics of the router. The router's process has one registry (``RouterActor``
+registers these and the workers' collector in it); a ``RouterMetrics`` made without one gets a
+private registry, so tests that make several never clash. Counters are exposed as ``*_total``,
+latencies as histograms in seconds."""
 
 from __future__ import annotations
 
@@ -52,9 +54,18 @@ class RouterMetrics:
         )
 
     def snapshot(self) -> dict[str, float]:
-        """Flat name -> value view (for the Stats RPC)."""
+        """Flat name -> value view of the router's own metrics (for the Stats RPC)."""
         out: dict[str, float] = {}
-        for family in self.registry.collect():
+        own = (
+            self.ttft_seconds,
+            self.tbt_seconds,
+            self.requests_total,
+            self.in_flight,
+            self.prompt_tokens_total,
+            self.cached_tokens_total,
+            self.completion_tokens_total,
+        )
+        for family in (f for metric in own for f in metric.collect()):
             for sample in family.samples:
                 if sample.name.endswith(("_bucket", "_created")):
                     continue

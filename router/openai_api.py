@@ -17,6 +17,9 @@ import time
 from typing import Any
 
 from proto import strata_pb2
+from router.validation import check_field, check_token_ids
+
+_FIELD = {"max_completion_tokens": "max_tokens"}  # OpenAI's name -> the request field
 
 _UNSUPPORTED = {
     "stop": "stop strings are not supported; use stop_token_ids",
@@ -44,6 +47,7 @@ def _number(body: dict[str, Any], key: str, kind: type) -> Any:  # noqa: ANN401
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise ValueError(f"{key} must be {'a number' if kind is float else 'an integer'}")
+    check_field(_FIELD.get(key, key), kind(value))
     return kind(value)
 
 
@@ -52,6 +56,7 @@ def _int_list(value: Any, key: str) -> list[int]:  # noqa: ANN401
         isinstance(x, int) and not isinstance(x, bool) for x in value
     ):
         raise ValueError(f"{key} must be a list of integers")
+    check_token_ids(value, key)
     return value
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvstore.cost import plan_load, tier_runs
 from kvstore.keys import BlockHash
 from router.errors import NoWorkerError
 from router.index import TIERS, GlobalBlockIndex
@@ -32,17 +33,6 @@ from router.profile import REMOTE_TIER, ProfileTable, WorkerProfile
 from router.residency import Residency
 
 __all__ = ["REMOTE_TIER", "CostModel", "LoadPlan", "Placement", "WorkerProfile", "tier_runs"]
-
-def tier_runs(tiers: Sequence[str]) -> list[tuple[str, int]]:
-    """``["host", "host", "disk"]`` -> ``[("host", 2), ("disk", 1)]``."""
-    runs: list[tuple[str, int]] = []
-    for tier in tiers:
-        if runs and runs[-1][0] == tier:
-            runs[-1] = (tier, runs[-1][1] + 1)
-        else:
-            runs.append((tier, 1))
-    return runs
-
 
 @dataclass(frozen=True)
 class LoadPlan:
@@ -115,24 +105,13 @@ class CostModel:
         self, profile: WorkerProfile, runs: Sequence[tuple[str, int]], prompt_len: int
     ) -> tuple[int, float, float]:
         """The one evaluation of a candidate's cost: (leading blocks to load, load seconds,
-        compute seconds) for a worker whose leading blocks sit in ``runs`` of equal tiers.
-        Loading or computing blocks is linear within a run, so only the run ends are compared.
-        Placement calls nothing else to cost a candidate."""
-        max_blocks = (prompt_len - 1) // self.block_size
-        best_k, best_load = 0, 0.0
-        best_total = self.compute_time_s(profile, prompt_len)
-        k, load = 0, 0.0
-        for tier, num in runs:
-            bw = profile.bandwidth(tier)
-            if k >= max_blocks or bw <= 0:
-                break  # a tier that cannot be loaded here ends what can be loaded
-            num = min(num, max_blocks - k)
-            k += num
-            load += num * (self.block_nbytes / bw)
-            total = load + self.compute_time_s(profile, prompt_len - k * self.block_size)
-            if total < best_total:
-                best_k, best_load, best_total = k, load, total
-        return best_k, best_load, best_total - best_load
+        compute seconds) for a worker whose leading blocks sit in ``runs`` of equal tiers,
+        ``kvstore.cost.plan_load`` without the split (the blocks a worker pulls are the
+        leading ones). Placement calls nothing else to cost a candidate."""
+        plan = plan_load(
+            runs, prompt_len, self.block_size, self.block_nbytes, profile.speeds(), overlap=False
+        )
+        return plan.num_load_blocks, plan.load_s, plan.rest_s
 
     def predicted_ttft(self, worker_id: str, tiers: Sequence[str], prompt_len: int) -> float:
         return self.plan_load(self._profile(worker_id), tiers, prompt_len).ttft_s

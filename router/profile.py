@@ -18,6 +18,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from kvstore.cost import Speeds, ewma
+
 REMOTE_TIER = "remote"  # a block pulled from another worker over the network
 TIER_NAMES = ("device", "host", "disk")  # the tiers a worker loads from, fastest first
 
@@ -84,6 +86,13 @@ class WorkerProfile:
             key = self._speed = _SPEED_KEYS.setdefault(key, key)
         return key
 
+    def speeds(self) -> Speeds:
+        """The speeds ``kvstore.cost.plan_load`` plans with (a pull is tier ``REMOTE_TIER``)."""
+        loads = dict(self.load_bytes_per_s)
+        if self.net_bytes_per_s > 0:
+            loads[REMOTE_TIER] = self.net_bytes_per_s
+        return Speeds(self.prefill_tokens_per_s, loads)
+
     def bandwidth(self, tier: str) -> float:
         if tier == REMOTE_TIER:
             return self.net_bytes_per_s
@@ -97,17 +106,13 @@ class WorkerProfile:
 
     def observe_prefill(self, num_tokens: int, seconds: float) -> None:
         if num_tokens > 0 and seconds > 0:
-            a = self.ewma_alpha
-            self.prefill_tokens_per_s = a * num_tokens / seconds + (1 - a) * (
-                self.prefill_tokens_per_s
+            self.prefill_tokens_per_s = ewma(
+                self.prefill_tokens_per_s, num_tokens / seconds, self.ewma_alpha
             )
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
-            old = self.load_bytes_per_s.get(tier)
-            rate = nbytes / seconds
-            a = self.ewma_alpha
-            new = rate if old is None else a * rate + (1 - a) * old
+            new = ewma(self.load_bytes_per_s.get(tier), nbytes / seconds, self.ewma_alpha)
             self.load_bytes_per_s = MappingProxyType({**self.load_bytes_per_s, tier: new})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from typing import Protocol
 
 from proto import strata_pb2
@@ -14,6 +15,44 @@ from router.types import GenRequest
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_LEN = 128
 MAX_CACHE_SALT_LEN = 256
+INT32_MAX = (1 << 31) - 1
+UINT64_MAX = (1 << 64) - 1
+# The numeric fields of a request and their bounds on the wire (the client checks them before
+# sending, the HTTP API before building the request; the servicer checks the rest below).
+FIELD_BOUNDS: dict[str, tuple[float, float]] = {
+    "max_tokens": (1, INT32_MAX),
+    "top_k": (0, INT32_MAX),
+    "seed": (0, UINT64_MAX),
+    "temperature": (0.0, math.inf),
+    "top_p": (0.0, 1.0),
+}
+
+
+def check_field(name: str, value: float | None) -> None:
+    """``value`` of request field ``name`` is a finite number within its bounds (None: unset);
+    ValueError naming the field otherwise."""
+    if value is None:
+        return
+    lo, hi = FIELD_BOUNDS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if name in ("max_tokens", "top_k", "seed") and not float(value).is_integer():
+        raise ValueError(f"{name} must be an integer, got {value}")
+    if name == "top_p" and not 0.0 < value <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {value}")
+    if not lo <= value <= hi:
+        bound = f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def check_token_ids(ids: Sequence[int], name: str) -> None:
+    """Token ids fit the wire's int32 and are not negative (the vocabulary is checked by the
+    servicer)."""
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= INT32_MAX:
+            raise ValueError(f"{name} must hold token ids in [0, {INT32_MAX}], got {i!r}")
 
 
 class Tokenizer(Protocol):

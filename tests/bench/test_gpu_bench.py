@@ -31,8 +31,11 @@ def test_gpu_bench_quick_form(tmp_path, capsys) -> None:  # noqa: ANN001
             assert r[f"{tier}_floor_s"] > 0
             assert r[f"{tier}_over_floor"] == pytest.approx(r[f"{tier}_s"] / r[f"{tier}_floor_s"])
     for s in ttft["samples"]:
-        if s["mode"] in ("device", "host", "disk"):  # served by the tier named, whole prefix
-            assert s["cached_by_tier"] == {s["mode"]: (s["length"] - 1) // 16 * 16}
+        full = (s["length"] - 1) // 16 * 16
+        if s["mode"] in ("device", "host"):  # served by the tier named, whole prefix
+            assert s["cached_by_tier"] == {s["mode"]: full}
+        elif s["mode"] == "disk":  # or part computed, where load-or-recompute splits it
+            assert set(s["cached_by_tier"]) <= {"disk"} and s["num_cached_tokens"] <= full
 
     dec = data["sections"]["decode"]
     assert "graphs" not in dec  # no CUDA here: eager only
@@ -55,8 +58,11 @@ def test_gpu_bench_quick_form(tmp_path, capsys) -> None:  # noqa: ANN001
     assert dis["exposed_over_prefill"] == pytest.approx(
         dis["handoff"]["exposed_s"] / dis["handoff"]["ttft_s"])
     for s in dis["service"]["samples"]:
-        if s["mode"] != "cold":
+        if s["mode"] in ("device", "host"):
             assert s["cached_by_tier"] == {s["mode"]: 240}
+        elif s["mode"] == "disk":  # a prefetch may lift part to host; the split may compute part
+            assert set(s["cached_by_tier"]) <= {"disk", "host"}
+            assert sum(s["cached_by_tier"].values()) <= 240
     out = capsys.readouterr().out
     assert "TTFT ms" in out and "handoff prefill -> decode" in out and "gap 1->2" in out
 

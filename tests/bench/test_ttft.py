@@ -17,15 +17,19 @@ def test_ttft_quick_inprocess(tmp_path, capsys) -> None:
     data = results.load(path)  # the summary with its samples file put back
     assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch"]
     assert data["config"]["model"] == "tiny" and data["config"]["lengths"] == [64, 200]
-    assert set(data["bandwidth_gbps"]) == {"device", "host", "disk"}
+    assert set(data["bandwidth_gbps"]) == {"device", "host", "disk", "disk_tier"}
     assert all(bw > 0 for bw in data["bandwidth_gbps"].values())
+    cache = data["config"]["disk_cache"]  # how the disk runs reached the device, said
+    assert cache["reads"] and cache["dropped_before_disk_runs"] and "honest" in cache
     samples = data["samples"]
     assert len(samples) == 2 * 2 * 4  # lengths x repeats x modes
     for s in samples:
         cached = (s["length"] - 1) // 16 * 16
         if s["mode"] == "cold":
             assert s["num_cached_tokens"] == 0 and s["cached_by_tier"] == {}
-        else:  # every warm run was served by the tier it is named after, all of its prefix
+        elif s["mode"] == "disk":  # from disk, or computed where the engine's split says so
+            assert set(s["cached_by_tier"]) <= {"disk"} and s["num_cached_tokens"] <= cached
+        else:  # every other warm run was served by the tier it is named after, all its prefix
             assert s["cached_by_tier"] == {s["mode"]: cached}
         assert s["ttft_s"] > 0 and len(s["output_token_ids"]) == 1
     for length in (64, 200):  # warm output equals cold output, per prompt
@@ -38,6 +42,7 @@ def test_ttft_quick_inprocess(tmp_path, capsys) -> None:
         for tier in ("device", "host", "disk"):
             assert row[f"{tier}_floor_s"] > 0
             assert row[f"{tier}_over_floor"] == row[f"{tier}_s"] / row[f"{tier}_floor_s"]
+        assert 0 <= row["disk_loaded_tokens"] <= row["cached_tokens"]
     table = capsys.readouterr().out
     assert "cold ms" in table and "disk ms" in table
 

@@ -1,5 +1,6 @@
 """The command line against a real service: `strata up` in the foreground, `strata generate
---server`, `strata stats`, then Ctrl-C stops it cleanly."""
+--server`, `strata stats`, its Prometheus metrics (every metric the Grafana dashboard queries is
+there), then Ctrl-C stops it cleanly."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
             str(tmp_path / "kv"),
             "--token",
             "t0k",
+            "--metrics-port",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -43,16 +46,19 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
         cwd=ROOT,
     )
     try:
-        address = None
+        address = metrics = None
         deadline = time.monotonic() + 240
         assert proc.stdout is not None
-        while address is None and time.monotonic() < deadline:
+        while metrics is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             if line.startswith("strata: serving gRPC on "):
                 address = line.split()[4]
+            if line.startswith("strata: Prometheus metrics on "):
+                metrics = line.split()[4]
         assert address, "strata up did not print its address"
+        assert metrics and metrics.endswith("/metrics"), "strata up did not print its metrics"
         ids = ",".join(str(i % 200) for i in range(100))
         outs = []
         for _ in range(2):
@@ -80,19 +86,43 @@ def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
             "--token",
             "t0k",
             "--prompt-ids",
-            "1,2",
-            "--max-tokens",
-            "0",
+            "1,99999",  # outside the model's vocabulary: the service refuses it
         )
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+        assert "vocabulary" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        early = strata_cli(
+            "generate", "--server", address, "--prompt-ids", "1", "--max-tokens", "0"
+        )
+        assert early.returncode == 2 and "--max-tokens must be in [1, " in early.stderr
         stats = strata_cli("stats", "--server", address, "--token", "t0k")
         assert stats.returncode == 0, stats.stderr
         assert "prefill-0" in stats.stdout and "decode-0" in stats.stdout
+        prefill_row = next(ln for ln in stats.stdout.splitlines() if ln.startswith("prefill-0"))
+        assert float(prefill_row.split()[-1]) > 0  # the prefill tok/s column
+        _check_metrics(metrics)
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     assert "strata: stopped" in out
+
+
+def _check_metrics(url: str) -> None:
+    """The live exposition: conventional names, and every metric the dashboard queries."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.workers.test_worker_metrics import dashboard_metrics
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {s.name for f in families.values() for s in f.samples}
+    assert not dashboard_metrics() - samples, sorted(dashboard_metrics() - samples)
+    assert families["strata_worker_store_hits"].type == "counter"
+    assert "strata_worker_pid" not in families
+    assert 'strata_requests_total{status="OK"} 2.0' in text
 
 
 def test_service_config_yaml(tmp_path):  # noqa: ANN001
@@ -124,3 +154,34 @@ def test_up_flags_override_the_yaml_only_when_given(tmp_path) -> None:  # noqa: 
     assert flagged.engine.block_size == 32 and flagged.store.disk_capacity_bytes == 2 << 30
     bare = config_from_args(build_parser().parse_args(["up"]))  # no YAML: the defaults
     assert bare.engine.model == "tiny" and bare.engine.max_num_batched_tokens == 2048
+
+
+def test_settings_precedence_flag_env_yaml_default(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from cluster.cli import build_parser
+    from cluster.up import config_from_args
+
+    yaml_path = tmp_path / "svc.yaml"
+    yaml_path.write_text(
+        "secret: from-yaml\nrouter: {auth_token: yaml-token, port: 7000, metrics_port: 9100}\n"
+    )
+    monkeypatch.setenv("STRATA_CONFIG", str(yaml_path))
+    cfg = config_from_args(build_parser().parse_args(["up"]))  # the YAML from the environment
+    assert (cfg.secret, cfg.router.auth_token, cfg.router.port) == ("from-yaml", "yaml-token", 7000)
+    monkeypatch.setenv("STRATA_TOKEN", "env-token")
+    monkeypatch.setenv("STRATA_SECRET", "env-secret")
+    monkeypatch.setenv("STRATA_PORT", "7001")
+    cfg = config_from_args(build_parser().parse_args(["up"]))  # env over YAML
+    assert (cfg.secret, cfg.router.auth_token, cfg.router.port) == ("env-secret", "env-token", 7001)
+    assert cfg.router.metrics_port == 9100  # not in the environment: the YAML's
+    argv = ["up", "--token", "flag-token", "--secret", "flag-secret", "--port", "7002"]
+    cfg = config_from_args(build_parser().parse_args(argv))  # flags over env
+    assert (cfg.secret, cfg.router.auth_token, cfg.router.port) == (
+        "flag-secret",
+        "flag-token",
+        7002,
+    )
+    monkeypatch.delenv("STRATA_CONFIG")
+    for var in ("STRATA_TOKEN", "STRATA_SECRET", "STRATA_PORT"):
+        monkeypatch.delenv(var)
+    cfg = config_from_args(build_parser().parse_args(["up"]))  # the defaults
+    assert (cfg.secret, cfg.router.auth_token, cfg.router.port) == (None, None, 50051)

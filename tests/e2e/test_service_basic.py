@@ -103,8 +103,10 @@ def test_prefix_reuse_from_each_tier(service, client, reference_engine):  # noqa
     ],
 )
 def test_bad_requests_get_status_and_service_keeps_serving(client, kwargs, code):  # noqa: ANN001
-    with pytest.raises(RemoteError) as err:
-        client.generate(**kwargs)
+    from tests.router.conftest import wire_request
+
+    with pytest.raises(RemoteError) as err:  # sent as is (the client would refuse some first)
+        list(client.stream_request(wire_request(**kwargs), timeout=60))
     assert err.value.code == code
     ok = client.generate(prompt_token_ids=[5, 6, 7], max_tokens=2)
     assert len(ok.token_ids) == 2
@@ -197,8 +199,11 @@ def test_prometheus_metrics_of_router_and_workers(service, client):  # noqa: ANN
     assert "strata_ttft_seconds_bucket" in text
     assert "strata_time_between_tokens_seconds_count" in text
     assert 'strata_worker_pool_free_blocks{worker="prefill-0"}' in text
-    assert 'strata_worker_push_bytes{worker="prefill-0"}' in text
-    assert 'strata_worker_store_host_hits{worker="decode-0"}' in text
+    assert 'strata_worker_push_bytes_total{worker="prefill-0"}' in text  # counters: *_total
+    assert 'strata_worker_store_hits_total{tier="host",worker="decode-0"}' in text
+    assert 'strata_worker_store_load_seconds_bucket{le="+Inf",worker="decode-0"}' in text
+    assert "# TYPE strata_worker_push_bytes_total counter" in text
+    assert "strata_worker_pid" not in text
 
 
 @pytest.mark.slow

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import subprocess
 import sys
+import time
 
-import lmdb
 import pytest
 
+from engine.loop import EngineLoop, RequestAborted
 from engine.sampling import SamplingParams
 from kvstore.config import StoreConfig
+from tests.kvstore.kvstore_testutil import flip_payload_byte
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -79,32 +82,20 @@ def test_restart_serves_disk_blocks_and_other_models_never_see_them(tmp_path, ma
 
 
 def test_corrupt_disk_block_is_recomputed(tmp_path, make_engine):  # noqa: ANN001
+    """A checksum failure in the middle of a lease: that block and every one after it are
+    recomputed, and the output is the cold one."""
     prompt = _prompt(400, 6)
     first = make_engine(_store(tmp_path), model="tiny", kv_cache_bytes=8 << 20)
     cold = first.generate([prompt], GREEDY)[0]
     victim = first.block_hashes(prompt)[10]
     first.close()
-    env = lmdb.open(str(tmp_path / "lmdb"), max_dbs=8, subdir=True, lock=False)
-    with env.begin(write=True) as txn:
-        found = False
-        for name in (None, b"blocks"):
-            db = env.open_db(name, txn=txn) if name else None
-            value = txn.get(victim, db=db) if db is not None else txn.get(victim)
-            if value is not None:
-                bad = bytearray(value)
-                bad[len(bad) // 2] ^= 0xFF
-                txn.put(victim, bytes(bad), db=db) if db is not None else txn.put(
-                    victim, bytes(bad)
-                )
-                found = True
-                break
-    env.close()
-    assert found, "the stored block was not found in the LMDB file"
+    flip_payload_byte(str(tmp_path / "lmdb"), victim)
     again = make_engine(_store(tmp_path), model="tiny", kv_cache_bytes=8 << 20)
     out = again.generate([prompt], GREEDY)[0]
     assert out.cached_by_tier == {"disk": 160}  # blocks 0..9, the corrupt 11th ends the prefix
     assert out.output_token_ids == cold.output_token_ids
-    assert again.store.stats()["disk"]["corrupt_blocks"] >= 1
+    assert again.store.stats()["disk"]["corrupt_blocks"] == 1
+    assert again.kv.num_hits_recomputed == 24 - 10  # the 14 hits from block 10 on
 
 
 @pytest.mark.slow
@@ -139,20 +130,79 @@ def test_second_cli_process_reuses_the_first_ones_blocks(tmp_path):  # noqa: ANN
     assert outs[1]["output_token_ids"] == outs[0]["output_token_ids"]
 
 
-def test_slow_tier_is_recomputed_not_loaded(tmp_path, make_engine):  # noqa: ANN001
-    """Load-or-recompute: with a disk measured slower than recomputing, disk hits are skipped."""
-    eng = make_engine(_store(tmp_path), model="tiny", kv_cache_bytes=8 << 20)
-    prompt = _prompt(500, 8)
+def _warm_on_disk(tmp_path, make_engine, prompt, **store_kw):  # noqa: ANN001, ANN202
+    eng = make_engine(_store(tmp_path, **store_kw), model="tiny", kv_cache_bytes=8 << 20)
     cold = eng.generate([prompt], GREEDY)[0]
     eng.evict_cached("disk")
+    return eng, cold
+
+
+def test_slow_disk_is_recomputed_not_loaded(tmp_path, make_engine):  # noqa: ANN001
+    """Load-or-recompute: a disk far slower than recomputing is not read at all."""
+    prompt = _prompt(500, 8)
+    eng, cold = _warm_on_disk(tmp_path, make_engine, prompt, disk_read_limit_bytes_per_s=64e3)
     blk = eng.layout.block_nbytes
-    eng.kv.prefill_tokens_per_s = 16.0  # one block of 16 tokens recomputes in 1 s
-    eng.kv.tier_bytes_per_s = {"host": blk * 1000.0, "disk": blk / 10.0}  # disk: 10 s a block
+    eng.kv.speeds.set_prefill(1e6)  # a block of 16 tokens recomputes in 16 us
+    eng.kv.speeds.set_tier("disk", blk / 10.0)  # and loads in 10 s
+    read_before = eng.store.stats()["disk"]["read_bytes"]
     slow = eng.generate([prompt], GREEDY)[0]
     assert slow.num_cached_tokens == 0 and eng.kv.num_hits_recomputed == 31
+    assert eng.store.stats()["disk"]["read_bytes"] == read_before  # not one block read
     assert slow.output_token_ids == cold.output_token_ids
-    eng.evict_cached("disk")
-    eng.kv.tier_bytes_per_s["disk"] = blk * 1000.0  # now loading wins
-    fast = eng.generate([prompt], GREEDY)[0]
-    assert fast.cached_by_tier == {"disk": 496}
-    assert fast.output_token_ids == cold.output_token_ids
+
+
+def test_split_computes_the_head_while_the_tail_loads(tmp_path, make_engine):  # noqa: ANN001
+    """Disk and compute of comparable speed: the head is computed while the tail loads from a
+    throttled disk, and the output is the cold one."""
+    prompt = _prompt(500, 9)
+    eng, cold = _warm_on_disk(tmp_path, make_engine, prompt, disk_read_limit_bytes_per_s=256e3)
+    blk = eng.layout.block_nbytes
+    eng.kv.speeds.set_prefill(16.0)  # one block of 16 tokens recomputes in 1 s
+    eng.kv.speeds.set_tier("disk", blk / 10.0)  # and loads in 10 s: compute 29, load 2
+    plan = eng.kv.plan_load(["disk"] * 31, len(prompt))
+    assert (plan.num_head_blocks, plan.num_load_blocks) == (29, 2)
+    out = eng.generate([prompt], GREEDY)[0]
+    assert eng.kv.num_split_loads == 1 and eng.kv.loader.num_cut_by_deadline == 0
+    assert out.cached_by_tier == {"disk": 32}  # the tail: blocks 29 and 30
+    assert out.output_token_ids == cold.output_token_ids
+
+
+def test_a_load_past_its_deadline_is_recomputed(tmp_path, make_engine):  # noqa: ANN001
+    """The disk is far slower than measured: the load stops waiting at its deadline and the
+    blocks that did not arrive are computed."""
+    prompt = _prompt(500, 10)
+    eng, cold = _warm_on_disk(tmp_path, make_engine, prompt, disk_read_limit_bytes_per_s=32e3)
+    eng.kv.speeds.set_prefill(1000.0)
+    eng.kv.speeds.set_tier("disk", 1e9)  # predicted: 1 ms for the 31 blocks
+    out = eng.generate([prompt], GREEDY)[0]
+    assert eng.kv.loader.num_cut_by_deadline == 1
+    assert out.cached_by_tier.get("disk", 0) < 496  # a block of 32 KiB takes ~1 s
+    assert out.output_token_ids == cold.output_token_ids
+
+
+def test_a_short_request_runs_while_a_long_disk_load_is_under_way(tmp_path, make_engine):  # noqa: ANN001
+    """A long prompt's prefix loads from a disk throttled to a crawl; a short request submitted
+    after it is computed and finished, all its tokens, while that load is still under way."""
+    long_prompt, short_prompt = _prompt(800, 11), _prompt(40, 12)
+    eng, _ = _warm_on_disk(tmp_path, make_engine, long_prompt, disk_read_limit_bytes_per_s=4e3)
+    eng.kv.speeds.set_prefill(None)  # unknown: every hit is loaded, with no deadline
+    ref = make_engine(model="tiny", kv_cache_bytes=8 << 20, enable_prefix_caching=False)
+    expected = ref.generate([short_prompt], GREEDY)[0].output_token_ids
+    loop = EngineLoop(eng, name="load-loop")
+    try:
+        long_stream = loop.submit("long", long_prompt, GREEDY)
+        deadline = time.monotonic() + 30
+        while loop.call(lambda e: e.kv.num_loading) != 1:
+            assert time.monotonic() < deadline, "the long request's load never started"
+            time.sleep(0.01)
+        short = list(loop.submit("short", short_prompt, GREEDY).iter(timeout=60))
+        assert [t for out in short for t in out.new_token_ids] == expected
+        assert short[-1].finished and short[0].ttft_s is not None
+        assert loop.call(lambda e: e.kv.num_loading) == 1  # the long load is still running
+        with pytest.raises(queue.Empty):
+            long_stream.get(timeout=0)  # and the long request has no token yet
+        loop.abort("long")
+        with pytest.raises(RequestAborted):
+            long_stream.get(timeout=30)
+    finally:
+        loop.close()

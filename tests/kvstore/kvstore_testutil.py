@@ -34,3 +34,33 @@ def block_bytes(hashes: Sequence[BlockHash], nbytes: int = NBYTES) -> torch.Tens
 
 def assert_rows(out: torch.Tensor, hashes: Sequence[BlockHash]) -> None:
     assert torch.equal(out[: len(hashes)], block_bytes(hashes, out.shape[1]))
+
+
+def payload_location(disk_path: str, block_hash: bytes, capacity_bytes: int = 8 << 30):
+    """(segment file, byte offset) of a block's payload in a closed disk store, read from its
+    LMDB index the way the tier does."""
+    import lmdb
+
+    from kvstore.tiers.disk.format import DB_INDEX, decode_entry, slots_per_segment
+    from kvstore.tiers.disk.segments import class_dir
+
+    env = lmdb.open(f"{disk_path}/index", max_dbs=2, readonly=True, lock=False)
+    try:
+        with env.begin(db=env.open_db(DB_INDEX)) as txn:
+            entry = decode_entry(txn.get(block_hash))
+    finally:
+        env.close()
+    assert entry is not None, "the block is not in the store's index"
+    per = slots_per_segment(entry.slot_nbytes, capacity_bytes)
+    path = class_dir(disk_path, entry.slot_nbytes) / f"{entry.slot // per}.seg"
+    return path, (entry.slot % per) * entry.slot_nbytes
+
+
+def flip_payload_byte(disk_path: str, block_hash: bytes, at: int = 100) -> None:
+    """Flip one byte of a stored block's payload, on disk (a decayed page)."""
+    path, offset = payload_location(disk_path, block_hash)
+    with open(path, "r+b") as f:
+        f.seek(offset + at)
+        byte = f.read(1)[0]
+        f.seek(offset + at)
+        f.write(bytes([byte ^ 0xFF]))

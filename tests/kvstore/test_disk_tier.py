@@ -83,7 +83,7 @@ def test_restart_keeps_blocks_and_lru_order(tmp_path) -> None:  # noqa: ANN001
     disk = _disk(tmp_path)
     try:
         assert disk.num_blocks == 4
-        assert list(disk._index) == [hashes[1], hashes[2], hashes[3], hashes[0]]
+        assert list(disk.index.entries) == [hashes[1], hashes[2], hashes[3], hashes[0]]
         assert disk.get_into(hashes, out) == [True] * 4
         assert_rows(out, hashes)
     finally:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import logging
 import os
 
-import lmdb
 import pytest
 import torch
-from kvstore_testutil import NBYTES, OTHER_FP, assert_rows, block_bytes, make_hashes
+from kvstore_testutil import (
+    NBYTES,
+    OTHER_FP,
+    assert_rows,
+    block_bytes,
+    flip_payload_byte,
+    make_hashes,
+    payload_location,
+)
 
 from kvstore.errors import DiskFormatError, StrataError
 from kvstore.layout import KVLayout
@@ -47,41 +54,66 @@ def test_other_fingerprint_never_sees_the_blocks(make_store) -> None:  # noqa: A
 
 def test_flipped_bytes_end_the_prefix_and_are_counted(make_store, tmp_path) -> None:  # noqa: ANN001
     hashes = _fill_and_close(make_store)
-    env = lmdb.open(str(tmp_path / "disk"), max_dbs=3)
-    blocks = env.open_db(b"blocks")
-    with env.begin(write=True, db=blocks) as txn:
-        value = bytearray(txn.get(hashes[3]))
-        value[100] ^= 0xFF
-        txn.put(hashes[3], bytes(value))
-    env.close()
+    flip_payload_byte(str(tmp_path / "disk"), hashes[3])
     store = make_store(host_blocks=8)
     out = _out(6)
     assert store.load(hashes, out) == 3
     assert_rows(out, hashes[:3])
     assert store.stats()["disk"]["corrupt_blocks"] == 1
     assert store.lookup(hashes) == ["host"] * 3  # the bad block is gone: a miss from now on
+    assert store.disk.contains(hashes[4])  # the blocks after it are intact, still on disk
 
 
-def test_garbage_data_file_is_moved_aside(make_store, tmp_path, caplog) -> None:  # noqa: ANN001
+def test_garbage_index_file_is_moved_aside(make_store, tmp_path, caplog) -> None:  # noqa: ANN001
+    hashes = _fill_and_close(make_store, n=3)
+    index_dir = tmp_path / "disk" / "index"
+    (index_dir / "data.mdb").write_bytes(os.urandom(50_000))
+    with caplog.at_level(logging.WARNING):
+        store = make_store(host_blocks=4, disk_write_policy="write_through")
+    assert "not a valid index" in caplog.text
+    assert any(p.name.startswith("data.mdb.bad-") for p in index_dir.iterdir())
+    assert store.lookup(hashes) == []  # their index is gone: so are they
+    assert not any((tmp_path / "disk" / "segments").glob("*/*.seg"))  # unreachable: removed
+    fresh = make_hashes(2, seed=1)
+    store.put(fresh, block_bytes(fresh))
+    assert store.flush(timeout_s=10) and store.disk.num_blocks == 2
+    out = _out(2)
+    assert store.disk.get_into(fresh, out) == [True, True]
+    assert_rows(out, fresh)
+
+
+def test_garbage_legacy_data_file_is_moved_aside(make_store, tmp_path, caplog) -> None:  # noqa: ANN001
     disk_dir = tmp_path / "disk"
     disk_dir.mkdir()
     (disk_dir / "data.mdb").write_bytes(os.urandom(50_000))
     with caplog.at_level(logging.WARNING):
         store = make_store(host_blocks=4, disk_write_policy="write_through")
-    assert "not a valid store" in caplog.text
+    assert "not a version 1 store" in caplog.text
     assert any(p.name.startswith("data.mdb.bad-") for p in disk_dir.iterdir())
     hashes = make_hashes(2)
     store.put(hashes, block_bytes(hashes))
     assert store.flush(timeout_s=10) and store.disk.num_blocks == 2
 
 
-def test_truncated_data_file_is_moved_aside(make_store, tmp_path) -> None:  # noqa: ANN001
+def test_truncated_index_file_is_moved_aside(make_store, tmp_path) -> None:  # noqa: ANN001
     _fill_and_close(make_store, n=40)
-    data_file = tmp_path / "disk" / "data.mdb"
+    data_file = tmp_path / "disk" / "index" / "data.mdb"
     with open(data_file, "r+b") as f:
         f.truncate(os.path.getsize(data_file) // 3)  # reading it as is would fault (SIGBUS)
     store = make_store(host_blocks=4)
     assert store.disk is not None and store.disk.num_blocks == 0
+
+
+def test_truncated_segment_file_is_a_miss(make_store, tmp_path) -> None:  # noqa: ANN001
+    hashes = _fill_and_close(make_store, n=6)
+    path, offset = payload_location(str(tmp_path / "disk"), hashes[2])
+    with open(path, "r+b") as f:
+        f.truncate(offset + 10)  # block 2 cut short, the ones after it gone
+    store = make_store(host_blocks=8)
+    out = _out(6)
+    assert store.load(hashes, out) == 2
+    assert_rows(out, hashes[:2])
+    assert store.stats()["disk"]["corrupt_blocks"] >= 1
 
 
 def test_regular_file_at_the_path_is_a_clear_error(make_store, tmp_path) -> None:  # noqa: ANN001
@@ -118,14 +150,14 @@ def test_tiny_disk_refuses_and_host_keeps_serving(make_store, caplog) -> None:  
     assert nbytes == 64 << 10
     with caplog.at_level(logging.WARNING):
         store = make_store(
-            host_blocks=4, layout=layout, disk_capacity_bytes=256 << 10,
+            host_blocks=4, layout=layout, disk_capacity_bytes=128 << 10,
             disk_write_policy="write_through",
         )
     assert "raise disk_capacity_bytes" in caplog.text
     hashes = make_hashes(6)
     assert store.put(hashes, block_bytes(hashes, nbytes)) == 6
     store.flush(timeout_s=10)
-    assert store.stats()["disk"]["refused_writes"] >= 6
+    assert store.disk.num_blocks == 2 and store.stats()["disk"]["refused_writes"] == 4
     assert store.disk.used_bytes <= store.disk.capacity_bytes
     out = _out(6, nbytes)
     assert store.load(hashes, out) == 4  # host took the first four (one put fills 4 slots)

@@ -108,3 +108,16 @@ def tokenizer() -> ByteTokenizer:
 @pytest.fixture
 def backend() -> ScriptedBackend:
     return ScriptedBackend()
+
+
+def wire_request(**kwargs):  # noqa: ANN003, ANN201 - a strata_pb2.GenerateRequest
+    """A request as any gRPC client could send it, without ``StrataClient``'s own checks (the
+    server's validation is what the router tests test)."""
+    from proto import strata_pb2
+
+    messages = kwargs.pop("messages", None) or ()
+    req = strata_pb2.GenerateRequest(
+        messages=[strata_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        **kwargs,
+    )
+    return req

@@ -112,9 +112,11 @@ def test_stats_and_health(make_server, backend) -> None:
     ],
 )
 def test_error_status_codes(make_server, kwargs, code) -> None:
+    from tests.router.conftest import wire_request
+
     client, _ = make_server()
-    with pytest.raises(RemoteError) as e:
-        client.generate(timeout=10, **kwargs)
+    with pytest.raises(RemoteError) as e:  # sent as is: the server's checks answer
+        list(client.stream_request(wire_request(**kwargs), timeout=10))
     assert e.value.code == code
     assert e.value.details  # the reason travels to the client
 
@@ -193,3 +195,22 @@ def test_concurrent_requests(make_server, backend) -> None:
     for t in threads:
         t.join(10)
     assert results == ["héll"] * 4  # 5 tokens = 5 bytes of the reply
+
+
+def test_public_client_takes_address_and_token_from_the_environment(
+    make_server, monkeypatch
+) -> None:
+    import strata
+
+    client, _ = make_server(token="env-t0k")
+    monkeypatch.setenv("STRATA_SERVER", client.address)
+    monkeypatch.setenv("STRATA_TOKEN", "env-t0k")
+    with strata.Client() as public:
+        res = public.generate(prompt="hi", max_tokens=3, temperature=0.0)
+        assert isinstance(res, strata.GenerationResult) and len(res.token_ids) == 3
+        with pytest.raises(ValueError, match="max_tokens must be in"):
+            public.generate(prompt="hi", max_tokens=1 << 40)
+    monkeypatch.delenv("STRATA_TOKEN")
+    with strata.Client() as anonymous, pytest.raises(strata.RemoteError) as e:
+        anonymous.generate(prompt="hi", max_tokens=3)
+    assert e.value.code == "UNAUTHENTICATED"

@@ -70,8 +70,29 @@ def test_defaults_and_text_prompt(tokenizer) -> None:
     ],
 )
 def test_rejections(tokenizer, kwargs: dict, reason: str) -> None:
+    from tests.router.conftest import wire_request
+
+    wire = wire_request(**kwargs)  # as any client could send it
     with pytest.raises(ValueError, match=reason):
-        validate_request(req(**kwargs), tokenizer, CFG)
+        validate_request(wire, tokenizer, CFG)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"max_tokens": 99999999999}, r"max_tokens must be in \[1, 2147483647\]"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"seed": -1}, "seed must be in"),
+        ({"top_k": 1 << 40}, "top_k"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"prompt_token_ids": [-1]}, "prompt_token_ids"),
+        ({"stop_token_ids": [1 << 31]}, "stop_token_ids"),
+    ],
+)
+def test_the_client_refuses_out_of_range_fields_before_sending(kwargs: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        req(prompt="x", **kwargs) if "prompt_token_ids" not in kwargs else req(**kwargs)
 
 
 def test_chat_messages_rendered_with_the_template() -> None:
