@@ -150,7 +150,9 @@ def _row(point: dict[str, Any], runs: dict[str, ReplayResult], prompt_tokens: in
     out: dict[str, Any] = {
         "workers": point["workers"],
         "placement_p50_ms": _ms(shares)["p50"], "placement_p99_ms": _ms(shares)["p99"],
+        "mixed_p50_ms": _ms(point["placement"]["mixed"])["p50"],
         "events_per_s": point["events_per_s"], "index_bytes": point["index_bytes"],
+        "index_bytes_per_mblock": point["index_bytes_per_mblock"], "blocks": point["blocks"],
         "events": point["events"],
         "placement_ms": {s: _ms(t) for s, t in point["placement"].items()},
         "trace_placement_ms": _ms(runs[POLICIES[0]].placement_s),
@@ -161,13 +163,16 @@ def _row(point: dict[str, Any], runs: dict[str, ReplayResult], prompt_tokens: in
         out["before"] = {
             "placement_p50_ms": _ms(before_shares)["p50"],
             "placement_p99_ms": _ms(before_shares)["p99"],
+            "mixed_p50_ms": _ms(b["placement"]["mixed"])["p50"],
             "events_per_s": b["events_per_s"], "index_bytes": b["index_bytes"],
+            "index_bytes_per_mblock": b["index_bytes_per_mblock"],
             "placement_ms": {s: _ms(t) for s, t in b["placement"].items()},
             "remove_worker_ms": b["remove_worker_s"] * 1e3,
         }
         out["remove_worker_ms"] = point["remove_worker_s"] * 1e3
         out["compact_ms"] = point["compact_s"] * 1e3
         out["placements_agree"] = point["placements_agree"]
+        out["ttft_over_reference"] = point["ttft_over_reference"]
     out["policies"] = {}
     for pol, r in runs.items():
         served = {k: v / prompt_tokens for k, v in r.served_tokens.items()}
@@ -181,16 +186,17 @@ def _row(point: dict[str, Any], runs: dict[str, ReplayResult], prompt_tokens: in
 def render_table(result: dict[str, Any]) -> str:
     tr, rows = result["trace"], result["rows"]
     head = ["workers", "place p50 ms", "p99", "before p50", "before p99", "mixed p50",
-            "events/s", "before", "index MB", "before", "remove ms", "before"]
+            "before", "events/s", "before", "MB/M blocks", "before", "remove ms", "before"]
     table = []
     for r in rows:
         b = r.get("before", {})
         table.append([
             r["workers"], r["placement_p50_ms"], r["placement_p99_ms"],
-            b.get("placement_p50_ms"), b.get("placement_p99_ms"),
-            r["placement_ms"]["mixed"]["p50"], f"{r['events_per_s'] / 1e6:.2f}M",
-            f"{b['events_per_s'] / 1e6:.2f}M" if b else None, r["index_bytes"] / 2**20,
-            b["index_bytes"] / 2**20 if b else None, r.get("remove_worker_ms"),
+            b.get("placement_p50_ms"), b.get("placement_p99_ms"), r["mixed_p50_ms"],
+            b.get("mixed_p50_ms"), f"{r['events_per_s'] / 1e6:.2f}M",
+            f"{b['events_per_s'] / 1e6:.2f}M" if b else None,
+            r["index_bytes_per_mblock"] / 2**20,
+            b["index_bytes_per_mblock"] / 2**20 if b else None, r.get("remove_worker_ms"),
             b.get("remove_worker_ms"),
         ])
     lines = [
@@ -198,7 +204,8 @@ def render_table(result: dict[str, Any]) -> str:
         f"tokens), unbounded-cache hit rate {tr['unbounded_hit_rate']:.3f}",
         "placement: choose_prefill of a 32K-token prompt over every worker, held by none / "
         "one / a quarter / all of them (p50, p99 pooled); mixed = a distinct residency per "
-        "worker; before = the per-worker index and loop",
+        "worker; before = the per-worker index and unbounded loop; index MB per million "
+        "blocks held",
         format_table(head, table),
         "",
         "trace replay, simulated time: predicted TTFT (s) and hit rate by tier",
@@ -213,8 +220,11 @@ def render_table(result: dict[str, Any]) -> str:
                                "host", "disk", "remote", "held"], prows))
     lines.append("hit: prompt tokens loaded from a tier (or pulled: remote), over all prompt "
                  "tokens; held: the chosen worker held them in some tier, loaded or recomputed")
-    if any(not r.get("placements_agree", True) for r in rows):
-        lines.append("WARNING: the two indexes chose different placements")
+    for r in rows:
+        for scenario, gap in r.get("ttft_over_reference", {}).items():
+            lines.append(f"{r['workers']} workers, {scenario}: the bounded placement chose "
+                         f"another worker than the unbounded reference, predicted TTFT "
+                         f"{gap:+.2%}")
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 and after (``GlobalBlockIndex``), measured side by side on the same state.
 
 - events/s: the block events a prefix-aware trace replay produced, re-applied to a fresh
-  index of each kind (best of ``repeats``);
-- index bytes: every object the index holds (dicts, sets, rows, the hash keys), counted once;
+  index of each kind (best of ``repeats``), a worker's batch at a time as the router applies
+  them;
+- index bytes: every object the index holds (dicts, sets, rows, the hash keys, arrays),
+  counted once, and per million blocks held;
 - placement: ``choose_prefill`` of a 32K-token prompt (2,048 blocks) over every worker, on the
   replay's final state, with the prompt held by no worker, one, a quarter or all of them (in
   HBM, host and disk: 512 / 1,024 / 512 blocks), and ``mixed``: every worker holding a prefix
@@ -131,7 +133,7 @@ def placement_latency(
     rng = random.Random(seed)
     prompt = synthetic_prompt(seed)
     prompt_len = PROMPT_BLOCKS * 16
-    out: dict[str, Any] = {"after": {}, "before": {}, "agree": True}
+    out: dict[str, Any] = {"after": {}, "before": {}, "agree": True, "disagree": {}}
     indexes: list[_Index] = [new] if ref is None else [new, ref]
     for scenario in SCENARIOS:
         held = holdings(scenario, names, prompt, rng)
@@ -146,7 +148,9 @@ def placement_latency(
                 lambda: reference_choose_prefill(cost, names, ref, prompt, prompt_len),
                 ref_samples)
             out["before"][scenario] = ref_times
-            out["agree"] = out["agree"] and ref_placed == placed
+            if ref_placed != placed:  # the bounded placement chose another: by how much
+                out["agree"] = False
+                out["disagree"][scenario] = placed.plan.ttft_s / ref_placed.plan.ttft_s - 1
         for index in indexes:
             for w, events in held.items():
                 index.apply_many(w, _undo(events))
@@ -190,7 +194,8 @@ def scale_point(
     for w in names:
         new.add_worker(w)
     ref: ReferenceBlockIndex | None = None
-    row: dict[str, Any] = {"workers": num_workers,
+    blocks = len(new)
+    row: dict[str, Any] = {"workers": num_workers, "blocks": blocks,
                            "events": sum(len(e.block_hashes) for _, es in stream for e in es),
                            "events_per_s": new_rate, "index_bytes": deep_sizeof(new)}
     if with_reference:
@@ -198,6 +203,8 @@ def scale_point(
         for w in names:
             ref.add_worker(w)
         row["before"] = {"events_per_s": ref_rate, "index_bytes": deep_sizeof(ref)}
+    for part in (row, row.get("before", {})):
+        part["index_bytes_per_mblock"] = part["index_bytes"] / max(1, blocks) * 1e6
     cost = make_cost_model(profile, names)
     rng = random.Random(seed)
     for w in names:  # requests in flight, as a busy cluster has them
@@ -208,6 +215,7 @@ def scale_point(
     if ref is not None:
         row["before"]["placement"] = lat["before"]
         row["placements_agree"] = lat["agree"]
+        row["ttft_over_reference"] = lat["disagree"]  # scenario -> predicted TTFT ratio - 1
         busiest = max(names, key=ref.num_blocks)
         row["remove_worker_s"] = remove_worker_s(new, busiest)
         row["compact_s"] = compact_s(new)

@@ -27,7 +27,7 @@ from kvstore.config import StoreConfig
 from kvstore.keys import BlockHash
 from kvtransfer import wire
 from kvtransfer.receiver import KVReceiver, add_to_server
-from proto.worker_api import WorkerInfo
+from proto.worker_api import BlockSnapshot, EventBatch, WorkerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class WorkerBase:
     ) -> None:
         self.worker_id = worker_id
         self.secret = secret
+        self.epoch = time.time_ns()  # this start: the router drops events of earlier ones
+        self._events = EventNumbering()
         torch.set_num_threads(engine_config.cpu_threads or os.cpu_count() or 1)
         self.engine = LLMEngine(engine_config, store_config)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
@@ -127,6 +129,7 @@ class WorkerBase:
     def info(self) -> WorkerInfo:
         e = self.engine
         return WorkerInfo(
+            epoch=self.epoch,
             pid=os.getpid(),
             worker_id=self.worker_id,
             role=self.role,
@@ -160,17 +163,24 @@ class WorkerBase:
         s["pid"] = os.getpid()  # `strata bench soak --server` kills workers by it; not a metric
         return s
 
-    def drain_events(self) -> list[tuple[str, str, list[bytes]]]:
-        """Store and pool events since the last call: (kind, tier, block hashes)."""
-        return self.loop.call(_drain)
+    def drain_events(self) -> EventBatch:
+        """Store and pool events since the last call, numbered within this start's epoch."""
 
-    def snapshot_blocks(self) -> dict[str, list[bytes]]:
+        def drain(eng: LLMEngine) -> EventBatch:
+            events, lost = self._events.drain(eng)
+            return EventBatch(self.epoch, self._events.next_seq(), tuple(events), lost)
+
+        return self.loop.call(drain)
+
+    def snapshot_blocks(self) -> BlockSnapshot:
         """Every block this worker holds, by tier (the router rebuilds its index entries from
-        it); the pending events are dropped in the same loop call, so none is counted twice."""
+        it); the pending events are dropped in the same loop call (they are in the snapshot)
+        and the snapshot takes the next number: later batches apply on top of it."""
 
-        def snap(eng: LLMEngine) -> dict[str, list[bytes]]:
-            _drain(eng)
-            return {tier: [bytes(h) for h in hs] for tier, hs in eng.held_blocks().items()}
+        def snap(eng: LLMEngine) -> BlockSnapshot:
+            self._events.drain(eng)
+            blocks = {tier: [bytes(h) for h in hs] for tier, hs in eng.held_blocks().items()}
+            return BlockSnapshot(self.epoch, self._events.next_seq(), blocks)
 
         return self.loop.call(snap)
 
@@ -231,7 +241,7 @@ class WorkerActorBase:
     def info(self) -> WorkerInfo:
         return dataclasses.replace(self.worker.info(), node_id=self.node_id)
 
-    def snapshot_blocks(self) -> dict[str, list[bytes]]:
+    def snapshot_blocks(self) -> BlockSnapshot:
         return self.worker.snapshot_blocks()
 
     def prefetch(self, hashes: list[bytes]) -> None:
@@ -243,7 +253,7 @@ class WorkerActorBase:
     def stats(self) -> dict[str, float]:
         return self.worker.stats()
 
-    def drain_events(self) -> list[tuple[str, str, list[bytes]]]:
+    def drain_events(self) -> EventBatch:
         return self.worker.drain_events()
 
     def evict_cached(self, down_to: str = "host") -> dict[str, int]:
@@ -256,16 +266,34 @@ class WorkerActorBase:
         self.worker.shutdown()
 
 
-def _drain(eng: LLMEngine) -> list[tuple[str, str, list[bytes]]]:
-    out: list[tuple[str, str, list[bytes]]] = [
-        (kind, "device", [bytes(h) for h in hashes]) for kind, hashes in eng.kv.pool.drain_events()
-    ]
-    if eng.store is not None:
-        out += [
-            (ev.kind, ev.tier, [bytes(h) for h in ev.block_hashes])
-            for ev in eng.store.drain_events()
+class EventNumbering:
+    """This start's block events as numbered batches (on the engine loop thread only)."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._store_dropped = 0  # the store's count of dropped events at the last drain
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def drain(self, eng: LLMEngine) -> tuple[list[tuple[str, str, tuple[bytes, ...]]], bool]:
+        """(events, whether some were dropped since the last drain: a full queue drops)."""
+        pool_events = eng.kv.pool.events
+        lost = pool_events.maxlen is not None and len(pool_events) >= pool_events.maxlen
+        out: list[tuple[str, str, tuple[bytes, ...]]] = [
+            (kind, "device", tuple(bytes(h) for h in hashes))
+            for kind, hashes in eng.kv.pool.drain_events()
         ]
-    return out
+        if eng.store is not None:
+            out += [
+                (ev.kind, ev.tier, tuple(bytes(h) for h in ev.block_hashes))
+                for ev in eng.store.drain_events()
+            ]
+            dropped = eng.store.events.num_dropped
+            lost = lost or dropped != self._store_dropped
+            self._store_dropped = dropped
+        return out, lost
 
 
 def measure_prefill_speed(engine: LLMEngine, num_tokens: int = 256) -> float:

@@ -53,6 +53,29 @@ class WorkerInfo:
     tier_bytes_per_s: dict[str, float] = field(default_factory=dict)  # measured load speed
     pid: int = 0  # the worker's process id
     node_id: str = ""  # the Ray node it runs on ("" outside Ray)
+    epoch: int = 0  # this start of the worker (a new one every start: ``EventBatch.epoch``)
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """A worker's block events since its last drain (``drain_events``). The router's index
+    applies a batch only in order and only from the incarnation it follows
+    (``router.incarnation``)."""
+
+    epoch: int  # the worker's start that made them (a restart numbers from 1 again)
+    seq: int  # 1, 2, ... within the epoch, snapshots included (``BlockSnapshot.seq``)
+    events: tuple[tuple[str, str, tuple[bytes, ...]], ...]  # (kind, tier, block hashes)
+    lost: bool = False  # events were dropped before this drain (the index must resync)
+
+
+@dataclass(frozen=True)
+class BlockSnapshot:
+    """Every block a worker holds, by tier (``snapshot_blocks``): the events numbered up to
+    ``seq`` are in it; later batches apply on top."""
+
+    epoch: int
+    seq: int
+    blocks: dict[str, list[bytes]]  # tier -> block hashes
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from proto.worker_api import (
 )
 from router.config import BackendConfig
 from router.errors import NoWorkerError, RequestTimeoutError
-from router.index import BlockEvent, GlobalBlockIndex
+from router.index import GlobalBlockIndex
 from router.membership import GONE, Membership
 from router.outputs import TokenQueue, Tokens, WorkerLostError
 from router.placement import CostModel, Placement
@@ -189,18 +189,16 @@ class RayBackend:
                 except Exception:  # noqa: BLE001 - a slow worker is retried next round
                     logger.debug("event poll of %s failed", w.worker_id, exc_info=True)
                     continue
-                self.index.apply_many(
-                    w.worker_id, (BlockEvent(kind, tier, tuple(hs)) for kind, tier, hs in events)
-                )
+                if not self.index.apply_batch(w.worker_id, events):
+                    self.members.request_resync(w.worker_id)  # its entries are incomplete
 
     def sync_index(self) -> None:
         """Pull every worker's pending events now (tests and benchmarks use it)."""
         for w in self.members.snapshot():
             if w.alive:
                 events = ray.get(w.handle.drain_events.remote(), timeout=self.config.call_timeout_s)
-                self.index.apply_many(
-                    w.worker_id, (BlockEvent(kind, tier, tuple(hs)) for kind, tier, hs in events)
-                )
+                if not self.index.apply_batch(w.worker_id, events):
+                    self.members.resync(w, w.downs)
 
     # ---- the Backend protocol ------------------------------------------------------------
     def healthy(self) -> bool:

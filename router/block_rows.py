@@ -1,25 +1,35 @@
 """Rows of the global block index: which workers hold a block, in which tiers.
 
-A row is one bit set (a Python int, a bit per worker slot) per tier. Rows are interned: every
-block with the same holders shares one ``Row`` object, so equal rows are the same object,
-compared and hashed by identity, and a block's entry costs a pointer whatever the number of
-workers. ``apply_op`` is the index's hot loop: a lookup and a store per block; the new row of
-each distinct old row is computed once.
+A row is one bit set per tier (HBM, host, disk), a bit per worker slot, stored as 64-bit words:
+``RowTable.words[row]`` is ``[tier, word]``. Rows are interned: blocks with the same holders
+share one row id (``BlockTable.row_of``), so a block costs four bytes of row whatever the
+number of workers, and the walk of a prompt looks at a row only where the row id changes.
+Rows 0 (``FREE``: the row of a block-table slot never used) and 1 (``EMPTY_ROW``) hold
+nobody. A row is freed when no block refers to it any more (``ref``).
 
-A worker that leaves must not block the index while its bits are cleared from every row it is
-in: its slot leaves the live set at once (placement ignores it), and ``Scrubber`` clears its
-bits a bounded number of rows at a time; the slot is reused only once that is done.
+An event is one operation code (``op_code``: stored or removed, per tier) of one worker on
+blocks. A batch of events is folded into one code per block (``fold_codes``: per tier, the
+last event wins) and applied in one pass: the new row of each distinct (old row, code) is
+computed once (``transition``).
+
+A worker that leaves must not hold the lock while its bits are cleared from every row: its slot
+leaves the live set at once (queries ignore it), new rows are made without its bit
+(``strip``), and ``Scrubber`` clears it from the existing rows a bounded number at a time;
+rows left with no holder at all are then swept out of the block table a chunk at a time. The
+slot is reused once that is done. A scrubbed row may come to equal another row: it stays a
+valid row, only no longer the one new blocks are interned to.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
+
+import numpy as np
+
+from router.block_table import EMPTY_ROW, BlockTable
 
 NUM_TIERS = 3
 STORED, REMOVED = 1, 2  # what an operation does to a worker's bit in a tier (2 bits per tier)
-
-Runs = dict[tuple["Row", "Row"], int]  # (old row, new row) -> how many blocks went that way
 
 
 def op_code(tier_num: int, stored: bool) -> int:
@@ -28,6 +38,7 @@ def op_code(tier_num: int, stored: bool) -> int:
 
 
 ANY_STORED = sum(op_code(t, True) for t in range(NUM_TIERS))  # code & this: stores somewhere
+_LOW_BITS = sum(1 << (2 * t) for t in range(NUM_TIERS))
 
 
 def merge_ops(batch: Sequence[tuple[int, Sequence[bytes]]]) -> list[tuple[int, Sequence[bytes]]]:
@@ -46,152 +57,207 @@ def merge_ops(batch: Sequence[tuple[int, Sequence[bytes]]]) -> list[tuple[int, S
     return out
 
 
-class Row:
-    """The workers holding one block, a bit set per tier. Interned, never changed."""
+def fold_codes(codes: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """One code per block of a batch of events: ``codes`` has the code of each event of each
+    block, blocks one after the other (each starting at ``starts``), events in order. Per
+    tier, the last event touching the tier says what happened to the block there."""
+    touched = (codes | (codes >> 1)) & _LOW_BITS  # a bit per tier an event touches
+    if (np.add.reduceat(touched, starts) == np.bitwise_or.reduceat(touched, starts)).all():
+        return np.bitwise_or.reduceat(codes, starts)  # a block's events touch distinct tiers
+    entry = np.arange(len(codes))
+    folded = np.zeros(len(starts), np.int64)
+    for t in range(NUM_TIERS):
+        op = (codes >> (2 * t)) & 3
+        last = np.maximum.reduceat(np.where(op != 0, entry, -1), starts)
+        folded |= np.where(last >= 0, op[last], 0) << (2 * t)
+    return folded
 
-    __slots__ = ("device", "host", "disk", "held", "__weakref__")
 
-    def __init__(self, device: int, host: int, disk: int) -> None:
-        self.device, self.host, self.disk = device, host, disk
-        self.held = device | host | disk  # in any tier
-
-    def masks(self) -> list[int]:
-        return [self.device, self.host, self.disk]
-
-
-EMPTY = Row(0, 0, 0)  # never stored in the index: a block nobody holds has no row
+def slot_word(slot: int) -> tuple[int, np.uint64]:
+    """The word of ``slot``'s bit and the bit within it."""
+    return slot >> 6, np.uint64(1 << (slot & 63))
 
 
 class RowTable:
-    """Interns rows: one object per distinct (device, host, disk) bit sets."""
+    """Interned rows: one id per distinct (device, host, disk) bit sets. Not thread-safe."""
 
     def __init__(self) -> None:
-        self._interned: weakref.WeakValueDictionary[tuple[int, ...], Row] = (
-            weakref.WeakValueDictionary()
-        )
-
-    def intern(self, masks: Sequence[int]) -> Row:
-        key = tuple(masks)
-        if not any(key):
-            return EMPTY
-        row = self._interned.get(key)
-        if row is None:
-            row = self._interned[key] = Row(*key)
-        return row
+        self.num_words = 1
+        self.words = np.zeros((64, NUM_TIERS, 1), np.uint64)
+        self.ref = np.zeros(64, np.int64)  # blocks referring to each row (empty rows: not counted)
+        self.num_rows = EMPTY_ROW + 1  # ids in use or freed are below this
+        self._free: list[int] = []
+        self.is_free = [False] * 64
+        self._ids: dict[bytes, int] = {self.words[EMPTY_ROW].tobytes(): EMPTY_ROW}
+        self.strip = np.full(1, ~np.uint64(0))  # bits new rows may have (retired slots: 0)
 
     def __len__(self) -> int:
-        return len(self._interned)
+        """Rows in use, the empty ones left out."""
+        return self.num_rows - 1 - EMPTY_ROW - len(self._free)
 
-    def apply(self, old: Row, code: int, bit: int) -> Row:
-        """The row ``old`` becomes when operation ``code`` applies to the worker with ``bit``."""
-        masks = old.masks()
+    @property
+    def nbytes(self) -> int:
+        return self.words.nbytes + self.ref.nbytes + 100 * len(self._ids)
+
+    def ensure_slot(self, slot: int) -> None:
+        """Make room for worker ``slot``'s bit in every row."""
+        need = (slot >> 6) + 1
+        if need <= self.num_words:
+            return
+        grown = np.zeros((len(self.words), NUM_TIERS, need), np.uint64)
+        grown[:, :, : self.num_words] = self.words
+        self.words = grown
+        self.strip = np.concatenate([self.strip, np.full(need - self.num_words, ~np.uint64(0))])
+        self.num_words = need
+        self._ids = {grown[r].tobytes(): r for r in self._ids.values()}
+
+    def intern(self, masks: np.ndarray) -> int:
+        """The id of the row with these ``[tier, word]`` bits (made if new)."""
+        key = masks.tobytes()
+        row = self._ids.get(key)
+        if row is not None:
+            return row
+        if self._free:
+            row = self._free.pop()
+            self.is_free[row] = False
+        else:
+            row = self.num_rows
+            if row == len(self.words):
+                self.words = np.concatenate([self.words, np.zeros_like(self.words)])
+                self.ref = np.concatenate([self.ref, np.zeros_like(self.ref)])
+                self.is_free.extend([False] * row)
+            self.num_rows += 1
+        self.words[row] = masks
+        self._ids[key] = row
+        return row
+
+    def transition(self, row: int, code: int, word: int, bit: np.uint64) -> int:
+        """The row ``row`` becomes when operation ``code`` applies to the worker with ``bit`` in
+        ``word`` (bits of retired slots dropped)."""
+        masks = self.words[row] & self.strip  # [tier, word]
         for t in range(NUM_TIERS):
             op = (code >> (2 * t)) & 3
             if op == STORED:
-                masks[t] |= bit
+                masks[t, word] |= bit
             elif op == REMOVED:
-                masks[t] &= ~bit
+                masks[t, word] &= ~bit
         return self.intern(masks)
 
+    def bits(self, row: int, word: int, bit: np.uint64) -> tuple[int, int, int, int]:
+        """Whether (1 or 0) the worker is in ``row``: in any tier, in HBM, host, disk."""
+        b = int(bit)
+        d, h, s = (int(x & b != 0) for x in self.words[row, :, word].tolist())
+        return d | h | s, d, h, s
 
-def apply_op(rows: dict[bytes, Row], table: RowTable, code: int, bit: int,
-             hashes: Sequence[bytes]) -> Runs:
-    """Operation ``code`` (stored or removed, per tier) of the worker with ``bit`` on
-    ``hashes``; a block nobody holds any more leaves ``rows``. Neighbouring blocks mostly share
-    their row, so the last old row is checked by identity before the dict of them."""
-    get = rows.get
-    new_of: dict[Row, Row] = {}
-    runs: Runs = {}
-    run = 0
-    last_old = EMPTY
-    removal = not code & ANY_STORED  # only removals: a block may leave, none arrives
-    last_new = EMPTY if removal else table.apply(EMPTY, code, bit)
-    if removal:
-        for h in hashes:
-            old = get(h)
-            if old is None:
-                continue
-            if old is not last_old:
-                if run:
-                    runs[(last_old, last_new)] = runs.get((last_old, last_new), 0) + run
-                    run = 0
-                try:
-                    new = new_of[old]
-                except KeyError:
-                    new = new_of[old] = table.apply(old, code, bit)
-                last_old, last_new = old, new
-            run += 1
-            if last_new is EMPTY:
-                del rows[h]
-            else:
-                rows[h] = last_new
-    else:
-        for h in hashes:
-            old = get(h, EMPTY)
-            if old is not last_old:
-                if run:
-                    runs[(last_old, last_new)] = runs.get((last_old, last_new), 0) + run
-                    run = 0
-                try:
-                    new = new_of[old]
-                except KeyError:
-                    new = new_of[old] = table.apply(old, code, bit)
-                last_old, last_new = old, new
-            run += 1
-            rows[h] = last_new
-    if run:
-        runs[(last_old, last_new)] = runs.get((last_old, last_new), 0) + run
-    return runs
+    def transitions(self, rows: np.ndarray, codes: np.ndarray, word: int, bit: np.uint64,
+                    ) -> np.ndarray:
+        """``transition`` of each (row, code) pair."""
+        masks = self.words[rows] & self.strip  # [pair, tier, word]
+        for t in range(NUM_TIERS):
+            op = (codes >> (2 * t)) & 3
+            col = masks[:, t, word]
+            masks[:, t, word] = np.where(op == STORED, col | bit,
+                                         np.where(op == REMOVED, col & ~bit, col))
+        keys = masks.reshape(len(rows), -1).view(np.dtype((np.void, masks[0].nbytes)))
+        get = self._ids.get
+        out = [get(k) for k in keys.ravel().tolist()]
+        for i, row in enumerate(out):
+            if row is None:
+                out[i] = self.intern(masks[i])
+        return np.array(out, np.int64)
 
+    def counts(self, rows: np.ndarray, num: np.ndarray, word: int, bit: np.uint64) -> np.ndarray:
+        """Blocks the worker holds in [any tier, HBM, host, disk] among ``num[i]`` blocks in
+        row ``rows[i]``."""
+        tiers = (self.words[rows, :, word] & bit) != 0  # [row, tier]
+        held = np.concatenate([tiers.any(axis=1)[:, None], tiers], axis=1)
+        return num @ held
 
-def count_changes(runs: Runs, bit: int) -> list[int]:
-    """How the worker's block counts (any tier, device, host, disk) change with ``runs``."""
-    delta = [0] * (1 + NUM_TIERS)
-    for (old, new), num in runs.items():
-        if old is not new:
-            for i, (a, b) in enumerate(((old.held, new.held), (old.device, new.device),
-                                        (old.host, new.host), (old.disk, new.disk))):
-                delta[i] += num * (bool(b & bit) - bool(a & bit))
-    return delta
+    def release(self, row: int) -> None:
+        """``row`` has no block left: free its id."""
+        if self.is_free[row]:
+            return
+        key = self.words[row].tobytes()
+        if self._ids.get(key) == row:
+            del self._ids[key]
+        self.words[row] = 0
+        self.ref[row] = 0
+        self.is_free[row] = True
+        self._free.append(row)
+
+    def clear_bits(self, row: int, keep: np.ndarray) -> bool:
+        """Keep only the ``keep`` bits of ``row`` (in place); True when none is left."""
+        key = self.words[row].tobytes()
+        if self._ids.get(key) == row:
+            del self._ids[key]
+        self.words[row] &= keep
+        if not self.words[row].any():
+            return True
+        self._ids.setdefault(self.words[row].tobytes(), row)
+        return False
 
 
 class Scrubber:
-    """Clears the bits of retired slots from the rows, ``budget`` rows per step, over a
-    snapshot of the keys taken when the round starts (rows added later never carry them)."""
+    """Clears the bits of retired slots from the rows, ``budget`` rows per step; rows left with
+    no holder are swept out of the block table, ``64 * budget`` slots per step."""
 
     def __init__(self) -> None:
-        self.pending = 0  # retired slots waiting for the next round
-        self._keys: list[bytes] = []
-        self._pos = 0
+        self.pending = 0  # retired slots (a bit each) waiting for the next round
         self._mask = 0  # slots this round clears
+        self._todo: list[int] = []  # rows still to clear
+        self._zero: list[int] = []  # rows left with no holder
+        self._sweep = -1  # next block slot to sweep (-1: not sweeping)
+        self._generation = -1  # of the block table the sweep runs over
 
     @property
     def busy(self) -> bool:
         return bool(self.pending or self._mask)
 
-    def step(self, rows: dict[bytes, Row], table: RowTable, budget: int | None) -> int:
-        """Scrub up to ``budget`` rows (all when None); returns the slots now free of bits."""
+    def step(self, rows: RowTable, table: BlockTable, budget: int | None) -> int:
+        """Up to ``budget`` rows (all when None); returns the slots now free of bits."""
         if not self._mask:
             if not self.pending:
                 return 0
-            self._keys, self._pos, self._mask = list(rows), 0, self.pending
-            self.pending = 0
-        end = len(self._keys) if budget is None else min(len(self._keys), self._pos + budget)
-        keep, mask = ~self._mask, self._mask
-        new_of: dict[Row, Row] = {}
-        for h in self._keys[self._pos : end]:
-            row = rows.get(h)
-            if row is None or not row.held & mask:
-                continue
-            new = new_of.get(row)
-            if new is None:
-                new = new_of[row] = table.intern([m & keep for m in row.masks()])
-            if new is EMPTY:
-                del rows[h]
-            else:
-                rows[h] = new
-        self._pos = end
-        if end < len(self._keys):
+            self._mask, self.pending = self.pending, 0
+            keep = ~_words(self._mask, rows.num_words)
+            hit = (rows.words[: rows.num_rows] & ~keep).any(axis=(1, 2))
+            self._todo = np.flatnonzero(hit).tolist()
+        keep = ~_words(self._mask, rows.num_words)
+        n = len(self._todo) if budget is None else min(budget, len(self._todo))
+        for row in self._todo[:n]:
+            if not rows.is_free[row] and rows.clear_bits(row, keep):
+                self._zero.append(row)
+        del self._todo[:n]
+        if self._todo:
             return 0
-        done, self._mask, self._keys = self._mask, 0, []
+        if self._zero and not self._sweep_step(rows, table, budget):
+            return 0
+        done, self._mask = self._mask, 0
+        rows.strip |= ~keep  # the bits are gone: new rows may carry them again
         return done
+
+    def _sweep_step(self, rows: RowTable, table: BlockTable, budget: int | None) -> bool:
+        """Blocks of rows with no holder become tombstones; True once the table is swept."""
+        # a row freed (and maybe reused) meanwhile is no longer one to sweep
+        self._zero = [r for r in self._zero if not rows.is_free[r] and not rows.words[r].any()]
+        start = max(self._sweep, 0) if self._generation == table.generation else 0
+        self._generation = table.generation  # a rebuilt table has new ids: start again
+        end = table.capacity if budget is None else min(table.capacity, start + 64 * budget)
+        is_zero = np.zeros(rows.num_rows, bool)
+        is_zero[self._zero] = True
+        seg = table.row_of[start:end]
+        gone = np.flatnonzero(is_zero[seg] & (seg > EMPTY_ROW))
+        seg[gone] = EMPTY_ROW
+        table.num_held -= len(gone)
+        if end < table.capacity:
+            self._sweep = end
+            return False
+        for row in self._zero:
+            rows.release(row)
+        self._zero, self._sweep = [], -1
+        return True
+
+
+def _words(mask: int, num_words: int) -> np.ndarray:
+    """A Python int bit set as ``num_words`` little-endian uint64 words."""
+    return np.frombuffer(mask.to_bytes(8 * num_words, "little"), np.uint64).copy()

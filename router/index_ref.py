@@ -1,9 +1,11 @@
 """The plain per-worker block index and placement loop: the reference the fast ones must match.
 
 One dict per worker (block hash -> tier bit mask); a placement asks every worker in turn for its
-leading run and evaluates the cost model once per worker and block. Kept as the oracle of the
-property tests (``tests/router/test_index_property.py``) and as the "before" row of
-``strata bench router``; the router itself uses ``router.index.GlobalBlockIndex``.
+leading run and evaluates the cost model once per worker and block, with no bound on the work.
+The incarnation rules (``router.incarnation``) are written out again here, plainly, one dict per
+worker. Kept as the oracle of the property tests (``tests/router/test_index_property.py``) and
+as the "before" row of ``strata bench router``; the router itself uses
+``router.index.GlobalBlockIndex`` and ``CostModel.choose_prefill``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from kvstore.keys import BlockHash
 from router.errors import NoWorkerError
-from router.index import EVENT_REMOVED, EVENT_STORED, TIERS, StoreEventLike, tier_bit
+from router.incarnation import MAX_PAST_EPOCHS
+from router.index import (
+    EVENT_REMOVED,
+    EVENT_STORED,
+    TIERS,
+    BlockEvent,
+    EventBatchLike,
+    StoreEventLike,
+    tier_bit,
+)
 from router.placement import REMOTE_TIER, CostModel, Placement
 
 
@@ -26,20 +37,76 @@ class ReferenceBlockIndex:
 
     def __init__(self) -> None:
         self._workers: dict[str, dict[bytes, int]] = {}
+        # worker -> {"epoch", "seq", "synced", "dropped", "past"}: see router.incarnation
+        self._inc: dict[str, dict] = {}
 
     def add_worker(self, worker_id: str) -> None:
         self._workers.setdefault(worker_id, {})
 
     def remove_worker(self, worker_id: str) -> int:
+        inc = self._inc.get(worker_id)
+        if inc is not None:
+            inc["dropped"], inc["synced"] = True, False
         return len(self._workers.pop(worker_id, {}))
 
-    def replace_worker(self, worker_id: str, blocks: Mapping[str, Iterable[BlockHash]]) -> None:
+    def replace_worker(self, worker_id: str, blocks: Mapping[str, Iterable[BlockHash]],
+                       epoch: int | None = None, seq: int = 0) -> bool:
         fresh: dict[bytes, int] = {}
         for tier, hashes in blocks.items():
             bit = tier_bit(tier)
             for h in hashes:
                 fresh[h] = fresh.get(h, 0) | bit
+        if epoch is not None:
+            inc = self._inc.get(worker_id)
+            if inc is None:
+                inc = self._inc[worker_id] = {"epoch": epoch, "seq": 0, "past": []}
+            elif epoch != inc["epoch"]:
+                if epoch in inc["past"]:
+                    return False
+                inc["past"] = (inc["past"] + [inc["epoch"]])[-MAX_PAST_EPOCHS:]
+                inc["epoch"] = epoch
+            elif seq <= inc["seq"]:
+                return False
+            inc.update(seq=seq, synced=True, dropped=False)
         self._workers[worker_id] = fresh
+        return True
+
+    def in_sync(self, worker_id: str) -> bool:
+        inc = self._inc.get(worker_id)
+        return inc is None or inc["synced"] or inc["dropped"]
+
+    def apply_batch(self, worker_id: str, batch: EventBatchLike) -> bool:
+        events = [BlockEvent(kind, tier, tuple(hs)) for kind, tier, hs in batch.events]
+        for e in events:
+            tier_bit(e.tier)  # a bad event fails before anything changes
+            if e.kind not in (EVENT_STORED, EVENT_REMOVED):
+                raise ValueError(f"unknown event kind {e.kind!r}")
+        epoch, seq = batch.epoch, batch.seq
+        inc = self._inc.get(worker_id)
+        if inc is None:  # no baseline: apply, wait for a snapshot
+            self._inc[worker_id] = {"epoch": epoch, "seq": seq, "synced": False,
+                                    "dropped": False, "past": []}
+            reset = True
+        elif epoch != inc["epoch"]:
+            if epoch in inc["past"]:
+                return self.in_sync(worker_id)
+            inc["past"] = (inc["past"] + [inc["epoch"]])[-MAX_PAST_EPOCHS:]
+            inc.update(epoch=epoch, seq=seq, synced=False)
+            if inc["dropped"]:
+                return self.in_sync(worker_id)
+            reset = True
+        elif inc["dropped"] or seq <= inc["seq"]:
+            inc["seq"] = max(inc["seq"], seq)
+            return self.in_sync(worker_id)
+        else:
+            reset = batch.lost or seq != inc["seq"] + 1
+            inc["seq"] = seq
+            if reset:
+                inc["synced"] = False
+        if reset:
+            self._workers[worker_id] = {}
+        self.apply_many(worker_id, events)
+        return self.in_sync(worker_id)
 
     def workers(self) -> list[str]:
         return sorted(self._workers)

@@ -6,6 +6,15 @@ that goes down leaves the block index and the cost model at once; a thread then 
 restart it and takes it back in: its new address, its start-up measurements, a fresh output
 stream (decode workers), and its index entries rebuilt from the blocks it holds (its disk tier
 survives the restart). Every change of state happens under one lock.
+
+Resync (``resync``): a snapshot of the worker's blocks replaces its index entries. Snapshots and
+event batches carry the worker's epoch (a new one every start) and a number, and the index
+applies a snapshot only if no newer batch has been applied (``router.incarnation``): when the
+event poller got ahead, another snapshot is taken. A resync is also asked for when the index
+finds a worker's entries incomplete (a batch lost, a restart nobody noticed:
+``request_resync``). A worker's resyncs run one at a time (``Worker.sync_lock``), and one that
+was overtaken by the worker going down applies nothing (``Worker.downs``, checked and changed
+under ``Worker.index_lock`` with the index call).
 """
 
 from __future__ import annotations
@@ -13,14 +22,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 from kvstore.keys import BlockHash
-from proto.worker_api import DECODE, WorkerInfo
+from proto.worker_api import DECODE, BlockSnapshot, WorkerInfo
 from router.config import BackendConfig
 from router.errors import NoWorkerError
 from router.index import GlobalBlockIndex
@@ -40,6 +49,10 @@ class Worker:
     in_flight: int = 0
     outputs: OutputStream | None = None  # decode workers' token stream
     restarts: int = 0  # times it came back
+    downs: int = 0  # times it went down (a resync started before the last one is void)
+    resync_due: bool = False  # a resync was asked for and has not run yet
+    sync_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # resyncs
+    index_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # its entries
 
     @property
     def worker_id(self) -> str:
@@ -110,7 +123,8 @@ class Membership:
                 stream.close()
                 raise NoWorkerError(f"no output stream from decode worker {w.worker_id}")
             w.outputs = stream
-        self.resync(w)
+        if not self.resync(w, w.downs):
+            raise NoWorkerError(f"no snapshot of worker {w.worker_id}'s blocks applied")
         profile = WorkerProfile(
             w.worker_id,
             w.info.prefill_tokens_per_s,
@@ -121,14 +135,44 @@ class Membership:
             w.state, w.in_flight = UP, 0
             self.workers[w.worker_id] = w
 
-    def resync(self, w: Worker) -> None:
-        """Replace ``w``'s index entries with what it holds now (its pending events included)."""
-        blocks: dict[str, list[bytes]] = ray.get(
-            w.handle.snapshot_blocks.remote(), timeout=self.config.call_timeout_s
-        )
-        self.index.replace_worker(
-            w.worker_id, {tier: [BlockHash(h) for h in hs] for tier, hs in blocks.items()}
-        )
+    RESYNC_TRIES = 5  # snapshots taken while the event poller keeps getting ahead
+
+    def resync(self, w: Worker, downs: int) -> bool:
+        """Replace ``w``'s index entries with what it holds now (its pending events included),
+        unless it went down since ``downs`` was read. True once a snapshot applied."""
+        with w.sync_lock:
+            for _ in range(self.RESYNC_TRIES):
+                snap: BlockSnapshot = ray.get(
+                    w.handle.snapshot_blocks.remote(), timeout=self.config.call_timeout_s
+                )
+                blocks = {tier: [BlockHash(h) for h in hs] for tier, hs in snap.blocks.items()}
+                with w.index_lock:
+                    if w.downs != downs:
+                        return False  # it went down meanwhile: this snapshot is void
+                    applied = self.index.replace_worker(w.worker_id, blocks, snap.epoch, snap.seq)
+                if applied:
+                    return True
+        logger.warning("worker %s: no snapshot of its blocks applied in %d tries",
+                       w.worker_id, self.RESYNC_TRIES)
+        return False
+
+    def request_resync(self, worker_id: str) -> None:
+        """The index found ``worker_id``'s entries incomplete: resync it (in a thread, once)."""
+        with self.lock:
+            w = self.workers.get(worker_id)
+            if w is None or w.state != UP or w.resync_due:
+                return
+            w.resync_due = True
+            downs = w.downs
+
+        def run() -> None:
+            w.resync_due = False
+            try:
+                self.resync(w, downs)
+            except Exception:  # noqa: BLE001 - a worker that died is handled by mark_down
+                logger.warning("resync of worker %s failed", worker_id, exc_info=True)
+
+        threading.Thread(target=run, name=f"resync-{worker_id}", daemon=True).start()
 
     # ---- queries ---------------------------------------------------------------------------
     def alive(self, role: str) -> list[str]:
@@ -163,8 +207,10 @@ class Membership:
                 return
             w.state = DOWN
             self.cost.remove(worker_id)
-        logger.warning("worker %s is down (%s); dropping it from the index", worker_id, why)
-        self.index.remove_worker(worker_id)
+        with w.index_lock:  # a resync in flight applies before this or not at all
+            w.downs += 1
+            self.index.remove_worker(worker_id)
+        logger.warning("worker %s is down (%s); dropped it from the index", worker_id, why)
         if w.outputs is not None:
             w.outputs.close()
             w.outputs = None
@@ -219,7 +265,8 @@ class Membership:
                 self._stop.wait(1.0)
                 continue
             w.restarts += 1
-            logger.warning("worker %s is back (pid %d)", w.worker_id, info.pid)
+            logger.warning("worker %s is back (pid %d, epoch %d)", w.worker_id, info.pid,
+                           info.epoch)
             return
         with self.lock:
             if w.state == DOWN:

@@ -1,12 +1,19 @@
 """Who holds a prompt's leading blocks, in which tiers: one walk over the blocks for all workers.
 
-``ResidencyWalk`` is fed, block by block, the bit sets of the workers holding the block in HBM,
-host and disk (``GlobalBlockIndex.residency`` feeds it only the blocks where those sets change).
-It keeps the workers still holding the whole prefix so far, split into groups whose blocks sat
-in the same best tiers: while the groups are few it refines them as bit sets (a few integer
-operations per block, whatever the number of workers); past ``max_groups`` distinct residencies
-it follows each worker whose tier changed (work proportional to the changes, never to
-groups x blocks). Either way the answer is the partition of the holders by residency.
+``ResidencyWalk`` is fed the row ids of the prompt's blocks, a chunk at a time
+(``GlobalBlockIndex.walk``); it looks at a row only where the row id changes (neighbouring
+blocks mostly share their row), and keeps, at each such change point, the rows' bit sets: HBM,
+host, disk. The set of workers still holding the whole prefix is their AND, accumulated along
+the change points, so the work per change point is a few word operations whatever the number
+of workers, and the walk stops as soon as nobody (of the workers it follows) holds the prefix.
+
+``finish`` looks only at what changes: a worker's state (0: it no longer holds the prefix; 1,
+2, 3: the block's best tier is HBM, host, disk) changes at a few change points, and those
+(change point, worker) pairs are read out of the bit sets' XOR with the previous change point,
+so the work is proportional to the changes, not to change points x workers. Workers whose
+changes are equal all along (same points, same states) hold the same best tier block for block
+up to the same end: the same residency. They form one group (found by a hash of their changes,
+then checked pair by pair), and the cost model evaluates a load plan once per group.
 """
 
 from __future__ import annotations
@@ -15,8 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# (tier number, first block) of each run of equal best tiers, oldest first
+from router.block_table import EMPTY_ROW
+
+# (tier number, number of blocks) of each run of equal best tiers, in prompt order
 Runs = tuple[tuple[int, int], ...]
+
+_FEW_GROUPS = 16  # groups up to which ``finish`` splits groups of bit sets
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 
 @dataclass(frozen=True)
@@ -35,98 +47,233 @@ class ResidencyGroup:
         return [tier for tier, num in self.runs for _ in range(num)]
 
 
-class ResidencyWalk:
-    def __init__(self, alive: int, max_groups: int = 32) -> None:
-        if max_groups < 1:
-            raise ValueError(f"max_groups must be >= 1, got {max_groups}")
-        self.max_groups = max_groups
-        self._alive = alive  # workers holding every block so far
-        self._device = 0  # of those, the ones whose last block is in HBM
-        self._host = 0  # ... in host memory and not in HBM
-        self._groups: list[tuple[int, Runs]] | None = [(alive, ())]  # None: per-worker mode
-        self._runs_of: dict[int, Runs] = {}  # per-worker mode: slot -> runs
-        self._done: list[tuple[int, Runs, int]] = []  # (workers, runs, end) of finished runs
+@dataclass
+class _Changes:
+    """Every (worker, change point) where a holder's state changes, sorted by worker."""
 
-    def step(self, i: int, device: int, host: int, disk: int) -> bool:
-        """Block ``i`` (blocks in between hold the same sets as the last one fed); False once
-        no worker holds the prefix any more."""
-        alive = self._alive
-        a = (device | host | disk) & alive
-        d = device & a
-        h = host & a & ~d
-        changed = (alive ^ a) | (d ^ self._device) | (h ^ self._host)
-        if changed or i == 0:
-            if self._groups is not None:
-                self._refine(i, a, d, h, changed if i else alive)
-            else:
-                self._follow(i, a, d, h, changed)
-        self._alive, self._device, self._host = a, d, h
-        return bool(a)
+    slot: np.ndarray  # the worker
+    state: np.ndarray  # its state from there on (0: gone)
+    start: np.ndarray  # first block the state applies to
+    span: np.ndarray  # blocks it applies to (up to the next change, or the walk's end)
+    first: np.ndarray  # holder -> index of its first change
 
-    def finish(self, n: int) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
-        """(workers bit set, ((tier number, num blocks), ...)) per distinct residency, for a
-        prompt of ``n`` blocks."""
-        ends = list(self._done)
-        if self._groups is not None:
-            ends += [(m, runs, n) for m, runs in self._groups]
-        else:
-            ends += [(1 << s, runs, n) for s, runs in self._runs_of.items()]
-        merged: dict[tuple[Runs, int], int] = {}
-        for mask, runs, end in ends:
-            if runs:
-                merged[(runs, end)] = merged.get((runs, end), 0) | mask
-        return [(mask, _counts(runs, end)) for (runs, end), mask in merged.items()]
 
-    def _refine(self, i: int, a: int, d: int, h: int, changed: int) -> None:
-        assert self._groups is not None
-        parts = ((0, d), (1, h), (2, a & ~d & ~h))
-        groups: list[tuple[int, Runs]] = []
-        for m, runs in self._groups:
-            if not m & changed:
-                groups.append((m, runs))
-                continue
-            gone = m & ~a
-            if gone and runs:
-                self._done.append((gone, runs, i))
-            rest = m & a
-            for t, tier_mask in parts:
-                part = rest & tier_mask
-                if part:
-                    groups.append((part, runs if runs and runs[-1][0] == t else runs + ((t, i),)))
-        if len(groups) <= self.max_groups:
-            self._groups = groups
+class Residency:
+    """The walk's answer, per worker slot of the index (arrays of ``num_slots``)."""
+
+    def __init__(self, num_slots: int, changes: _Changes | None = None,
+                 group_of_holder: np.ndarray | None = None, reps: np.ndarray | None = None,
+                 end: int = 0) -> None:
+        self.ends = np.zeros(num_slots, np.int64)  # leading blocks a slot holds (0: none)
+        self.group_of = np.full(num_slots, -1, np.int64)  # its group, -1: it holds none
+        self.tier_blocks = np.zeros((num_slots, 3), np.int64)  # of those, best in each tier
+        self._changes = changes
+        self._reps = reps if reps is not None else np.zeros(0, np.int64)  # group -> holder
+        self._runs: dict[int, Runs] = {}
+        self.longest = 0
+        if changes is None or group_of_holder is None:
             return
-        self._groups = None  # too many residencies: follow each worker from here on
-        for m, runs in groups:
-            for s in slots_of(m):
-                self._runs_of[s] = runs
+        c = changes
+        holders = c.slot[c.first]
+        held = c.state != 0
+        self.ends[holders] = end
+        gone = ~held
+        self.ends[c.slot[gone]] = c.start[gone]
+        self.group_of[holders] = group_of_holder
+        np.add.at(self.tier_blocks, (c.slot[held], c.state[held] - 1), c.span[held])
+        self.longest = int(self.ends.max())
 
-    def _follow(self, i: int, a: int, d: int, h: int, changed: int) -> None:
-        for s in slots_of(changed):
-            bit = 1 << s
-            runs = self._runs_of[s]
-            if not a & bit:
-                self._done.append((bit, runs, i))
-                del self._runs_of[s]
-                continue
-            t = 0 if d & bit else 1 if h & bit else 2
-            if runs[-1][0] != t:
-                self._runs_of[s] = runs + ((t, i),)
+    @classmethod
+    def of_groups(cls, num_slots: int, groups: list[tuple[int, Runs, int]]) -> Residency:
+        """From (workers bit set, runs, end) of each group."""
+        res = cls(num_slots)
+        if not groups:
+            return res
+        nbytes = 8 * ((num_slots + 63) // 64)
+        masks = np.frombuffer(b"".join(m.to_bytes(nbytes, "little") for m, _, _ in groups),
+                              np.uint8).reshape(len(groups), nbytes)
+        member = np.unpackbits(masks, axis=1, bitorder="little")[:, :num_slots]  # [group, slot]
+        holds = member.any(axis=0)
+        group_of = member.argmax(axis=0)
+        res.group_of = np.where(holds, group_of, -1)
+        per_group = np.array([[end, *_tier_counts(runs)] for _, runs, end in groups], np.int64)
+        res.ends = np.where(holds, per_group[group_of, 0], 0)
+        res.tier_blocks = np.where(holds[:, None], per_group[group_of, 1:], 0)
+        res._runs = {g: runs for g, (_, runs, _) in enumerate(groups)}
+        res._reps = np.arange(len(groups))
+        res.longest = int(per_group[:, 0].max())
+        return res
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._reps)
+
+    def runs(self, group: int) -> Runs:
+        """(tier number, number of blocks) of the group's leading run."""
+        runs = self._runs.get(group)
+        if runs is None:
+            c = self._changes
+            assert c is not None
+            holder = int(self._reps[group])
+            lo = int(c.first[holder])
+            hi = int(c.first[holder + 1]) if holder + 1 < len(c.first) else len(c.slot)
+            runs = tuple((s - 1, n) for s, n in zip(c.state[lo:hi].tolist(),
+                                                    c.span[lo:hi].tolist()) if s)
+            self._runs[group] = runs
+        return runs
 
 
-def _counts(runs: Runs, end: int) -> tuple[tuple[int, int], ...]:
-    starts = [start for _, start in runs] + [end]
-    return tuple((t, starts[j + 1] - start) for j, (t, start) in enumerate(runs))
+class ResidencyWalk:
+    def __init__(self, alive: np.ndarray, few_points: int = 16) -> None:
+        """``alive``: the bit set (uint64 words) of the workers to follow; up to ``few_points``
+        change points, ``finish`` splits groups of bit sets instead of reading changes."""
+        self._alive = alive.copy()
+        self._few_points = few_points
+        self._last_row = -1
+        self._pos: list[np.ndarray] = []
+        self._tiers: list[np.ndarray] = []  # [change point, HBM | host, word] per chunk
+        self._held: list[np.ndarray] = []  # [change point, word]: holders of the prefix
+        self.end = 0  # blocks walked
+
+    def feed(self, start: int, rows: np.ndarray, words: np.ndarray) -> bool:
+        """Row ids of blocks ``start ..``; ``words``: the row table's ``[row, tier, word]``
+        bits. False once nobody followed holds the prefix (feed no more)."""
+        stop = False
+        empty = np.flatnonzero(rows <= EMPTY_ROW)
+        if len(empty):
+            rows = rows[: empty[0]]
+            stop = True
+        self.end = start + len(rows)
+        if len(rows):
+            change = np.flatnonzero(rows[1:] != rows[:-1]) + 1
+            if rows[0] != self._last_row:
+                change = np.concatenate([[0], change])
+            self._last_row = int(rows[-1])
+            if len(change):
+                bits = words[rows[change]]  # [change point, tier, word]
+                held = bits[:, 0] | bits[:, 1] | bits[:, 2]
+                held[0] &= self._alive
+                held = np.bitwise_and.accumulate(held, axis=0)
+                gone = np.flatnonzero(~held.any(axis=1))
+                if len(gone):
+                    cut = gone[0] + 1
+                    change, bits, held = change[:cut], bits[:cut], held[:cut]
+                    self.end = start + int(change[-1])
+                    stop = True
+                self._pos.append(change + start)
+                self._tiers.append(bits[:, :2])
+                self._held.append(held)
+                self._alive = held[-1]
+        return not stop
+
+    def _refine(self, pos: np.ndarray, held: np.ndarray, device: np.ndarray, host: np.ndarray,
+                ) -> list[tuple[int, Runs, int]] | None:
+        """Few change points: split the holders, change point by change point, by the best
+        tier of the block there (bit sets as Python integers); None past ``_FEW_GROUPS``."""
+        def ints(words: np.ndarray) -> list[int]:
+            return [int.from_bytes(row.tobytes(), "little") for row in words]
+
+        starts = pos.tolist()
+        held_at, device_at, host_at = ints(held), ints(device), ints(host)
+        groups: list[tuple[int, list[tuple[int, int]]]] = [(held_at[0], [])]
+        done: list[tuple[int, list[tuple[int, int]], int]] = []
+        for c, start in enumerate(starts):
+            split = []
+            for mask, runs in groups:
+                gone = mask & ~held_at[c]
+                if gone:
+                    done.append((gone, runs, start))
+                d = mask & device_at[c]
+                h = mask & host_at[c]
+                for t, part in ((0, d), (1, h), (2, mask & held_at[c] & ~d & ~h)):
+                    if part:
+                        split.append((part, runs if runs and runs[-1][0] == t
+                                      else [*runs, (t, start)]))
+            groups = split
+            if len(groups) + len(done) > _FEW_GROUPS:
+                return None
+        done += [(mask, runs, self.end) for mask, runs in groups]
+        out = []
+        for mask, runs, end in done:
+            bounds = [start for _, start in runs] + [end]
+            out.append((mask, tuple((t, bounds[j + 1] - bounds[j]) for j, (t, _) in
+                                    enumerate(runs)), end))
+        return [g for g in out if g[1]]
+
+    def finish(self, num_slots: int) -> Residency:
+        """The holders of the walked prefix, grouped by residency."""
+        if not self._pos:
+            return Residency(num_slots)
+        pos = np.concatenate(self._pos)
+        held = np.concatenate(self._held)  # [change point, word]
+        tiers = np.concatenate(self._tiers)
+        device = tiers[:, 0] & held
+        host = tiers[:, 1] & held & ~device
+        if len(pos) <= self._few_points:
+            groups = self._refine(pos, held, device, host)
+            if groups is not None:
+                return Residency.of_groups(num_slots, groups)
+        changed = np.zeros_like(held)
+        changed[0] = held[0]  # at the first change point, every holder starts
+        for now in (held, device, host):
+            changed[1:] |= now[1:] ^ now[:-1]
+        point, word = np.nonzero(changed)  # the words with a change
+        bits = np.unpackbits(changed[point, word].view(np.uint8).reshape(-1, 8), axis=1,
+                             bitorder="little")
+        which, bit = np.nonzero(bits)
+        if not len(which):
+            return Residency(num_slots)
+        point, word = point[which], word[which]
+        shift = bit.astype(np.uint64)
+        state = ((held[point, word] >> shift) & 1).astype(np.int64)
+        state *= 3 - 2 * ((device[point, word] >> shift) & 1).astype(np.int64) - (
+            (host[point, word] >> shift) & 1).astype(np.int64)
+        slot = word * 64 + bit
+        order = np.argsort(slot, kind="stable")  # by worker, its changes in prompt order
+        slot, state, start = slot[order], state[order], pos[point[order]]
+        new = np.concatenate([[True], slot[1:] != slot[:-1]])
+        first = np.flatnonzero(new)
+        span = np.append(start[1:], self.end) - start
+        last = np.append(first[1:], len(slot)) - 1
+        span[last] = self.end - start[last]  # (a worker's last state: held up to the end)
+        changes = _Changes(slot, state, start, span, first)
+        group, reps = _group(changes)
+        return Residency(num_slots, changes, group, reps, self.end)
 
 
-def slots_of(mask: int) -> list[int]:
-    """Positions of the set bits of ``mask`` (>= 0), ascending."""
-    if mask.bit_count() <= 16:
-        out: list[int] = []
-        while mask:
-            low = mask & -mask
-            out.append(low.bit_length() - 1)
-            mask ^= low
-        return out
-    raw = np.frombuffer(mask.to_bytes((mask.bit_length() + 7) // 8, "little"), dtype=np.uint8)
-    return np.flatnonzero(np.unpackbits(raw, bitorder="little")).tolist()
+def _tier_counts(runs: Runs) -> list[int]:
+    counts = [0, 0, 0]
+    for t, num in runs:
+        counts[t] += num
+    return counts
+
+
+def _group(c: _Changes) -> tuple[np.ndarray, np.ndarray]:
+    """Holders with equal changes: (group of each holder, a holder of each group)."""
+    count = np.diff(np.append(c.first, len(c.slot)))
+    offset = np.arange(len(c.slot)) - np.repeat(c.first, count)  # index among its changes
+    x = (offset.astype(np.uint64) << np.uint64(32)) ^ c.start.astype(np.uint64)
+    x = (x * _MIX[0]) ^ (c.state.astype(np.uint64) * _MIX[1])
+    x = (x ^ (x >> np.uint64(31))) * _MIX[2]
+    sig = np.add.reduceat(x, c.first) ^ (count.astype(np.uint64) * _MIX[0])
+    _, reps, group = np.unique(sig, return_index=True, return_inverse=True)
+    group = group.reshape(-1)
+    rep_first = np.repeat(c.first[reps[group]], count) + offset  # the same change of its rep
+    if len(rep_first) and (rep_first.max() >= len(c.slot)
+                           or (c.start[rep_first] != c.start).any()
+                           or (c.state[rep_first] != c.state).any()
+                           or (count != count[reps[group]]).any()):
+        return _group_exactly(c, count)  # two residencies with one hash: compare them all
+    return group, reps
+
+
+def _group_exactly(c: _Changes, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keys: dict[tuple[int, ...], int] = {}
+    group, reps = [], []
+    for h, (lo, n) in enumerate(zip(c.first.tolist(), count.tolist())):
+        key = tuple(c.start[lo : lo + n].tolist() + c.state[lo : lo + n].tolist())
+        g = keys.setdefault(key, len(keys))
+        if g == len(reps):
+            reps.append(h)
+        group.append(g)
+    return np.array(group, np.int64), np.array(reps, np.int64)

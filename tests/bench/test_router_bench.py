@@ -119,10 +119,11 @@ def test_bench_router_small_run(tmp_path) -> None:
     assert 0.0 < unbounded < 1.0
     assert [r["workers"] for r in data["rows"]] == [2, 4]
     for row in data["rows"]:
-        for key in ("placement_p50_ms", "placement_p99_ms", "events_per_s", "index_bytes"):
+        for key in ("placement_p50_ms", "placement_p99_ms", "mixed_p50_ms", "events_per_s",
+                    "index_bytes", "index_bytes_per_mblock"):
             assert row[key] > 0 and row["before"][key] > 0
         assert row["placement_p50_ms"] <= row["placement_p99_ms"]
-        assert row["placements_agree"] is True
+        assert row["placements_agree"] is True and row["ttft_over_reference"] == {}
         assert set(row["placement_ms"]) == {"none", "one", "quarter", "all", "mixed"}
         for pol in ("prefix-aware", "load-only", "random"):
             p = row["policies"][pol]

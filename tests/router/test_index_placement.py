@@ -140,3 +140,36 @@ def test_choose_prefill_picks_the_longest_prefix_unless_its_queue_is_slower() ->
     assert cm.choose_prefill(["none", "short", "long"], index, H, 128).worker_id == "long"
     cm.profiles["long"].mean_service_s = 0.2
     assert cm.choose_prefill(["none", "short", "long"], index, H, 128).worker_id == "none"
+
+
+def test_placement_plans_few_keys_in_the_order_of_their_bounds() -> None:
+    index = GlobalBlockIndex()
+    names = [f"w{i}" for i in range(6)]
+    cm = CostModel(block_size=16, block_nbytes=2 * MB, max_plans=32)
+    for i, w in enumerate(names):  # six distinct residencies: 1 .. 6 leading host blocks
+        index.apply(w, ev("stored", "host", range(i + 1)))
+        cm.update(WorkerProfile(w, 1000.0, {"host": 1000 * MB}))
+    plans: list[int] = []
+    plan = cm.load_plan
+    cm.load_plan = lambda profile, runs, n: plans.append(1) or plan(profile, runs, n)  # type: ignore[method-assign]
+    # w5: 6 host blocks (12 ms) + 32 tokens (32 ms) = 44 ms; w4's bound, 128 ms less 5 x 14 ms
+    # saved, is 58 ms: no other worker can win, none is planned
+    p = cm.choose_prefill(names, index, H, prompt_len=128)
+    assert (p.worker_id, p.plan.num_load_blocks, len(plans)) == ("w5", 6, 1)
+    assert p.plan.ttft_s == pytest.approx(0.044)
+    # a slow disk run before a fast host run: loading the host blocks needs the disk ones
+    # loaded first, which the bound (each block loaded or computed, whichever is cheaper)
+    # does not see; six speeds, six keys whose bounds (72 ms) are below every plan (84 ms)
+    index = GlobalBlockIndex()
+    for i, w in enumerate(names):
+        index.apply_many(w, [ev("stored", "disk", range(3)), ev("stored", "host", range(3, 7))])
+        cm.update(WorkerProfile(w, 1000.0 + i, {"host": 1000 * MB, "disk": 100 * MB}))
+    plans.clear()
+    p = cm.choose_prefill(names, index, H, prompt_len=128)
+    assert (p.worker_id, p.plan.num_load_blocks, len(plans)) == ("w5", 7, 6)
+    cm.max_plans = 2
+    plans.clear()
+    assert cm.choose_prefill(names, index, H, 128).worker_id == "w5"  # the lowest bound first
+    assert len(plans) == 2
+    with pytest.raises(ValueError, match="max_plans"):
+        CostModel(16, 2 * MB, max_plans=0)

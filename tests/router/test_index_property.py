@@ -1,17 +1,20 @@
 """The global index and the placement at scale against the plain per-worker reference: the same
-answers after any sequence of stored / removed / worker-gone / resync events."""
+answers after any sequence of stored / removed / worker-gone / resync events, numbered batches
+and snapshots of several incarnations (epochs) included."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore.keys import hash_prompt_blocks
-from router.index import TIERS, BlockEvent, GlobalBlockIndex
+from router.index import TIERS, BlockEvent, GlobalBlockIndex, _words_of
 from router.index_ref import ReferenceBlockIndex, reference_choose_prefill
 from router.placement import CostModel, WorkerProfile
-from router.residency import slots_of
 
 H = hash_prompt_blocks(list(range(16 * 10)), 16, b"p" * 16)  # 10 chained block hashes
 MB = 1_000_000
@@ -37,18 +40,33 @@ def ops(num_workers: int) -> st.SearchStrategy:
     gone = st.tuples(st.just("gone"), worker)
     resync = st.tuples(st.just("resync"), worker, st.dictionaries(tiers, blocks, max_size=3))
     compact = st.just(("compact",))
-    return st.lists(st.one_of(event, event, batch, batch, same, gone, resync, compact),
-                    max_size=60)
+    # numbered batches and snapshots of incarnations 1..3: in order, repeated, late, lost
+    epoch, seq = st.integers(1, 3), st.integers(1, 6)
+    numbered = st.tuples(st.just("numbered"), worker, epoch, seq, st.booleans(),
+                         st.lists(st.tuples(kind, tiers, blocks), max_size=3))
+    snapshot = st.tuples(st.just("snapshot"), worker, epoch, seq,
+                         st.dictionaries(tiers, blocks, max_size=3))
+    return st.lists(st.one_of(event, event, batch, batch, same, gone, resync, compact,
+                              numbered, numbered, snapshot), max_size=60)
+
+
+@dataclass(frozen=True)
+class Numbered:
+    epoch: int
+    seq: int
+    lost: bool
+    events: tuple[tuple[str, str, tuple[bytes, ...]], ...]
 
 
 query = st.one_of(st.lists(block, max_size=12), st.just(list(range(len(H)))))
 queries = st.lists(query, min_size=1, max_size=4)
 
 
-def _index(max_groups: int) -> GlobalBlockIndex:
-    index = GlobalBlockIndex(max_groups=max_groups)
-    index.SCRUB_ROWS_PER_BATCH = 3  # removed workers' bits linger across several batches
-    index.WALK_CHUNK = 3  # a walk crosses chunk boundaries
+def _index(few_points: int = 16) -> GlobalBlockIndex:
+    index = GlobalBlockIndex()
+    index.SCRUB_ROWS_PER_BATCH = 1  # removed workers' bits linger across several batches
+    index.FIRST_CHUNK = 2  # a walk crosses chunk boundaries
+    index.FEW_POINTS = few_points  # 0: groups found from the changes, never by splitting
     return index
 
 
@@ -70,6 +88,15 @@ def _apply(op: tuple, index: GlobalBlockIndex, ref: ReferenceBlockIndex) -> None
         held = {tier: [H[i] for i in idx] for tier, idx in op[2].items()}
         index.replace_worker(op[1], held)
         ref.replace_worker(op[1], held)
+    elif op[0] == "numbered":
+        _, w, epoch, seq, lost, evs = op
+        numbered = Numbered(epoch, seq, lost,
+                            tuple((k, t, tuple(H[i] for i in idx)) for k, t, idx in evs))
+        assert index.apply_batch(w, numbered) == ref.apply_batch(w, numbered)
+    elif op[0] == "snapshot":
+        _, w, epoch, seq, blocks = op
+        held = {tier: [H[i] for i in idx] for tier, idx in blocks.items()}
+        assert index.replace_worker(w, held, epoch, seq) == ref.replace_worker(w, held, epoch, seq)
     else:
         kind, w, tier, idx = op
         event = BlockEvent(kind, tier, tuple(H[i] for i in idx))
@@ -80,6 +107,7 @@ def _apply(op: tuple, index: GlobalBlockIndex, ref: ReferenceBlockIndex) -> None
 def _check(index: GlobalBlockIndex, ref: ReferenceBlockIndex, query: list[bytes]) -> None:
     assert index.workers() == ref.workers()
     for w in ref.workers():
+        assert index.in_sync(w) == ref.in_sync(w)
         assert index.num_blocks(w) == ref.num_blocks(w)
         for tier in TIERS:
             assert index.num_blocks(w, tier) == ref.num_blocks(w, tier)
@@ -97,12 +125,12 @@ def _check(index: GlobalBlockIndex, ref: ReferenceBlockIndex, query: list[bytes]
     assert hits == {w: {t: tiers.count(t) for t in TIERS} for w, tiers in expected.items()}
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(num_workers=st.sampled_from([3, 6, 40]), max_groups=st.sampled_from([1, 2, 32]),
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_workers=st.sampled_from([3, 6, 70]), few_points=st.sampled_from([0, 3, 16]),
        events=st.data(), query_idx=queries)
-def test_index_matches_reference(num_workers: int, max_groups: int, events: st.DataObject,
+def test_index_matches_reference(num_workers: int, few_points: int, events: st.DataObject,
                                  query_idx: list[list[int]]) -> None:
-    index, ref = _index(max_groups), ReferenceBlockIndex()
+    index, ref = _index(few_points), ReferenceBlockIndex()
     for op in events.draw(ops(num_workers)):
         _apply(op, index, ref)
         _check(index, ref, [H[i] for i in query_idx[0]])
@@ -119,15 +147,15 @@ profiles = st.builds(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(num_workers=st.sampled_from([3, 6, 40]), events=st.data(), query_idx=queries,
-       extra_tokens=st.integers(1, 40), params=st.data())
-def test_choose_prefill_matches_reference(num_workers: int, events: st.DataObject,
-                                          query_idx: list[list[int]], extra_tokens: int,
-                                          params: st.DataObject) -> None:
-    index, ref = _index(2), ReferenceBlockIndex()
+@given(num_workers=st.sampled_from([3, 6, 40]), few_points=st.sampled_from([0, 16]),
+       events=st.data(), query_idx=queries, extra_tokens=st.integers(1, 40), params=st.data())
+def test_choose_prefill_matches_reference(num_workers: int, few_points: int,
+                                          events: st.DataObject, query_idx: list[list[int]],
+                                          extra_tokens: int, params: st.DataObject) -> None:
+    index, ref = _index(few_points), ReferenceBlockIndex()
     for op in events.draw(ops(num_workers)):
         _apply(op, index, ref)
-    cost = CostModel(block_size=16, block_nbytes=2 * MB)
+    cost = CostModel(block_size=16, block_nbytes=2 * MB, max_plans=64)  # > keys: exact
     names = [f"w{i:02d}" for i in range(num_workers)]
     for w in names:
         speed, host, disk, net, depth, service = params.draw(profiles)
@@ -154,9 +182,9 @@ def test_resync_and_removal_leave_no_entries() -> None:
     index.remove_worker("a")
     assert index.workers() == [] and index.residency(H) == []
     index.add_worker("c")  # the retired slots still have bits in rows: not reused yet
-    assert index._slot_of["c"] == 3 and index._rows  # (the resync retired slot 0 too)
+    assert index._slot_of["c"] == 3 and len(index._rows)  # (the resync retired slot 0 too)
     index.compact()
-    assert not index._rows and not index._table  # nothing left behind
+    assert len(index) == 0 and len(index._rows) == 0  # nothing left behind
     index.add_worker("d")  # a scrubbed slot is reused
     assert index._slot_of["d"] == 0
     with pytest.raises(ValueError, match="tier"):
@@ -165,20 +193,38 @@ def test_resync_and_removal_leave_no_entries() -> None:
 
 def test_removal_is_immediate_and_its_rows_are_scrubbed_by_later_batches() -> None:
     index = GlobalBlockIndex()
-    index.SCRUB_ROWS_PER_BATCH = 4
+    index.SCRUB_ROWS_PER_BATCH = 1
     index.apply("a", BlockEvent("stored", "host", tuple(H)))
     index.apply("b", BlockEvent("stored", "disk", tuple(H[:2])))
+    assert len(index._rows) == 2  # {a host, b disk} for H[:2], {a host} for the rest
     assert index.remove_worker("a") == len(H)
     assert [g.worker_ids for g in index.residency(H)] == [("b",)]
-    assert index.num_blocks("a") == 0 and len(index._rows) == len(H)
-    for _ in range(3):  # 10 rows, 4 a batch: the third batch finishes the round
-        assert index._scrub.busy
+    assert index.num_blocks("a") == 0 and len(index) == len(H)
+    batches = 0
+    while index._scrub.busy:  # a row a batch, then the blocks left to nobody swept out
         index.apply("b", BlockEvent("stored", "device", tuple(H[:1])))
-    assert not index._scrub.busy and len(index._rows) == 2
+        batches += 1
+    assert batches > 2 and len(index) == 2 and len(index._rows) == 2
     assert index.leading_tiers("b", H) == ["device", "disk"] and index.num_blocks("b") == 2
+    index.add_worker("c")  # slot 0 is free again
+    assert index._slot_of["c"] == 0 and index.residency(H[:1])[0].worker_ids == ("b",)
 
 
-def test_slots_of_small_and_large_masks() -> None:
-    assert slots_of(0) == [] and slots_of(0b1010) == [1, 3]
-    bits = [0, 5, 63, 64, 200, 1023] + list(range(300, 340))
-    assert slots_of(sum(1 << b for b in bits)) == sorted(bits)
+def test_the_table_grows_and_drops_what_nobody_holds() -> None:
+    many = hash_prompt_blocks(list(range(16 * 9000)), 16, b"g" * 16)
+    index = GlobalBlockIndex()
+    index.apply("a", BlockEvent("stored", "host", tuple(many)))
+    assert len(index) == len(many) and index._table.capacity >= 2 * len(many)
+    assert index.leading_tiers("a", many[:3]) == ["host"] * 3
+    index.apply("a", BlockEvent("removed", "host", tuple(many[100:])))
+    index.apply("b", BlockEvent("stored", "disk", tuple(many[:5000])))  # rebuilds the table
+    assert len(index) == 5000 and index.num_blocks("a") == 100
+    assert index.leading_lengths(many) == {"a": 100, "b": 5000}
+    assert index.all_prefix_hits(many)["b"] == {"device": 0, "host": 0, "disk": 5000}
+
+
+def test_bit_sets_of_slots() -> None:
+    slots = np.array([0, 5, 63, 64, 200, 1023, -1] + list(range(300, 340)))
+    words = _words_of(slots, 16)
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+    assert np.flatnonzero(bits).tolist() == sorted(int(s) for s in slots if s >= 0)

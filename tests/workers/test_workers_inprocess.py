@@ -10,9 +10,11 @@ import pytest
 from decode_worker.worker import DecodeWorker, continuation
 from engine.config import EngineConfig
 from kvstore.config import StoreConfig
+from kvstore.keys import hash_prompt_blocks
 from kvtransfer.config import TransferConfig
 from prefill_worker.worker import PrefillWorker
 from proto.worker_api import DecodeRequest, PrefillRequest, SamplingParams
+from router.index import GlobalBlockIndex
 from router.outputs import OutputStream
 
 SECRET = "s3"
@@ -202,3 +204,25 @@ def test_decode_request_sent_first_takes_the_first_token_from_the_push(workers, 
             break
     assert tokens == expected.output_token_ids
     assert d.stats()["transfers_ok"] >= 1
+
+
+def test_events_and_snapshots_are_numbered_within_one_start(workers) -> None:  # noqa: ANN001
+    prefills, _, _ = workers
+    p = prefills["grpc"]
+    before = p.drain_events()
+    prompt = [(i * 7 + 3) % 256 for i in range(300)]
+    p.prefill(PrefillRequest("numbered", tuple(prompt), SamplingParams(max_tokens=1)))
+    batch = p.drain_events()
+    snap = p.snapshot_blocks()
+    assert before.epoch == batch.epoch == snap.epoch == p.info().epoch > 0
+    assert (batch.seq, snap.seq) == (before.seq + 1, before.seq + 2) and not batch.lost
+    hashes = hash_prompt_blocks(prompt, p.engine.block_size, p.engine.fingerprint)
+    assert set(hashes) <= {h for kind, _, hs in batch.events if kind == "stored" for h in hs}
+    # the router's index fed the snapshot credits the prompt's blocks; a batch drained before
+    # the snapshot is already in it, the next one applies on top
+    index = GlobalBlockIndex()
+    assert index.replace_worker(p.worker_id, snap.blocks, snap.epoch, snap.seq)
+    assert len(index.leading_tiers(p.worker_id, hashes)) == len(hashes)
+    assert index.apply_batch(p.worker_id, batch) and index.apply_batch(p.worker_id,
+                                                                       p.drain_events())
+    assert len(index.leading_tiers(p.worker_id, hashes)) == len(hashes)
