@@ -53,6 +53,7 @@ class WorkerInfo:
     tier_bytes_per_s: dict[str, float] = field(default_factory=dict)  # measured load speed
     pid: int = 0  # the worker's process id
     node_id: str = ""  # the Ray node it runs on ("" outside Ray)
+    started_at: float = 0.0  # wall-clock time its process was ready to serve
 
 
 @dataclass(frozen=True)

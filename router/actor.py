@@ -1,11 +1,13 @@
 """The router as a Ray actor: the ``RayBackend`` plus the client-facing gRPC server and, with
-``http_port`` set, the OpenAI-compatible HTTP API (``router/http_api.py``)."""
+``http_port`` set, the OpenAI-compatible HTTP API (``router/http_api.py``), all on one asyncio
+event loop (``router.event_loop``). The actor's own methods are plain (threaded) calls."""
 
 from __future__ import annotations
 
 import logging
 import re
 import socket
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from router.backend import RayBackend
 from router.config import RouterConfig
+from router.event_loop import RouterLoop
 from router.http_api import HttpFrontDoor
 from router.metrics import RouterMetrics, start_metrics_http
 from router.server import serve
@@ -79,17 +82,22 @@ class RouterActor:
         self.service = service  # kept for `strata scale` (the configuration of new workers)
         self.detach = detach
         model = service.engine.model
-        self.backend = RayBackend(workers, service.backend, secret=service.secret)
+        self.loop = RouterLoop.shared()
+        self.metrics = RouterMetrics()
+        self.backend = RayBackend(
+            workers, service.backend, secret=service.secret, loop=self.loop, metrics=self.metrics
+        )
         cfg = RouterConfig(
             **{**service.router.__dict__, "max_model_len": self.backend.max_model_len}
         )
         tok = _ModelVocab(load_tokenizer(model), self.backend.vocab_size)
-        self.metrics = RouterMetrics()
         self.servicer = GenerationServicer(self.backend, tok, cfg, self.metrics, model=model)
-        self.server, self.port = serve(self.servicer)
+        self.server, self.port = serve(self.servicer, loop=self.loop)
         self.http: HttpFrontDoor | None = None
         if cfg.http_port is not None:
-            self.http = HttpFrontDoor(self.servicer, cfg.host, cfg.http_port, cfg.auth_token)
+            self.http = HttpFrontDoor(
+                self.servicer, cfg.host, cfg.http_port, cfg.auth_token, loop=self.loop
+            )
         host = cfg.host if cfg.host not in ("0.0.0.0", "::", "[::]") else socket.gethostname()
         self.address = f"{host}:{self.port}"
         self.metrics_port: int | None = None
@@ -111,6 +119,10 @@ class RouterActor:
 
     def sync_index(self) -> None:
         self.backend.sync_index()
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process so far (user + system, every thread)."""
+        return time.process_time()
 
     def index_prefix(self, worker_id: str, hashes: list[bytes]) -> dict[str, int]:
         return self.backend.index.prefix_hits(worker_id, hashes)
@@ -148,6 +160,10 @@ class RouterActor:
                 "node_id": w.info.node_id,
                 "kv_address": w.info.kv_address,
                 "in_flight": w.in_flight,
+                "down_at": w.down_at,
+                "up_at": w.up_at,
+                "down_reason": w.down_reason,
+                "started_at": w.info.started_at,
             }
             for w in self.backend.members.snapshot()
         ]
