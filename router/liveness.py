@@ -25,12 +25,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-# keepalive pings notice a peer that vanished without closing its socket (a node lost)
-_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 
 class HealthWatch:
@@ -45,7 +39,10 @@ class HealthWatch:
         self.on_lost = on_lost
         self._closed = False
         self._serving = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        # No keepalive pings: the workers' servers answer frequent ones with GOAWAY
+        # (too_many_pings), which would break the stream. A node that vanishes without closing
+        # its sockets is found by the Ray calls to its workers instead.
+        self._channel = grpc.aio.insecure_channel(address)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"health-{worker_id}")
 
     @property
