@@ -120,7 +120,14 @@ class Membership:
         """Health stream, output stream (decode), index entries, cost profile; then it is placed
         on. ``NoWorkerError`` if its streams do not open."""
         self.loop.run(self._open_streams(w), timeout=2 * self.config.connect_timeout_s + 5)
-        self.resync(w)
+        try:
+            self.resync(w)
+        except BaseException:
+            with self.lock:
+                outputs, watch, gone = w.outputs, w.watch, w.gone
+                w.outputs = w.watch = w.gone = None
+            self.loop.call_soon(_close_streams, outputs, watch, gone, "could not rejoin")
+            raise
         profile = WorkerProfile(
             w.worker_id,
             w.info.prefill_tokens_per_s,
