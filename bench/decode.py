@@ -197,9 +197,31 @@ async def _run_server(args: argparse.Namespace, address: str, batches: list[int]
 
 
 async def _router_cpu(client: Any) -> float | None:  # noqa: ANN401 - AsyncStrataClient
-    """The router process's CPU seconds so far (None from a router that does not say)."""
+    """The router process's CPU seconds so far: as its Stats say, or (a router that does not
+    say) read from /proc when it runs on this machine; None otherwise."""
     cpu = (await client.stats()).get("router", {}).get("process_cpu_seconds")
-    return float(cpu) if cpu is not None else None
+    if cpu is not None:
+        return float(cpu)
+    return _proc_cpu_seconds("ray::RouterActor")
+
+
+def _proc_cpu_seconds(title: str) -> float | None:
+    """User + system CPU seconds of the one process on this machine whose title is ``title``."""
+    import os
+
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if not f.read(64).startswith(title.encode()):
+                    continue
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
 
 
 async def _stream_batch(client: Any, batch: int, prompt_tokens: int, steps: int, vocab: int,  # noqa: ANN401

@@ -10,7 +10,8 @@ A kill is ``ROLE:PHASE``:
 | ``decode``    | when the probe has streamed half of its tokens                                 |
 | ``restart``   | at once, and again as soon as the killed worker's new process appears          |
 
-The probe (``soak_load.Probe``) is a long request of its own sent just before the kill. The
+The probe (``soak_load.Probe``) is a long request of its own sent just before the kill (another
+one whenever the last went past the phase unseen). The
 victim is the worker of the role with requests in that phase, from the router's per-worker
 counts in ``Stats`` (``requests_prefill``, ``requests_awaiting_first``, ``requests_decoding``,
 and a decode worker's ``pushes_open``); a service without them (an older router) gets its
@@ -38,7 +39,8 @@ ROLE_PHASES = {
     "prefill": ("prefill", "push", "first_token", "restart"),
     "decode": ("decode", "first_token", "push", "prefill", "restart"),
 }
-PHASE_WAIT_S = 20.0
+PHASE_WAIT_S = 30.0
+FIRST_TOKEN_WINDOW_S = 0.3
 ACTOR_CLASS = {"prefill": "PrefillActor", "decode": "DecodeActor"}
 
 
@@ -111,11 +113,14 @@ class Faults:
             self._ttft_s = probe.rec["ttft_s"]
 
     # ---- one kill ------------------------------------------------------------------------
-    def kill(self, role: str, phase: str) -> dict[str, Any]:
+    def _probe(self) -> Probe:
         probe = Probe(self.load, len(self.probes))
         self.probes.append(probe)
         probe.start()
-        victim, seen, stats = self._victim(role, phase, probe)
+        return probe
+
+    def kill(self, role: str, phase: str) -> dict[str, Any]:
+        victim, seen, stats, probe = self._victim(role, phase)
         pid = int(stats[victim].get("pid", 0))
         if not pid:
             raise ValueError(f"the service reports no pid for {victim}")
@@ -134,28 +139,48 @@ class Faults:
         self.kills.append(rec)
         return rec
 
-    def _victim(self, role: str, phase: str, probe: Probe) -> tuple[str, bool, dict[str, Any]]:
-        """The worker to kill, whether the phase was seen, and the stats that chose it."""
+    def _victim(self, role: str, phase: str) -> tuple[str, bool, dict[str, Any], Probe]:
+        """The worker to kill, whether the phase was seen, the stats that chose it, and the
+        probe it was timed by (a new probe whenever the last one went past the phase)."""
         end = time.monotonic() + PHASE_WAIT_S
         stats: dict[str, dict[str, float]] = {}
+        probe = self._probe()
         while time.monotonic() < end:
+            asked = time.monotonic()  # the stats describe the service from about here on
             stats = self.workers()
             ours = {w: s for w, s in stats.items() if w.startswith(role) and s.get("alive")}
             if ours:
-                pick = self._pick(role, phase, probe, ours)
+                pick = self._pick(role, phase, probe, ours, asked)
                 if pick is not None:
-                    return pick, True, stats
-            if probe.done.is_set() and phase != "restart":
-                break
+                    return pick, True, stats, probe
+            if phase != "restart" and self._past(phase, probe):
+                probe = self._probe()
             time.sleep(0.01)
         alive = sorted(w for w, s in stats.items() if w.startswith(role) and s.get("alive"))
         victim = alive[0] if alive else f"{role}-0"
         if victim not in stats:
             stats = self.workers()
-        return victim, False, stats
+        return victim, False, stats, probe
+
+    def _past(self, phase: str, probe: Probe) -> bool:
+        """Whether ``probe`` went past ``phase`` (another probe is needed)."""
+        if probe.done.is_set():
+            return True
+        if phase in ("prefill", "push"):
+            return probe.first_token_at is not None
+        if phase == "first_token":
+            return probe.first_token_at is not None and (
+                time.monotonic() - probe.first_token_at > FIRST_TOKEN_WINDOW_S
+            )
+        return False
 
     def _pick(
-        self, role: str, phase: str, probe: Probe, ours: dict[str, dict[str, float]]
+        self,
+        role: str,
+        phase: str,
+        probe: Probe,
+        ours: dict[str, dict[str, float]],
+        asked: float,
     ) -> str | None:
         def most(*keys: str) -> str | None:
             def count(w: str) -> float:
@@ -164,14 +189,13 @@ class Faults:
             best = max(ours, key=count)
             return best if count(best) > 0 else None
 
-        now = time.monotonic()
-        age = now - probe.sent_at
+        age = asked - probe.sent_at  # the probe's age when the stats were asked for
         if phase == "restart":
             return most("in_flight") or min(ours)
         if phase in ("prefill", "push"):
             if probe.first_token_at is not None:
                 return None  # too late for this probe
-            early = age < 0.4 * self._ttft_s
+            early = age < 0.5 * self._ttft_s
             if (phase == "prefill") != early:
                 return None
             if role == "prefill":
@@ -180,7 +204,7 @@ class Faults:
                 return most("pushes_open")
             return most("requests_awaiting_first") if _new(ours) else most("admissions_waiting")
         if phase == "first_token":
-            if probe.first_token_at is None or now - probe.first_token_at > 0.2:
+            if probe.first_token_at is None or asked - probe.first_token_at > FIRST_TOKEN_WINDOW_S:
                 return None
             if role == "prefill":
                 return most("requests_prefill", "in_flight")

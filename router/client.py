@@ -62,9 +62,9 @@ def usage_from_pb(usage: strata_pb2.Usage) -> Usage:
 def remote_error(what: str, e: grpc.RpcError) -> RemoteError:
     """``e`` (a sync ``grpc.Call`` or a ``grpc.aio.AioRpcError``) as a ``RemoteError``."""
     is_call = isinstance(e, grpc.Call | grpc.aio.AioRpcError)
-    code = e.code() if is_call else None  # type: ignore[union-attr]
+    code = e.code() if is_call else None
     name = code.name if code is not None else ""
-    details = (e.details() if is_call else str(e)) or ""  # type: ignore[union-attr]
+    details = (e.details() if is_call else str(e)) or ""
     return RemoteError(f"{what} failed: {name}: {details}", code=name, details=details)
 
 

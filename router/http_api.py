@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -64,8 +64,9 @@ class HttpFrontDoor:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         server = site._server  # the bound socket tells the port picked for port 0
-        assert server is not None and getattr(server, "sockets", None)
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        assert server is not None
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1])
 
     def stop(self) -> None:
         self.loop.run(self._runner.cleanup(), timeout=10)
@@ -156,7 +157,7 @@ class _Answer:
         door: HttpFrontDoor,
         request: web.Request,
         chat: bool,
-        gen: AsyncIterator[strata_pb2.GenerateResponse],
+        gen: AsyncGenerator[strata_pb2.GenerateResponse, None],
     ) -> None:
         self.door = door
         self.request = request
@@ -223,7 +224,7 @@ class _Answer:
                 first = False
             if finish:
                 if include_usage:
-                    usage = {
+                    usage: dict[str, Any] = {
                         "id": self._id(msg),
                         "object": "chat.completion.chunk" if self.chat else "text_completion",
                         "created": self.created,

@@ -134,8 +134,10 @@ class Membership:
             load_bytes_per_s={k: v for k, v in w.info.tier_bytes_per_s.items() if v > 0},
         )
         with self.lock:
+            profile.queue_depth = w.in_flight
             self.cost.update(profile)
-            w.state, w.in_flight, w.up_at = UP, 0, time.time()
+            # (in_flight is not reset: the requests of its last life still count themselves out)
+            w.state, w.up_at = UP, time.time()
             self.workers[w.worker_id] = w
         # A stream that broke while it was coming up found it not UP yet: look again.
         watch, outputs = w.watch, w.outputs

@@ -206,8 +206,8 @@ class RequestRun:
         if c.colocated or (self.lost and not c.members.alive(PREFILL)):
             # no prefill worker: a decode worker computes the context (a moved request goes on
             # this way rather than wait for one)
-            d_id, queue = await self._start_colocated(rid, hashes, context, remaining)
-            async for delta in self._decode(d_id, rid, queue, context, recompute=bool(self.lost)):
+            worker, queue = await self._start_colocated(rid, hashes, context, remaining)
+            async for delta in self._decode(worker, rid, queue, context, recompute=bool(self.lost)):
                 yield delta
             return
         prefill_ids = await self._alive_or_wait(PREFILL)

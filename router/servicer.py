@@ -29,7 +29,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -165,7 +165,7 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
 
     async def stream(
         self, request: strata_pb2.GenerateRequest, time_remaining: float | None
-    ) -> AsyncIterator[strata_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[strata_pb2.GenerateResponse, None]:
         """One request, for the gRPC API and the HTTP front door alike: admission (at most
         ``max_in_flight``), validation, the backend's token stream with text deltas, the
         deadline, metrics. Failures raise; ``status_for`` maps them. Closing the generator (or
