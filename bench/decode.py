@@ -12,19 +12,22 @@ host-memory-bandwidth analogue and is named so. The tiered store is off here: de
 touch it.
 
 ``--start-service`` / ``--server HOST:PORT``: the same batches through the service. For each batch
-size B, B streams are opened at once (prompt ``--prompt-tokens``, ``--steps`` + 1 tokens each);
-the client records every token's arrival. Decode tokens/s = tokens arriving after the last of
-the B streams got its first token / the time from then to the last token (the steady state, all
-B decoding together); ms/token = the median gap between a stream's tokens. No roofline there:
-the client cannot see the worker's step.
+size B, B streams are opened at once (prompt ``--prompt-tokens``, ``--steps`` + 1 tokens each)
+by the asyncio client (``router.aio_client``: one thread for all B streams, so the client's own
+CPU stays small beside the service on a small machine); the client records every token's
+arrival. Decode tokens/s = tokens arriving after the last of the B streams got its first token /
+the time from then to the last token (the steady state, all B decoding together); ms/token = the
+median gap between a stream's tokens. The router's CPU per 1,000 tokens streamed is its process's
+CPU time over the batch (``Stats``: ``process_cpu_seconds``) / tokens; the client's beside it.
+No roofline there: the client cannot see the worker's step.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -166,26 +169,38 @@ def step_weight_bytes(model: Any) -> tuple[int, int]:  # noqa: ANN401 - a Causal
 
 def run_server(args: argparse.Namespace, address: str, batches: list[int], prompt_tokens: int,
                steps: int) -> dict[str, Any]:
-    from router.client import StrataClient
+    return asyncio.run(_run_server(args, address, batches, prompt_tokens, steps))
+
+
+async def _run_server(args: argparse.Namespace, address: str, batches: list[int],
+                      prompt_tokens: int, steps: int) -> dict[str, Any]:
+    from router.aio_client import AsyncStrataClient
 
     vocab = args.vocab_size or builtin_vocab(args.model)
     salt = run_salt()
     bar = progress(len(batches) + 1, "decode (server)", args.no_progress)
     rows = []
-    with StrataClient(address, token=args.token) as client:
-        _stream_batch(client, 1, prompt_tokens, steps, vocab, -1, salt)  # warm-up
+    async with AsyncStrataClient(address, token=args.token) as client:
+        await _stream_batch(client, 1, prompt_tokens, steps, vocab, -1, salt)  # warm-up
         bar.update(1)
         for b in batches:
-            arrivals = _stream_batch(client, b, prompt_tokens, steps, vocab, args.seed + b, salt)
+            cpu0, mine0 = await _router_cpu(client), time.process_time()
+            arrivals = await _stream_batch(client, b, prompt_tokens, steps, vocab, args.seed + b,
+                                           salt)
+            cpu1, mine1 = await _router_cpu(client), time.process_time()
             t0 = max(a[0] for a in arrivals)  # from here on all b streams decode together
             t1 = max(a[-1] for a in arrivals)
             steady = sum(1 for a in arrivals for t in a if t > t0)
             gaps = [y - x for a in arrivals for x, y in zip(a, a[1:])]
+            tokens = sum(len(a) for a in arrivals)
             rows.append({
-                "batch": b, "tokens": sum(len(a) for a in arrivals), "steady_tokens": steady,
+                "batch": b, "tokens": tokens, "steady_tokens": steady,
                 "steady_s": t1 - t0, "tokens_per_s": steady / (t1 - t0) if t1 > t0 else 0.0,
                 "ms_per_token": statistics.median(gaps) * 1e3 if gaps else None,
                 "tbt_s": summarize(gaps),
+                "router_cpu_ms_per_1k_tokens": (cpu1 - cpu0) / tokens * 1e6
+                if cpu0 is not None and cpu1 is not None else None,
+                "client_cpu_ms_per_1k_tokens": (mine1 - mine0) / tokens * 1e6,
             })
             bar.update(1)
     bar.close()
@@ -193,36 +208,54 @@ def run_server(args: argparse.Namespace, address: str, batches: list[int], promp
         "benchmark": "decode", "machine": machine_info(),
         "config": {"mode": "server", "server": address, "model": args.model,
                    "batches": batches, "prompt_tokens": prompt_tokens, "steps": steps,
-                   "seed": args.seed},
+                   "seed": args.seed, "client": "asyncio"},
         "rows": rows,
     }
 
 
-def _stream_batch(client: Any, batch: int, prompt_tokens: int, steps: int, vocab: int,  # noqa: ANN401
-                  seed: int, salt: str) -> list[list[float]]:
+async def _router_cpu(client: Any) -> float | None:  # noqa: ANN401 - AsyncStrataClient
+    """The router process's CPU seconds so far: as its Stats say, or (a router that does not
+    say) read from /proc when it runs on this machine; None otherwise."""
+    cpu = (await client.stats()).get("router", {}).get("process_cpu_seconds")
+    if cpu is not None:
+        return float(cpu)
+    return _proc_cpu_seconds("ray::RouterActor")
+
+
+def _proc_cpu_seconds(title: str) -> float | None:
+    """User + system CPU seconds of the one process on this machine whose title is ``title``."""
+    import os
+
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if not f.read(64).startswith(title.encode()):
+                    continue
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+async def _stream_batch(client: Any, batch: int, prompt_tokens: int, steps: int, vocab: int,  # noqa: ANN401
+                        seed: int, salt: str) -> list[list[float]]:
     """Open ``batch`` streams at once; each one's token arrival times (one entry a token)."""
     arrivals: list[list[float]] = [[] for _ in range(batch)]
-    errors: list[BaseException] = []
 
-    def one(i: int) -> None:
-        try:
-            for chunk in client.stream(
-                prompt_token_ids=random_prompt(seed * 1009 + i, prompt_tokens, vocab),
-                max_tokens=steps + 1, temperature=0.0, ignore_eos=True, cache_salt=salt,
-                timeout=600.0,
-            ):
-                now = time.perf_counter()
-                arrivals[i].extend([now] * len(chunk.token_ids))
-        except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
-            errors.append(e)
+    async def one(i: int) -> None:
+        async for chunk in client.stream(
+            prompt_token_ids=random_prompt(seed * 1009 + i, prompt_tokens, vocab),
+            max_tokens=steps + 1, temperature=0.0, ignore_eos=True, cache_salt=salt,
+            timeout=600.0,
+        ):
+            now = time.perf_counter()
+            arrivals[i].extend([now] * len(chunk.token_ids))
 
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(batch)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    await asyncio.gather(*(one(i) for i in range(batch)))
     if any(len(a) != steps + 1 for a in arrivals):
         raise StrataError(f"a stream ended early: {[len(a) for a in arrivals]} tokens")
     return arrivals
@@ -250,11 +283,14 @@ def _measure(engine: Any, batch: int, prompt_tokens: int, sampling: Any, vocab: 
 def render_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     if cfg.get("mode") == "server":
-        rows = [[r["batch"], r["tokens_per_s"], r["ms_per_token"], r["tbt_s"].get("p90", 0) * 1e3]
+        rows = [[r["batch"], r["tokens_per_s"], r["ms_per_token"], r["tbt_s"].get("p90", 0) * 1e3,
+                 r.get("router_cpu_ms_per_1k_tokens"), r.get("client_cpu_ms_per_1k_tokens")]
                 for r in result["rows"]]
         out = (f"decode through the service at {cfg['server']}, {cfg['model']}, prompt "
                f"{cfg['prompt_tokens']} tokens, {cfg['steps'] + 1} tokens a stream "
-               "(client side)\n" + format_table(["batch", "tok/s", "ms/token", "p90 ms"], rows))
+               "(client side)\n" + format_table(["batch", "tok/s", "ms/token", "p90 ms",
+                                                 "router CPU ms/1k tok", "client CPU ms/1k tok"],
+                                                rows))
         if "inprocess" in result:
             ratio = [[r["batch"], r["service_tokens_per_s"], r["inprocess_tokens_per_s"],
                       r["ratio"]] for r in result["service_over_inprocess"]]

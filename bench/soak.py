@@ -1,63 +1,81 @@
-"""A chaos soak: concurrent clients against the service while workers are killed and the disk
-tier is full, then an account of every request.
+"""A chaos soak: concurrent clients against the service while workers are killed at chosen phases
+of their requests and the disk tier is full, then an account of every request.
 
-    strata bench soak --seconds 180            # starts 2 prefill + 2 decode workers (loopback)
+    strata bench soak --seconds 180                  # 2 prefill + 2 decode workers (loopback)
+    strata bench soak --seconds 180 --runs 5         # five runs in a row on one service
+    strata bench soak --kills decode:first_token,prefill:push,decode:restart
     strata bench soak --seconds 60 --server 127.0.0.1:50051 --token T   # a running service
     strata bench soak --hosts 4 --seconds 180   # on 4 test hosts, link faults too (root)
 
-``--clients`` threads send greedy requests whose prompts share one of a few long prefixes (so
-prefix reuse, pushes and placement all work) with a random suffix; some are cancelled after a
-token or two, some are malformed (token ids outside the vocabulary). A third of the way in, the
-process of ``prefill-0`` is killed (SIGKILL, by the pid the service reports), and ten seconds
-later that of ``decode-0``; Ray restarts them and the router takes them back. The started
+``--clients`` threads send requests whose prompts share one of a few long prefixes (so prefix
+reuse, pushes and placement all work) with a random suffix: greedy ones, and a share sampled with
+a temperature and a seed; some are cancelled after their first token, some give up before it (a
+short client deadline), some are malformed. A third
+of the way into each run the first kill comes, then one every ``--kill-gap`` seconds (closer
+together when they would not fit before the last third of the run); by
+default one prefill and one decode worker are killed (SIGKILL, by the pid the service reports)
+at phases that rotate from run to run, so five runs cover them all (``bench/soak_faults.py``:
+during prefill, during the KV push, right after the first token, mid-decode, and again while the
+killed worker restarts). Ray restarts the workers and the router takes them back. The started
 service's disk tier is a few MiB, so it is full most of the run. Loopback only; every request
 has a deadline (``--request-timeout``).
 
-Afterwards every answered greedy request is checked against the in-process engine on the same
-prompt (wrong outputs), the workers' blocks are checked free (leaks), and the report gives:
-requests by status, OK share of answered requests, hung requests (deadline passed or never
-ended), TTFT p50/p99 before, during (from the first kill until every worker is back) and after
-the faults, and the time each killed worker took to come back.
+Afterwards every answered request is run again on the in-process engine (same prompt, sampling
+and seed: wrong outputs), the workers' blocks are checked free (leaks), and the report gives per
+run: requests by status, the OK share of answered requests, hung requests, the requests in
+flight at each kill and whether theirs were right, TTFT p50/p99 before, during and after the
+faults, each kill (the worker, the phase asked and whether it was seen, how long until the
+worker left placement, and how long after its new process was ready it was back), the router's
+counters over the run (migrations by role and phase, tokens recomputed, retries, failures by
+cause), and every request that failed for another reason than its own (an UNAVAILABLE, a
+deadline) with what the router said: which worker, which phase, how many attempts, why it was
+not served elsewhere, and the kills it overlapped.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
-import signal
+import re
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import (
-    format_table,
-    machine_info,
-    new_parser,
-    progress,
-    pyplot,
-    random_prompt,
-    report,
-    run_salt,
-    summarize,
-)
+from bench.common import format_table, machine_info, new_parser, progress, pyplot, report, summarize
+from bench.soak_faults import Faults, default_kills, parse_kills
+from bench.soak_load import Load, check_leaks, check_outputs
 
-KILL_GAP_S = 10.0  # between the prefill and the decode kill
+GOAL_OK_SHARE = 0.99
+GOAL_OUT_S = 1.0  # kill -> out of placement
+GOAL_BACK_S = 30.0  # new process ready -> back in placement
+OWN_FAULT = ("OK", "CANCELLED", "INVALID_ARGUMENT")  # statuses that are not the service's doing
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = new_parser("bench.soak", __doc__)
-    p.add_argument("--seconds", type=float, default=180.0, help="length of the load")
+    p.add_argument("--seconds", type=float, default=180.0, help="length of each run's load")
+    p.add_argument("--runs", type=int, default=1, help="runs in a row on one service")
+    p.add_argument("--kills", default=None,
+                   help="ROLE:PHASE,... killed in each run (default: one prefill and one decode "
+                        "worker, phases rotating over the runs)")
+    p.add_argument("--kill-gap", type=float, default=30.0,
+                   help="seconds between kills (less when they would not fit in the run)")
     p.add_argument("--clients", type=int, default=6, help="concurrent client threads")
     p.add_argument("--prefill", type=int, default=2, help="workers of a started service")
     p.add_argument("--decode", type=int, default=2)
     p.add_argument("--prefix-tokens", type=int, default=512, help="shared prefix length")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens per request")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens per request")
     p.add_argument("--cancel-share", type=float, default=0.1)
     p.add_argument("--bad-share", type=float, default=0.05)
+    p.add_argument("--give-up-share", type=float, default=0.05,
+                   help="requests whose client gives up within 20-400 ms (a short deadline)")
+    p.add_argument("--seeded-share", type=float, default=0.2,
+                   help="requests sampled with a temperature and a seed (the rest are greedy)")
+    p.add_argument("--probe-tokens", type=int, default=2560,
+                   help="prompt of the probe request a kill is timed by")
+    p.add_argument("--probe-max-tokens", type=int, default=64)
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--no-kill", action="store_true", help="load only, no faults")
     p.add_argument("--server", default=None, help="HOST:PORT of a running service")
@@ -77,16 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.seconds, args.clients = min(args.seconds, 30.0), min(args.clients, 3)
     try:
+        if args.runs < 1:
+            raise ValueError("--runs must be >= 1")
+        plan = parse_kills(args.kills) if args.kills else None
         if args.server:
-            result = run(args, args.server, None)
+            result = soak(args, args.server, plan)
         elif args.hosts:
             from bench.soak_hosts import hosts_service
 
-            with hosts_service(args) as (address, faults):
-                result = run(args, address, None, faults)
+            with hosts_service(args) as (address, host_faults):
+                result = soak(args, address, plan, host_faults)
         else:
             with _started_service(args) as svc:
-                result = run(args, svc.address, svc)
+                result = soak(args, svc.address, plan)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -115,7 +136,7 @@ class _started_service:  # noqa: N801 - a context manager used like a function
                               disk_capacity_bytes=4 << 20),  # full most of the run
             router=RouterConfig(host="127.0.0.1", port=0, max_model_len=4096),
             num_prefill=a.prefill, num_decode=a.decode,
-        )
+        )  # fmt: skip
         self.svc = launch(cfg)
         return self.svc
 
@@ -124,132 +145,108 @@ class _started_service:  # noqa: N801 - a context manager used like a function
         self.tmp.cleanup()
 
 
-class _Faults:
-    """Kills prefill-0 then decode-0 by pid, and records when each worker is back."""
-
-    def __init__(self, client: Any, svc: Any) -> None:  # noqa: ANN401
-        self.client = client
-        self.svc = svc
-        self.kills: dict[str, float] = {}  # worker -> monotonic time of the kill
-        self.back: dict[str, float] = {}  # worker -> monotonic time it served again
-
-    def _workers(self) -> dict[str, dict[str, Any]]:
-        if self.svc is not None:
-            import ray
-
-            ws = ray.get(self.svc.router.workers.remote(), timeout=30)
-            return {w["worker_id"]: w for w in ws}
-        stats = self.client.stats()
-        return {wid: {"pid": int(s.get("pid", 0)), "state": "up" if s.get("alive") else "down",
-                      "restarts": int(s.get("restarts", 0))}
-                for wid, s in stats.items() if wid != "router"}
-
-    def kill(self, worker_id: str) -> None:
-        w = self._workers().get(worker_id)
-        if w is None or not w.get("pid"):
-            raise ValueError(f"the service reports no pid for {worker_id}")
-        os.kill(int(w["pid"]), signal.SIGKILL)
-        self.kills[worker_id] = time.monotonic()
-        self._before = {wid: x.get("restarts", 0) for wid, x in self._workers().items()}
-
-    def poll(self) -> None:
-        if not self.kills or len(self.back) == len(self.kills):
-            return
-        try:
-            ws = self._workers()
-        except Exception:  # noqa: BLE001 - asked again on the next poll
-            return
-        for wid in self.kills:
-            w = ws.get(wid, {})
-            if wid not in self.back and w.get("state") == "up" and w.get("restarts", 0) > 0:
-                self.back[wid] = time.monotonic()
+# ---- the runs ------------------------------------------------------------------------------
+def soak(
+    args: argparse.Namespace,
+    address: str,
+    plan: list[tuple[str, str]] | None,
+    host_faults: Any = None,  # noqa: ANN401 - bench.soak_hosts.HostFaults
+) -> dict:
+    """``args.runs`` runs in a row against the service at ``address``; each run's outputs are
+    checked against the in-process engine and its account printed as soon as it ends. On test
+    hosts (``host_faults``) link faults come beside the kills, and a ``restart`` kill (which
+    finds the new process in this machine's ``/proc``) is left out."""
+    if host_faults is not None and plan and any(phase == "restart" for _, phase in plan):
+        raise ValueError("the restart phase needs the service on this machine (not --hosts)")
+    summaries = []
+    for i in range(args.runs):
+        kills = [] if args.no_kill else (plan if plan is not None else default_kills(i))
+        if host_faults is not None:
+            kills = [(role, phase) for role, phase in kills if phase != "restart"]
+        x = run(args, address, i, kills, host_faults)
+        check_outputs(args, x["records"])  # marks the wrong ones
+        summaries.append(summarize_run(args, x))
+        if args.runs > 1:
+            print(render_table(_result(args, summaries)), flush=True)
+    return _result(args, summaries)
 
 
-def run(args: argparse.Namespace, address: str, svc: Any,  # noqa: ANN401
-        host_faults: Any = None) -> dict[str, Any]:  # noqa: ANN401 - bench.soak_hosts.HostFaults
+def _result(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "benchmark": "soak", "machine": machine_info(),
+        "config": {k: getattr(args, k) for k in (
+            "model", "seconds", "runs", "kills", "kill_gap", "clients", "prefill", "decode",
+            "prefix_tokens", "max_tokens", "cancel_share", "bad_share", "give_up_share",
+            "seeded_share",
+            "probe_tokens", "probe_max_tokens", "request_timeout", "no_kill", "server", "hosts",
+            "seed")},
+        "runs": summaries,
+        "goals": goals(summaries),
+    }  # fmt: skip
+
+
+def run(
+    args: argparse.Namespace,
+    address: str,
+    index: int,
+    kills: list[tuple[str, str]],
+    host_faults: Any = None,  # noqa: ANN401 - bench.soak_hosts.HostFaults
+) -> dict[str, Any]:
     from router.client import StrataClient
-    from router.errors import RemoteError
-
-    vocab = 256
-    prefixes = [random_prompt(args.seed * 97 + i, args.prefix_tokens, vocab) for i in range(4)]
-    salt = run_salt()
-    records: list[dict[str, Any]] = []
-    lock = threading.Lock()
-    t_start = time.monotonic()
-    stop_at = t_start + args.seconds
-    bar = progress(int(args.seconds), "soak", args.no_progress)
-
-    def one(client: Any, k: int) -> dict[str, Any]:  # noqa: ANN401
-        r = random.Random(args.seed * 1_000_003 + k)
-        kind = "ok"
-        x = r.random()
-        if x < args.bad_share:
-            kind = "bad"
-        elif x < args.bad_share + args.cancel_share:
-            kind = "cancel"
-        prompt = prefixes[r.randrange(len(prefixes))] + random_prompt(
-            args.seed * 7919 + k, r.randrange(8, 64), vocab)
-        rec: dict[str, Any] = {"kind": kind, "t0": time.monotonic() - t_start, "prompt": prompt}
-        t0 = time.monotonic()
-        tokens: list[int] = []
-        try:
-            ids = prompt + [vocab + 10_000] if kind == "bad" else prompt
-            stream = client.stream(prompt_token_ids=ids, max_tokens=args.max_tokens,
-                                   temperature=0.0, ignore_eos=True, cache_salt=salt,
-                                   timeout=args.request_timeout)
-            for chunk in stream:
-                if not tokens and chunk.token_ids:
-                    rec["ttft_s"] = time.monotonic() - t0
-                tokens.extend(chunk.token_ids)
-                if kind == "cancel" and len(tokens) >= 1:
-                    stream.close()
-                    break
-            rec["status"] = "CANCELLED" if kind == "cancel" else "OK"
-        except RemoteError as e:
-            rec["status"] = e.code or "UNKNOWN"
-        rec["tokens"] = tokens
-        rec["seconds"] = time.monotonic() - t0
-        return rec
-
-    def worker(i: int) -> None:
-        k = i
-        with StrataClient(address, token=args.token) as client:
-            while time.monotonic() < stop_at:
-                rec = one(client, k)
-                with lock:
-                    records.append(rec)
-                k += args.clients
 
     with StrataClient(address, token=args.token) as control:
-        vocab = _vocab(control, vocab)
-        faults = host_faults or _Faults(control, svc)
-        threads = [threading.Thread(target=worker, args=(i,), daemon=True)
-                   for i in range(args.clients)]
-        for t in threads:
-            t.start()
-        plan = [] if args.no_kill else [(args.seconds / 3, "prefill-0"),
-                                         (args.seconds / 3 + KILL_GAP_S, "decode-0")]
-        if host_faults is not None and not args.no_kill:
-            plan = host_faults.plan(args.seconds)
+        vocab = _vocab(control, 256)
+        t_start = time.monotonic()
+        load = Load(args, address, vocab, index, t_start)
+        if host_faults is None:
+            faults = Faults(control, load, t_start)
+        else:  # on test hosts a worker's pid is its host's: the host kills it
+            faults = Faults(control, load, t_start, kill=host_faults.kill_worker)
+        counters_before = _counters(control)
+        load.start(args.seconds)
+        bar = progress(int(args.seconds), f"soak run {index + 1}/{args.runs}", args.no_progress)
+        gap = min(args.kill_gap, args.seconds / (3 * max(1, len(kills) - 1)))
+        due = [(args.seconds / 3 + k * gap, role, phase) for k, (role, phase) in enumerate(kills)]
+        calibrate_at = args.seconds / 6 if due else None
+        # link faults (a host's cable out, a partition) beside the kills, on test hosts
+        links = [] if host_faults is None or args.no_kill else host_faults.plan(args.seconds)
         last = 0
-        while any(t.is_alive() for t in threads):
+        while load.running:
             now = time.monotonic() - t_start
-            while plan and now >= plan[0][0]:
-                faults.kill(plan.pop(0)[1])
+            if calibrate_at is not None and now >= calibrate_at:
+                calibrate_at = None
+                faults.calibrate()
+            while due and now >= due[0][0] and calibrate_at is None:
+                _, role, phase = due.pop(0)
+                faults.kill(role, phase)
+            while links and now >= links[0][0]:
+                host_faults.start(links.pop(0)[1])
             faults.poll()
+            if host_faults is not None:
+                host_faults.poll()
             if int(now) > last:
                 bar.update(int(now) - last)
                 last = int(now)
             time.sleep(0.2)
-        hung_at_end = sum(1 for t in threads if t.is_alive())
+        bar.close()
+        hung = load.join(args.request_timeout + 30)
+        for probe in faults.probes:
+            probe.done.wait(args.request_timeout + 30)
         wait_back = time.monotonic() + 120
-        while len(faults.back) < len(faults.kills) and time.monotonic() < wait_back:
+        while time.monotonic() < wait_back and (
+            any("back_at" not in k for k in faults.kills)
+            or (host_faults is not None and not host_faults.all_back())
+        ):
             faults.poll()
+            if host_faults is not None:
+                host_faults.poll()
             time.sleep(0.5)
-    bar.close()
-    leaks = _check_leaks(address, args.token, svc)
-    wrong = _check_outputs(args, records)
-    return _summary(args, records, faults, t_start, leaks, wrong, hung_at_end)
+        counters = _diff(_counters(control), counters_before)
+    leaks = check_leaks(address, args.token)
+    return {"run": index, "records": list(load.records),
+            "kills": faults.summary(), "leaks": leaks, "hung_at_end": hung,
+            "link_faults": host_faults.summary(t_start) if host_faults is not None else [],
+            "router_counters": counters}  # fmt: skip
 
 
 def _vocab(client: Any, default: int) -> int:  # noqa: ANN401
@@ -259,132 +256,177 @@ def _vocab(client: Any, default: int) -> int:  # noqa: ANN401
         return default
 
 
-def _check_leaks(address: str, token: str | None, svc: Any) -> dict[str, Any]:  # noqa: ANN401
-    """Every worker's blocks free, every request gone (polled: aborts land asynchronously)."""
-    from router.client import StrataClient
-
-    deadline = time.monotonic() + 60
-    with StrataClient(address, token=token) as client:
-        while True:
-            stats = {w: s for w, s in client.stats().items() if w != "router"}
-            busy = {w: {"free": s.get("pool_free_blocks"), "blocks": s.get("pool_blocks"),
-                        "running": s.get("num_running"), "waiting": s.get("num_waiting")}
-                    for w, s in stats.items() if s.get("alive")
-                    and (s.get("pool_free_blocks") != s.get("pool_blocks")
-                         or s.get("num_running") or s.get("num_waiting"))}
-            if not busy or time.monotonic() > deadline:
-                return {"workers_checked": len(stats), "leaking": busy}
-            time.sleep(1.0)
-
-
-def _check_outputs(args: argparse.Namespace, records: list[dict[str, Any]]) -> int:
-    """Greedy answers against the in-process engine on the same prompts (batched, after)."""
-    from engine.config import EngineConfig
-    from engine.engine import LLMEngine
-    from engine.sampling import SamplingParams
-
-    done = [r for r in records if r["status"] == "OK"]
-    if not done:
-        return 0
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_bytes=64 << 20,
-                                    max_model_len=4096))
-    wrong = 0
+def _counters(client: Any) -> dict[str, float]:  # noqa: ANN401
+    """The router's counters of what it did about failing workers (``strata_router_*``)."""
     try:
-        sampling = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-        for start in range(0, len(done), 32):
-            batch = done[start : start + 32]
-            results = engine.generate([r["prompt"] for r in batch], sampling)
-            for r, res in zip(batch, results):
-                r["expected"] = res.output_token_ids
-                wrong += r["tokens"] != res.output_token_ids
-    finally:
-        engine.close()
-    return wrong
+        router = client.stats().get("router", {})
+    except Exception:  # noqa: BLE001 - an older router has none of them
+        return {}
+    return {k: v for k, v in router.items() if k.startswith("strata_router_")}
 
 
-def _summary(args: argparse.Namespace, records: list[dict[str, Any]], faults: _Faults,
-             t_start: float, leaks: dict[str, Any], wrong: int, hung_at_end: int
-             ) -> dict[str, Any]:
+def _diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    out = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+# ---- the account ---------------------------------------------------------------------------
+_TAG = re.compile(r"\[(cause=[^\]]*)\]")
+_WORKER = re.compile(r"\b((?:prefill|decode)-\d+)\b")
+
+
+def explain(rec: dict[str, Any], kills: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the service said about a failed request, and the kills its lifetime overlapped."""
+    details = rec.get("details") or ""
+    tag = _TAG.search(details)
+    fields: dict[str, Any] = {}
+    if tag:
+        fields = dict(kv.split("=", 1) for kv in tag.group(1).split() if "=" in kv)
+    else:  # an older router: the worker named in the message
+        named = _WORKER.findall(details)
+        fields = {"cause": "untagged", "worker": named[0] if named else ""}
+    overlaps = [f"{k['worker']}@{k['phase']} (kill at {k['t']:.1f} s)" for k in kills
+                if rec["t0"] <= (k["t"] + (k.get("back_after_kill_s") or 60.0))
+                and rec.get("t1", rec["t0"]) >= k["t"]]  # fmt: skip
+    return {"status": rec["status"], "t0": round(rec["t0"], 2), "t1": round(rec.get("t1", 0), 2),
+            "probe": bool(rec.get("probe")), **fields, "during_kills": overlaps,
+            "details": details[:300]}  # fmt: skip
+
+
+def summarize_run(args: argparse.Namespace, x: dict[str, Any]) -> dict[str, Any]:
+    records, kills = x["records"], x["kills"]
     by_status: dict[str, int] = {}
     for r in records:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
     answered = [r for r in records if r["kind"] == "ok"]
     ok = sum(1 for r in answered if r["status"] == "OK")
-    hung = sum(1 for r in records if r["status"] == "DEADLINE_EXCEEDED") + hung_at_end
-    first_kill = min(faults.kills.values(), default=None)
-    all_back = max(faults.back.values(), default=None)
+    wrong = sum(1 for r in records if r.get("wrong"))
+    hung = sum(1 for r in answered if r["status"] == "DEADLINE_EXCEEDED") + x["hung_at_end"]
+    first_kill = min((k["t"] for k in kills), default=None)
+    backs = [k["t"] + k["back_after_kill_s"] for k in kills if k.get("back_after_kill_s")]
+    all_back = max(backs) if len(backs) == len(kills) and backs else None
     phases: dict[str, list[float]] = {"before": [], "during": [], "after": []}
     for r in answered:
-        if "ttft_s" not in r:
-            continue
-        t = t_start + r["t0"]
-        if first_kill is None or t < first_kill:
-            phases["before"].append(r["ttft_s"])
-        elif all_back is None or t < all_back:
-            phases["during"].append(r["ttft_s"])
-        else:
-            phases["after"].append(r["ttft_s"])
-    for r in records:
-        r.pop("prompt", None)
+        if "ttft_s" in r:
+            at = r["t0"]
+            key = ("before" if first_kill is None or at < first_kill
+                   else "during" if all_back is None or at < all_back else "after")  # fmt: skip
+            phases[key].append(r["ttft_s"])
+    in_flight = [r for r in answered for k in kills if r["t0"] <= k["t"] <= r.get("t1", 0)]
+    failed = [explain(r, kills) for r in answered if r["status"] not in OWN_FAULT]
     return {
-        "benchmark": "soak", "machine": machine_info(),
-        "config": {k: getattr(args, k) for k in ("model", "seconds", "clients", "prefill",
-                                                 "decode", "prefix_tokens", "max_tokens",
-                                                 "cancel_share", "bad_share", "request_timeout",
-                                                 "no_kill", "server", "hosts", "seed")},
-        "num_requests": len(records), "by_status": by_status,
+        "run": x["run"], "num_requests": len(records), "by_status": by_status,
         "ok_share_of_answered": ok / len(answered) if answered else None,
-        "wrong_outputs": wrong, "hung_requests": hung, "leaks": leaks,
+        "wrong_outputs": wrong, "hung_requests": hung, "leaks": x["leaks"],
+        "seeded_ok": sum(1 for r in answered if r["status"] == "OK" and r.get("seed") is not None),
+        "in_flight_at_kills": {"requests": len(in_flight),
+                               "ok": sum(1 for r in in_flight if r["status"] == "OK"),
+                               "wrong": sum(1 for r in in_flight if r.get("wrong"))},
         "ttft_s": {phase: summarize(xs) for phase, xs in phases.items()},
-        "kills": {w: t - t_start for w, t in faults.kills.items()},
-        "back_after_s": {w: faults.back[w] - faults.kills[w] for w in faults.back},
-        "not_back": sorted(set(faults.kills) - set(faults.back)),
-        "requests": records,
-    }
+        "kills": kills, "link_faults": x["link_faults"],
+        "router_counters": x["router_counters"], "failed": failed,
+        "failed_by_cause": _count(failed, ("status", "cause", "role", "phase", "worker")),
+        "samples": [[round(r["t0"], 3), round(r.get("ttft_s", -1.0), 4), r["status"]]
+                    for r in records],
+    }  # fmt: skip
+
+
+def _count(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        k = " ".join(f"{key}={r.get(key, '')}" for key in keys)
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, run by run."""
+    rows = []
+    for s in runs:
+        outs = [k["out_after_s"] for k in s["kills"]]
+        backs = [k["back_after_restart_s"] for k in s["kills"]]
+        rows.append({
+            "run": s["run"],
+            "ok_share": (s["ok_share_of_answered"] or 0) >= GOAL_OK_SHARE,
+            "no_wrong_hung_leaks": not (s["wrong_outputs"] or s["hung_requests"]
+                                        or s["leaks"]["leaking"]),
+            "out_within_1s": all(o is not None and o <= GOAL_OUT_S for o in outs),
+            "back_within_30s": all(b is not None and b <= GOAL_BACK_S for b in backs),
+        })  # fmt: skip
+    return {"per_run": rows, "all_met": all(all(v for k, v in r.items() if k != "run")
+                                            for r in rows)}  # fmt: skip
 
 
 def render_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    lines = [
-        f"chaos soak: {cfg['seconds']:.0f} s, {cfg['clients']} clients, "
-        f"{result['num_requests']} requests; by status "
-        + ", ".join(f"{k} {v}" for k, v in sorted(result["by_status"].items())),
-        f"OK of answered (not cancelled, not malformed): "
-        f"{(result['ok_share_of_answered'] or 0) * 100:.1f}%; wrong outputs "
-        f"{result['wrong_outputs']}; hung {result['hung_requests']}; leaking workers "
-        f"{len(result['leaks']['leaking'])} of {result['leaks']['workers_checked']}",
-        "killed: " + (", ".join(f"{w} at {t:.0f} s, back after "
-                                + (f"{result['back_after_s'][w]:.1f} s"
-                                   if w in result["back_after_s"] else "-- (not back)")
-                                for w, t in result["kills"].items()) or "none"),
-    ]
-    rows = [[phase, s.get("count", 0), s.get("p50", 0) * 1e3, s.get("p99", 0) * 1e3]
-            for phase, s in result["ttft_s"].items()]
-    return "\n".join(lines) + "\n" + format_table(["phase", "requests", "TTFT p50 ms",
-                                                   "TTFT p99 ms"], rows)
+    out = [f"chaos soak: {cfg['runs']} run(s) of {cfg['seconds']:.0f} s, {cfg['clients']} clients, "
+           f"{cfg['prefill']}+{cfg['decode']} workers"]  # fmt: skip
+    for s in result["runs"]:
+        out.append("")
+        out.append(
+            f"run {s['run'] + 1}: {s['num_requests']} requests; by status "
+            + ", ".join(f"{k} {v}" for k, v in sorted(s["by_status"].items()))
+        )
+        out.append(
+            f"  OK of answered (not cancelled, not malformed): "
+            f"{(s['ok_share_of_answered'] or 0) * 100:.2f}%; wrong {s['wrong_outputs']}; hung "
+            f"{s['hung_requests']}; leaking workers {len(s['leaks']['leaking'])} of "
+            f"{s['leaks']['workers_checked']}; in flight at the kills "
+            f"{s['in_flight_at_kills']['requests']} ({s['in_flight_at_kills']['ok']} OK, "
+            f"{s['in_flight_at_kills']['wrong']} wrong)"
+        )
+        rows = [[k["worker"], k["phase"], "yes" if k["phase_seen"] else "no", f"{k['t']:.1f}",
+                 _s(k["out_after_s"]), _s(k["back_after_restart_s"]), _s(k["back_after_kill_s"])]
+                for k in s["kills"]]  # fmt: skip
+        if rows:
+            out.append(format_table(["killed", "phase", "seen", "at s", "out after s",
+                                     "back after ready s", "back after kill s"], rows))  # fmt: skip
+        links = [[f["fault"], f"{f['t']:.1f}", _s(f["back_after_s"])] for f in s["link_faults"]]
+        if links:
+            out.append(format_table(["link fault (10 s)", "at s", "all back after s"], links))
+        if s["router_counters"]:
+            counters = s["router_counters"].items()
+            out.append("  router: " + ", ".join(f"{k} {v:g}" for k, v in counters))
+        for key, n in s["failed_by_cause"].items():
+            out.append(f"  failed: {n} x {key}")
+        tt = [[phase, t.get("count", 0), t.get("p50", 0) * 1e3, t.get("p99", 0) * 1e3]
+              for phase, t in s["ttft_s"].items()]  # fmt: skip
+        out.append(format_table(["phase", "requests", "TTFT p50 ms", "TTFT p99 ms"], tt))
+    g = result["goals"]
+    missed = [f"run {r['run'] + 1}: " + ", ".join(k for k, v in r.items() if k != "run" and not v)
+              for r in g["per_run"] if not all(v for k, v in r.items() if k != "run")]  # fmt: skip
+    out.append("")
+    out.append("goals (>= 99% OK, 0 wrong/hung/leaks, out <= 1 s, back <= 30 s): "
+               + ("all met" if g["all_met"] else "missed: " + "; ".join(missed)))  # fmt: skip
+    return "\n".join(out)
+
+
+def _s(x: float | None) -> str:
+    return "--" if x is None else f"{x:.2f}"
 
 
 def plot(result: dict[str, Any], path: str) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    reqs = [r for r in result["requests"] if "ttft_s" in r]
-    ok = [r for r in reqs if r["status"] == "OK"]
-    bad = [r for r in reqs if r["status"] != "OK"]
-    ax.scatter([r["t0"] for r in ok], [r["ttft_s"] * 1e3 for r in ok], s=6, label="OK")
-    ax.scatter([r["t0"] for r in bad], [r["ttft_s"] * 1e3 for r in bad], s=10, marker="x",
-               label="other status")
-    for w, t in result["kills"].items():
-        ax.axvline(t, color="r", alpha=0.5)
-        ax.text(t, ax.get_ylim()[1] * 0.9, f" kill {w}", fontsize=7, color="r")
-        if w in result["back_after_s"]:
-            ax.axvline(t + result["back_after_s"][w], color="g", alpha=0.5)
-    ax.set_yscale("log")
-    ax.set_xlabel("seconds into the soak (request start)")
-    ax.set_ylabel("TTFT (ms)")
-    ax.set_title("chaos soak: TTFT through worker kills")
-    ax.legend(fontsize=8)
+    runs = result["runs"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(7, 3 * len(runs)), squeeze=False)
+    for ax, s in zip(axes[:, 0], runs):
+        ok = [x for x in s["samples"] if x[2] == "OK" and x[1] >= 0]
+        bad = [x for x in s["samples"] if x[2] not in (*OWN_FAULT, "DEADLINE_EXCEEDED")]
+        ax.scatter([x[0] for x in ok], [x[1] * 1e3 for x in ok], s=4, label="OK")
+        ax.scatter([x[0] for x in bad], [max(x[1], 0.001) * 1e3 for x in bad], s=12, marker="x",
+                   color="r", label="failed")  # fmt: skip
+        for k in s["kills"]:
+            ax.axvline(k["t"], color="r", alpha=0.5)
+            ax.text(k["t"], 1, f" {k['worker']}@{k['phase']}", fontsize=7, color="r")
+            if k.get("back_after_kill_s"):
+                ax.axvline(k["t"] + k["back_after_kill_s"], color="g", alpha=0.5)
+        ax.set_yscale("log")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_title(f"run {s['run'] + 1}", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("seconds into the run (request start)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

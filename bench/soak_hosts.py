@@ -7,11 +7,10 @@ host. This process builds them (root: network and mount namespaces), starts Ray 
 the way the README says, then moves its own network into the client host's namespace, so the
 soak's client threads reach the router over the bridge like any client on another machine.
 
-The faults, at fixed shares of ``--seconds``: the cable of the last decode host pulled for 10 s
-(a quarter in), ``prefill-0`` and ``decode-0`` killed by pid as in the plain soak (a third in,
-ten seconds apart), then a 10 s partition between the first prefill and the last decode host
-(0.6 in). A worker is back when the router places on it again (a killed one: restarted); a link
-fault is over when every worker is.
+The faults: the cable of the last decode host pulled for 10 s (a quarter into each run), the
+plain soak's kills at their phases (a third in; SIGKILL by pid on the worker's host; the
+``restart`` phase is left out), then a 10 s partition between the first prefill and the last
+decode host (0.6 in). A link fault is over when every worker is up again.
 """
 
 from __future__ import annotations
@@ -64,30 +63,31 @@ def _join_network_of(pid: int) -> None:
 
 
 class HostFaults:
-    """The soak's fault driver on test hosts: ``kill(name)`` starts fault ``name`` (a worker id:
-    its process killed by pid on its host; ``link:HOST``: the host's cable out for 10 s;
-    ``partition:A:B``: A and B cut apart for 10 s); ``poll()`` records when each is over."""
+    """The link faults of a soak on test hosts, and its kills. ``start(name)`` begins fault
+    ``name`` (``link:HOST``: the host's cable out for 10 s; ``partition:A:B``: A and B cut apart
+    for 10 s); ``poll()`` records when every worker is up again after it. ``kill_worker`` is the
+    soak's kill (``soak_faults.Faults``): a worker's pid is one of its host's processes."""
 
     def __init__(self, tb: HostCluster) -> None:
         self.tb = tb
-        self.kills: dict[str, float] = {}  # fault -> monotonic time it began
+        self.began: dict[str, float] = {}  # fault -> monotonic time it began
         self.back: dict[str, float] = {}  # fault -> monotonic time every worker was back
-        self._healed: dict[str, float] = {}  # link faults -> time the link came back
-        self._restarts: dict[str, int] = {}
+        self._healed: dict[str, float] = {}  # fault -> time the link came back
 
     def _workers(self) -> dict[str, dict[str, Any]]:
         ws = self.tb.agent(HEAD).call("router_call", method="workers", args=[], call_timeout=30)
         return {w["worker_id"]: w for w in ws}
 
     def plan(self, seconds: float) -> list[tuple[float, str]]:
+        """The link faults of a run of ``seconds``: a decode host's cable a quarter in, a
+        partition between the first prefill and that decode host at 0.6."""
         names = [h.name for h in self.tb.config.workers]
         prefill_host = names[0]
         decode_host = names[-1] if len(names) % 2 == 0 else names[-2]
-        return sorted([(seconds * 0.25, f"link:{decode_host}"),
-                       (seconds / 3, "prefill-0"), (seconds / 3 + 10.0, "decode-0"),
-                       (seconds * 0.6, f"partition:{prefill_host}:{decode_host}")])
+        return [(seconds * 0.25, f"link:{decode_host}"),
+                (seconds * 0.6, f"partition:{prefill_host}:{decode_host}")]
 
-    def kill(self, name: str) -> None:
+    def start(self, name: str) -> None:
         kind, _, rest = name.partition(":")
         if kind == "link":
             self.tb.set_link(rest, False)
@@ -97,11 +97,14 @@ class HostFaults:
             self.tb.partition([a], [b], True)
             self._end_later(name, lambda: self.tb.partition([a], [b], False))
         else:
-            w = self._workers()[name]
-            self._restarts[name] = int(w["restarts"])
-            host = self.tb.hosts[self.tb.host_of_ip(w["kv_address"].rsplit(":", 1)[0])]
-            host.run(["kill", "-KILL", str(w["pid"])])
-        self.kills[name] = time.monotonic()
+            raise ValueError(f"unknown link fault {name!r}")
+        self.began[name] = time.monotonic()
+
+    def kill_worker(self, worker: str, pid: int) -> None:
+        """SIGKILL process ``pid`` (as its host numbers it) on the host of ``worker``."""
+        w = self._workers()[worker]
+        host = self.tb.hosts[self.tb.host_of_ip(w["kv_address"].rsplit(":", 1)[0])]
+        host.run(["kill", "-KILL", str(pid)])
 
     def _end_later(self, name: str, end: Any) -> None:  # noqa: ANN401
         def run() -> None:
@@ -111,20 +114,26 @@ class HostFaults:
         threading.Timer(LINK_FAULT_S, run).start()
 
     def poll(self) -> None:
-        pending = [f for f in self.kills if f not in self.back]
+        pending = [f for f in self._healed if f not in self.back]
         if not pending:
             return
         try:
             ws = self._workers()
         except Exception:  # noqa: BLE001 - asked again on the next poll
             return
-        all_up = all(w["state"] == "up" for w in ws.values())
-        for f in pending:
-            if f in self._healed:
-                if all_up:
-                    self.back[f] = time.monotonic()
-            elif f in ws and ws[f]["state"] == "up" and ws[f]["restarts"] > self._restarts[f]:
+        if all(w["state"] == "up" for w in ws.values()):
+            for f in pending:
                 self.back[f] = time.monotonic()
+
+    def all_back(self) -> bool:
+        return all(f in self.back for f in self.began)
+
+    def summary(self, t_start: float) -> list[dict[str, Any]]:
+        """Each fault: when it began (seconds into the run) and how long after it began every
+        worker was up again (None: not within the run's wait)."""
+        return [{"fault": f, "t": t - t_start,
+                 "back_after_s": self.back[f] - t if f in self.back else None}
+                for f, t in self.began.items()]  # fmt: skip
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """``OutputHub``: a decode worker's token stream to the router, one message per engine step.
 
 The engine loop hands over the outputs of every published request of a step in one call
-(``publish``, on the loop thread); the hub turns them into one ``StepOutputs`` message (columns:
+(``publish``, on the loop thread; an abort of a request still waiting for its blocks publishes
+from the caller's thread); the hub turns them into one ``StepOutputs`` message (columns:
 request ids, token counts, tokens, finish reasons) and queues it for the subscriber, the router,
 which holds one long-lived ``WorkerOutputs.Subscribe`` stream per decode worker. When the
 subscriber lags, the messages waiting are merged into one, so it never falls further behind
@@ -79,21 +80,23 @@ class OutputHub(strata_pb2_grpc.WorkerOutputsServicer):
             msg.finish_reasons.append(FINISH_ERROR)
             msg.errors[req_id].code = error_code(err)
             msg.errors[req_id].message = str(err) or type(err).__name__
-        with self._lock:
+        with self._lock:  # numbered and queued together: two publishers never swap places
             sub = self._sub
             if sub is None:
                 self.num_dropped += len(msg.req_ids)
                 return
             self._seq += 1
             msg.seq = self._seq
-        try:
-            sub.q.put_nowait(msg)
-            self.num_messages += 1
-        except queue.Full:  # a subscriber this far behind is gone: let it reconnect
-            logger.warning(
-                "subscriber %s fell %d messages behind; ending it", sub.subscriber, self.max_queued
-            )
-            self._end(sub)
+            try:
+                sub.q.put_nowait(msg)
+                self.num_messages += 1
+                return
+            except queue.Full:  # a subscriber this far behind is gone: let it reconnect
+                self._sub = None
+        logger.warning(
+            "subscriber %s fell %d messages behind; ending it", sub.subscriber, self.max_queued
+        )
+        sub.ended.set()
 
     # ---- the gRPC service ----------------------------------------------------------------
     def Subscribe(  # noqa: N802 - gRPC method name

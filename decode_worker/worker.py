@@ -109,6 +109,7 @@ class DecodeWorker(WorkerBase):
             "admissions_waiting": float(self.admissions.num_waiting),
             "output_messages": float(self.hub.num_messages),
             "shm_torn_frames": float(self.receiver.num_torn),
+            "pushes_open": float(self.receiver.num_open_pushes),
         }
 
     def shutdown(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
@@ -97,12 +98,18 @@ class WorkerBase:
             options=wire.channel_options(),
         )
         add_to_server(self.receiver, self.server)
+        # the router watches this (a stream that breaks the moment the process dies) and asks
+        # it before placing requests here again
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._add_services(self.server)
         port = self.server.add_insecure_port(f"{kv_host}:{kv_port}")
         if port == 0:
             raise OSError(f"could not bind the worker's gRPC server to {kv_host}:{kv_port}")
         self.server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.kv_address = f"{advertise_host or kv_host}:{port}"
+        self.started_at = time.time()  # ready to serve (wall clock: the router reports it)
         logger.info("%s serving KV transfer on %s", worker_id, self.kv_address)
 
     def _outputs(self):  # noqa: ANN202 - engine.loop.OutputSink | None
@@ -142,6 +149,7 @@ class WorkerBase:
             kv_address=self.kv_address,
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             tier_bytes_per_s=self.tier_bytes_per_s,
+            started_at=self.started_at,
         )
 
     def stats(self) -> dict[str, float]:
@@ -200,6 +208,7 @@ class WorkerBase:
         self.loop.call(lambda eng: eng.prefetch(block_hashes))
 
     def shutdown(self) -> None:
+        self.health.enter_graceful_shutdown()
         self.server.stop(grace=1.0)
         self.loop.close()
         self.engine.close()

@@ -114,6 +114,12 @@ class KVReceiver:
         leading = next((i for i, h in enumerate(held) if not h), len(held))
         return strata_pb2.QueryBlocksResponse(held=held, num_leading_held=leading)
 
+    @property
+    def num_open_pushes(self) -> int:
+        """Push streams open now (their opening frame arrived, their end not yet)."""
+        with self._lock:
+            return len(self._contexts)
+
     def cancel_transfer(self, req_id: str) -> bool:
         """End ``req_id``'s push stream now (both sides see CANCELLED); False if none runs."""
         with self._lock:

@@ -54,6 +54,7 @@ class WorkerInfo:
     pid: int = 0  # the worker's process id
     node_id: str = ""  # the Ray node it runs on ("" outside Ray)
     epoch: int = 0  # this start of the worker (a new one every start: ``EventBatch.epoch``)
+    started_at: float = 0.0  # wall-clock time its process was ready to serve
 
 
 @dataclass(frozen=True)

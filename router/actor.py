@@ -1,15 +1,18 @@
 """The router as a Ray actor: the ``RayBackend`` plus the client-facing gRPC server and, with
-``http_port`` set, the OpenAI-compatible HTTP API (``router/http_api.py``)."""
+``http_port`` set, the OpenAI-compatible HTTP API (``router/http_api.py``), all on one asyncio
+event loop (``router.event_loop``). The actor's own methods are plain (threaded) calls."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from router.backend import RayBackend
 from router.config import RouterConfig
+from router.event_loop import RouterLoop
 from router.http_api import HttpFrontDoor
 from router.metrics import RouterMetrics, start_metrics_http
 from router.server import serve
@@ -52,21 +55,26 @@ class RouterActor:
         self.service = service  # kept for `strata scale` (the configuration of new workers)
         self.detach = detach
         model = service.engine.model
-        self.backend = RayBackend(workers, service.backend, secret=service.secret)
-        cfg = RouterConfig(
-            **{**service.router.__dict__, "max_model_len": self.backend.max_model_len}
-        )
-        tok = _ModelVocab(load_tokenizer(model), self.backend.vocab_size)
+        self.loop = RouterLoop.shared()
         # One registry for this process: the router's metrics and the workers' (collected
         # from them at scrape time, named by router.worker_metrics).
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
+        self.backend = RayBackend(
+            workers, service.backend, secret=service.secret, loop=self.loop, metrics=self.metrics
+        )
+        cfg = RouterConfig(
+            **{**service.router.__dict__, "max_model_len": self.backend.max_model_len}
+        )
+        tok = _ModelVocab(load_tokenizer(model), self.backend.vocab_size)
         self.registry.register(WorkerCollector(self.backend.stats))  # type: ignore[arg-type]
         self.servicer = GenerationServicer(self.backend, tok, cfg, self.metrics, model=model)
-        self.server, self.port = serve(self.servicer)
+        self.server, self.port = serve(self.servicer, loop=self.loop)
         self.http: HttpFrontDoor | None = None
         if cfg.http_port is not None:
-            self.http = HttpFrontDoor(self.servicer, cfg.host, cfg.http_port, cfg.auth_token)
+            self.http = HttpFrontDoor(
+                self.servicer, cfg.host, cfg.http_port, cfg.auth_token, loop=self.loop
+            )
         host = cfg.host
         if host in ("0.0.0.0", "::", "[::]"):
             # Bound to every interface: the address clients are given is the node's (the one
@@ -92,6 +100,10 @@ class RouterActor:
 
     def sync_index(self) -> None:
         self.backend.sync_index()
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process so far (user + system, every thread)."""
+        return time.process_time()
 
     def index_prefix(self, worker_id: str, hashes: list[bytes]) -> dict[str, int]:
         return self.backend.index.prefix_hits(worker_id, hashes)
@@ -129,6 +141,10 @@ class RouterActor:
                 "node_id": w.info.node_id,
                 "kv_address": w.info.kv_address,
                 "in_flight": w.in_flight,
+                "down_at": w.down_at,
+                "up_at": w.up_at,
+                "down_reason": w.down_reason,
+                "started_at": w.info.started_at,
             }
             for w in self.backend.members.snapshot()
         ]

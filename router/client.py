@@ -5,7 +5,8 @@
         print(result.text, result.usage.cached_tokens, result.ttft_ms_client)
         chat = client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=16)
 
-Failures raise ``RemoteError`` with the gRPC status name in ``.code``.
+Failures raise ``RemoteError`` with the gRPC status name in ``.code``. ``router.aio_client``
+has the same client for asyncio code (many streams on one thread).
 """
 
 from __future__ import annotations
@@ -59,11 +60,41 @@ def usage_from_pb(usage: strata_pb2.Usage) -> Usage:
     )
 
 
-def _remote_error(what: str, e: grpc.RpcError) -> RemoteError:
-    code = e.code() if isinstance(e, grpc.Call) else None
+def remote_error(what: str, e: grpc.RpcError) -> RemoteError:
+    """``e`` (a sync ``grpc.Call`` or a ``grpc.aio.AioRpcError``) as a ``RemoteError``."""
+    is_call = isinstance(e, grpc.Call | grpc.aio.AioRpcError)
+    code = e.code() if is_call else None
     name = code.name if code is not None else ""
-    details = (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
+    details = (e.details() if is_call else str(e)) or ""
     return RemoteError(f"{what} failed: {name}: {details}", code=name, details=details)
+
+
+def collect(t0: float, chunks: list[tuple[float, StreamChunk]]) -> GenerationResult:
+    """One request's result from its stream: (arrival ``perf_counter()``, chunk) pairs of a
+    request sent at ``t0``."""
+    token_ids: list[int] = []
+    texts: list[str] = []
+    times = [(t - t0) * 1e3 for t, _ in chunks]
+    first_ms: float | None = None
+    for now_ms, (_, chunk) in zip(times, chunks):
+        if chunk.token_ids and first_ms is None:
+            first_ms = now_ms
+        token_ids.extend(chunk.token_ids)
+        texts.append(chunk.text)
+    last = chunks[-1][1] if chunks else None
+    if last is None or last.finish_reason is None or last.usage is None:
+        raise RemoteError("Generate stream ended without a final message", code="DATA_LOSS")
+    return GenerationResult(
+        request_id=last.request_id,
+        token_ids=token_ids,
+        text="".join(texts),
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        ttft_ms_client=first_ms if first_ms is not None else times[-1],
+        ttft_ms_server=last.usage.ttft_ms,
+        e2e_ms=times[-1],
+        chunk_times_ms=times,
+    )
 
 
 class StrataClient:
@@ -194,7 +225,7 @@ class StrataClient:
                     request_id=msg.request_id,
                 )
         except grpc.RpcError as e:
-            raise _remote_error("Generate", e) from e
+            raise remote_error("Generate", e) from e
         finally:
             call.cancel()  # no-op once the stream completed
 
@@ -216,11 +247,6 @@ class StrataClient:
     ) -> GenerationResult:
         """Run one request to completion and collect its stream."""
         t0 = time.perf_counter()
-        token_ids: list[int] = []
-        texts: list[str] = []
-        times: list[float] = []
-        first_ms: float | None = None
-        last: StreamChunk | None = None
         req = self.build_request(
             prompt,
             prompt_token_ids,
@@ -235,27 +261,8 @@ class StrataClient:
             ignore_eos,
             messages,
         )
-        for chunk in self.stream_request(req, timeout):
-            now_ms = (time.perf_counter() - t0) * 1e3
-            times.append(now_ms)
-            if chunk.token_ids and first_ms is None:
-                first_ms = now_ms
-            token_ids.extend(chunk.token_ids)
-            texts.append(chunk.text)
-            last = chunk
-        if last is None or last.finish_reason is None or last.usage is None:
-            raise RemoteError("Generate stream ended without a final message", code="DATA_LOSS")
-        return GenerationResult(
-            request_id=last.request_id,
-            token_ids=token_ids,
-            text="".join(texts),
-            finish_reason=last.finish_reason,
-            usage=last.usage,
-            ttft_ms_client=first_ms if first_ms is not None else times[-1],
-            ttft_ms_server=last.usage.ttft_ms,
-            e2e_ms=times[-1],
-            chunk_times_ms=times,
-        )
+        chunks = [(time.perf_counter(), c) for c in self.stream_request(req, timeout)]
+        return collect(t0, chunks)
 
     def stats(self, timeout: float = 10.0) -> dict[str, dict[str, float]]:
         try:
@@ -263,7 +270,7 @@ class StrataClient:
                 strata_pb2.StatsRequest(), timeout=timeout, metadata=self._metadata
             )
         except grpc.RpcError as e:
-            raise _remote_error("Stats", e) from e
+            raise remote_error("Stats", e) from e
         return {worker: dict(ws.metrics) for worker, ws in resp.workers.items()}
 
     def health(self, timeout: float = 5.0) -> tuple[bool, str]:
@@ -279,4 +286,4 @@ class StrataClient:
                 strata_pb2.HealthRequest(), timeout=timeout, metadata=self._metadata
             )
         except grpc.RpcError as e:
-            raise _remote_error("Health", e) from e
+            raise remote_error("Health", e) from e

@@ -14,7 +14,9 @@ class RouterConfig:
     default_max_tokens: int = 256  # when a request leaves max_tokens unset
     max_in_flight: int = 128  # concurrent Generate calls; more -> RESOURCE_EXHAUSTED
     default_timeout_s: float = 600.0  # deadline of a request whose client sets none
-    max_workers: int = 160  # gRPC server threads (>= max_in_flight + a few for Stats/Health)
+    # threads for the blocking work the router's event loop hands off (tokenizing text prompts,
+    # the Stats calls into every worker); > max_in_flight so a burst of them never queues
+    max_workers: int = 160
     max_message_bytes: int = 64 << 20
     auth_token: str | None = None  # when set, clients send `authorization: Bearer <token>`
     metrics_port: int | None = None  # Prometheus HTTP exposition; None -> off
@@ -60,11 +62,16 @@ class BackendConfig:
 
     event_poll_s: float = 0.2  # how often worker events are pulled into the index
     transfer_timeout_s: float = 30.0  # decode worker's wait for pushed blocks, then recompute
-    max_retries: int = 1  # times a request moves to another decode worker after one is lost
+    # times a request may move on after the worker serving it was lost (bounds a request that
+    # takes every worker it lands on down with it; an error otherwise reaches the client only
+    # when no worker of a role is alive or the deadline passes)
+    max_retries: int = 8
     call_timeout_s: float = 10.0  # control calls (stats, prefetch, abort)
     max_buffered_tokens: int = 4096  # a client this far behind its decode worker is cut off
     connect_timeout_s: float = 60.0  # for a decode worker's output stream
     revive_timeout_s: float = 600.0  # how long a down worker is waited for (Ray restarts it)
+    # a request that finds no worker of a role up while one restarts waits this long for it
+    no_worker_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,6 +83,8 @@ class BackendConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"backend.{name} must be positive")
+        if self.no_worker_wait_s < 0:
+            raise ValueError("backend.no_worker_wait_s must be >= 0")
         if self.max_retries < 0:
             raise ValueError("backend.max_retries must be >= 0")
         if self.max_buffered_tokens < 1:

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP front door of the router (aiohttp, its own asyncio thread).
+"""The OpenAI-compatible HTTP front door of the router (aiohttp, on the router's event loop).
 
     GET  /health                 200 {"status": "ok"} or 503 (no token needed)
     GET  /v1/models              the served model
@@ -6,11 +6,11 @@
     POST /v1/chat/completions    chat messages, rendered with the model's chat template
 
 Each request runs through ``GenerationServicer.stream`` (the gRPC API's own path: admission,
-validation, backend, deadline, metrics) on a worker thread; its messages reach the event loop
-through a queue. A client that disconnects (or stops reading a stream) cancels the request in
-the backend, which frees its blocks. With a token configured every path but ``/health`` needs
-``Authorization: Bearer <token>``. Errors are OpenAI-style JSON with the HTTP status
-``servicer.http_status_for`` chooses; an error after a stream started is sent as one
+validation, backend, deadline, metrics), on the same loop as the gRPC server: its messages are
+awaited, no thread in between. A client that disconnects (or stops reading a stream) cancels the
+request in the backend, which frees its blocks. With a token configured every path but
+``/health`` needs ``Authorization: Bearer <token>``. Errors are OpenAI-style JSON with the HTTP
+status ``servicer.http_status_for`` chooses; an error after a stream started is sent as one
 ``data: {"error": ...}`` event before ``data: [DONE]``.
 """
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -30,6 +28,7 @@ from aiohttp import web
 from proto import strata_pb2
 from router import openai_api as oa
 from router.auth import check_bearer
+from router.event_loop import RouterLoop
 from router.servicer import HTTP_STATUS, GenerationServicer, http_status_for
 
 logger = logging.getLogger(__name__)
@@ -37,32 +36,27 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
 
 
-class _ClientGone(Exception):
-    """The HTTP client closed its connection."""
-
-
 class HttpFrontDoor:
     def __init__(
-        self, servicer: GenerationServicer, host: str, port: int, token: str | None
+        self,
+        servicer: GenerationServicer,
+        host: str,
+        port: int,
+        token: str | None,
+        loop: RouterLoop | None = None,
     ) -> None:
         self.servicer = servicer
         self.token = token
         self.model = servicer.model
         self.created = oa.now_s()
-        self._pool = ThreadPoolExecutor(
-            max_workers=servicer.config.max_in_flight + 4, thread_name_prefix="http"
-        )
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)
-        self._thread.start()
+        self.loop = loop if loop is not None else RouterLoop.shared()
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", lambda r: self._generate(r, chat=False))
         app.router.add_post("/v1/chat/completions", lambda r: self._generate(r, chat=True))
         self._runner = web.AppRunner(app, access_log=None)
-        fut = asyncio.run_coroutine_threadsafe(self._start(host, port), self._loop)
-        self.port: int = fut.result(timeout=30)
+        self.port: int = self.loop.run(self._start(host, port), timeout=30)
         logger.info("HTTP API on %s:%d", host, self.port)
 
     async def _start(self, host: str, port: int) -> int:
@@ -70,17 +64,12 @@ class HttpFrontDoor:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         server = site._server  # the bound socket tells the port picked for port 0
-        assert server is not None and getattr(server, "sockets", None)
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        assert server is not None
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1])
 
     def stop(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-        try:
-            fut.result(timeout=10)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.loop.run(self._runner.cleanup(), timeout=10)
 
     # ---- plumbing ------------------------------------------------------------------------
     @web.middleware
@@ -95,9 +84,8 @@ class HttpFrontDoor:
         return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
-        loop = asyncio.get_running_loop()
         try:
-            ok = await loop.run_in_executor(self._pool, self.servicer.backend.healthy)
+            ok = self.servicer.backend.healthy()
         except Exception as e:  # noqa: BLE001 - reported as not serving
             logger.info("health check failed: %s", e)
             ok = False
@@ -115,31 +103,6 @@ class HttpFrontDoor:
         }
         return web.json_response({"object": "list", "data": [card]})
 
-    def _pump(
-        self,
-        gen: Iterator[strata_pb2.GenerateResponse],
-        queue: asyncio.Queue,
-        stop: threading.Event,
-    ) -> None:
-        """Worker thread: the servicer's messages into the event loop's queue."""
-
-        def put(item: tuple[str, Any]) -> None:
-            try:
-                self._loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: the server is stopping
-                pass
-
-        try:
-            for msg in gen:
-                put(("msg", msg))
-                if stop.is_set():
-                    break
-            put(("end", None))
-        except Exception as e:  # noqa: BLE001 - handed to the handler, which answers it
-            put(("error", e))
-        finally:
-            gen.close()
-
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             body = await request.json()
@@ -151,24 +114,31 @@ class HttpFrontDoor:
         stream = bool(body.get("stream", False))
         opts = body.get("stream_options") or {}
         include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-        callbacks: list[Callable[[], None]] = []
-        gen = self.servicer.stream(req, None, callbacks.append)
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(self._pool, self._pump, gen, queue, stop)
-        answer = _Answer(self, request, chat, queue)
+        gen = self.servicer.stream(req, None)
+        handler = asyncio.current_task()
+        assert handler is not None
+        watchdog = asyncio.get_running_loop().create_task(_watch_client(request, handler))
+        answer = _Answer(self, request, chat, gen)
         try:
             if stream:
                 return await answer.stream(include_usage)
             return await answer.whole()
-        except (_ClientGone, ConnectionResetError, asyncio.CancelledError):
-            logger.info("HTTP client went away; cancelling its request")
+        except (ConnectionResetError, asyncio.CancelledError):
+            logger.info("HTTP client went away; its request is cancelled")
             raise
         finally:
-            stop.set()
-            for cb in callbacks:  # cancels in the backend unless the request had finished
-                loop.run_in_executor(self._pool, cb)
+            watchdog.cancel()
+            await gen.aclose()  # cancels in the backend unless the request had finished
+
+
+async def _watch_client(request: web.Request, handler: asyncio.Task[Any]) -> None:
+    """Cancel ``handler`` (and so its request) once the client's connection is closed."""
+    while not handler.done():
+        await asyncio.sleep(_POLL_S)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            handler.cancel()
+            return
 
 
 def _error(status: int, kind: str, message: str, code: str | None = None) -> web.Response:
@@ -183,23 +153,27 @@ class _Answer:
     """One request's answer: the whole JSON body, or a stream of server-sent events."""
 
     def __init__(
-        self, door: HttpFrontDoor, request: web.Request, chat: bool, queue: asyncio.Queue
+        self,
+        door: HttpFrontDoor,
+        request: web.Request,
+        chat: bool,
+        gen: AsyncGenerator[strata_pb2.GenerateResponse, None],
     ) -> None:
         self.door = door
         self.request = request
         self.chat = chat
-        self.queue = queue
+        self.gen = gen
         self.created = oa.now_s()
         self.rid = ""
 
     async def _next(self) -> tuple[str, Any]:
-        while True:
-            try:
-                return await asyncio.wait_for(self.queue.get(), timeout=_POLL_S)
-            except asyncio.TimeoutError:
-                transport = self.request.transport
-                if transport is None or transport.is_closing():
-                    raise _ClientGone() from None
+        """("msg", the next message), ("end", None) or ("error", the failure)."""
+        try:
+            return "msg", await self.gen.__anext__()
+        except StopAsyncIteration:
+            return "end", None
+        except Exception as e:  # noqa: BLE001 - answered by the caller with its status
+            return "error", e
 
     def _id(self, msg: strata_pb2.GenerateResponse) -> str:
         if not self.rid:
@@ -250,7 +224,7 @@ class _Answer:
                 first = False
             if finish:
                 if include_usage:
-                    usage = {
+                    usage: dict[str, Any] = {
                         "id": self._id(msg),
                         "object": "chat.completion.chunk" if self.chat else "text_completion",
                         "created": self.created,

@@ -6,6 +6,7 @@ latencies as histograms in seconds."""
 from __future__ import annotations
 
 import threading
+import time
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -52,10 +53,46 @@ class RouterMetrics:
         self.completion_tokens_total = Counter(
             "strata_completion_tokens", "Generated tokens", registry=self.registry
         )
+        # ---- what the router did about failing workers (router/request_run.py) ------------
+        self.migrations_total = Counter(
+            "strata_router_migrations_total",
+            "Requests that went on elsewhere after the worker serving them was lost: the lost "
+            "worker's role, and the request's phase then (prefill, awaiting_first, decoding)",
+            ["role", "phase"],
+            registry=self.registry,
+        )
+        self.migration_tokens_recomputed_total = Counter(
+            "strata_router_migration_tokens_recomputed_total",
+            "Tokens (prompt and output so far) computed again for migrated requests, beyond "
+            "what their new worker found cached",
+            registry=self.registry,
+        )
+        self.retries_total = Counter(
+            "strata_router_retries_total",
+            "Attempts of a request beyond its first: a migration, a decode worker whose stream "
+            "was down when the request was sent, or a wait for a restarting worker",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.requests_failed_total = Counter(
+            "strata_router_requests_failed_total",
+            "Requests that ended with an error, by cause (no_worker, retries_exhausted, "
+            "deadline, worker_error, invalid, overloaded, internal)",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.workers_down_total = Counter(
+            "strata_router_workers_down_total",
+            "Times a worker left placement (its process died or could not be reached)",
+            ["role"],
+            registry=self.registry,
+        )
 
     def snapshot(self) -> dict[str, float]:
-        """Flat name -> value view of the router's own metrics (for the Stats RPC)."""
-        out: dict[str, float] = {}
+        """Flat name -> value view of the router's own metrics (for the Stats RPC), with the
+        router process's CPU time. The workers' collector in the same registry is left out:
+        the Stats RPC reports the workers itself."""
+        out: dict[str, float] = {"process_cpu_seconds": time.process_time()}
         own = (
             self.ttft_seconds,
             self.tbt_seconds,
@@ -64,6 +101,11 @@ class RouterMetrics:
             self.prompt_tokens_total,
             self.cached_tokens_total,
             self.completion_tokens_total,
+            self.migrations_total,
+            self.migration_tokens_recomputed_total,
+            self.retries_total,
+            self.requests_failed_total,
+            self.workers_down_total,
         )
         for family in (f for metric in own for f in metric.collect()):
             for sample in family.samples:

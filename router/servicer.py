@@ -14,16 +14,22 @@
 The HTTP front door (``router/http_api.py``) runs requests through the same ``stream`` and maps
 the same statuses to HTTP (``HTTP_STATUS``): 400, 429, 503, 504, 401, 500.
 
-A client that cancels (or whose deadline passes) makes the servicer call
-``backend.cancel(req_id)`` once, unless the request had already finished.
+The servicer runs on the router's event loop (``grpc.aio``, ``router.event_loop``): a request
+is a coroutine, its tokens arrive by futures, and one thread serves every stream. A client that
+cancels (or whose deadline passes) makes the servicer call ``backend.cancel(req_id)`` once,
+unless the request had already finished, and close the backend's stream.
+
+Every request that ends with an error is counted by cause
+(``strata_router_requests_failed_total``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
+import re
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -46,19 +52,44 @@ SERVICE_NAME = "strata.v1.Generation"
 class Backend(Protocol):
     """What the router needs from the cluster (implemented over Ray actors)."""
 
-    def generate(self, req: GenRequest, context_deadline_s: float) -> Iterator[TokenDelta]:
-        """Token deltas of ``req``; the last one has finish_reason and usage."""
+    def generate(self, req: GenRequest, context_deadline_s: float) -> AsyncIterator[TokenDelta]:
+        """Token deltas of ``req`` (an async iterator, on the router's loop); the last one has
+        finish_reason and usage. Closing it early stops the request."""
         ...
 
-    def cancel(self, req_id: str) -> None: ...
+    def cancel(self, req_id: str) -> None:
+        """The client left: stop ``req_id`` (non-blocking)."""
+        ...
 
-    def stats(self) -> dict[str, dict[str, float]]: ...
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-worker metrics (may block: called off the loop)."""
+        ...
 
-    def healthy(self) -> bool: ...
+    def healthy(self) -> bool:
+        """Whether a request can be served now (non-blocking)."""
+        ...
 
 
 class MalformedRequestError(ValueError):
     """The request's bytes are not a valid message of its type (-> INVALID_ARGUMENT)."""
+
+
+_CAUSE_TAG = re.compile(r"\[cause=(\w+)")
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The cause a failed request is counted under: the backend's own tag when its message
+    carries one (``[cause=...]``), else the kind of error."""
+    tagged = _CAUSE_TAG.search(str(exc))
+    if tagged:
+        return tagged.group(1)
+    code, _ = status_for(exc)
+    return {
+        grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+        grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+        grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+        grpc.StatusCode.UNAVAILABLE: "worker_error",
+    }.get(code, "internal")
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -118,41 +149,40 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.config = config if config is not None else RouterConfig()
         self.metrics = metrics if metrics is not None else RouterMetrics()
-        self._slots = threading.BoundedSemaphore(self.config.max_in_flight)
+        self.num_in_flight = 0  # Generate calls being served (the loop's thread only)
         # set by router.server.serve(): kept in step with Health answers
         self.on_health: Callable[[bool], None] | None = None
 
-    def Generate(
-        self, request: strata_pb2.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[strata_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: strata_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[strata_pb2.GenerateResponse]:
         try:
-            yield from self.stream(request, context.time_remaining(), context.add_callback)
+            async for msg in self.stream(request, context.time_remaining()):
+                yield msg
         except Exception as e:
             code, details = status_for(e)
-            context.abort(code, details)
+            await context.abort(code, details)
 
-    def stream(
-        self,
-        request: strata_pb2.GenerateRequest,
-        time_remaining: float | None,
-        on_end: Callable[[Callable[[], None]], object],
-    ) -> Iterator[strata_pb2.GenerateResponse]:
+    async def stream(
+        self, request: strata_pb2.GenerateRequest, time_remaining: float | None
+    ) -> AsyncGenerator[strata_pb2.GenerateResponse, None]:
         """One request, for the gRPC API and the HTTP front door alike: admission (at most
         ``max_in_flight``), validation, the backend's token stream with text deltas, the
-        deadline, metrics. ``on_end`` registers the callback to run when the caller's request
-        ends (it cancels the request in the backend unless it had finished). Failures raise;
-        ``status_for`` maps them. Closing the generator cancels the request."""
+        deadline, metrics. Failures raise; ``status_for`` maps them. Closing the generator (or
+        cancelling its task) cancels the request in the backend unless it had finished."""
         arrival = time.monotonic()
-        acquired = self._slots.acquire(blocking=False)
+        admitted = self.num_in_flight < self.config.max_in_flight
         code: grpc.StatusCode | None = None  # None while streaming; OK once finished
-        if acquired:
+        if admitted:
+            self.num_in_flight += 1
             self.metrics.in_flight.inc()
         try:
-            if not acquired:
+            if not admitted:
                 raise OverloadedError(
                     f"server busy: {self.config.max_in_flight} requests in flight; retry later"
                 )
-            yield from self._stream(request, time_remaining, on_end, arrival)
+            async for msg in self._stream(request, time_remaining, arrival):
+                yield msg
             code = grpc.StatusCode.OK
         except Exception as e:
             code, details = status_for(e)
@@ -160,45 +190,43 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
                 logger.exception("Generate failed")
             else:
                 logger.info("Generate refused: %s %s", code.name, details)
+            self.metrics.requests_failed_total.labels(cause=failure_cause(e)).inc()
             raise
         finally:
-            if acquired:
-                self._slots.release()
+            if admitted:
+                self.num_in_flight -= 1
                 self.metrics.in_flight.dec()
             # no code: the client went away mid-stream (the generator was closed)
             status = code.name if code is not None else grpc.StatusCode.CANCELLED.name
             self.metrics.requests_total.labels(status=status).inc()
 
-    def _stream(
+    async def _validate(self, request: strata_pb2.GenerateRequest) -> GenRequest:
+        if request.prompt_token_ids and not request.HasField("prompt") and not request.messages:
+            return validate_request(request, self.tokenizer, self.config)  # cheap: ids only
+        # tokenizing text (or rendering a chat) can take milliseconds: off the loop
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, validate_request, request, self.tokenizer, self.config
+        )
+
+    async def _stream(
         self,
         request: strata_pb2.GenerateRequest,
         time_remaining: float | None,
-        on_end: Callable[[Callable[[], None]], object],
         arrival: float,
-    ) -> Iterator[strata_pb2.GenerateResponse]:
-        req = validate_request(request, self.tokenizer, self.config)
+    ) -> AsyncIterator[strata_pb2.GenerateResponse]:
+        req = await self._validate(request)
         budget = self.config.default_timeout_s
         if time_remaining is not None:
             budget = min(budget, time_remaining)
         end = arrival + budget
-        lock = threading.Lock()
-        finished = False  # set once the final delta arrived or the backend was told to cancel
-
-        def finish(cancel: bool) -> None:
-            nonlocal finished
-            with lock:
-                was, finished = finished, True
-            if cancel and not was:
-                logger.info("request %s cancelled (client gone or deadline)", req.req_id)
-                self.backend.cancel(req.req_id)
-
-        on_end(lambda: finish(cancel=True))  # runs when the request ends
         detok = IncrementalDetokenizer(self.tokenizer)
         first_token_at: float | None = None
         last_token_at = 0.0
+        finished = False
         deltas = self.backend.generate(req, budget)
         try:
-            for delta in deltas:
+            async for delta in deltas:
                 now = time.monotonic()
                 if delta.token_ids:
                     if first_token_at is None:
@@ -209,7 +237,7 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
                     last_token_at = now
                 text = detok.add(delta.token_ids) if delta.token_ids else ""
                 if delta.is_final:
-                    finish(cancel=False)
+                    finished = True
                     yield self._final(req, delta, text + detok.flush(), arrival, first_token_at)
                     return
                 if now > end:
@@ -221,9 +249,12 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
                         request_id=req.req_id, token_ids=delta.token_ids, text=text
                     )
         finally:
-            finish(cancel=True)  # a no-op after the final delta
-            if isinstance(deltas, Generator):
-                deltas.close()
+            if not finished:
+                logger.info("request %s cancelled (client gone, deadline or error)", req.req_id)
+                self.backend.cancel(req.req_id)
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
         raise AssertionError(f"backend ended request {req.req_id} without a finish reason")
 
     def _final(
@@ -248,21 +279,22 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
             usage=usage_to_pb(usage, ttft_ms),
         )
 
-    def Stats(
-        self, request: strata_pb2.StatsRequest, context: grpc.ServicerContext
+    async def Stats(
+        self, request: strata_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> strata_pb2.StatsResponse:
-        try:
-            per_worker = self.backend.stats()
+        loop = asyncio.get_running_loop()
+        try:  # the backend calls into every worker: off the loop
+            per_worker = await loop.run_in_executor(None, self.backend.stats)
         except Exception as e:
             code, details = status_for(e)
-            context.abort(code, details)
+            await context.abort(code, details)
         resp = strata_pb2.StatsResponse()
         for worker, values in {**per_worker, "router": self.metrics.snapshot()}.items():
             resp.workers[worker].metrics.update({k: float(v) for k, v in values.items()})
         return resp
 
-    def Health(
-        self, request: strata_pb2.HealthRequest, context: grpc.ServicerContext
+    async def Health(
+        self, request: strata_pb2.HealthRequest, context: grpc.aio.ServicerContext
     ) -> strata_pb2.HealthResponse:
         try:
             ok, detail = self.backend.healthy(), ""
@@ -280,7 +312,7 @@ class GenerationServicer(strata_pb2_grpc.GenerationServicer):
         )
 
 
-class BearerAuthInterceptor(grpc.ServerInterceptor):
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` (health/reflection stay open)."""
 
     def __init__(self, token: str) -> None:
@@ -288,19 +320,25 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
             raise ValueError("auth token must be non-empty")
         self._token = token
 
-        def deny(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: ANN401
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        async def deny_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:  # noqa: ANN401
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            yield  # an async generator: the handler of a streaming method
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         metadata = handler_call_details.invocation_metadata
         if is_open_method(method) or check_bearer(metadata, self._token):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         return self._deny_stream if method.endswith("/Generate") else self._deny_unary

@@ -219,7 +219,7 @@ def test_bench_ttft_and_soak_against_it(testbed: MultiHost) -> None:
     cold = [s for s in results["ttft"]["samples"] if s["mode"] == "cold"]
     assert all(w["num_cached_tokens"] >= 240 for w in warm)
     assert [w["output_token_ids"] for w in warm] == [c["output_token_ids"] for c in cold]
-    r = results["soak"]
+    r = results["soak"]["runs"][0]
     assert r["num_requests"] > 0 and r["by_status"].get("OK", 0) > 0, r["by_status"]
     assert r["wrong_outputs"] == 0 and r["hung_requests"] == 0, soak.stdout
     assert not r["leaks"]["leaking"] and r["leaks"]["workers_checked"] == 4, r["leaks"]

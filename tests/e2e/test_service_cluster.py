@@ -1,7 +1,8 @@
 """Two prefill and two decode workers, the KV handoff over gRPC frames (shared memory off) and
 prompts prefilled in chunks of 256 tokens: placement follows the cached prefix (in any tier), and
 a worker killed mid-request — a prefill worker between chunks or after its first token, a decode
-worker in the middle of a batch — never leaves a request hanging or wrong."""
+worker in the middle of a batch — never leaves a request hanging, wrong, or failed while a worker
+of its role is alive."""
 
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def test_killed_decode_worker_mid_batch(service, client, reference_engine):  # n
                 seen[i].extend(chunk.token_ids)
                 if chunk.finish_reason:
                     finals[i] = chunk
-        except RemoteError as e:  # the other acceptable outcome: a clear status, in time
+        except RemoteError as e:  # asserted below: there must be none
             finals[i] = e
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
@@ -167,23 +168,18 @@ def test_killed_decode_worker_mid_batch(service, client, reference_engine):  # n
         t.join(timeout=300)
     killer.join()
     assert time.monotonic() - t0 < 240
-    moved = 0
-    for i in range(6):
+    for i in range(6):  # every request went on on decode-1: no error, the same tokens
         final = finals[i]
-        if isinstance(final, RemoteError):
-            assert final.code == "UNAVAILABLE", final
-            continue
+        assert not isinstance(final, RemoteError), (i, final)
         assert seen[i] == expected[i], i
-        moved += final.usage.decode_worker == "decode-1"  # type: ignore[attr-defined]
-    print(f"decode kill: {moved} of 6 ended on decode-1")
-    assert moved == 6 or any(isinstance(f, RemoteError) for f in finals.values())
+        assert final.usage.decode_worker == "decode-1"  # type: ignore[attr-defined]
     assert_no_leaks(service)
 
 
 def test_killed_prefill_worker_mid_transfer(service, client, reference_engine):  # noqa: ANN001
     # Both prefill workers may serve this prompt; kill the one that did, right after its first
-    # token (its push to the decode worker is in flight). The decode worker then times out or
-    # sees a broken stream, and recomputes what it lacks: the output stays right.
+    # token (its push to the decode worker is in flight). The decode worker then sees a broken
+    # stream and computes what it lacks: the request goes on, right.
     ids = prompt(1500, 50)
     stream = client.stream(
         prompt_token_ids=ids, max_tokens=10, temperature=0.0, ignore_eos=True, timeout=240
@@ -191,21 +187,16 @@ def test_killed_prefill_worker_mid_transfer(service, client, reference_engine): 
     tokens: list[int] = []
     killed = False
     t0 = time.monotonic()
-    try:
-        for chunk in stream:
-            tokens.extend(chunk.token_ids)
-            if not killed:
-                for h in service.prefill:
-                    ray.kill(h, no_restart=True)  # whichever served it: both, to be sure
-                killed = True
-            if chunk.finish_reason:
-                assert chunk.usage.completion_tokens == 10
-    except RemoteError as e:
-        assert e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), e
+    for chunk in stream:
+        tokens.extend(chunk.token_ids)
+        if not killed:
+            for h in service.prefill:
+                ray.kill(h, no_restart=True)  # whichever served it: both, to be sure
+            killed = True
+        if chunk.finish_reason:
+            assert chunk.usage.completion_tokens == 10
     assert time.monotonic() - t0 < 240
-    print(f"prefill kill: tokens={len(tokens)}")
-    if len(tokens) == 10:
-        assert tokens == _expected(reference_engine, ids, 10)
+    assert tokens == _expected(reference_engine, ids, 10)
     # With every prefill worker gone the service says so clearly, instead of hanging.
     with pytest.raises(RemoteError) as err:
         client.generate(prompt_token_ids=[1, 2, 3], max_tokens=2, timeout=60)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -46,7 +46,9 @@ class ByteTokenizer:
 
 class ScriptedBackend:
     """Answers every request with ``reply`` (one token per delta), or follows commands in the
-    prompt: "!slow" streams one token every 50 ms until cancelled, "!noworker"/"!busy" fail."""
+    prompt: "!slow" streams one token every 50 ms until cancelled, "!noworker"/"!busy" fail.
+    Its ``generate`` is an async generator, like the real backend's (the router's loop runs
+    it)."""
 
     def __init__(self, reply: str = "héllo wörld ✓") -> None:
         self.reply = list(reply.encode())
@@ -56,7 +58,9 @@ class ScriptedBackend:
         self.cancel_event = threading.Event()
         self.is_healthy = True
 
-    def generate(self, req: GenRequest, context_deadline_s: float) -> Iterator[TokenDelta]:
+    async def generate(
+        self, req: GenRequest, context_deadline_s: float
+    ) -> AsyncIterator[TokenDelta]:
         self.requests.append(req)
         self.deadlines.append(context_deadline_s)
         prompt = bytes(i for i in req.prompt_token_ids if i < 256)
@@ -70,7 +74,7 @@ class ScriptedBackend:
                     yield TokenDelta(finish_reason=FINISH_ABORT, usage=Usage())
                     return
                 yield TokenDelta(token_ids=(ord("x"),))
-                time.sleep(0.05)
+                await asyncio.sleep(0.05)
             raise AssertionError("slow request never cancelled")
         out = self.reply[: req.max_tokens]
         for tok in out[:-1]:

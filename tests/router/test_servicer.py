@@ -214,3 +214,33 @@ def test_public_client_takes_address_and_token_from_the_environment(
     with strata.Client() as anonymous, pytest.raises(strata.RemoteError) as e:
         anonymous.generate(prompt="hi", max_tokens=3)
     assert e.value.code == "UNAUTHENTICATED"
+
+
+def test_async_client(make_server, backend) -> None:
+    """``AsyncStrataClient``: the same answers as the sync client, many streams on one loop."""
+    import asyncio
+
+    from router.aio_client import AsyncStrataClient
+
+    client, _ = make_server()
+
+    async def scenario() -> None:
+        async with AsyncStrataClient(client.address) as aio:
+            results = await asyncio.gather(
+                *(aio.generate(prompt="abc", max_tokens=5, timeout=10) for _ in range(4))
+            )
+            assert [r.text for r in results] == ["héll"] * 4
+            assert results[0].usage.completion_tokens == 5
+            chunks = [c async for c in aio.stream(prompt_token_ids=[1, 2], max_tokens=3)]
+            assert [c.text for c in chunks] == ["h", "", "é"]
+            async for chunk in aio.stream(prompt="!slow", request_id="r-aio", timeout=30):
+                assert chunk.token_ids == (ord("x"),)
+                break  # leaving the loop cancels the request
+            with pytest.raises(RemoteError) as e:
+                await aio.generate(prompt="!noworker", timeout=10)
+            assert e.value.code == "UNAVAILABLE"
+            assert (await aio.health()) == (True, "serving")
+            assert (await aio.stats())["prefill-0"]["queue_depth"] == 2.0
+
+    asyncio.run(scenario())
+    assert _wait(lambda: "r-aio" in backend.cancelled), backend.cancelled
