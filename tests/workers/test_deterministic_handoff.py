@@ -15,7 +15,7 @@ from engine.engine import LLMEngine
 from kvstore.config import StoreConfig
 from prefill_worker.worker import PrefillWorker
 from proto.worker_api import DecodeRequest, PrefillRequest, SamplingParams
-from router.outputs import OutputStream
+from tests.workers.sync_outputs import SyncOutputs
 
 SECRET = "s3"
 
@@ -38,7 +38,7 @@ def test_handoff_gives_one_engines_bits() -> None:
         one.close()
     p = PrefillWorker("prefill-det", cfg, store, secret=SECRET)
     d = DecodeWorker("decode-det", cfg, store, secret=SECRET)
-    out = OutputStream("decode-det", d.kv_address, SECRET, on_broken=lambda *_: None)
+    out = SyncOutputs("decode-det", d.kv_address, SECRET)
     try:
         assert out.wait_connected(30)
         engine = d.loop.engine

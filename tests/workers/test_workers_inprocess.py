@@ -15,7 +15,7 @@ from kvtransfer.config import TransferConfig
 from prefill_worker.worker import PrefillWorker
 from proto.worker_api import DecodeRequest, PrefillRequest, SamplingParams
 from router.index import GlobalBlockIndex
-from router.outputs import OutputStream
+from tests.workers.sync_outputs import SyncOutputs
 
 SECRET = "s3"
 CHUNK = 128  # tokens per engine step: prompts below are prefilled in 3-6 chunks
@@ -32,7 +32,7 @@ def workers():  # noqa: ANN201
         "prefill-grpc", cfg, store, secret=SECRET, transfer=TransferConfig(shm_bytes=0)
     )
     d = DecodeWorker("decode-0", cfg, store, secret=SECRET)
-    out = OutputStream("decode-0", d.kv_address, SECRET, on_broken=lambda *_: None)
+    out = SyncOutputs("decode-0", d.kv_address, SECRET)
     assert out.wait_connected(30)
     yield {"shm": p_shm, "grpc": p_grpc}, d, out
     out.close()
@@ -44,7 +44,7 @@ def workers():  # noqa: ANN201
             w.shutdown()
 
 
-def _decode(out: OutputStream, d: DecodeWorker, req: DecodeRequest) -> tuple[list[int], dict]:
+def _decode(out: SyncOutputs, d: DecodeWorker, req: DecodeRequest) -> tuple[list[int], dict]:
     q = out.register(req.req_id)
     d.start(req)
     tokens: list[int] = []
@@ -61,7 +61,7 @@ def _decode(out: OutputStream, d: DecodeWorker, req: DecodeRequest) -> tuple[lis
 def _handoff(
     p: PrefillWorker,
     d: DecodeWorker,
-    out: OutputStream,
+    out: SyncOutputs,
     req_id: str,
     prompt: list[int],
     sampling: SamplingParams,
