@@ -128,7 +128,9 @@ def test_soak_through_a_service_it_starts(tmp_path) -> None:
     (run,) = data["runs"]
     assert run["num_requests"] == sum(run["by_status"].values()) > 0
     # no request fails for the service's own reasons: the killed workers' requests went on
-    assert set(run["by_status"]) <= {"OK", "CANCELLED", "INVALID_ARGUMENT"}, run["failed"]
+    # (DEADLINE_EXCEEDED may come from the requests whose client gives up before the first token)
+    assert run["failed"] == []
+    assert set(run["by_status"]) <= {"OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED"}
     assert run["ok_share_of_answered"] == 1.0
     assert run["wrong_outputs"] == 0 and run["hung_requests"] == 0
     assert run["leaks"]["workers_checked"] == 4 and not run["leaks"]["leaking"]
