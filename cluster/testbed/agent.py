@@ -180,7 +180,7 @@ def held_blocks(worker_id: str, token_ids: list[int]) -> dict[str, int]:
     ray = _ray()
     hashes = ray.get(ray.get_actor("strata-router").block_hashes.remote(token_ids), timeout=60)
     snap = ray.get(ray.get_actor(f"strata-{worker_id}").snapshot_blocks.remote(), timeout=60)
-    held = {tier: set(hs) for tier, hs in snap.items()}
+    held = {tier: set(hs) for tier, hs in snap.blocks.items()}  # a BlockSnapshot
     out = {tier: sum(h in hs for h in hashes) for tier, hs in held.items()}
     anywhere = set().union(*held.values()) if held else set()
     out["leading"] = next((i for i, h in enumerate(hashes) if h not in anywhere), len(hashes))

@@ -114,11 +114,23 @@ def test_host_reboot_is_taken_back_with_its_disk_tier(testbed: MultiHost,  # noq
     victim = _alone_on(testbed, "host-b")
     tb, head = testbed.tb, testbed.head
     mine = None
-    for i in range(4):  # a prompt whose blocks the victim holds (prefill workers take turns)
-        ids = prompt(600, 900 + i)
-        res = testbed.generate(ids, 4, request_id=f"reboot-own-{i}")
-        if res["usage"]["prefill_worker"] == victim:
-            mine = (ids, res)
+    # A prompt whose blocks the victim holds. Idle, the faster prefill worker takes every cold
+    # prompt; four sent at once queue up, so the placement spreads them over both.
+    for rnd in range(3):
+        sent = [prompt(600, 900 + 4 * rnd + i) for i in range(4)]
+        got: list[dict | None] = [None] * len(sent)
+
+        def send(i: int, ids: list[int], rnd: int = rnd, got: list = got) -> None:
+            got[i] = testbed.generate(ids, 4, request_id=f"reboot-own-{rnd}-{i}")
+
+        threads = [threading.Thread(target=send, args=(i, ids)) for i, ids in enumerate(sent)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=150)
+        mine = next(((ids, res) for ids, res in zip(sent, got)
+                     if res is not None and res["usage"]["prefill_worker"] == victim), None)
+        if mine is not None:
             break
     assert mine is not None, f"no prompt went to {victim}"
     ids, cold = mine
