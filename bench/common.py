@@ -25,6 +25,10 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 TIERS = ("device", "host", "disk")
 
 
+class BenchmarkError(RuntimeError):
+    """The benchmark would time the wrong thing (wrong tier, different output)."""
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, accelerator and software versions of this machine."""
     cpu = platform.processor() or "unknown"
@@ -66,13 +70,23 @@ def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 def add_run_flags(p: argparse.ArgumentParser, quick_help: str) -> None:
     """``--seed``, ``--out``, ``--quick``, ``--no-progress`` and the service flags."""
-    from bench.service import add_service_flags
-
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for JSON + PNG (bench/results)")
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--no-progress", action="store_true")
     add_service_flags(p)
+
+
+def add_service_flags(p: argparse.ArgumentParser) -> None:
+    """``--server``, ``--start-service``, ``--token``, ``--vocab-size``: run against a service."""
+    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
+    p.add_argument("--start-service", action="store_true",
+                   help="start a local service (1 prefill + 1 decode worker) sized like the "
+                        "in-process run, benchmark it through gRPC, stop it")
+    p.add_argument("--token", default=None, help="bearer token for --server")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--server: prompt ids are drawn from [0, N) (default: the vocabulary "
+                        "size the service reports)")
 
 
 def parse_ints(text: str, what: str) -> list[int]:

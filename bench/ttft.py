@@ -48,6 +48,7 @@ from typing import Any
 
 from bench import handoff
 from bench.common import (
+    BenchmarkError,
     EngineSizes,
     add_run_flags,
     build_engine,
@@ -66,7 +67,6 @@ from bench.handoff import HANDOFF_TOKENS
 from bench.service import server_target
 from kvstore.bandwidth import (
     device_read_ceiling,
-    disk_read_method,
     drop_os_caches,
     drop_page_cache,
 )
@@ -75,10 +75,6 @@ from kvstore.errors import StrataError
 MODES = ("cold", "device", "host", "disk")
 DEFAULT_LENGTHS = "1024,4096,16384"
 QUICK_LENGTHS = "256,1024"
-
-
-class BenchmarkError(RuntimeError):
-    """The benchmark would time the wrong thing (wrong tier, different output)."""
 
 
 # ---------------------------------------------------------------------------- logits gate
@@ -295,7 +291,7 @@ def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any
         dropped, honest = "drop_caches (echo 3) before each warm-disk run", True
     else:
         dropped, honest = "POSIX_FADV_DONTNEED on the store's files only (not root)", False
-    disk_cache = {"reads": disk_read_method(store), "dropped_before_disk_runs": dropped,
+    disk_cache = {"reads": store.disk_read_method(), "dropped_before_disk_runs": dropped,
                   "disk_floor": floor, "honest": honest}
     return bandwidth, disk_cache
 

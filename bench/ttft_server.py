@@ -19,9 +19,15 @@ import statistics
 from typing import Any
 
 from bench import handoff
-from bench.common import builtin_vocab, machine_info, progress, random_prompt, run_salt
+from bench.common import (
+    BenchmarkError,
+    builtin_vocab,
+    machine_info,
+    progress,
+    random_prompt,
+    run_salt,
+)
 from bench.service import Target
-from bench.ttft import BenchmarkError
 
 
 def run_server(

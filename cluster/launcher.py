@@ -91,7 +91,7 @@ def launch(
 ) -> Service:
     """Start the service's actors. ``local``: the cluster at ``address`` is this machine's
     loopback head (workers then listen on 127.0.0.1 only, as in an embedded cluster)."""
-    from router.actor import RouterActor
+    from cluster.router_actor import RouterActor
 
     owns = connect(address, cfg)
     bind_all = bool(address) and not local

@@ -33,8 +33,9 @@ import torch
 from engine.block_pool import BlockPool
 from kvstore.fence import CopyEngine, Fence
 from kvstore.keys import BlockHash
-from kvstore.layout import KVLayout, gather_blocks, scatter_blocks
+from kvstore.layout import KVLayout
 from kvstore.lending import Lease, Reservation, runs
+from kvstore.pool_copy import gather_blocks, scatter_blocks
 from kvstore.store import TieredStore
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from engine.prefix_loader import LoadResult, PrefixLoader
 from engine.sequence import Sequence
 from kvstore.cost import LoadPlan, SpeedTracker, plan_load, tier_runs
 from kvstore.keys import BlockHash, extend_hashes
-from kvstore.layout import KVLayout, gather_blocks, scatter_blocks
+from kvstore.layout import KVLayout
+from kvstore.pool_copy import gather_blocks, scatter_blocks
 from kvstore.store import TieredStore
 
 logger = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kvstore.bandwidth import disk_read_method, measure_bandwidth
 from kvstore.config import StoreConfig
 from kvstore.errors import DiskUnavailableError
 from kvstore.events import EventBus, EventListener, StoreEvent
@@ -409,9 +410,14 @@ class TieredStore:
 
     def measure_bandwidth(self, num_blocks: int = 16, repeats: int = 3) -> dict[str, float]:
         """Measured read GB/s per enabled tier (see ``kvstore.bandwidth``)."""
-        from kvstore.bandwidth import measure_bandwidth
+        return measure_bandwidth(
+            self.block_nbytes, self.host is not None, self.disk,
+            self.config.disk_write_queue_blocks, num_blocks, repeats,
+        )
 
-        return measure_bandwidth(self, num_blocks, repeats)
+    def disk_read_method(self) -> str:
+        """How the disk tier's reads reach the device (see ``kvstore.bandwidth``)."""
+        return disk_read_method(self.disk)
 
     def close(self) -> None:
         """Finish prefetches, write host blocks the disk lacks (``persist_on_close``), flush the

@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ray.exceptions import RayActorError, RayTaskError
 
@@ -49,14 +49,15 @@ from proto.worker_api import (
     PrefillResult,
     SamplingParams,
 )
+from router.config import BackendConfig
 from router.errors import NoWorkerError, RequestTimeoutError
 from router.event_loop import first_of, ray_result
+from router.index import GlobalBlockIndex
+from router.membership import Membership
+from router.metrics import RouterMetrics
 from router.outputs import TokenQueue, WorkerLostError
-from router.placement import Placement
+from router.placement import CostModel, Placement
 from router.types import FINISH_ABORT, GenRequest, TokenDelta, Usage
-
-if TYPE_CHECKING:
-    from router.backend import RayBackend
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,19 @@ class _Usage:
         )
 
 
+class Cluster(Protocol):
+    """What a run reads of the router's cluster view (``router.backend.RayBackend``)."""
+
+    block_size: int
+    config: BackendConfig
+    cost: CostModel
+    index: GlobalBlockIndex
+    members: Membership
+    metrics: RouterMetrics
+
+
 class RequestRun:
-    def __init__(self, cluster: RayBackend, req: GenRequest, deadline_s: float) -> None:
+    def __init__(self, cluster: Cluster, req: GenRequest, deadline_s: float) -> None:
         self.c = cluster
         self.req = req
         self.t0 = time.monotonic()

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from bench.common import progress
-from bench.ttft import BenchmarkError, _cycle, check_warm_logits, logit_gap
+from bench.common import BenchmarkError, progress
+from bench.ttft import _cycle, check_warm_logits, logit_gap
 from engine.sampling import SamplingParams
 from kvstore.config import StoreConfig
 
