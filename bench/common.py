@@ -185,7 +185,7 @@ def png_path(json_path: str) -> str:
     return os.path.splitext(json_path)[0] + ".png"
 
 
-def pyplot():  # noqa: ANN201 - matplotlib's module
+def pyplot():  # matplotlib's module
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,9 +225,9 @@ class EngineSizes:
     max_batched_tokens: int  # tokens per step (prefill chunk)
 
 
-def build_engine(  # noqa: ANN201 - an LLMEngine
+def build_engine(  # an LLMEngine
     model: str, dtype: str, sizes: EngineSizes, disk_dir: str | None, *,
-    loaded: Any = None, store_kw: dict[str, Any] | None = None, **engine_kw: Any,  # noqa: ANN401
+    loaded: Any = None, store_kw: dict[str, Any] | None = None, **engine_kw: Any,
 ) -> Any:
     """An ``LLMEngine`` with a ``TieredStore`` sized in tokens (host slab, LMDB in ``disk_dir``).
 
@@ -269,12 +269,12 @@ def build_engine(  # noqa: ANN201 - an LLMEngine
     return LLMEngine(cfg, store, loaded=loaded)
 
 
-def kv_bytes(engine: Any, num_tokens: int) -> int:  # noqa: ANN401 - LLMEngine
+def kv_bytes(engine: Any, num_tokens: int) -> int:  # LLMEngine
     """Bytes of K/V of ``num_tokens`` tokens (whole blocks) in ``engine``'s layout."""
     return -(-num_tokens // engine.block_size) * engine.layout.block_nbytes
 
 
-def progress(total: int, desc: str, disable: bool = False):  # noqa: ANN201 - tqdm bar
+def progress(total: int, desc: str, disable: bool = False):  # tqdm bar
     try:
         from tqdm import tqdm
     except ImportError:  # no progress bar where tqdm is missing

@@ -203,7 +203,7 @@ def run_section(args: argparse.Namespace) -> int:
     payload: dict[str, Any]
     try:
         payload = {"result": gpu_sections.RUNNERS[name](args)}
-    except Exception as e:  # noqa: BLE001 - recorded; the parent runs the other sections
+    except Exception as e:  # recorded; the parent runs the other sections
         traceback.print_exc()
         payload = {"error": f"{type(e).__name__}: {e}"}
     payload["seconds"] = time.perf_counter() - t0

@@ -43,7 +43,7 @@ def _ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
-def _row(case: str, path: str, ms: float, **extra: Any) -> dict[str, Any]:  # noqa: ANN401
+def _row(case: str, path: str, ms: float, **extra: Any) -> dict[str, Any]:
     row = {"case": case, "path": path, "ms": ms, **extra}
     print(f"{case:<24} {path:<16} {ms:9.3f} ms  "
           + "  ".join(f"{k} {v:.3g}" for k, v in extra.items() if isinstance(v, float)), flush=True)

@@ -94,7 +94,7 @@ LOGIT_TOP_K = 5
 LOGIT_RTOL = {"torch.float32": 1e-3, "torch.bfloat16": 0.1, "torch.float16": 0.05}
 
 
-def logit_gap(cold: Any, warm: Any) -> dict[str, Any]:  # noqa: ANN401 - [vocab] float tensors
+def logit_gap(cold: Any, warm: Any) -> dict[str, Any]:  # [vocab] float tensors
     """How far the warm logits are from the cold ones."""
     diff = float((warm - cold).abs().max())
     return {"max_abs": diff, "rel": diff / max(float(cold.abs().max()), 1e-30),
@@ -102,7 +102,7 @@ def logit_gap(cold: Any, warm: Any) -> dict[str, Any]:  # noqa: ANN401 - [vocab]
             "cold_top1_rank": int((warm > warm[int(cold.argmax())]).sum())}
 
 
-def check_warm_logits(cold: Any, warm: Any, dtype: str, exact: bool = False) -> str | None:  # noqa: ANN401
+def check_warm_logits(cold: Any, warm: Any, dtype: str, exact: bool = False) -> str | None:
     """None if ``warm`` passes the gate against ``cold`` (logits ``[vocab]``), else why not."""
     gap = logit_gap(cold, warm)
     if exact:
@@ -201,8 +201,8 @@ def _sizes(args: argparse.Namespace, lengths: list[int], repeats: int) -> Engine
 # ---------------------------------------------------------------------------- in-process
 def run_inprocess(
     args: argparse.Namespace, lengths: list[int], repeats: int, *,
-    sizes: EngineSizes | None = None, loaded: Any = None, clear: bool = False,  # noqa: ANN401
-    peer: Any = None, modes: tuple[str, ...] = MODES,  # noqa: ANN401
+    sizes: EngineSizes | None = None, loaded: Any = None, clear: bool = False,
+    peer: Any = None, modes: tuple[str, ...] = MODES,
     warmup_length: int | None = None, engine_kw: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Cold and warm TTFT of every length in-process. ``sizes``/``loaded``: the engine's sizes
@@ -267,7 +267,7 @@ def run_inprocess(
     }
 
 
-def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any]]:  # noqa: ANN401
+def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any]]:
     """GB/s per tier for the floors, and how the disk runs reach the device. The disk floor is
     the device's own ``O_DIRECT`` sequential read speed (``bandwidth["disk"]``); the tier's probe
     (its reads, checksums and copies) is ``disk_tier``. The engine starts from the probes, as a
@@ -296,7 +296,7 @@ def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any
     return bandwidth, disk_cache
 
 
-def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:  # noqa: ANN401
+def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:
     from bench.service import model_shape
 
     if loaded is not None:
@@ -305,7 +305,7 @@ def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:  # noqa: ANN401
     return 16 * model_shape(args.model, args.dtype)[1]
 
 
-def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN401
+def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,
            clear: bool = False, modes: tuple[str, ...] = MODES,
            ) -> list[tuple[str, Any, dict[str, Any]]]:
     """Cold, then warm from device, host and disk; each run checked before it counts (tier,
@@ -366,7 +366,7 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN
     return out
 
 
-def _expect_lookup(store: Any, hashes: list[Any], tier: str) -> None:  # noqa: ANN401
+def _expect_lookup(store: Any, hashes: list[Any], tier: str) -> None:
     tiers = store.lookup(hashes)
     if len(tiers) != len(hashes) or any(t != tier for t in tiers):
         found = {t: tiers.count(t) for t in set(tiers)}
@@ -376,7 +376,7 @@ def _expect_lookup(store: Any, hashes: list[Any], tier: str) -> None:  # noqa: A
 
 
 def _summarize(
-    engine: Any, lengths: list[int], samples: list[dict[str, Any]], bandwidth: dict[str, float]  # noqa: ANN401
+    engine: Any, lengths: list[int], samples: list[dict[str, Any]], bandwidth: dict[str, float]
 ) -> list[dict[str, Any]]:
     rows = []
     for length in lengths:

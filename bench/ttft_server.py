@@ -145,7 +145,7 @@ def _transfer(stats: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _cycle(client: Any, target: Target, prompt: list[int], modes: tuple[str, ...],  # noqa: ANN401
+def _cycle(client: Any, target: Target, prompt: list[int], modes: tuple[str, ...],
            salt: str, strict_tokens: bool = True) -> list[tuple[str, Any]]:
     """Cold, then each warm mode; every warm run checked (tier, output) before it counts."""
     out: list[tuple[str, Any]] = []

@@ -131,15 +131,15 @@ def launch(
     )
 
 
-def shutdown_actors(router: Any, workers: list[Any]) -> None:  # noqa: ANN401
+def shutdown_actors(router: Any, workers: list[Any]) -> None:
     for handle in [h for h in (router, *workers) if h is not None]:
         try:
             ray.get(handle.shutdown.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - already dead is fine
+        except Exception:  # already dead is fine
             pass
         try:
             ray.kill(handle)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def scale(
-    router: Any,  # noqa: ANN401
+    router: Any,
     targets: dict[str, int | None],
     drain_timeout_s: float = 60.0,
     start_timeout_s: float = 600.0,

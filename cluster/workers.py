@@ -68,7 +68,7 @@ def actor_options(name: str, detach: bool) -> dict[str, Any]:
     return opts
 
 
-def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, detach: bool) -> Any:  # noqa: ANN401
+def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, detach: bool) -> Any:
     """Start worker ``<role>-<index>`` (an actor handle; it is still loading when this returns).
     ``bind_all``: its gRPC server listens on every interface and advertises the node's address
     (a cluster of several machines); else 127.0.0.1."""

@@ -23,5 +23,5 @@ class DecodeActor(WorkerActorBase):
         self.worker.first_token(req_id, token, push_coming)
 
 
-def decode_actor_class(**options: Any):  # noqa: ANN201
+def decode_actor_class(**options: Any):
     return ray.remote(DecodeActor).options(**options)

@@ -99,7 +99,7 @@ class OutputHub(strata_pb2_grpc.WorkerOutputsServicer):
         sub.ended.set()
 
     # ---- the gRPC service ----------------------------------------------------------------
-    def Subscribe(  # noqa: N802 - gRPC method name
+    def Subscribe(  # gRPC method name
         self, request: strata_pb2.SubscribeRequest, context: grpc.ServicerContext
     ) -> Iterator[strata_pb2.StepOutputs]:
         if self.secret is not None:

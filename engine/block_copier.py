@@ -138,7 +138,7 @@ class BlockCopier:
             copy = self._pending.pop(0)
             try:
                 copy.fence.wait()
-            except Exception:  # noqa: BLE001 - _finish reads the error from the fence
+            except Exception:  # _finish reads the error from the fence
                 pass
             self._finish(copy)
 

@@ -208,7 +208,7 @@ class LLMEngine:
     ) -> None:
         try:
             listener(first, ids)
-        except Exception:  # noqa: BLE001 - a listener failure must not fail the step
+        except Exception:  # a listener failure must not fail the step
             logger.exception("block listener of %s failed; unwatching", req_id)
             self._watches.pop(req_id, None)
 

@@ -112,7 +112,7 @@ class WorkerBase:
         self.started_at = time.time()  # ready to serve (wall clock: the router reports it)
         logger.info("%s serving KV transfer on %s", worker_id, self.kv_address)
 
-    def _outputs(self):  # noqa: ANN202 - engine.loop.OutputSink | None
+    def _outputs(self):  # engine.loop.OutputSink | None
         """The loop's sink of published outputs (decode workers publish theirs)."""
         return None
 
@@ -129,7 +129,7 @@ class WorkerBase:
         try:
             gbps = self.engine.store.measure_bandwidth()  # GB/s per tier
             return {k: float(v) * 1e9 for k, v in gbps.items() if v > 0}
-        except Exception:  # noqa: BLE001 - a measurement failure must not stop the worker
+        except Exception:  # a measurement failure must not stop the worker
             logger.exception("tier bandwidth measurement failed")
             return {}
 

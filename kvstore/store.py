@@ -432,7 +432,7 @@ class TieredStore:
         if self.config.persist_on_close and self.host is not None and self.disk is not None:
             try:
                 self.persist(self.host.resident())
-            except Exception:  # noqa: BLE001 - a failing disk must not stop the shutdown
+            except Exception:  # a failing disk must not stop the shutdown
                 logger.exception("writing the host tier to disk at close failed")
         if self.disk is not None:
             self.disk.close()

@@ -19,5 +19,5 @@ class PrefillActor(WorkerActorBase):
         return self.worker.prefill(req)
 
 
-def prefill_actor_class(**options: Any):  # noqa: ANN201
+def prefill_actor_class(**options: Any):
     return ray.remote(PrefillActor).options(**options)

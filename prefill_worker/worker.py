@@ -137,7 +137,7 @@ class PrefillWorker(WorkerBase):
             old.abort()
         return session
 
-    def _block_listener(self, session: PushSession):  # noqa: ANN202 - engine.BlockListener
+    def _block_listener(self, session: PushSession):  # engine.BlockListener
         """Runs on the loop thread after each step: copies the request's new full blocks out of
         the pool (the decode worker's held ones skipped) and queues them on the stream; the
         last ones (reported after the first token went out) close it."""

@@ -118,7 +118,7 @@ class RayBackend:
             if w.alive and w.role == PREFILL:
                 try:
                     s = ray.get(w.handle.stats.remote(), timeout=self.config.call_timeout_s)
-                except Exception:  # noqa: BLE001 - measured again next time
+                except Exception:  # measured again next time
                     continue
                 nbytes += s.get("push_bytes", 0.0) - s.get("push_shm_bytes", 0.0)
                 seconds += s.get("push_seconds", 0.0)
@@ -143,7 +143,7 @@ class RayBackend:
                 except WORKER_DIED as e:
                     self._mark_dead(w.worker_id, e)
                     continue
-                except Exception:  # noqa: BLE001 - a slow worker is retried next round
+                except Exception:  # a slow worker is retried next round
                     logger.debug("event poll of %s failed", w.worker_id, exc_info=True)
                     continue
                 if not self.index.apply_batch(w.worker_id, events):

@@ -221,7 +221,7 @@ class Membership:
             w.resync_due = False
             try:
                 self.resync(w, downs)
-            except Exception:  # noqa: BLE001 - a worker that died is handled by mark_down
+            except Exception:  # a worker that died is handled by mark_down
                 logger.warning("resync of worker %s failed", worker_id, exc_info=True)
 
         threading.Thread(target=run, name=f"resync-{worker_id}", daemon=True).start()
@@ -331,7 +331,7 @@ class Membership:
                     break
                 self._stop.wait(1.0)
                 continue
-            except Exception:  # noqa: BLE001 - restarting (ActorUnavailableError) or slow
+            except Exception:  # restarting (ActorUnavailableError) or slow
                 self._stop.wait(0.5)
                 continue
             with self.lock:
@@ -344,7 +344,7 @@ class Membership:
             w.info = info
             try:
                 self._bring_up(w)
-            except Exception as e:  # noqa: BLE001 - not ready yet: try again
+            except Exception as e:  # not ready yet: try again
                 logger.warning("worker %s answered but could not rejoin yet: %s", w.worker_id, e)
                 with self.lock:
                     w.state = DOWN

@@ -116,7 +116,7 @@ def test_cli_dispatch(capsys) -> None:
     assert cli.main(["trace", "--trace", "/nonexistent/trace.jsonl", "--quick"]) == 2
 
 
-def test_trace_policies_side_by_side(tmp_path) -> None:  # noqa: ANN001
+def test_trace_policies_side_by_side(tmp_path) -> None:
     argv = ["--quick", "--trace", TRACE, "--max-requests", "40", "--time-scale", "0.25",
             "--pool-tokens", "1024", "--host-tokens", "1024", "--policies",
             "write_through,evict", "--out", str(tmp_path), "--no-progress"]
@@ -135,7 +135,7 @@ def test_trace_policies_side_by_side(tmp_path) -> None:  # noqa: ANN001
     assert trace.main(["--policies", "sometimes", "--out", str(tmp_path)]) == 2
 
 
-def test_offload_quick(tmp_path) -> None:  # noqa: ANN001
+def test_offload_quick(tmp_path) -> None:
     from bench import offload
 
     assert offload.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0

@@ -114,7 +114,7 @@ def backend() -> ScriptedBackend:
     return ScriptedBackend()
 
 
-def wire_request(**kwargs):  # noqa: ANN003, ANN201 - a strata_pb2.GenerateRequest
+def wire_request(**kwargs):  # a strata_pb2.GenerateRequest
     """A request as any gRPC client could send it, without ``StrataClient``'s own checks (the
     server's validation is what the router tests test)."""
     from proto import strata_pb2

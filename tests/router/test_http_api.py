@@ -175,7 +175,7 @@ def test_concurrent_clients(door) -> None:
         try:
             out = client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
             assert out.choices[0].text == "hél"
-        except BaseException as e:  # noqa: BLE001 - collected for the assert below
+        except BaseException as e:  # collected for the assert below
             errors.append(e)
 
     threads = [threading.Thread(target=one) for _ in range(2)]

@@ -45,7 +45,7 @@ def test_handoff_gives_one_engines_bits() -> None:
         steps: list[tuple[int, int]] = []
         run = engine.runner.launch
 
-        def spy(batch):  # noqa: ANN001, ANN202 - runs on the decode worker's loop thread
+        def spy(batch):  # runs on the decode worker's loop thread
             steps.extend((item.q_start, item.q_len) for item in batch)
             return run(batch)
 
