@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from bench.results import compact_png, samples_path
-from bench.results import write as write_result
+from bench.run_files import compact_png, samples_path
+from bench.run_files import write as write_result
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _fmt(x: object) -> str:
 
 def write_json(out_dir: str | None, name: str, payload: dict[str, Any]) -> str:
     """Write ``payload`` as ``<out_dir>/<name>-<timestamp>.json``, a summary, with its
-    per-request samples in a compressed file beside it (``bench.results``); returns the path."""
+    per-request samples in a compressed file beside it (``bench.run_files``); returns the path."""
     return write_result(out_dir or RESULTS_DIR, name, payload)
 
 

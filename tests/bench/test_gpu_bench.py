@@ -11,12 +11,12 @@ import os
 import pytest
 import torch
 
-from bench import gpu, results
+from bench import gpu, run_files
 
 
 def _summary(tmp_path) -> dict:
     [path] = glob.glob(os.path.join(tmp_path, "gpu-2*[0-9].json"))
-    return results.load(path)  # the summary with its samples file put back
+    return run_files.load(path)  # the summary with its samples file put back
 
 
 @pytest.mark.slow

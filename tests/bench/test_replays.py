@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bench import cli, decode, longdoc, results, trace, transfer
+from bench import cli, decode, longdoc, run_files, trace, transfer
 
 TRACE = trace.DEFAULT_TRACE
 
@@ -15,7 +15,7 @@ TRACE = trace.DEFAULT_TRACE
 def _load(out_dir: str, name: str) -> dict:
     [path] = glob.glob(os.path.join(out_dir, f"{name}-*.json"))
     assert os.path.getsize(path.replace(".json", ".png")) > 1000
-    return results.load(path)  # the summary with its samples file put back
+    return run_files.load(path)  # the summary with its samples file put back
 
 
 @pytest.mark.parametrize("with_baseline", [False, True])

@@ -209,10 +209,10 @@ def test_bench_ttft_and_soak_against_it(testbed: MultiHost) -> None:
                      "--seconds", "12", "--clients", "2", "--prefix-tokens", "128",
                      "--no-kill", "--no-progress", "--out", out)
     assert soak.returncode == 0, soak.stderr[-3000:]
-    from bench import results as bench_results
+    from bench import run_files
 
     # a run writes a summary JSON and its samples beside it; load() puts them back together
-    results = {os.path.basename(f).split("-")[0]: bench_results.load(f)
+    results = {os.path.basename(f).split("-")[0]: run_files.load(f)
                for f in glob.glob(os.path.join(tb.hosts[CLIENT].tmp, "bench", "*.json"))}
     assert {s["mode"] for s in results["ttft"]["samples"]} == {"cold", "warm"}
     warm = [s for s in results["ttft"]["samples"] if s["mode"] == "warm"]
