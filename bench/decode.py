@@ -50,7 +50,7 @@ from bench.common import (
     summarize,
 )
 from bench.service import server_target
-from kvstore.errors import StrataError
+from proto.errors import StrataError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from bench.router_ref import ReferenceBlockIndex, reference_choose_prefill
 from bench.router_replay import EventStream, make_cost_model, worker_names
 from bench.router_sim import SimProfile
 from kvstore.keys import BlockHash, hash_prompt_blocks
 from router.index import BlockEvent, GlobalBlockIndex, StoreEventLike
-from router.index_ref import ReferenceBlockIndex, reference_choose_prefill
 from router.placement import CostModel, Placement
 
 PROMPT_BLOCKS = 2048

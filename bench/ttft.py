@@ -70,7 +70,7 @@ from kvstore.bandwidth import (
     drop_os_caches,
     drop_page_cache,
 )
-from kvstore.errors import StrataError
+from proto.errors import StrataError
 
 MODES = ("cold", "device", "host", "disk")
 DEFAULT_LENGTHS = "1024,4096,16384"

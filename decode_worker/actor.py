@@ -7,8 +7,8 @@ from typing import Any
 import ray
 
 from decode_worker.worker import DecodeWorker
-from engine.worker_base import WorkerActorBase
 from proto.worker_api import DecodeRequest
+from worker.base import WorkerActorBase
 
 
 class DecodeActor(WorkerActorBase):

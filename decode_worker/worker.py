@@ -19,10 +19,10 @@ from decode_worker.admission import Admissions
 from decode_worker.outputs import OutputHub
 from engine.config import EngineConfig
 from engine.loop import OutputSink, RequestAborted
-from engine.worker_base import WorkerBase
 from kvstore.config import StoreConfig
 from proto import strata_pb2_grpc
 from proto.worker_api import DECODE, DecodeRequest, SamplingParams
+from worker.base import WorkerBase
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.block_pool import BlockPool
-from kvstore.fence import CopyEngine, Fence
+from engine.fence import CopyEngine, Fence
 from kvstore.keys import BlockHash
 from kvstore.layout import KVLayout
 from kvstore.lending import Lease, Reservation, runs

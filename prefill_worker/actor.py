@@ -6,9 +6,9 @@ from typing import Any
 
 import ray
 
-from engine.worker_base import WorkerActorBase
 from prefill_worker.worker import PrefillWorker
 from proto.worker_api import PrefillRequest, PrefillResult
+from worker.base import WorkerActorBase
 
 
 class PrefillActor(WorkerActorBase):

@@ -17,14 +17,14 @@ import threading
 import time
 
 from engine.config import EngineConfig
-from engine.worker_base import WorkerBase, bytes_tensor
 from kvstore.config import StoreConfig
-from kvstore.errors import StrataError
 from kvstore.keys import BlockHash
 from kvtransfer.config import TransferConfig
 from kvtransfer.sender import KVSender
 from kvtransfer.session import PushSession
+from proto.errors import StrataError
 from proto.worker_api import PREFILL, PrefillRequest, PrefillResult
+from worker.base import WorkerBase, bytes_tensor
 
 logger = logging.getLogger(__name__)
 

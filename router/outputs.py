@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvstore.errors import StrataError
 from kvtransfer import wire
 from proto import strata_pb2, strata_pb2_grpc
+from proto.errors import StrataError
 from router.errors import OverloadedError, RequestTimeoutError
 
 logger = logging.getLogger(__name__)

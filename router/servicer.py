@@ -34,8 +34,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from kvstore.errors import StrataError
 from proto import strata_pb2, strata_pb2_grpc
+from proto.errors import StrataError
 from router.auth import check_bearer, is_open_method
 from router.config import RouterConfig
 from router.detokenize import IncrementalDetokenizer

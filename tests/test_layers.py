@@ -4,10 +4,11 @@ Every ``import`` statement of the project's packages counts, wherever it stands 
 function body, an ``if TYPE_CHECKING:`` block): a lazy import is still a dependency. The
 packages stand on floors, and an import runs only down, never sideways or up:
 
-    floor 7  strata
-    floor 6  bench
-    floor 5  cluster
-    floor 4  prefill_worker, decode_worker   (the workers never import each other)
+    floor 8  strata
+    floor 7  bench
+    floor 6  cluster
+    floor 5  prefill_worker, decode_worker   (the workers never import each other)
+    floor 4  worker                          (what both workers share)
     floor 3  engine, router                  (they never import each other)
     floor 2  kvtransfer
     floor 1  kvstore                         (bytes and layouts, never models)
@@ -34,10 +35,11 @@ FLOORS: dict[str, int] = {
     "kvstore": 1,
     "kvtransfer": 2,
     "engine": 3, "router": 3,
-    "prefill_worker": 4, "decode_worker": 4,
-    "cluster": 5,
-    "bench": 6,
-    "strata": 7,
+    "worker": 4,
+    "prefill_worker": 5, "decode_worker": 5,
+    "cluster": 6,
+    "bench": 7,
+    "strata": 8,
 }
 
 

@@ -193,7 +193,7 @@ def test_cuda_lanes_give_the_cold_tokens(tmp_path, make_engine) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fence_orders_compute_after_the_copy() -> None:
-    from kvstore.fence import CopyEngine, CudaFence
+    from engine.fence import CopyEngine, CudaFence
 
     eng = CopyEngine(torch.device("cuda"))
     src = torch.arange(1 << 26, dtype=torch.float32).pin_memory()

@@ -17,8 +17,9 @@ from kvstore_testutil import (
     payload_location,
 )
 
-from kvstore.errors import DiskFormatError, StrataError
+from kvstore.errors import DiskFormatError
 from kvstore.layout import KVLayout
+from proto.errors import StrataError
 
 
 def _out(n: int, nbytes: int = NBYTES) -> torch.Tensor:

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.router_ref import ReferenceBlockIndex, reference_choose_prefill
 from kvstore.keys import hash_prompt_blocks
 from router.index import TIERS, BlockEvent, GlobalBlockIndex, _words_of
-from router.index_ref import ReferenceBlockIndex, reference_choose_prefill
 from router.placement import CostModel, WorkerProfile
 
 H = hash_prompt_blocks(list(range(16 * 10)), 16, b"p" * 16)  # 10 chained block hashes

@@ -5,7 +5,8 @@ leading run and evaluates the cost model once per worker and block, with no boun
 The incarnation rules (``router.incarnation``) are written out again here, plainly, one dict per
 worker. Kept as the oracle of the property tests (``tests/router/test_index_property.py``) and
 as the "before" row of ``strata bench router``; the router itself uses
-``router.index.GlobalBlockIndex`` and ``CostModel.choose_prefill``.
+``router.index.GlobalBlockIndex`` and ``CostModel.choose_prefill``. It lives in ``bench`` (not
+``router``, which serves, nor ``tests``, which the shipped benchmarks cannot import).
 """
 
 from __future__ import annotations
