@@ -124,7 +124,7 @@ def _tiers_and_handoff(loaded: Any, prompt: list[int], cfg: Any,
 
 def _compare(tokens: list[int], logits: torch.Tensor, cold: list[int], cold_logits: torch.Tensor,
              by_tier: dict[str, int]) -> dict[str, Any]:  # fmt: skip
-    from bench.ttft import check_warm_logits
+    from bench.logits_gate import check_warm_logits
 
     diff = float((logits - cold_logits).abs().max())
     gate = check_warm_logits(cold_logits[0], logits[0], "torch.bfloat16")

@@ -35,7 +35,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -57,7 +56,8 @@ from router.membership import Membership
 from router.metrics import RouterMetrics
 from router.outputs import TokenQueue, WorkerLostError
 from router.placement import CostModel, Placement
-from router.types import FINISH_ABORT, GenRequest, TokenDelta, Usage
+from router.run_usage import RunUsage
+from router.types import FINISH_ABORT, GenRequest, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -78,32 +78,12 @@ class _Lost(Exception):
         self.phase = phase
 
 
-@dataclass(slots=True)
-class _Usage:
-    prompt_tokens: int
-    cached_tokens: int = 0
-    by_tier: dict[str, int] = field(default_factory=dict)
-    ttft_ms: float = 0.0
-    prefill: str = ""
-    decode: str = ""
-    known: bool = False  # cache figures set (by the first attempt that reported them)
-
-    def done(self, num_tokens: int) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=num_tokens,
-            cached_tokens=self.cached_tokens,
-            cached_tokens_by_tier=dict(self.by_tier),
-            ttft_ms=self.ttft_ms,
-            prefill_worker=self.prefill,
-            decode_worker=self.decode,
-        )
-
-
 class Cluster(Protocol):
     """What a run reads of the router's cluster view (``router.backend.RayBackend``)."""
 
     block_size: int
+    fingerprint: bytes
+    colocated: bool
     config: BackendConfig
     cost: CostModel
     index: GlobalBlockIndex
@@ -118,7 +98,7 @@ class RequestRun:
         self.t0 = time.monotonic()
         self.end = self.t0 + deadline_s
         self.tokens: list[int] = []  # every token the client got, in order
-        self.usage = _Usage(len(req.prompt_token_ids))
+        self.usage = RunUsage(len(req.prompt_token_ids))
         self.attempts = 0
         self.lost: list[_Lost] = []  # the workers lost under it
         self.cancelled = False
@@ -410,12 +390,7 @@ class RequestRun:
             c.members.add_in_flight(p_id, -1)
 
     def _took_prefill(self, res: PrefillResult, num_tokens: int) -> None:
-        u = self.usage
-        if not u.known:
-            u.cached_tokens, u.by_tier = res.cached_tokens, dict(res.cached_by_tier)
-            if res.num_pulled_blocks:
-                u.by_tier["remote"] = res.num_pulled_blocks * self.c.block_size
-            u.ttft_ms, u.known = res.prefill_ms, True
+        self.usage.took_prefill(res, self.c.block_size)
         if self.lost:  # a moved request: what its new prefill worker computed again
             pulled = res.num_pulled_blocks * self.c.block_size
             self.c.metrics.migration_tokens_recomputed_total.inc(
@@ -511,11 +486,8 @@ class RequestRun:
     def _took_first(self, cached: dict[str, int] | None, num_tokens: int, recompute: bool) -> None:
         """The decode worker's first output; ``recompute``: it computed the context, a moved
         request's (its cache hits tell how much it found)."""
-        u = self.usage
         hits = {k: v for k, v in (cached or {}).items() if v}
-        if not u.known:  # colocated, or its prefill worker died: these are the request's
-            u.cached_tokens, u.by_tier = sum(hits.values()), hits
-            u.ttft_ms, u.known = (time.monotonic() - self.t0) * 1e3, True
+        self.usage.took_first(hits, self.t0)
         if recompute:
             self.c.metrics.migration_tokens_recomputed_total.inc(
                 max(0, num_tokens - sum(hits.values()))

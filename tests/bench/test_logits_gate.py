@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.common import BenchmarkError, progress
-from bench.ttft import _cycle, check_warm_logits, logit_gap
+from bench.logits_gate import check_warm_logits, logit_gap
+from bench.ttft import _cycle
 from engine.sampling import SamplingParams
 from kvstore.config import StoreConfig
 
