@@ -69,9 +69,9 @@ from bench.service import server_target
 from kvstore.bandwidth import (
     device_read_ceiling,
     drop_os_caches,
-    drop_page_cache,
 )
 from proto.errors import StrataError
+from proto.vocab import Tier
 
 MODES = ("cold", "device", "host", "disk")
 DEFAULT_LENGTHS = "1024,4096,16384"
@@ -180,7 +180,7 @@ def run_inprocess(
                                         max(64, (256 << 20) // _block_nbytes(args, loaded))},
                               **(engine_kw or {}))
         try:
-            assert engine.store is not None and engine.store.disk is not None, "store tiers missing"
+            assert engine.store is not None and engine.store.tier(Tier.DISK), "store tiers missing"
             bandwidth, disk_cache = _floors(engine, disk_dir)
             vocab = engine.model_config.vocab_size
             bar = progress((repeats * len(lengths) + 1) * len(modes), "ttft", args.no_progress)
@@ -244,7 +244,7 @@ def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any
     bandwidth["device"] = memory_copy_bandwidth(engine.layout.dtype, engine.device)
     for tier in ("host", "disk"):
         engine.kv.speeds.set_tier(tier, tiers[tier] * 1e9)
-    if store.disk.direct_io:  # the data never enters the page cache: nothing to drop
+    if store.reads_bypass_page_cache:  # the data never enters the page cache: nothing to drop
         dropped, honest = "nothing needed: O_DIRECT reads (the store's files fadvised out)", True
     elif drop_os_caches():
         dropped, honest = "drop_caches (echo 3) before each warm-disk run", True
@@ -283,15 +283,13 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,
     for mode in modes:
         if mode == "host":
             engine.kv.evict_all_free()
-            _expect_lookup(store, hashes[:num_hit], "host")
+            _expect_lookup(store, hashes[:num_hit], Tier.HOST)
         elif mode == "disk":
             engine.kv.evict_all_free()
-            store.flush()
-            store.evict_host(store.host.num_slots)
-            _expect_lookup(store, hashes[:num_hit], "disk")
-            drop_page_cache(store.disk.path)
-            if not store.disk.direct_io:  # buffered reads: only an empty page cache is honest
-                drop_os_caches()
+            store.demote(Tier.DISK)  # the host's blocks written down, its pages dropped
+            _expect_lookup(store, hashes[:num_hit], Tier.DISK)
+            if not store.reads_bypass_page_cache:  # buffered reads: only an empty page cache
+                drop_os_caches()  # is honest
         store.flush()  # no write-behind traffic during the timed run
         res = engine.generate([prompt], sampling)[0]
         logits = engine.runner.kept_logits.pop(res.req_id)[0]

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ServiceConfig
 from cluster.workers import actor_options, create_worker
-from proto.worker_api import DECODE, PREFILL
+from proto.vocab import Role
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,11 @@ def launch(
 
     owns = connect(address, cfg)
     bind_all = bool(address) and not local
-    prefill = [create_worker(cfg, PREFILL, i, bind_all, detach) for i in range(cfg.num_prefill)]
-    decode = [create_worker(cfg, DECODE, i, bind_all, detach) for i in range(cfg.num_decode)]
-    workers = [(PREFILL, h) for h in prefill] + [(DECODE, h) for h in decode]
+    prefill = [
+        create_worker(cfg, Role.PREFILL, i, bind_all, detach) for i in range(cfg.num_prefill)
+    ]
+    decode = [create_worker(cfg, Role.DECODE, i, bind_all, detach) for i in range(cfg.num_decode)]
+    workers = [(Role.PREFILL, h) for h in prefill] + [(Role.DECODE, h) for h in decode]
     # The router runs on this node (the head, where `strata up` runs): its gRPC address is the
     # one users are given, and a worker node that leaves must not take the router with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

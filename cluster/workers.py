@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from cluster.config import ServiceConfig
-from proto.worker_api import DECODE, PREFILL
+from proto.vocab import Role
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def share_cores(nodes: list[dict[str, float]], role: str, num_workers: int, loca
     role_nodes = [r for r in nodes if r.get(role, 0) >= 1]
     if role_nodes:
         shares = [
-            int(r.get("CPU", local)) // max(1, int(r.get(PREFILL, 0) + r.get(DECODE, 0)))
+            int(r.get("CPU", local)) // max(1, int(r.get(Role.PREFILL, 0) + r.get(Role.DECODE, 0)))
             for r in role_nodes
         ]
         return max(1, min(shares))
@@ -75,8 +75,8 @@ def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, det
     from decode_worker.actor import decode_actor_class
     from prefill_worker.actor import prefill_actor_class
 
-    if role not in (PREFILL, DECODE):
-        raise ValueError(f"role must be {PREFILL!r} or {DECODE!r}, got {role!r}")
+    if role not in (Role.PREFILL, Role.DECODE):
+        raise ValueError(f"role must be {Role.PREFILL!r} or {Role.DECODE!r}, got {role!r}")
     wid = f"{role}-{index}"
     opts = {
         **actor_options(f"{WORKER_NAME_PREFIX}{wid}", detach),
@@ -87,7 +87,7 @@ def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, det
     kv_host = "0.0.0.0" if bind_all else "127.0.0.1"
     store = cfg.store_for(wid)
     engine = dataclasses.replace(cfg.engine, cpu_threads=engine_threads(cfg, role))
-    if role == PREFILL:
+    if role == Role.PREFILL:
         return prefill_actor_class(**opts).remote(
             wid, engine, store, cfg.secret, kv_host, transfer=cfg.transfer
         )

@@ -21,14 +21,15 @@ from engine.config import EngineConfig
 from engine.loop import OutputSink, RequestAborted
 from kvstore.config import StoreConfig
 from proto import strata_pb2_grpc
-from proto.worker_api import DECODE, DecodeRequest, SamplingParams
+from proto.vocab import Role
+from proto.worker_api import DecodeRequest, SamplingParams
 from worker.base import WorkerBase
 
 logger = logging.getLogger(__name__)
 
 
 class DecodeWorker(WorkerBase):
-    role = DECODE
+    role = Role.DECODE
 
     def __init__(
         self,

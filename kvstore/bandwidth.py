@@ -30,6 +30,7 @@ import torch
 from kvstore.errors import StoreError
 from kvstore.keys import BlockHash
 from kvstore.layout import aligned_empty
+from proto.vocab import Tier
 
 if TYPE_CHECKING:
     from kvstore.tiers.disk import DiskTier
@@ -40,7 +41,7 @@ PROBE_BYTES = 16 << 20  # at least this much is read to time the disk (past late
 def measure_bandwidth(
     block_nbytes: int, host_enabled: bool, disk: DiskTier | None, write_step: int,
     num_blocks: int | None = None, repeats: int = 3,
-) -> dict[str, float]:
+) -> dict[Tier, float]:
     """GB/s per enabled tier (``{"host": ..., "disk": ...}``); ``write_step``: blocks per put
     (the disk writer's queue depth)."""
     nb = block_nbytes
@@ -51,11 +52,11 @@ def measure_bandwidth(
     nbytes = num_blocks * nb
     src = torch.randint(0, 256, (num_blocks, nb), dtype=torch.uint8)
     dst = aligned_empty(num_blocks, nb)
-    result: dict[str, float] = {}
+    result: dict[Tier, float] = {}
     if host_enabled:
         idx = torch.randperm(num_blocks)
         best = min(_timed(lambda: torch.index_select(src, 0, idx, out=dst)) for _ in range(repeats))
-        result["host"] = nbytes / best / 1e9
+        result[Tier.HOST] = nbytes / best / 1e9
     if disk is not None:
         num_blocks = min(num_blocks, max(1, disk.capacity_bytes // disk.slot_nbytes // 2))
         hashes = [BlockHash(os.urandom(16)) for _ in range(num_blocks)]
@@ -73,7 +74,7 @@ def measure_bandwidth(
             for h in hashes:
                 disk.remove(h)
             disk.flush(timeout_s=60.0)
-        result["disk"] = num_blocks * nb / statistics.median(times) / 1e9
+        result[Tier.DISK] = num_blocks * nb / statistics.median(times) / 1e9
     return result
 
 

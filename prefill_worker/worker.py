@@ -23,14 +23,15 @@ from kvtransfer.config import TransferConfig
 from kvtransfer.sender import KVSender
 from kvtransfer.session import PushSession
 from proto.errors import StrataError
-from proto.worker_api import PREFILL, PrefillRequest, PrefillResult
+from proto.vocab import FinishReason, Role
+from proto.worker_api import PrefillRequest, PrefillResult
 from worker.base import WorkerBase, bytes_tensor
 
 logger = logging.getLogger(__name__)
 
 
 class PrefillWorker(WorkerBase):
-    role = PREFILL
+    role = Role.PREFILL
 
     def __init__(
         self,
@@ -94,7 +95,7 @@ class PrefillWorker(WorkerBase):
                 session.abort()
             raise
         token = out.new_token_ids[0]
-        stop = out.finish_reason == "stop"
+        stop = out.finish_reason == FinishReason.STOP
         finished = stop or req.sampling.max_tokens == 1
         if session is not None:
             if finished:
@@ -105,7 +106,9 @@ class PrefillWorker(WorkerBase):
             req_id=req.req_id,
             first_token=token,
             finished=finished,
-            finish_reason=("stop" if stop else "length") if finished else None,
+            finish_reason=(
+                (FinishReason.STOP if stop else FinishReason.LENGTH) if finished else None
+            ),
             prompt_tokens=len(prompt),
             cached_tokens=out.num_cached_tokens,
             cached_by_tier=out.cached_by_tier,

@@ -40,9 +40,8 @@ from typing import Protocol
 from ray.exceptions import RayActorError, RayTaskError
 
 from kvstore.keys import BlockHash, hash_prompt_blocks
+from proto.vocab import FinishReason, Role
 from proto.worker_api import (
-    DECODE,
-    PREFILL,
     DecodeRequest,
     PrefillRequest,
     PrefillResult,
@@ -57,7 +56,7 @@ from router.metrics import RouterMetrics
 from router.outputs import TokenQueue, WorkerLostError
 from router.placement import CostModel, Placement
 from router.run_usage import RunUsage
-from router.types import FINISH_ABORT, GenRequest, TokenDelta
+from router.types import GenRequest, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class RequestRun:
                 except _Lost as lost:
                     self._moved(lost)
                     if self.cancelled:
-                        yield TokenDelta((), FINISH_ABORT, self.usage.done(len(self.tokens)))
+                        yield TokenDelta((), FinishReason.ABORT, self.usage.done(len(self.tokens)))
                         return
         finally:
             self._at(None, "")
@@ -195,14 +194,14 @@ class RequestRun:
         remaining = req.max_tokens - len(self.tokens)
         hashes = hash_prompt_blocks(context, c.block_size, c.fingerprint, req.cache_salt)
         rid = self._new_id()
-        if c.colocated or (self.lost and not c.members.alive(PREFILL)):
+        if c.colocated or (self.lost and not c.members.alive(Role.PREFILL)):
             # no prefill worker: a decode worker computes the context (a moved request goes on
             # this way rather than wait for one)
             worker, queue = await self._start_colocated(rid, hashes, context, remaining)
             async for delta in self._decode(worker, rid, queue, context, recompute=bool(self.lost)):
                 yield delta
             return
-        prefill_ids = await self._alive_or_wait(PREFILL)
+        prefill_ids = await self._alive_or_wait(Role.PREFILL)
         placement = c.cost.choose_prefill(prefill_ids, c.index, hashes, len(context))
         early: TokenQueue | None = None
         d_id: str | None = None
@@ -218,7 +217,7 @@ class RequestRun:
                 # push's last frame carries it): it starts over under a new id and computes
                 # what it lacks, the first token included, so the client gets every token.
                 self.lost.append(lost)
-                c.metrics.migrations_total.labels(role=PREFILL, phase=lost.phase).inc()
+                c.metrics.migrations_total.labels(role=Role.PREFILL, phase=lost.phase).inc()
                 logger.warning("request %s: %s; a decode worker computes it", req.req_id, lost)
                 self._end_decode(d_id, rid, abort=True)
                 early = None
@@ -279,11 +278,12 @@ class RequestRun:
         c = self.c
         tried: list[str] = []
         while True:
-            alive = [w for w in await self._alive_or_wait(DECODE) if w not in tried]
+            alive = [w for w in await self._alive_or_wait(Role.DECODE) if w not in tried]
             if not alive:
                 raise NoWorkerError(
                     f"no decode worker could take request {self.req.req_id} "
-                    f"({c.members.describe(DECODE)}) " + self._tag("no_worker", DECODE, "placing")
+                    f"({c.members.describe(Role.DECODE)}) "
+                    + self._tag("no_worker", Role.DECODE, "placing")
                 )
             placement = c.cost.choose_prefill(alive, c.index, hashes, len(context))
             d_id = prefer if prefer in alive else placement.worker_id
@@ -304,12 +304,12 @@ class RequestRun:
         push and the first token)."""
         tried: list[str] = []
         while True:
-            alive = [w for w in await self._alive_or_wait(DECODE) if w not in tried]
+            alive = [w for w in await self._alive_or_wait(Role.DECODE) if w not in tried]
             if not alive:
                 raise NoWorkerError(
                     f"no decode worker could take request {self.req.req_id} "
-                    f"({self.c.members.describe(DECODE)}) "
-                    + self._tag("no_worker", DECODE, "placing")
+                    f"({self.c.members.describe(Role.DECODE)}) "
+                    + self._tag("no_worker", Role.DECODE, "placing")
                 )
             d_id = self.c.cost.choose_decode(alive, self.c.index, hashes)
             try:
@@ -337,7 +337,7 @@ class RequestRun:
         p = c.members.get(p_id)
         gone = p.gone
         if gone is None or not p.alive:
-            raise _Lost(PREFILL, p_id, "prefill", "down before its prefill started")
+            raise _Lost(Role.PREFILL, p_id, "prefill", "down before its prefill started")
         pull_addr = (
             c.members.get(placement.pull_from).info.kv_address if placement.pull_from else None
         )
@@ -363,7 +363,7 @@ class RequestRun:
             )
             finished, res = await first_of(ray_result(ref), gone, self._remaining())
             if not finished:
-                raise _Lost(PREFILL, p_id, "prefill", gone.result())
+                raise _Lost(Role.PREFILL, p_id, "prefill", gone.result())
             assert res is not None
             with c.members.lock:
                 profile = c.cost.profiles.get(p_id)
@@ -374,14 +374,14 @@ class RequestRun:
             p.handle.abort.remote(rid)
             raise RequestTimeoutError(
                 f"prefill of {req.req_id} on {p_id} timed out "
-                + self._tag("deadline", PREFILL, "prefill", p_id)
+                + self._tag("deadline", Role.PREFILL, "prefill", p_id)
             ) from None
         except asyncio.CancelledError:
             p.handle.abort.remote(rid)  # the client left
             raise
         except RayActorError as e:
             c.members.mark_down(p_id, e)
-            raise _Lost(PREFILL, p_id, "prefill", type(e).__name__) from e
+            raise _Lost(Role.PREFILL, p_id, "prefill", type(e).__name__) from e
         except RayTaskError as e:  # a ValueError etc. raised by the worker itself
             raise e.as_instanceof_cause() from None
         finally:
@@ -466,7 +466,7 @@ class RequestRun:
                 try:
                     item = await queue.get(self._remaining())
                 except WorkerLostError as e:
-                    raise _Lost(DECODE, d_id, phase, e) from e
+                    raise _Lost(Role.DECODE, d_id, phase, e) from e
                 if phase == "awaiting_first":
                     phase = "decoding"
                     self._at(d_id, phase)

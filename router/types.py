@@ -6,10 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-FINISH_STOP = "stop"  # a stop token (or EOS) was generated
-FINISH_LENGTH = "length"  # max_tokens reached (or the model's context is full)
-FINISH_ABORT = "abort"  # the backend gave up on the request (worker lost, cancelled)
-FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT)
+from proto.vocab import FinishReason
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class TokenDelta:
     ``usage`` set (and may carry the last tokens too)."""
 
     token_ids: tuple[int, ...] = ()
-    finish_reason: str | None = None  # one of FINISH_REASONS on the last item
+    finish_reason: FinishReason | None = None  # set on the last item
     usage: Usage | None = None  # set on the last item
 
     @property

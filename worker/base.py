@@ -28,7 +28,8 @@ from kvstore.config import StoreConfig
 from kvstore.keys import BlockHash
 from kvtransfer import wire
 from kvtransfer.receiver import KVReceiver, add_to_server
-from proto.worker_api import BlockSnapshot, EventBatch, WorkerInfo
+from proto.vocab import Tier
+from proto.worker_api import BlockEvent, BlockSnapshot, EventBatch, WorkerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class WorkerBase:
         """A push of ``req_id``'s blocks into this worker ended (``ok``: completely), with the
         first token if the push carried one."""
 
-    def _measure_tiers(self) -> dict[str, float]:
+    def _measure_tiers(self) -> dict[Tier, float]:
         if self.engine.store is None:
             return {}
         try:
@@ -192,7 +193,7 @@ class WorkerBase:
 
         return self.loop.call(snap)
 
-    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
+    def evict_cached(self, down_to: str = Tier.HOST) -> dict[Tier, int]:
         return self.loop.call(lambda eng: eng.evict_cached(down_to))
 
     def check_no_leaks(self) -> bool:
@@ -265,7 +266,7 @@ class WorkerActorBase:
     def drain_events(self) -> EventBatch:
         return self.worker.drain_events()
 
-    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
+    def evict_cached(self, down_to: str = Tier.HOST) -> dict[Tier, int]:
         return self.worker.evict_cached(down_to)
 
     def check_no_leaks(self) -> bool:
@@ -286,19 +287,13 @@ class EventNumbering:
         self._seq += 1
         return self._seq
 
-    def drain(self, eng: LLMEngine) -> tuple[list[tuple[str, str, tuple[bytes, ...]]], bool]:
+    def drain(self, eng: LLMEngine) -> tuple[list[BlockEvent], bool]:
         """(events, whether some were dropped since the last drain: a full queue drops)."""
         pool_events = eng.kv.pool.events
         lost = pool_events.maxlen is not None and len(pool_events) >= pool_events.maxlen
-        out: list[tuple[str, str, tuple[bytes, ...]]] = [
-            (kind, "device", tuple(bytes(h) for h in hashes))
-            for kind, hashes in eng.kv.pool.drain_events()
-        ]
+        out = eng.kv.pool.drain_events()
         if eng.store is not None:
-            out += [
-                (ev.kind, ev.tier, tuple(bytes(h) for h in ev.block_hashes))
-                for ev in eng.store.drain_events()
-            ]
+            out += eng.store.drain_events()
             dropped = eng.store.events.num_dropped
             lost = lost or dropped != self._store_dropped
             self._store_dropped = dropped

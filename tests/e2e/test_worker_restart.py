@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from engine.sampling import SamplingParams
-from proto.worker_api import EventBatch
+from proto.worker_api import BlockEvent, EventBatch
 from router.client import StrataClient
 from tests.e2e.conftest import TOKEN, prompt, start, wait_no_leaks
 
@@ -69,7 +69,7 @@ def test_a_restart_is_credited_with_what_its_disk_holds(service, reference_engin
         assert _credited(router, holder, hashes) == {**NONE, "disk": len(hashes)}
         # what its start would report next, in the poller's hands when it dies
         snap = ray.get(handle.snapshot_blocks.remote(), timeout=60)
-        late = EventBatch(snap.epoch, snap.seq + 1, (("stored", "disk", tuple(hashes)),))
+        late = EventBatch(snap.epoch, snap.seq + 1, (BlockEvent("stored", "disk", tuple(hashes)),))
 
         # restart with an empty disk: its directory moved away while it runs
         path = os.path.join(disk, holder)

@@ -217,7 +217,7 @@ def test_events_and_snapshots_are_numbered_within_one_start(workers) -> None:
     assert before.epoch == batch.epoch == snap.epoch == p.info().epoch > 0
     assert (batch.seq, snap.seq) == (before.seq + 1, before.seq + 2) and not batch.lost
     hashes = hash_prompt_blocks(prompt, p.engine.block_size, p.engine.fingerprint)
-    assert set(hashes) <= {h for kind, _, hs in batch.events if kind == "stored" for h in hs}
+    assert set(hashes) <= {h for e in batch.events if e.kind == "stored" for h in e.block_hashes}
     # the router's index fed the snapshot credits the prompt's blocks; a batch drained before
     # the snapshot is already in it, the next one applies on top
     index = GlobalBlockIndex()
