@@ -19,6 +19,7 @@ import ray
 
 from cluster.config import ServiceConfig
 from proto.vocab import Role
+from worker.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +85,13 @@ def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, det
         "max_restarts": -1,
         "max_task_retries": 0,
     }
-    kv_host = "0.0.0.0" if bind_all else "127.0.0.1"
-    store = cfg.store_for(wid)
-    engine = dataclasses.replace(cfg.engine, cpu_threads=engine_threads(cfg, role))
-    if role == Role.PREFILL:
-        return prefill_actor_class(**opts).remote(
-            wid, engine, store, cfg.secret, kv_host, transfer=cfg.transfer
-        )
-    return decode_actor_class(**opts).remote(wid, engine, store, cfg.secret, kv_host)
+    spec = WorkerSpec(
+        worker_id=wid,
+        engine=dataclasses.replace(cfg.engine, cpu_threads=engine_threads(cfg, role)),
+        store=cfg.store_for(wid),
+        secret=cfg.secret,
+        kv_host="0.0.0.0" if bind_all else "127.0.0.1",
+        transfer=cfg.transfer,
+    )
+    actor_class = prefill_actor_class if role == Role.PREFILL else decode_actor_class
+    return actor_class(**opts).remote(spec)

@@ -16,16 +16,14 @@ import queue
 import threading
 import time
 
-from engine.config import EngineConfig
-from kvstore.config import StoreConfig
 from kvstore.keys import BlockHash
-from kvtransfer.config import TransferConfig
 from kvtransfer.sender import KVSender
 from kvtransfer.session import PushSession
 from proto.errors import StrataError
 from proto.vocab import FinishReason, Role
 from proto.worker_api import PrefillRequest, PrefillResult
 from worker.base import WorkerBase, bytes_tensor
+from worker.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -33,24 +31,12 @@ logger = logging.getLogger(__name__)
 class PrefillWorker(WorkerBase):
     role = Role.PREFILL
 
-    def __init__(
-        self,
-        worker_id: str,
-        engine_config: EngineConfig,
-        store_config: StoreConfig,
-        secret: str | None = None,
-        kv_host: str = "127.0.0.1",
-        kv_port: int = 0,
-        advertise_host: str | None = None,
-        transfer: TransferConfig | None = None,
-    ) -> None:
-        super().__init__(
-            worker_id, engine_config, store_config, secret, kv_host, kv_port, advertise_host
-        )
-        self.transfer = transfer or TransferConfig()
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self.transfer = spec.transfer
         self.sender = KVSender(
-            secret=secret,
-            owner=worker_id,
+            secret=spec.secret,
+            owner=spec.worker_id,
             block_nbytes=self.engine.layout.block_nbytes,
             frame_bytes=self.transfer.frame_bytes,
             shm_bytes=self.transfer.shm_bytes,

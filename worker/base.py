@@ -15,21 +15,19 @@ import warnings
 from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loop import EngineLoop
-from kvstore.config import StoreConfig
 from kvstore.keys import BlockHash
 from kvtransfer import wire
 from kvtransfer.receiver import KVReceiver, add_to_server
 from proto.vocab import Tier
 from proto.worker_api import BlockEvent, BlockSnapshot, EventBatch, WorkerInfo
+from worker.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +68,14 @@ class WorkerBase:
 
     role = "worker"
 
-    def __init__(
-        self,
-        worker_id: str,
-        engine_config: EngineConfig,
-        store_config: StoreConfig,
-        secret: str | None = None,
-        kv_host: str = "127.0.0.1",
-        kv_port: int = 0,
-        advertise_host: str | None = None,
-    ) -> None:
-        self.worker_id = worker_id
-        self.secret = secret
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.worker_id = worker_id = spec.worker_id
+        self.secret = secret = spec.secret
         self.epoch = time.time_ns()  # this start: the router drops events of earlier ones
         self._events = EventNumbering()
-        torch.set_num_threads(engine_config.cpu_threads or os.cpu_count() or 1)
-        self.engine = LLMEngine(engine_config, store_config)
+        torch.set_num_threads(spec.engine.cpu_threads or os.cpu_count() or 1)
+        self.engine = LLMEngine(spec.engine, spec.store)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
         self.tier_bytes_per_s = self._measure_tiers()
         speeds = self.engine.kv.speeds  # load-or-recompute starts from the measured speeds
@@ -104,12 +94,13 @@ class WorkerBase:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._add_services(self.server)
-        port = self.server.add_insecure_port(f"{kv_host}:{kv_port}")
+        bind = f"{spec.kv_host}:{spec.kv_port}"
+        port = self.server.add_insecure_port(bind)
         if port == 0:
-            raise OSError(f"could not bind the worker's gRPC server to {kv_host}:{kv_port}")
+            raise OSError(f"could not bind the worker's gRPC server to {bind}")
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.kv_address = f"{advertise_host or kv_host}:{port}"
+        self.kv_address = f"{spec.advertise_host or spec.kv_host}:{port}"
         self.started_at = time.time()  # ready to serve (wall clock: the router reports it)
         logger.info("%s serving KV transfer on %s", worker_id, self.kv_address)
 
@@ -223,30 +214,15 @@ class WorkerActorBase:
 
     worker_class: type[WorkerBase] = WorkerBase
 
-    def __init__(
-        self,
-        worker_id: str,
-        engine_config: EngineConfig,
-        store_config: StoreConfig,
-        secret: str | None = None,
-        kv_host: str = "127.0.0.1",
-        **worker_kwargs: Any,
-    ) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         import ray
 
         # On all interfaces (a cluster of machines) the worker advertises its node's address,
         # the one other nodes reach it at.
-        advertise = ray.util.get_node_ip_address() if kv_host in ("0.0.0.0", "::") else None
+        if spec.binds_all:
+            spec = dataclasses.replace(spec, advertise_host=ray.util.get_node_ip_address())
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.worker = self.worker_class(
-            worker_id,
-            engine_config,
-            store_config,
-            secret=secret,
-            kv_host=kv_host,
-            advertise_host=advertise,
-            **worker_kwargs,
-        )
+        self.worker = self.worker_class(spec)
 
     def info(self) -> WorkerInfo:
         return dataclasses.replace(self.worker.info(), node_id=self.node_id)

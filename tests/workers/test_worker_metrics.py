@@ -18,6 +18,7 @@ from kvstore.config import StoreConfig
 from prefill_worker.worker import PrefillWorker
 from router.metrics import RouterMetrics
 from router.worker_metrics import WorkerCollector
+from worker.spec import WorkerSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DASHBOARD = os.path.join(ROOT, "cluster", "deploy", "grafana-dashboard.json")
@@ -35,8 +36,8 @@ def worker_stats(tmp_path_factory):
             host_capacity_bytes=4 << 20, disk_path=str(tmp / name), disk_capacity_bytes=64 << 20
         )
 
-    p = PrefillWorker("prefill-0", cfg, store("p"), secret="s")
-    d = DecodeWorker("decode-0", cfg, store("d"), secret="s")
+    p = PrefillWorker(WorkerSpec("prefill-0", cfg, store("p"), secret="s"))
+    d = DecodeWorker(WorkerSpec("decode-0", cfg, store("d"), secret="s"))
     try:
         yield {
             "prefill-0": {**p.stats(), **BACKEND_STATS},

@@ -16,6 +16,7 @@ from prefill_worker.worker import PrefillWorker
 from proto.worker_api import DecodeRequest, PrefillRequest, SamplingParams
 from router.index import GlobalBlockIndex
 from tests.workers.sync_outputs import SyncOutputs
+from worker.spec import WorkerSpec
 
 SECRET = "s3"
 CHUNK = 128  # tokens per engine step: prompts below are prefilled in 3-6 chunks
@@ -27,11 +28,11 @@ def workers():
         model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096, max_num_batched_tokens=CHUNK
     )
     store = StoreConfig(host_capacity_bytes=8 << 20)
-    p_shm = PrefillWorker("prefill-shm", cfg, store, secret=SECRET)
+    p_shm = PrefillWorker(WorkerSpec("prefill-shm", cfg, store, secret=SECRET))
     p_grpc = PrefillWorker(
-        "prefill-grpc", cfg, store, secret=SECRET, transfer=TransferConfig(shm_bytes=0)
+        WorkerSpec("prefill-grpc", cfg, store, secret=SECRET, transfer=TransferConfig(shm_bytes=0))
     )
-    d = DecodeWorker("decode-0", cfg, store, secret=SECRET)
+    d = DecodeWorker(WorkerSpec("decode-0", cfg, store, secret=SECRET))
     out = SyncOutputs("decode-0", d.kv_address, SECRET)
     assert out.wait_connected(30)
     yield {"shm": p_shm, "grpc": p_grpc}, d, out
