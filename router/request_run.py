@@ -32,6 +32,7 @@ failure's message ends with a tag the soak reads:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -398,16 +399,8 @@ class RequestRun:
             )
 
     def _sampling(self, max_tokens: int) -> SamplingParams:
-        req = self.req
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop_token_ids=tuple(req.stop_token_ids),
-            ignore_eos=req.ignore_eos,
-        )
+        """The request's sampling, for the ``max_tokens`` this placement still generates."""
+        return dataclasses.replace(self.req.sampling, max_tokens=max_tokens)
 
     # ---- decode -----------------------------------------------------------------------------
     def _start(

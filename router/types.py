@@ -7,24 +7,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proto.vocab import FinishReason
+from proto.worker_api import SamplingParams
 
 
 @dataclass(frozen=True)
 class GenRequest:
     req_id: str  # unique per request (client-chosen or assigned by the router)
     prompt_token_ids: tuple[int, ...]  # validated: non-empty, every id < vocab_size
-    max_tokens: int  # >= 1; prompt + max_tokens <= max_model_len
-    temperature: float = 1.0  # 0 -> greedy
-    top_p: float = 1.0  # in (0, 1]
-    top_k: int = 0  # 0 -> off
-    seed: int | None = None  # None -> nondeterministic sampling
-    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's EOS
+    sampling: SamplingParams  # validated; max_tokens >= 1, prompt + max_tokens <= max_model_len
     cache_salt: str = ""  # tenant isolation: part of the first block's hash
-    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_tokens
 
 
 @dataclass(frozen=True)
