@@ -130,10 +130,12 @@ class TieredStore:
         A block whose copy into host is still under way is not present yet."""
         found: list[Tier] = []
         for h in hashes:
-            tier = next((t.name for t in self.tiers if t.contains(h)), None)
-            if tier is None:
+            for tier in self.tiers:
+                if tier.contains(h):
+                    found.append(tier.name)
+                    break
+            else:
                 break
-            found.append(tier)
         return found
 
     def lend(self, hashes: Sequence[BlockHash]) -> Lease:
@@ -308,8 +310,7 @@ class TieredStore:
         return next((t for t in self.tiers if t.name == name), None)
 
     def read_speed(self, tier: Tier) -> float | None:
-        """Bytes/s of the tier's own reads so far (the disk's moving average); None when not
-        measured yet, or for a tier that does not measure its reads."""
+        """Bytes/s of the tier's own reads so far (the disk measures them); None if unknown."""
         return self.disk.read_bytes_per_s if tier == Tier.DISK and self.disk is not None else None
 
     def demote(self, to: Tier, hashes: Sequence[BlockHash] | None = None) -> int:
@@ -451,8 +452,7 @@ class TieredStore:
 
     @property
     def reads_bypass_page_cache(self) -> bool:
-        """Whether the disk tier's reads skip the OS page cache (``O_DIRECT``; True without a
-        disk tier): then a load from disk times the device, with no cache to drop first."""
+        """The disk tier reads with ``O_DIRECT`` (or there is none): no page cache to drop."""
         return self.disk is None or self.disk.direct_io
 
     def disk_read_method(self) -> str:

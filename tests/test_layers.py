@@ -16,8 +16,9 @@ packages stand on floors, and an import runs only down, never sideways or up:
 
 A module may import modules of its own package and of lower floors. Besides the floors: no
 import cycle among the project's modules, and the router's process loads neither ``engine`` nor
-torch (checked by importing ``router.servicer`` in a fresh interpreter). A failure names the
-file, the line and the import, so the fix starts there.
+torch (checked by importing ``router.servicer`` in a fresh interpreter), and no module is over
+500 lines (STYLE.md). A failure names the file, the line and the import, so the fix starts
+there.
 """
 
 from __future__ import annotations
@@ -246,3 +247,16 @@ def test_the_router_process_loads_neither_engine_nor_torch() -> None:
     assert out.returncode == 0, out.stderr
     loaded = out.stdout.split()
     assert not loaded, f"importing router.servicer loads {loaded[:10]}"
+
+
+def test_no_module_over_500_lines() -> None:
+    """STYLE.md: modules of 100-300 lines, split at 500 (generated stubs aside)."""
+    long = []
+    for path in project_modules().values():
+        if path.endswith(("_pb2.py", "_pb2_grpc.py")):
+            continue
+        with open(path, encoding="utf-8") as f:
+            n = sum(1 for _ in f)
+        if n > 500:
+            long.append(f"{os.path.relpath(path, ROOT)}: {n} lines")
+    assert not long, "split these modules:\n" + "\n".join(long)
