@@ -124,3 +124,35 @@ def test_measure_bandwidth_reports_each_tier(make_store) -> None:
     bw = store.measure_bandwidth(num_blocks=8, repeats=2)
     assert set(bw) == {"host", "disk"} and all(v > 0 for v in bw.values())
     assert store.disk.num_blocks == 0  # scratch blocks removed
+
+
+def test_tiers_in_order_and_demote_a_prefix_to_disk(make_store) -> None:
+    from proto.vocab import Tier
+
+    store = make_store(host_blocks=16)
+    assert [t.name for t in store.tiers] == [Tier.HOST, Tier.DISK]
+    assert store.tier(Tier.DISK) is store.tiers[1] and store.tier(Tier.DEVICE) is None
+    hashes = make_hashes(8)
+    assert store.put(hashes, block_bytes(hashes)) == 8
+    assert store.flush(timeout_s=10)
+    assert store.demote(Tier.HOST, hashes) == 0  # the host is the store's top: nothing moves
+    pinned = hashes[4:5]
+    assert store.pin(pinned) == [True]
+    assert store.demote(Tier.DISK, hashes[:5]) == 4  # the pinned block stays up
+    assert store.lookup(hashes) == [Tier.DISK] * 4 + [Tier.HOST] * 4
+    store.unpin(pinned)
+    out = _out(8)
+    assert store.load(hashes, out) == 8  # read back from disk, the same bytes
+    assert_rows(out, hashes)
+    with pytest.raises(ValueError, match="host or disk"):
+        store.demote(Tier.DEVICE)
+
+
+def test_demote_everything_without_a_disk_drops_the_host_blocks(make_store) -> None:
+    from proto.vocab import Tier
+
+    store = make_store(host_blocks=8, disk=None)
+    hashes = make_hashes(4)
+    store.put(hashes, block_bytes(hashes))
+    assert [t.name for t in store.tiers] == [Tier.HOST]
+    assert store.demote(Tier.DISK) == 4 and store.lookup(hashes) == []
