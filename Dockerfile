@@ -32,6 +32,7 @@ COPY --chown=ray:users proto proto
 COPY --chown=ray:users engine engine
 COPY --chown=ray:users kvstore kvstore
 COPY --chown=ray:users kvtransfer kvtransfer
+COPY --chown=ray:users worker worker
 COPY --chown=ray:users textproc textproc
 COPY --chown=ray:users prefill_worker prefill_worker
 COPY --chown=ray:users decode_worker decode_worker

@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check strata engine kvstore proto router prefill_worker decode_worker cluster bench textproc kvtransfer tests
+	$(BIN)/ruff check strata engine kvstore proto router worker prefill_worker decode_worker cluster bench textproc kvtransfer tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy engine kvstore

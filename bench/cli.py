@@ -17,7 +17,7 @@ COMMANDS = {
     "offload": "bench.offload",
     "gpu": "bench.gpu",
     "disk": "bench.disk",
-    "results": "bench.results",
+    "results": "bench.run_files",
 }
 
 

@@ -16,13 +16,17 @@ from typing import Any
 
 import torch
 
-from bench.results import compact_png, samples_path
-from bench.results import write as write_result
+from bench.run_files import compact_png, samples_path
+from bench.run_files import write as write_result
 
 logger = logging.getLogger(__name__)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TIERS = ("device", "host", "disk")
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark would time the wrong thing (wrong tier, different output)."""
 
 
 def machine_info() -> dict[str, Any]:
@@ -66,13 +70,23 @@ def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 def add_run_flags(p: argparse.ArgumentParser, quick_help: str) -> None:
     """``--seed``, ``--out``, ``--quick``, ``--no-progress`` and the service flags."""
-    from bench.service import add_service_flags
-
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for JSON + PNG (bench/results)")
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--no-progress", action="store_true")
     add_service_flags(p)
+
+
+def add_service_flags(p: argparse.ArgumentParser) -> None:
+    """``--server``, ``--start-service``, ``--token``, ``--vocab-size``: run against a service."""
+    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
+    p.add_argument("--start-service", action="store_true",
+                   help="start a local service (1 prefill + 1 decode worker) sized like the "
+                        "in-process run, benchmark it through gRPC, stop it")
+    p.add_argument("--token", default=None, help="bearer token for --server")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--server: prompt ids are drawn from [0, N) (default: the vocabulary "
+                        "size the service reports)")
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -142,7 +156,7 @@ def _fmt(x: object) -> str:
 
 def write_json(out_dir: str | None, name: str, payload: dict[str, Any]) -> str:
     """Write ``payload`` as ``<out_dir>/<name>-<timestamp>.json``, a summary, with its
-    per-request samples in a compressed file beside it (``bench.results``); returns the path."""
+    per-request samples in a compressed file beside it (``bench.run_files``); returns the path."""
     return write_result(out_dir or RESULTS_DIR, name, payload)
 
 
@@ -171,7 +185,7 @@ def png_path(json_path: str) -> str:
     return os.path.splitext(json_path)[0] + ".png"
 
 
-def pyplot():  # noqa: ANN201 - matplotlib's module
+def pyplot():  # matplotlib's module
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,9 +225,9 @@ class EngineSizes:
     max_batched_tokens: int  # tokens per step (prefill chunk)
 
 
-def build_engine(  # noqa: ANN201 - an LLMEngine
+def build_engine(  # an LLMEngine
     model: str, dtype: str, sizes: EngineSizes, disk_dir: str | None, *,
-    loaded: Any = None, store_kw: dict[str, Any] | None = None, **engine_kw: Any,  # noqa: ANN401
+    loaded: Any = None, store_kw: dict[str, Any] | None = None, **engine_kw: Any,
 ) -> Any:
     """An ``LLMEngine`` with a ``TieredStore`` sized in tokens (host slab, LMDB in ``disk_dir``).
 
@@ -255,12 +269,12 @@ def build_engine(  # noqa: ANN201 - an LLMEngine
     return LLMEngine(cfg, store, loaded=loaded)
 
 
-def kv_bytes(engine: Any, num_tokens: int) -> int:  # noqa: ANN401 - LLMEngine
+def kv_bytes(engine: Any, num_tokens: int) -> int:  # LLMEngine
     """Bytes of K/V of ``num_tokens`` tokens (whole blocks) in ``engine``'s layout."""
     return -(-num_tokens // engine.block_size) * engine.layout.block_nbytes
 
 
-def progress(total: int, desc: str, disable: bool = False):  # noqa: ANN201 - tqdm bar
+def progress(total: int, desc: str, disable: bool = False):  # tqdm bar
     try:
         from tqdm import tqdm
     except ImportError:  # no progress bar where tqdm is missing

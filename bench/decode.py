@@ -50,7 +50,7 @@ from bench.common import (
     summarize,
 )
 from bench.service import server_target
-from kvstore.errors import StrataError
+from proto.errors import StrataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(
     args: argparse.Namespace, batches: list[int], prompt_tokens: int, steps: int,
-    loaded: Any = None, **engine_kw: Any,  # noqa: ANN401
+    loaded: Any = None, **engine_kw: Any,
 ) -> dict[str, Any]:
     """Decode rows of the in-process engine (``loaded``: a LoadedModel to share; ``engine_kw``:
     further EngineConfig fields, e.g. ``cuda_graphs``)."""
@@ -155,7 +155,7 @@ def run(
         engine.close()
 
 
-def step_weight_bytes(model: Any) -> tuple[int, int]:  # noqa: ANN401 - a CausalLM
+def step_weight_bytes(model: Any) -> tuple[int, int]:  # a CausalLM
     """(weight bytes one decode step reads whatever its batch, bytes per sequence on top): every
     parameter once, except an embedding table not tied to the LM head, of which a step reads
     one row per sequence."""
@@ -213,7 +213,7 @@ async def _run_server(args: argparse.Namespace, address: str, batches: list[int]
     }
 
 
-async def _router_cpu(client: Any) -> float | None:  # noqa: ANN401 - AsyncStrataClient
+async def _router_cpu(client: Any) -> float | None:  # AsyncStrataClient
     """The router process's CPU seconds so far: as its Stats say, or (a router that does not
     say) read from /proc when it runs on this machine; None otherwise."""
     cpu = (await client.stats()).get("router", {}).get("process_cpu_seconds")
@@ -241,7 +241,7 @@ def _proc_cpu_seconds(title: str) -> float | None:
     return None
 
 
-async def _stream_batch(client: Any, batch: int, prompt_tokens: int, steps: int, vocab: int,  # noqa: ANN401
+async def _stream_batch(client: Any, batch: int, prompt_tokens: int, steps: int, vocab: int,
                         seed: int, salt: str) -> list[list[float]]:
     """Open ``batch`` streams at once; each one's token arrival times (one entry a token)."""
     arrivals: list[list[float]] = [[] for _ in range(batch)]
@@ -261,7 +261,7 @@ async def _stream_batch(client: Any, batch: int, prompt_tokens: int, steps: int,
     return arrivals
 
 
-def _measure(engine: Any, batch: int, prompt_tokens: int, sampling: Any, vocab: int,  # noqa: ANN401
+def _measure(engine: Any, batch: int, prompt_tokens: int, sampling: Any, vocab: int,
              seed: int) -> list[float]:
     """Seconds of each decode step of ``batch`` requests, after their prefill."""
     base = f"dec-{seed}-{time.monotonic_ns()}"

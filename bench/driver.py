@@ -51,7 +51,7 @@ def run_requests(
     def worker(req: TimedRequest, rec: RequestRecord) -> None:
         try:
             send(req, rec, t0)
-        except Exception as e:  # noqa: BLE001 - recorded, reported in the results
+        except Exception as e:  # recorded, reported in the results
             rec.error = f"{type(e).__name__}: {e}"
         finally:
             if slots is not None:
@@ -77,7 +77,7 @@ def run_requests(
     return records, time.perf_counter() - t0
 
 
-def engine_sender(loop: Any) -> Callable[[TimedRequest, RequestRecord, float], None]:  # noqa: ANN401
+def engine_sender(loop: Any) -> Callable[[TimedRequest, RequestRecord, float], None]:
     """``send`` for an ``engine.loop.EngineLoop``."""
     from engine.sampling import SamplingParams
 
@@ -103,7 +103,7 @@ def engine_sender(loop: Any) -> Callable[[TimedRequest, RequestRecord, float], N
 
 
 def client_sender(
-    client: Any, cache_salt: str = ""  # noqa: ANN401 - a router.client.StrataClient
+    client: Any, cache_salt: str = ""  # a router.client.StrataClient
 ) -> Callable[[TimedRequest, RequestRecord, float], None]:
     """``send`` for a ``StrataClient`` (one channel, shared by the threads).
 

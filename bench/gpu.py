@@ -28,7 +28,7 @@ drops the least wanted):
 
 The parent process runs each section as ``python -m bench.gpu --run-section NAME`` with a time
 limit (``LIMITS_S``, shortened to what is left of ``--budget-s``); a section writes its summary,
-``gpu-section-NAME.json`` under ``--out`` (its per-request samples beside it, ``bench.results``),
+``gpu-section-NAME.json`` under ``--out`` (its per-request samples beside it, ``bench.run_files``),
 when it finishes, so a section that is killed or fails costs only itself. The parent then writes
 the run's summary (``gpu-*.json``, ``.png``; samples in ``gpu-*.samples.json.gz``).
 """
@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from bench import results
+from bench import run_files
 from bench.common import add_run_flags, machine_info, new_parser, parse_ints, report
 from bench.gpu_report import plot, render_table
 
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 continue
             limit = min(limit, int(left) - 5)
         path = _section_path(out_dir, name)
-        for old in (path, results.samples_path(path)):
+        for old in (path, run_files.samples_path(path)):
             if os.path.exists(old):
                 os.remove(old)
         cmd = [sys.executable, "-m", "bench.gpu", *argv, "--run-section", name, "--out", out_dir]
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         rc = _run_child(cmd, limit)
         result["section_seconds"][name] = time.monotonic() - t0
         if os.path.exists(path):
-            sec = results.load(path)
+            sec = run_files.load(path)
             if "error" in sec:
                 result["errors"][name] = sec["error"]
             else:
@@ -203,11 +203,11 @@ def run_section(args: argparse.Namespace) -> int:
     payload: dict[str, Any]
     try:
         payload = {"result": gpu_sections.RUNNERS[name](args)}
-    except Exception as e:  # noqa: BLE001 - recorded; the parent runs the other sections
+    except Exception as e:  # recorded; the parent runs the other sections
         traceback.print_exc()
         payload = {"error": f"{type(e).__name__}: {e}"}
     payload["seconds"] = time.perf_counter() - t0
-    results.save(_section_path(args.out, name), payload)
+    run_files.save(_section_path(args.out, name), payload)
     print(f"section {name}: {'FAILED ' + payload['error'] if 'error' in payload else 'done'} "
           f"in {payload['seconds']:.0f} s", flush=True)
     return 0 if "error" not in payload else 1

@@ -57,7 +57,7 @@ def check_model(model: str, no_peer: bool = False, n_new: int = N_NEW) -> dict[s
     return out
 
 
-def _prompt(loaded: Any) -> list[int]:  # noqa: ANN401 - a LoadedModel
+def _prompt(loaded: Any) -> list[int]:  # a LoadedModel
     from textproc.tokenizer import ByteTokenizer
 
     if loaded.tokenizer is None or isinstance(loaded.tokenizer, ByteTokenizer):
@@ -69,7 +69,7 @@ def _prompt(loaded: Any) -> list[int]:  # noqa: ANN401 - a LoadedModel
     return list(loaded.tokenizer.encode(text))
 
 
-def _generate(eng: Any, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor, dict]:  # noqa: ANN401
+def _generate(eng: Any, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor, dict]:
     from engine.sampling import SamplingParams
 
     eng.runner.keep_logits = True
@@ -78,7 +78,7 @@ def _generate(eng: Any, prompt: list[int], n: int) -> tuple[list[int], torch.Ten
     return res.output_token_ids, logits, dict(res.cached_by_tier)
 
 
-def _tiers_and_handoff(loaded: Any, prompt: list[int], cfg: Any,  # noqa: ANN401
+def _tiers_and_handoff(loaded: Any, prompt: list[int], cfg: Any,
                        disk_path: str, n_new: int) -> dict[str, Any]:  # fmt: skip
     from engine.engine import LLMEngine
     from engine.sampling import SamplingParams
@@ -124,7 +124,7 @@ def _tiers_and_handoff(loaded: Any, prompt: list[int], cfg: Any,  # noqa: ANN401
 
 def _compare(tokens: list[int], logits: torch.Tensor, cold: list[int], cold_logits: torch.Tensor,
              by_tier: dict[str, int]) -> dict[str, Any]:  # fmt: skip
-    from bench.ttft import check_warm_logits
+    from bench.logits_gate import check_warm_logits
 
     diff = float((logits - cold_logits).abs().max())
     gate = check_warm_logits(cold_logits[0], logits[0], "torch.bfloat16")
@@ -135,7 +135,7 @@ def _compare(tokens: list[int], logits: torch.Tensor, cold: list[int], cold_logi
                                            if a != b), None)}
 
 
-def _against_transformers(loaded: Any, prompt: list[int], model: str) -> dict[str, Any]:  # noqa: ANN401
+def _against_transformers(loaded: Any, prompt: list[int], model: str) -> dict[str, Any]:
     from bench.hf_peer import hf_model
     from engine.config import EngineConfig
     from engine.engine import LLMEngine

@@ -20,7 +20,7 @@ from bench import ttft as ttft_bench
 from bench.common import EngineSizes, machine_info
 
 
-def _ns(args: argparse.Namespace, **over: Any) -> argparse.Namespace:  # noqa: ANN401
+def _ns(args: argparse.Namespace, **over: Any) -> argparse.Namespace:
     """The flags the reused benchmarks read."""
     base = {"model": args.model, "dtype": args.dtype, "seed": args.seed, "out": args.out,
             "no_progress": args.no_progress, "max_batched_tokens": args.max_batched_tokens,
@@ -34,7 +34,7 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _load(args: argparse.Namespace) -> Any:  # noqa: ANN401 - a LoadedModel
+def _load(args: argparse.Namespace) -> Any:  # a LoadedModel
     from engine.loader import load_model
 
     return load_model(args.model, args.dtype, "auto", args.seed)

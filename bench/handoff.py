@@ -26,8 +26,8 @@ from bench.common import random_prompt
 HANDOFF_TOKENS = 10  # tokens per stream: first, second, then 8 for the steady per-token time
 
 
-def measure(client: Any, lengths: list[int], repeats: int, vocab: int, salt: str,  # noqa: ANN401
-            seed: int, bar: Any) -> list[dict[str, Any]]:  # noqa: ANN401
+def measure(client: Any, lengths: list[int], repeats: int, vocab: int, salt: str,
+            seed: int, bar: Any) -> list[dict[str, Any]]:
     """One sample per (length, repeat): arrival times and the figures above."""
     samples = []
     for rep in range(repeats):

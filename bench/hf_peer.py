@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 
-def hf_model(loaded: Any) -> Any:  # noqa: ANN401 - engine.loader.LoadedModel -> LlamaForCausalLM
+def hf_model(loaded: Any) -> Any:  # engine.loader.LoadedModel -> LlamaForCausalLM
     import transformers as tf
 
     mc = loaded.config
@@ -54,7 +54,7 @@ def hf_model(loaded: Any) -> Any:  # noqa: ANN401 - engine.loader.LoadedModel ->
 
 
 @torch.inference_mode()
-def hf_ttft(model: Any, prompt: list[int], device: torch.device) -> tuple[float, int]:  # noqa: ANN401
+def hf_ttft(model: Any, prompt: list[int], device: torch.device) -> tuple[float, int]:
     """Seconds from the call to the first token (argmax of the last position), and the token."""
     ids = torch.tensor([prompt], dtype=torch.int64, device=device)
     if device.type == "cuda":

@@ -43,7 +43,7 @@ def _ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
-def _row(case: str, path: str, ms: float, **extra: Any) -> dict[str, Any]:  # noqa: ANN401
+def _row(case: str, path: str, ms: float, **extra: Any) -> dict[str, Any]:
     row = {"case": case, "path": path, "ms": ms, **extra}
     print(f"{case:<24} {path:<16} {ms:9.3f} ms  "
           + "  ".join(f"{k} {v:.3g}" for k, v in extra.items() if isinstance(v, float)), flush=True)
@@ -185,7 +185,8 @@ def op_rows(gen: torch.Generator) -> list[dict[str, Any]]:
 
 def copy_rows(count: int, gen: torch.Generator, num_layers: int = 32) -> list[dict[str, Any]]:
     from kvstore.kernels import gather_blocks_triton, scatter_blocks_triton
-    from kvstore.layout import KVLayout, gather_blocks_torch, scatter_blocks_torch
+    from kvstore.layout import KVLayout
+    from kvstore.pool_copy import gather_blocks_torch, scatter_blocks_torch
 
     layout = KVLayout(num_layers=num_layers, block_size=BLOCK_SIZE, num_kv_heads=H_KV,
                       head_dim=HEAD_DIM, dtype=DTYPE)  # fmt: skip

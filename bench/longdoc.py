@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_round: list[list[RequestRecord]] = []
     engine_info: dict[str, Any] = {}
 
-    def play(send: Any, rounds: list[list[TimedRequest]]) -> None:  # noqa: ANN401
+    def play(send: Any, rounds: list[list[TimedRequest]]) -> None:
         for reqs in rounds:
             records, _ = run_requests(reqs, send, concurrency=args.concurrency,
                                       on_done=lambda _: bar.update())

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, lengths: list[int], repeats: int,
-        loaded: Any = None) -> dict[str, Any]:  # noqa: ANN401
+        loaded: Any = None) -> dict[str, Any]:
     from engine.loader import load_model
     from engine.sampling import SamplingParams
 
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, lengths: list[int], repeats: int,
     }
 
 
-def _drop(eng: Any, prompt: list[int], before: int) -> dict[str, int]:  # noqa: ANN401
+def _drop(eng: Any, prompt: list[int], before: int) -> dict[str, int]:
     """Finish the copies under way and forget the prompt in every tier (not timed); the blocks
     offloaded since ``before`` (the copier's count when the run started)."""
     if eng.store is None:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from bench.router_sim import SimProfile, SimStore, TraceHasher, unbounded_hit_blocks
 from bench.trace_data import TraceRequest
 from kvstore.keys import BlockHash
-from router.index import TIERS, BlockEvent, GlobalBlockIndex
+from proto.worker_api import BlockEvent
+from router.index import TIERS, GlobalBlockIndex
 from router.placement import REMOTE_TIER, CostModel, WorkerProfile, tier_runs
 
 POLICIES = ("prefix-aware", "load-only", "random")

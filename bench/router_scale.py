@@ -25,11 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from bench.router_ref import ReferenceBlockIndex, reference_choose_prefill
 from bench.router_replay import EventStream, make_cost_model, worker_names
 from bench.router_sim import SimProfile
 from kvstore.keys import BlockHash, hash_prompt_blocks
-from router.index import BlockEvent, GlobalBlockIndex, StoreEventLike
-from router.index_ref import ReferenceBlockIndex, reference_choose_prefill
+from proto.vocab import EventKind, Tier
+from proto.worker_api import BlockEvent
+from router.index import GlobalBlockIndex
 from router.placement import CostModel, Placement
 
 PROMPT_BLOCKS = 2048
@@ -40,7 +42,7 @@ SCENARIOS = (*SHARES, "mixed")
 class _Index(Protocol):
     def add_worker(self, worker_id: str) -> None: ...
 
-    def apply_many(self, worker_id: str, events: Sequence[StoreEventLike]) -> None: ...
+    def apply_many(self, worker_id: str, events: Sequence[BlockEvent]) -> None: ...
 
     def remove_worker(self, worker_id: str) -> int: ...
 
@@ -115,13 +117,13 @@ def holdings(scenario: str, names: Sequence[str], prompt: Sequence[BlockHash],
 
 
 def _tiers(prompt: Sequence[BlockHash], a: int, b: int, end: int) -> list[BlockEvent]:
-    return [BlockEvent("stored", "device", tuple(prompt[:a])),
-            BlockEvent("stored", "host", tuple(prompt[a:b])),
-            BlockEvent("stored", "disk", tuple(prompt[b:end]))]
+    return [BlockEvent(EventKind.STORED, Tier.DEVICE, tuple(prompt[:a])),
+            BlockEvent(EventKind.STORED, Tier.HOST, tuple(prompt[a:b])),
+            BlockEvent(EventKind.STORED, Tier.DISK, tuple(prompt[b:end]))]
 
 
 def _undo(events: list[BlockEvent]) -> list[BlockEvent]:
-    return [BlockEvent("removed", e.tier, e.block_hashes) for e in events]
+    return [BlockEvent(EventKind.REMOVED, e.tier, e.block_hashes) for e in events]
 
 
 def placement_latency(

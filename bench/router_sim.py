@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.trace_data import TRACE_BLOCK_TOKENS, TraceRequest
 from kvstore.keys import HASH_NBYTES, ROOT_HASH, BlockHash, first_block_extra
-from router.index import BlockEvent
+from proto.worker_api import BlockEvent
 
 MB = 1 << 20
 

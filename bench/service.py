@@ -22,17 +22,6 @@ from bench.common import EngineSizes
 logger = logging.getLogger(__name__)
 
 
-def add_service_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=None, help="HOST:PORT of a running service")
-    p.add_argument("--start-service", action="store_true",
-                   help="start a local service (1 prefill + 1 decode worker) sized like the "
-                        "in-process run, benchmark it through gRPC, stop it")
-    p.add_argument("--token", default=None, help="bearer token for --server")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="--server: prompt ids are drawn from [0, N) (default: the vocabulary "
-                        "size the service reports)")
-
-
 def model_context(model: str) -> int:
     """The context window (tokens) a model was made for: ``max_position_embeddings``."""
     from engine.loader import BUILTIN_MODELS, read_config

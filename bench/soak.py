@@ -115,12 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-class _started_service:  # noqa: N801 - a context manager used like a function
+class _started_service:  # a context manager used like a function
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.tmp = tempfile.TemporaryDirectory(prefix="strata-soak-")
 
-    def __enter__(self) -> Any:  # noqa: ANN401 - cluster.launcher.Service
+    def __enter__(self) -> Any:  # cluster.launcher.Service
         from cluster.config import ServiceConfig
         from cluster.launcher import launch
         from engine.config import EngineConfig
@@ -150,7 +150,7 @@ def soak(
     args: argparse.Namespace,
     address: str,
     plan: list[tuple[str, str]] | None,
-    host_faults: Any = None,  # noqa: ANN401 - bench.soak_hosts.HostFaults
+    host_faults: Any = None,  # bench.soak_hosts.HostFaults
 ) -> dict:
     """``args.runs`` runs in a row against the service at ``address``; each run's outputs are
     checked against the in-process engine and its account printed as soon as it ends. On test
@@ -190,7 +190,7 @@ def run(
     address: str,
     index: int,
     kills: list[tuple[str, str]],
-    host_faults: Any = None,  # noqa: ANN401 - bench.soak_hosts.HostFaults
+    host_faults: Any = None,  # bench.soak_hosts.HostFaults
 ) -> dict[str, Any]:
     from router.client import StrataClient
 
@@ -249,18 +249,18 @@ def run(
             "router_counters": counters}  # fmt: skip
 
 
-def _vocab(client: Any, default: int) -> int:  # noqa: ANN401
+def _vocab(client: Any, default: int) -> int:
     try:
         return int(client.health_info(timeout=30).vocab_size) or default
-    except Exception:  # noqa: BLE001 - a service that does not say: the built-in tokenizer's
+    except Exception:  # a service that does not say: the built-in tokenizer's
         return default
 
 
-def _counters(client: Any) -> dict[str, float]:  # noqa: ANN401
+def _counters(client: Any) -> dict[str, float]:
     """The router's counters of what it did about failing workers (``strata_router_*``)."""
     try:
         router = client.stats().get("router", {})
-    except Exception:  # noqa: BLE001 - an older router has none of them
+    except Exception:  # an older router has none of them
         return {}
     return {k: v for k, v in router.items() if k.startswith("strata_router_")}
 

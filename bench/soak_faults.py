@@ -70,7 +70,7 @@ def kill_pid(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def kill_local(worker: str, pid: int) -> None:  # noqa: ARG001 - a pid of this machine
+def kill_local(worker: str, pid: int) -> None:  # a pid of this machine
     """The default kill: ``pid`` is a process of this machine (``worker`` names it)."""
     kill_pid(pid)
 
@@ -94,7 +94,7 @@ def actor_pids(role: str) -> set[int]:
 class Faults:
     def __init__(
         self,
-        client: Any,  # noqa: ANN401 - router.client.StrataClient
+        client: Any,  # router.client.StrataClient
         load: Load,
         t_start: float,
         kill: Callable[[str, int], None] = kill_local,
@@ -242,7 +242,7 @@ class Faults:
             return
         try:
             stats = self.workers()
-        except Exception:  # noqa: BLE001 - asked again on the next poll
+        except Exception:  # asked again on the next poll
             return
         now = time.time()
         for k in pending:

@@ -106,7 +106,7 @@ class HostFaults:
         host = self.tb.hosts[self.tb.host_of_ip(w["kv_address"].rsplit(":", 1)[0])]
         host.run(["kill", "-KILL", str(pid)])
 
-    def _end_later(self, name: str, end: Any) -> None:  # noqa: ANN401
+    def _end_later(self, name: str, end: Any) -> None:
         def run() -> None:
             end()
             self._healed[name] = time.monotonic()
@@ -119,7 +119,7 @@ class HostFaults:
             return
         try:
             ws = self._workers()
-        except Exception:  # noqa: BLE001 - asked again on the next poll
+        except Exception:  # asked again on the next poll
             return
         if all(w["state"] == "up" for w in ws.values()):
             for f in pending:

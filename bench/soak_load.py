@@ -40,12 +40,12 @@ def request_kind(
 
 
 def send(
-    client: Any,  # noqa: ANN401 - router.client.StrataClient
+    client: Any,  # router.client.StrataClient
     rec: dict[str, Any],
     vocab: int,
     timeout: float,
     t_start: float,
-    on_token: Any = None,  # noqa: ANN401 - called with the tokens so far after each message
+    on_token: Any = None,  # called with the tokens so far after each message
 ) -> dict[str, Any]:
     """Send ``rec`` (kind, prompt, max_tokens, seed) and fill in its outcome."""
     from router.errors import RemoteError
@@ -88,7 +88,7 @@ def send(
 class Load:
     """The client threads of one soak run (see the module docstring)."""
 
-    def __init__(self, args: Any, address: str, vocab: int, run: int, t_start: float) -> None:  # noqa: ANN401
+    def __init__(self, args: Any, address: str, vocab: int, run: int, t_start: float) -> None:
         self.args = args
         self.address = address
         self.vocab = vocab
@@ -194,7 +194,7 @@ class Probe:
             self.done.set()
 
 
-def check_outputs(args: Any, records: list[dict[str, Any]]) -> int:  # noqa: ANN401
+def check_outputs(args: Any, records: list[dict[str, Any]]) -> int:
     """Every answered request against the in-process engine on the same prompt, sampling and
     seed (batched, after the load); sets ``expected`` on each; returns how many differ."""
     from engine.config import EngineConfig

@@ -84,7 +84,7 @@ class NullSink:
         pass
 
 
-def _serve(port_q: Any, stop: Any) -> None:  # noqa: ANN401 - multiprocessing queue and event
+def _serve(port_q: Any, stop: Any) -> None:  # multiprocessing queue and event
     def raw(it: Iterator[bytes], ctx: grpc.ServicerContext) -> bytes:
         n = sum(len(m) for m in it)
         return n.to_bytes(8, "little")
@@ -176,7 +176,7 @@ class _Pusher:
                     self.channels[k].stream_unary(RAW)(iter(ready[k]), timeout=600)
                 else:
                     getattr(self, f"_{path}")(k, parts[k])
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            except BaseException as e:  # re-raised in the caller
                 errors.append(e)
 
         t0 = time.perf_counter()

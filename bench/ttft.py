@@ -20,7 +20,7 @@ between measurements) is timed (``RequestResult.ttft_s``, one generated token):
   the page cache.
 
 Every warm run must be served by the tier it claims, and its first token's logits must pass the
-gate against the cold run's (``check_warm_logits``: the cold top-1 among the warm top-k, the
+gate against the cold run's (``bench.logits_gate``: the cold top-1 among the warm top-k, the
 largest logit difference within a tolerance; bit-identical in deterministic mode); the
 benchmark aborts otherwise (a warm-disk run may compute part of its prefix: the engine's
 load-or-recompute split, ``kvstore.cost``; "disk loaded" says how much it read). Floor of a warm
@@ -48,6 +48,7 @@ from typing import Any
 
 from bench import handoff
 from bench.common import (
+    BenchmarkError,
     EngineSizes,
     add_run_flags,
     build_engine,
@@ -63,64 +64,18 @@ from bench.common import (
     report,
 )
 from bench.handoff import HANDOFF_TOKENS
+from bench.logits_gate import check_warm_logits, logit_gap
 from bench.service import server_target
 from kvstore.bandwidth import (
     device_read_ceiling,
-    disk_read_method,
     drop_os_caches,
-    drop_page_cache,
 )
-from kvstore.errors import StrataError
+from proto.errors import StrataError
+from proto.vocab import Tier
 
 MODES = ("cold", "device", "host", "disk")
 DEFAULT_LENGTHS = "1024,4096,16384"
 QUICK_LENGTHS = "256,1024"
-
-
-class BenchmarkError(RuntimeError):
-    """The benchmark would time the wrong thing (wrong tier, different output)."""
-
-
-# ---------------------------------------------------------------------------- logits gate
-# A warm run computes its last chunk in other GEMM shapes than the cold run (16 rows, not
-# 2,048), so in bf16 its logits differ by rounding, and random weights leave near-ties that
-# this flips (3 of 5 first tokens on the 8B shape, H200). The gate therefore compares logits:
-# - the cold run's top-1 token is among the warm run's LOGIT_TOP_K best;
-# - max |warm - cold| <= LOGIT_RTOL[dtype] * max |cold| (the logits' own scale).
-# Measured for the bf16 tolerance (CPU, random weights): bf16 against float32 on the same
-# weights moves the largest logit by 0.7-0.9% of max |logit| on tiny (4 layers) and 3.0-3.2% on
-# the llama-3.2-1b shape (16 layers), an upper bound of what another chunk shape does; one wrong
-# KV block moves it by 40-67% (64-token prompt), 14-33% (128) and 7-14% (256) on tiny. A
-# single wrong block among thousands is below any rounding tolerance: deterministic mode
-# (``engine: {deterministic: true}``) makes warm runs bit-identical, and there the gate
-# demands equality.
-LOGIT_TOP_K = 5
-LOGIT_RTOL = {"torch.float32": 1e-3, "torch.bfloat16": 0.1, "torch.float16": 0.05}
-
-
-def logit_gap(cold: Any, warm: Any) -> dict[str, Any]:  # noqa: ANN401 - [vocab] float tensors
-    """How far the warm logits are from the cold ones."""
-    diff = float((warm - cold).abs().max())
-    return {"max_abs": diff, "rel": diff / max(float(cold.abs().max()), 1e-30),
-            "same_token": int(cold.argmax()) == int(warm.argmax()),
-            "cold_top1_rank": int((warm > warm[int(cold.argmax())]).sum())}
-
-
-def check_warm_logits(cold: Any, warm: Any, dtype: str, exact: bool = False) -> str | None:  # noqa: ANN401
-    """None if ``warm`` passes the gate against ``cold`` (logits ``[vocab]``), else why not."""
-    gap = logit_gap(cold, warm)
-    if exact:
-        return None if bool((warm == cold).all()) else (
-            f"logits differ by up to {gap['max_abs']:.3g} in deterministic mode (must be "
-            "bit-identical)")
-    if gap["cold_top1_rank"] >= LOGIT_TOP_K:
-        return (f"the cold top-1 token ranks {gap['cold_top1_rank'] + 1} in the warm logits "
-                f"(gate: top {LOGIT_TOP_K})")
-    rtol = LOGIT_RTOL.get(dtype, 0.1)
-    if gap["rel"] > rtol:
-        return (f"logits differ by up to {gap['max_abs']:.3g} = {gap['rel']:.1%} of the largest "
-                f"(gate: {rtol:.1%} in {dtype})")
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,8 +160,8 @@ def _sizes(args: argparse.Namespace, lengths: list[int], repeats: int) -> Engine
 # ---------------------------------------------------------------------------- in-process
 def run_inprocess(
     args: argparse.Namespace, lengths: list[int], repeats: int, *,
-    sizes: EngineSizes | None = None, loaded: Any = None, clear: bool = False,  # noqa: ANN401
-    peer: Any = None, modes: tuple[str, ...] = MODES,  # noqa: ANN401
+    sizes: EngineSizes | None = None, loaded: Any = None, clear: bool = False,
+    peer: Any = None, modes: tuple[str, ...] = MODES,
     warmup_length: int | None = None, engine_kw: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Cold and warm TTFT of every length in-process. ``sizes``/``loaded``: the engine's sizes
@@ -225,7 +180,7 @@ def run_inprocess(
                                         max(64, (256 << 20) // _block_nbytes(args, loaded))},
                               **(engine_kw or {}))
         try:
-            assert engine.store is not None and engine.store.disk is not None, "store tiers missing"
+            assert engine.store is not None and engine.store.tier(Tier.DISK), "store tiers missing"
             bandwidth, disk_cache = _floors(engine, disk_dir)
             vocab = engine.model_config.vocab_size
             bar = progress((repeats * len(lengths) + 1) * len(modes), "ttft", args.no_progress)
@@ -271,7 +226,7 @@ def run_inprocess(
     }
 
 
-def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any]]:  # noqa: ANN401
+def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any]]:
     """GB/s per tier for the floors, and how the disk runs reach the device. The disk floor is
     the device's own ``O_DIRECT`` sequential read speed (``bandwidth["disk"]``); the tier's probe
     (its reads, checksums and copies) is ``disk_tier``. The engine starts from the probes, as a
@@ -289,18 +244,18 @@ def _floors(engine: Any, disk_dir: str) -> tuple[dict[str, float], dict[str, Any
     bandwidth["device"] = memory_copy_bandwidth(engine.layout.dtype, engine.device)
     for tier in ("host", "disk"):
         engine.kv.speeds.set_tier(tier, tiers[tier] * 1e9)
-    if store.disk.direct_io:  # the data never enters the page cache: nothing to drop
+    if store.reads_bypass_page_cache:  # the data never enters the page cache: nothing to drop
         dropped, honest = "nothing needed: O_DIRECT reads (the store's files fadvised out)", True
     elif drop_os_caches():
         dropped, honest = "drop_caches (echo 3) before each warm-disk run", True
     else:
         dropped, honest = "POSIX_FADV_DONTNEED on the store's files only (not root)", False
-    disk_cache = {"reads": disk_read_method(store), "dropped_before_disk_runs": dropped,
+    disk_cache = {"reads": store.disk_read_method(), "dropped_before_disk_runs": dropped,
                   "disk_floor": floor, "honest": honest}
     return bandwidth, disk_cache
 
 
-def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:  # noqa: ANN401
+def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:
     from bench.service import model_shape
 
     if loaded is not None:
@@ -309,7 +264,7 @@ def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:  # noqa: ANN401
     return 16 * model_shape(args.model, args.dtype)[1]
 
 
-def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN401
+def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,
            clear: bool = False, modes: tuple[str, ...] = MODES,
            ) -> list[tuple[str, Any, dict[str, Any]]]:
     """Cold, then warm from device, host and disk; each run checked before it counts (tier,
@@ -328,15 +283,13 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN
     for mode in modes:
         if mode == "host":
             engine.kv.evict_all_free()
-            _expect_lookup(store, hashes[:num_hit], "host")
+            _expect_lookup(store, hashes[:num_hit], Tier.HOST)
         elif mode == "disk":
             engine.kv.evict_all_free()
-            store.flush()
-            store.evict_host(store.host.num_slots)
-            _expect_lookup(store, hashes[:num_hit], "disk")
-            drop_page_cache(store.disk.path)
-            if not store.disk.direct_io:  # buffered reads: only an empty page cache is honest
-                drop_os_caches()
+            store.demote(Tier.DISK)  # the host's blocks written down, its pages dropped
+            _expect_lookup(store, hashes[:num_hit], Tier.DISK)
+            if not store.reads_bypass_page_cache:  # buffered reads: only an empty page cache
+                drop_os_caches()  # is honest
         store.flush()  # no write-behind traffic during the timed run
         res = engine.generate([prompt], sampling)[0]
         logits = engine.runner.kept_logits.pop(res.req_id)[0]
@@ -370,7 +323,7 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,  # noqa: ANN
     return out
 
 
-def _expect_lookup(store: Any, hashes: list[Any], tier: str) -> None:  # noqa: ANN401
+def _expect_lookup(store: Any, hashes: list[Any], tier: str) -> None:
     tiers = store.lookup(hashes)
     if len(tiers) != len(hashes) or any(t != tier for t in tiers):
         found = {t: tiers.count(t) for t in set(tiers)}
@@ -380,7 +333,7 @@ def _expect_lookup(store: Any, hashes: list[Any], tier: str) -> None:  # noqa: A
 
 
 def _summarize(
-    engine: Any, lengths: list[int], samples: list[dict[str, Any]], bandwidth: dict[str, float]  # noqa: ANN401
+    engine: Any, lengths: list[int], samples: list[dict[str, Any]], bandwidth: dict[str, float]
 ) -> list[dict[str, Any]]:
     rows = []
     for length in lengths:

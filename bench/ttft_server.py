@@ -19,9 +19,15 @@ import statistics
 from typing import Any
 
 from bench import handoff
-from bench.common import builtin_vocab, machine_info, progress, random_prompt, run_salt
+from bench.common import (
+    BenchmarkError,
+    builtin_vocab,
+    machine_info,
+    progress,
+    random_prompt,
+    run_salt,
+)
 from bench.service import Target
-from bench.ttft import BenchmarkError
 
 
 def run_server(
@@ -139,7 +145,7 @@ def _transfer(stats: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _cycle(client: Any, target: Target, prompt: list[int], modes: tuple[str, ...],  # noqa: ANN401
+def _cycle(client: Any, target: Target, prompt: list[int], modes: tuple[str, ...],
            salt: str, strict_tokens: bool = True) -> list[tuple[str, Any]]:
     """Cold, then each warm mode; every warm run checked (tier, output) before it counts."""
     out: list[tuple[str, Any]] = []

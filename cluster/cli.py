@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("strata: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback with --debug
+    except Exception as e:  # one line for the user, the traceback with --debug
         if args.debug:
             raise
         return report_error(e)

@@ -128,7 +128,7 @@ def _run_service(args: argparse.Namespace) -> int:
             print("service stopped", flush=True)
 
 
-def _run_plan(client: Any, doc: str, chat: bool, evict: Any) -> int:  # noqa: ANN401
+def _run_plan(client: Any, doc: str, chat: bool, evict: Any) -> int:
     history: list[tuple[str, str]] = []
     results = []
     request: dict[str, Any] = {}

@@ -8,7 +8,7 @@ resources, a worker that would not start): exit 1. ``strata --debug`` shows the 
 
 from __future__ import annotations
 
-from kvstore.errors import StrataError
+from proto.errors import StrataError
 
 
 class CliError(StrataError):

@@ -10,14 +10,14 @@ from cluster.flags import chat_messages, parse_ids, print_result
 from textproc.tokenizer import Tokenizer, render_chat
 
 
-def engine_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - an EngineConfig
+def engine_config_from_args(args: argparse.Namespace):  # an EngineConfig
     from cluster.flags import ENGINE_FLAGS
     from engine.config import EngineConfig
 
     return EngineConfig(**{f: getattr(args, a) for f, a in ENGINE_FLAGS.items()})
 
 
-def store_config_from_args(args: argparse.Namespace, disk_path: str | None = None):  # noqa: ANN201
+def store_config_from_args(args: argparse.Namespace, disk_path: str | None = None):
     """The store flags; ``disk_path`` overrides ``--disk-path`` (no path: no disk tier)."""
     from kvstore.config import StoreConfig
 
@@ -29,7 +29,7 @@ def store_config_from_args(args: argparse.Namespace, disk_path: str | None = Non
     )
 
 
-def engine_from_args(args: argparse.Namespace):  # noqa: ANN201
+def engine_from_args(args: argparse.Namespace):
     from engine.engine import LLMEngine
 
     return LLMEngine(engine_config_from_args(args), store_config_from_args(args))

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ServiceConfig
 from cluster.workers import actor_options, create_worker
-from proto.worker_api import DECODE, PREFILL
+from proto.vocab import Role
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,15 @@ def launch(
 ) -> Service:
     """Start the service's actors. ``local``: the cluster at ``address`` is this machine's
     loopback head (workers then listen on 127.0.0.1 only, as in an embedded cluster)."""
-    from router.actor import RouterActor
+    from cluster.router_actor import RouterActor
 
     owns = connect(address, cfg)
     bind_all = bool(address) and not local
-    prefill = [create_worker(cfg, PREFILL, i, bind_all, detach) for i in range(cfg.num_prefill)]
-    decode = [create_worker(cfg, DECODE, i, bind_all, detach) for i in range(cfg.num_decode)]
-    workers = [(PREFILL, h) for h in prefill] + [(DECODE, h) for h in decode]
+    prefill = [
+        create_worker(cfg, Role.PREFILL, i, bind_all, detach) for i in range(cfg.num_prefill)
+    ]
+    decode = [create_worker(cfg, Role.DECODE, i, bind_all, detach) for i in range(cfg.num_decode)]
+    workers = [(Role.PREFILL, h) for h in prefill] + [(Role.DECODE, h) for h in decode]
     # The router runs on this node (the head, where `strata up` runs): its gRPC address is the
     # one users are given, and a worker node that leaves must not take the router with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -131,15 +133,15 @@ def launch(
     )
 
 
-def shutdown_actors(router: Any, workers: list[Any]) -> None:  # noqa: ANN401
+def shutdown_actors(router: Any, workers: list[Any]) -> None:
     for handle in [h for h in (router, *workers) if h is not None]:
         try:
             ray.get(handle.shutdown.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - already dead is fine
+        except Exception:  # already dead is fine
             pass
         try:
             ray.kill(handle)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 

@@ -51,7 +51,7 @@ def read_head() -> dict[str, Any] | None:
     return head
 
 
-def record_head(**fields: Any) -> None:  # noqa: ANN401
+def record_head(**fields: Any) -> None:
     path = state_file()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     head = {**(read_head() or {}), **fields}

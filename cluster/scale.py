@@ -19,13 +19,13 @@ import ray
 from cluster.errors import ClusterError, UsageError
 from cluster.launcher import ROUTER_NAME, failure_line, shutdown_actors
 from cluster.workers import create_worker
-from proto.worker_api import DECODE, PREFILL
+from proto.vocab import Role
 
 logger = logging.getLogger(__name__)
 
 
 def scale(
-    router: Any,  # noqa: ANN401
+    router: Any,
     targets: dict[str, int | None],
     drain_timeout_s: float = 60.0,
     start_timeout_s: float = 600.0,
@@ -37,18 +37,18 @@ def scale(
     workers = ray.get(router.workers.remote(), timeout=60)
     live = [w for w in workers if w["state"] != "gone"]
     bind_all = any(not str(w["kv_address"]).startswith("127.0.0.1") for w in live)
-    for role in (PREFILL, DECODE):
+    for role in (Role.PREFILL, Role.DECODE):
         target = targets.get(role)
-        if target is not None and (target < 0 or (role == DECODE and target < 1)):
-            raise UsageError(f"--{role} must be >= {1 if role == DECODE else 0}, got {target}")
+        if target is not None and (target < 0 or (role == Role.DECODE and target < 1)):
+            raise UsageError(f"--{role} must be >= {1 if role == Role.DECODE else 0}, got {target}")
     mine = {
         role: sorted((w for w in live if w["role"] == role), key=lambda w: _index(w["worker_id"]))
-        for role in (PREFILL, DECODE)
+        for role in (Role.PREFILL, Role.DECODE)
     }
     check_resources({r: t - len(mine[r]) for r, t in targets.items() if t is not None})
     added: list[str] = []
     removed: list[str] = []
-    for role in (PREFILL, DECODE):
+    for role in (Role.PREFILL, Role.DECODE):
         target = targets.get(role)
         if target is None:
             continue
@@ -118,13 +118,13 @@ def run_scale(args: argparse.Namespace) -> int:
                 f"no Strata service in Ray namespace {args.namespace!r} (start one with "
                 "`strata up --detach`)"
             ) from None
-        targets = {PREFILL: args.prefill, DECODE: args.decode}
+        targets = {Role.PREFILL: args.prefill, Role.DECODE: args.decode}
         res = scale(router, targets, args.drain_timeout, args.start_timeout)
         workers = ray.get(router.workers.remote(), timeout=60)
     finally:
         ray.shutdown()
     counts = {r: sum(1 for w in workers if w["role"] == r and w["state"] != "gone")
-              for r in (PREFILL, DECODE)}
+              for r in (Role.PREFILL, Role.DECODE)}
     print(f"strata: added {res['added'] or 'none'}, removed {res['removed'] or 'none'}; "
-          f"now {counts[PREFILL]} prefill + {counts[DECODE]} decode workers")
+          f"now {counts[Role.PREFILL]} prefill + {counts[Role.DECODE]} decode workers")
     return 0

@@ -122,7 +122,7 @@ def _running_service(namespace: str) -> str | None:
     try:
         router = ray.get_actor(ROUTER_NAME, namespace=namespace)
         address = ray.get(router.address_of.remote(), timeout=10)
-    except Exception:  # noqa: BLE001 - no router (or a dying one): nothing runs
+    except Exception:  # no router (or a dying one): nothing runs
         return None
     return str(address)
 

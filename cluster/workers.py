@@ -18,7 +18,8 @@ from typing import Any
 import ray
 
 from cluster.config import ServiceConfig
-from proto.worker_api import DECODE, PREFILL
+from proto.vocab import Role
+from worker.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def share_cores(nodes: list[dict[str, float]], role: str, num_workers: int, loca
     role_nodes = [r for r in nodes if r.get(role, 0) >= 1]
     if role_nodes:
         shares = [
-            int(r.get("CPU", local)) // max(1, int(r.get(PREFILL, 0) + r.get(DECODE, 0)))
+            int(r.get("CPU", local)) // max(1, int(r.get(Role.PREFILL, 0) + r.get(Role.DECODE, 0)))
             for r in role_nodes
         ]
         return max(1, min(shares))
@@ -68,15 +69,15 @@ def actor_options(name: str, detach: bool) -> dict[str, Any]:
     return opts
 
 
-def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, detach: bool) -> Any:  # noqa: ANN401
+def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, detach: bool) -> Any:
     """Start worker ``<role>-<index>`` (an actor handle; it is still loading when this returns).
     ``bind_all``: its gRPC server listens on every interface and advertises the node's address
     (a cluster of several machines); else 127.0.0.1."""
     from decode_worker.actor import decode_actor_class
     from prefill_worker.actor import prefill_actor_class
 
-    if role not in (PREFILL, DECODE):
-        raise ValueError(f"role must be {PREFILL!r} or {DECODE!r}, got {role!r}")
+    if role not in (Role.PREFILL, Role.DECODE):
+        raise ValueError(f"role must be {Role.PREFILL!r} or {Role.DECODE!r}, got {role!r}")
     wid = f"{role}-{index}"
     opts = {
         **actor_options(f"{WORKER_NAME_PREFIX}{wid}", detach),
@@ -84,11 +85,13 @@ def create_worker(cfg: ServiceConfig, role: str, index: int, bind_all: bool, det
         "max_restarts": -1,
         "max_task_retries": 0,
     }
-    kv_host = "0.0.0.0" if bind_all else "127.0.0.1"
-    store = cfg.store_for(wid)
-    engine = dataclasses.replace(cfg.engine, cpu_threads=engine_threads(cfg, role))
-    if role == PREFILL:
-        return prefill_actor_class(**opts).remote(
-            wid, engine, store, cfg.secret, kv_host, transfer=cfg.transfer
-        )
-    return decode_actor_class(**opts).remote(wid, engine, store, cfg.secret, kv_host)
+    spec = WorkerSpec(
+        worker_id=wid,
+        engine=dataclasses.replace(cfg.engine, cpu_threads=engine_threads(cfg, role)),
+        store=cfg.store_for(wid),
+        secret=cfg.secret,
+        kv_host="0.0.0.0" if bind_all else "127.0.0.1",
+        transfer=cfg.transfer,
+    )
+    actor_class = prefill_actor_class if role == Role.PREFILL else decode_actor_class
+    return actor_class(**opts).remote(spec)

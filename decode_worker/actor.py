@@ -7,8 +7,8 @@ from typing import Any
 import ray
 
 from decode_worker.worker import DecodeWorker
-from engine.worker_base import WorkerActorBase
 from proto.worker_api import DecodeRequest
+from worker.base import WorkerActorBase
 
 
 class DecodeActor(WorkerActorBase):
@@ -23,5 +23,5 @@ class DecodeActor(WorkerActorBase):
         self.worker.first_token(req_id, token, push_coming)
 
 
-def decode_actor_class(**options: Any):  # noqa: ANN201
+def decode_actor_class(**options: Any):
     return ray.remote(DecodeActor).options(**options)

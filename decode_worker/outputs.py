@@ -24,10 +24,10 @@ from engine.loop import RequestAborted
 from engine.sequence import StepOutput
 from kvtransfer import wire
 from proto import strata_pb2, strata_pb2_grpc
+from proto.vocab import FinishReason
 
 logger = logging.getLogger(__name__)
 
-FINISH_ERROR = "error"
 _IDLE_POLL_S = 1.0  # how often an idle stream checks that its subscriber is still there
 
 
@@ -75,9 +75,9 @@ class OutputHub(strata_pb2_grpc.WorkerOutputsServicer):
             msg.req_ids.append(req_id)
             msg.num_tokens.append(0)
             if isinstance(err, RequestAborted):
-                msg.finish_reasons.append("abort")
+                msg.finish_reasons.append(FinishReason.ABORT)
                 continue
-            msg.finish_reasons.append(FINISH_ERROR)
+            msg.finish_reasons.append(FinishReason.ERROR)
             msg.errors[req_id].code = error_code(err)
             msg.errors[req_id].message = str(err) or type(err).__name__
         with self._lock:  # numbered and queued together: two publishers never swap places
@@ -99,7 +99,7 @@ class OutputHub(strata_pb2_grpc.WorkerOutputsServicer):
         sub.ended.set()
 
     # ---- the gRPC service ----------------------------------------------------------------
-    def Subscribe(  # noqa: N802 - gRPC method name
+    def Subscribe(  # gRPC method name
         self, request: strata_pb2.SubscribeRequest, context: grpc.ServicerContext
     ) -> Iterator[strata_pb2.StepOutputs]:
         if self.secret is not None:

@@ -17,30 +17,22 @@ import grpc
 
 from decode_worker.admission import Admissions
 from decode_worker.outputs import OutputHub
-from engine.config import EngineConfig
 from engine.loop import OutputSink, RequestAborted
-from engine.worker_base import WorkerBase
-from kvstore.config import StoreConfig
 from proto import strata_pb2_grpc
-from proto.worker_api import DECODE, DecodeRequest, SamplingParams
+from proto.vocab import Role
+from proto.worker_api import DecodeRequest, SamplingParams
+from worker.base import WorkerBase
+from worker.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
 
 class DecodeWorker(WorkerBase):
-    role = DECODE
+    role = Role.DECODE
 
-    def __init__(
-        self,
-        worker_id: str,
-        engine_config: EngineConfig,
-        store_config: StoreConfig,
-        secret: str | None = None,
-        kv_host: str = "127.0.0.1",
-        kv_port: int = 0,
-        advertise_host: str | None = None,
-    ) -> None:
-        self.hub = OutputHub(secret)  # before the base class: it wires the loop and server to it
+    def __init__(self, spec: WorkerSpec) -> None:
+        # before the base class: it wires the loop and server to it
+        self.hub = OutputHub(spec.secret)
         self._stats_lock = threading.Lock()
         self.transfer_stats = {
             "transfers_ok": 0.0,
@@ -48,9 +40,7 @@ class DecodeWorker(WorkerBase):
             "transfers_timed_out": 0.0,
             "transfer_wait_seconds": 0.0,  # requests' waits for their pushes, summed
         }
-        super().__init__(
-            worker_id, engine_config, store_config, secret, kv_host, kv_port, advertise_host
-        )
+        super().__init__(spec)
         self.admissions = Admissions(self._admit, self._aborted_while_waiting)
 
     def _outputs(self) -> OutputSink:

@@ -359,7 +359,7 @@ def paged_prefill_attention_varlen(
     *,
     max_q_len: int | None = None,
     split: bool = False,
-    **kernel_opts: Any,  # noqa: ANN401 - block_q, partition_size, block_n
+    **kernel_opts: Any,  # block_q, partition_size, block_n
 ) -> torch.Tensor:  # [total_T, H_q, D] in q's dtype
     """Causal attention of several sequences' chunks; sequence ``b`` owns query rows
     ``cu_q_lens[b] .. cu_q_lens[b+1]-1`` at positions ``q_starts[b] + t``. ``max_q_len`` sizes
@@ -390,7 +390,7 @@ def paged_prefill_attention(
     block_table: torch.Tensor,  # [max_blocks] int32
     q_start: int,  # position of q[0]
     scale: float | None = None,
-    **kernel_opts: Any,  # noqa: ANN401 - split, block_q, partition_size, block_n
+    **kernel_opts: Any,  # split, block_q, partition_size, block_n
 ) -> torch.Tensor:  # [T, H_q, D]
     """One sequence's prefill chunk: ``paged_prefill_attention_varlen`` with B = 1."""
     if q_start < 0:

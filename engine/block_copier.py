@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.block_pool import BlockPool
-from kvstore.fence import CopyEngine, Fence
+from engine.fence import CopyEngine, Fence
 from kvstore.keys import BlockHash
-from kvstore.layout import KVLayout, gather_blocks, scatter_blocks
+from kvstore.layout import KVLayout
 from kvstore.lending import Lease, Reservation, runs
+from kvstore.pool_copy import gather_blocks, scatter_blocks
 from kvstore.store import TieredStore
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class BlockCopier:
             copy = self._pending.pop(0)
             try:
                 copy.fence.wait()
-            except Exception:  # noqa: BLE001 - _finish reads the error from the fence
+            except Exception:  # _finish reads the error from the fence
                 pass
             self._finish(copy)
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.keys import BlockHash
+from proto.vocab import EventKind, Tier
+from proto.worker_api import BlockEvent
 
 
 @dataclass(slots=True)
@@ -35,8 +37,8 @@ class BlockPool:
         self._cached: dict[BlockHash, int] = {}
         self.on_evict = on_evict
         self.num_evicted = 0
-        # (kind, block_hash) with kind "stored" | "removed", for the router's global index.
-        self.events: deque[tuple[str, BlockHash]] = deque(maxlen=1 << 16)
+        # (kind, block_hash) per block, for the router's global index (``drain_events``).
+        self.events: deque[tuple[EventKind, BlockHash]] = deque(maxlen=1 << 16)
 
     @property
     def num_free_blocks(self) -> int:
@@ -93,7 +95,7 @@ class BlockPool:
                 self.blocks[block_id].block_hash = None
                 if self._cached.get(h) == block_id:
                     del self._cached[h]
-                    self.events.append(("removed", h))
+                    self.events.append((EventKind.REMOVED, h))
             self.num_evicted += len(evicted)
         return block_ids
 
@@ -121,7 +123,7 @@ class BlockPool:
             return False
         blk.block_hash = block_hash
         self._cached[block_hash] = block_id
-        self.events.append(("stored", block_hash))
+        self.events.append((EventKind.STORED, block_hash))
         return True
 
     def evict_all_free(self) -> int:
@@ -133,20 +135,20 @@ class BlockPool:
         for block_id, h in evicted:
             self.blocks[block_id].block_hash = None
             del self._cached[h]
-            self.events.append(("removed", h))
+            self.events.append((EventKind.REMOVED, h))
         self.num_evicted += len(evicted)
         return len(evicted)
 
-    def drain_events(self) -> list[tuple[str, list[BlockHash]]]:
-        """Events since the last call, consecutive ones of a kind grouped."""
-        out: list[tuple[str, list[BlockHash]]] = []
+    def drain_events(self) -> list[BlockEvent]:
+        """Events since the last call (tier ``device``), consecutive ones of a kind grouped."""
+        runs: list[tuple[EventKind, list[BlockHash]]] = []
         while self.events:
             kind, h = self.events.popleft()
-            if out and out[-1][0] == kind:
-                out[-1][1].append(h)
+            if runs and runs[-1][0] == kind:
+                runs[-1][1].append(h)
             else:
-                out.append((kind, [h]))
-        return out
+                runs.append((kind, [h]))
+        return [BlockEvent(kind, Tier.DEVICE, tuple(hashes)) for kind, hashes in runs]
 
     def check_no_leaks(self) -> None:
         """Assert every block is free again (ref_cnt 0); for tests and shutdown."""

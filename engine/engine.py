@@ -20,10 +20,10 @@ from engine.runner import GraphSpec, ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import RequestResult, Sequence, StepOutput
-from kvstore.bandwidth import drop_page_cache
 from kvstore.config import StoreConfig
 from kvstore.keys import BlockHash, hash_prompt_blocks, model_fingerprint
 from kvstore.layout import KVLayout
+from proto.vocab import FinishReason, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class LLMEngine:
     ) -> None:
         try:
             listener(first, ids)
-        except Exception:  # noqa: BLE001 - a listener failure must not fail the step
+        except Exception:  # a listener failure must not fail the step
             logger.exception("block listener of %s failed; unwatching", req_id)
             self._watches.pop(req_id, None)
 
@@ -226,7 +226,7 @@ class LLMEngine:
         seq = self._seqs.pop(req_id, None)
         if seq is None:
             return False
-        self.scheduler.finish(seq, "abort")
+        self.scheduler.finish(seq, FinishReason.ABORT)
         return True
 
     def has_unfinished(self) -> bool:
@@ -278,18 +278,20 @@ class LLMEngine:
             if out.finished:
                 self._watches.pop(out.req_id, None)
                 seq = self._seqs.pop(out.req_id)
-                self.scheduler.finish(seq, out.finish_reason or "stop")
+                self.scheduler.finish(seq, out.finish_reason or FinishReason.STOP)
         return outputs
 
-    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, tok: int) -> FinishReason | None:
         p = seq.sampling
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.model_config.eos_token_ids):
-            return "stop"
+            return FinishReason.STOP
         if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return "length"
+            return FinishReason.LENGTH
         return None
 
-    def _output(self, seq: Sequence, new: tuple[int, ...], reason: str | None) -> StepOutput:
+    def _output(
+        self, seq: Sequence, new: tuple[int, ...], reason: FinishReason | None
+    ) -> StepOutput:
         ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time else None
         return StepOutput(
             seq.req_id,
@@ -326,7 +328,7 @@ class LLMEngine:
                         out.req_id,
                         seq.token_ids[: seq.prompt_len],
                         seq.output_token_ids,
-                        out.finish_reason or "stop",
+                        out.finish_reason or FinishReason.STOP,
                         seq.num_cached_tokens,
                         dict(seq.cached_by_tier),
                         out.ttft_s or 0.0,
@@ -383,27 +385,21 @@ class LLMEngine:
                 self.store.put([hashes[i] for i in left], rows)
         return n
 
-    def held_blocks(self) -> dict[str, list[BlockHash]]:
+    def held_blocks(self) -> dict[Tier, list[BlockHash]]:
         """Every block this engine holds, by tier: the pool's cached blocks and the store's."""
-        out = {"device": self.kv.pool.cached_hashes()}
+        out = {Tier.DEVICE: self.kv.pool.cached_hashes()}
         if self.store is not None:
             out.update(self.store.held())
         return out
 
-    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
-        """Push every free cached block below ``down_to`` ("host" or "disk"): for benchmarks and
-        tests that measure loads from a given tier. Blocks in use are never touched."""
-        if down_to not in ("host", "disk"):
+    def evict_cached(self, down_to: str = Tier.HOST) -> dict[Tier, int]:
+        """Push every free cached block down to tier ``down_to`` (host or disk): for benchmarks
+        and tests that measure loads from a given tier. Blocks in use are never touched."""
+        if down_to not in (Tier.HOST, Tier.DISK):
             raise ValueError(f"down_to must be 'host' or 'disk', got {down_to!r}")
-        out = {"device": self.kv.evict_all_free()}
-        if down_to == "disk" and self.store is not None:
-            self.store.flush()
-            out["host"] = self.store.evict_host(
-                self.store.host.num_blocks if self.store.host else 0
-            )
-            self.store.flush()
-            if self.store.disk is not None:
-                drop_page_cache(self.store.disk.path)  # later loads read the disk, not RAM
+        out = {Tier.DEVICE: self.kv.evict_all_free()}
+        if down_to == Tier.DISK and self.store is not None:
+            out[Tier.HOST] = self.store.demote(Tier.DISK)  # later loads read the disk, not RAM
         return out
 
     # ---- introspection -------------------------------------------------------------------

@@ -72,7 +72,7 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def hf_config(reader: Any, path: str, num_tokens: int) -> dict[str, Any]:  # noqa: ANN401
+def hf_config(reader: Any, path: str, num_tokens: int) -> dict[str, Any]:
     """A Hugging Face ``config.json`` dict from the file's ``llama.*`` metadata."""
     arch = field_value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
@@ -81,7 +81,7 @@ def hf_config(reader: Any, path: str, num_tokens: int) -> dict[str, Any]:  # noq
             f"{', '.join(SUPPORTED_ARCHS)} are)"
         )
 
-    def req(key: str) -> Any:  # noqa: ANN401
+    def req(key: str) -> Any:
         return require_field(reader, f"{arch}.{key}", path)
 
     if "rope_freqs.weight" in {t.name for t in reader.tensors}:
@@ -119,7 +119,7 @@ def hf_config(reader: Any, path: str, num_tokens: int) -> dict[str, Any]:  # noq
     }
 
 
-def _check_types(reader: Any, path: str) -> None:  # noqa: ANN401
+def _check_types(reader: Any, path: str) -> None:
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise ValueError(
@@ -128,7 +128,7 @@ def _check_types(reader: Any, path: str) -> None:  # noqa: ANN401
             )
 
 
-def _tensors(reader: Any, cfg: dict[str, Any], path: str) -> dict[str, np.ndarray]:  # noqa: ANN401
+def _tensors(reader: Any, cfg: dict[str, Any], path: str) -> dict[str, np.ndarray]:
     from gguf.quants import dequantize
 
     out: dict[str, np.ndarray] = {}

@@ -29,8 +29,10 @@ from engine.prefix_loader import LoadResult, PrefixLoader
 from engine.sequence import Sequence
 from kvstore.cost import LoadPlan, SpeedTracker, plan_load, tier_runs
 from kvstore.keys import BlockHash, extend_hashes
-from kvstore.layout import KVLayout, gather_blocks, scatter_blocks
+from kvstore.layout import KVLayout
+from kvstore.pool_copy import gather_blocks, scatter_blocks
 from kvstore.store import TieredStore
+from proto.vocab import Tier
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +129,15 @@ class KVCacheManager:
         n_dev = min(plan.num_device_blocks, keep)
         return replace(plan, num_device_blocks=n_dev, store_tiers=plan.store_tiers[: keep - n_dev])
 
-    def plan_load(self, tiers: list[str], num_tokens: int) -> LoadPlan:
+    def plan_load(self, tiers: list[Tier], num_tokens: int) -> LoadPlan:
         """``kvstore.cost.plan_load`` (with the split) for store hits of these tiers, leading a
         prompt of ``num_tokens`` tokens."""
         known = self.speeds.tier_bytes_per_s()
-        if "host" in tiers and "host" not in known:
-            self.speeds.set_tier("host", self._probe_host_speed())
-        if "disk" in tiers and "disk" not in known and self.store is not None:
-            if self.store.disk is not None:  # the tier's own reads so far, if any
-                self.speeds.set_tier("disk", self.store.disk.read_bytes_per_s)
+        if Tier.HOST in tiers and Tier.HOST not in known:
+            self.speeds.set_tier(Tier.HOST, self._probe_host_speed())
+        if Tier.DISK in tiers and Tier.DISK not in known and self.store is not None:
+            if self.store.tier(Tier.DISK) is not None:  # the tier's own reads so far, if any
+                self.speeds.set_tier(Tier.DISK, self.store.read_speed(Tier.DISK))
         return plan_load(
             tier_runs(tiers), num_tokens, self.block_size, self.layout.block_nbytes,
             self.speeds.snapshot(), overlap=True,
@@ -176,7 +178,7 @@ class KVCacheManager:
         seq.num_computed_tokens = len(dev_ids) * self.block_size
         if seq.first_token_time is None:  # a preempted sequence keeps its first accounting
             seq.num_cached_tokens = seq.num_computed_tokens
-            seq.cached_by_tier = {"device": seq.num_computed_tokens} if dev_ids else {}
+            seq.cached_by_tier = {Tier.DEVICE: seq.num_computed_tokens} if dev_ids else {}
         self.num_hits_recomputed += plan.num_store_hits - len(plan.store_tiers)
         if plan.store_tiers:
             assert self.loader is not None

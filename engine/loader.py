@@ -220,7 +220,7 @@ def _checkpoint_model(
     for fp in files:
         try:
             tensors = load_file(fp, device=str(dev))
-        except Exception as e:  # safetensors raises its own error types  # noqa: BLE001
+        except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{fp}: cannot read safetensors file: {e}") from None
         for name, t in tensors.items():
             if name not in expected:

@@ -135,7 +135,7 @@ class EngineLoop:
                 return
             try:
                 fut.set_result(fn(self.engine))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
+            except BaseException as e:  # handed to the caller
                 fut.set_exception(e)
 
         self._cmds.put(do)
@@ -168,7 +168,7 @@ class EngineLoop:
             else:
                 try:
                     outputs = self.engine.step()
-                except Exception as e:  # noqa: BLE001 - fail the live requests, keep serving
+                except Exception as e:  # fail the live requests, keep serving
                     logger.exception("engine step failed")
                     self._fail_all(e)
                     continue
@@ -194,7 +194,7 @@ class EngineLoop:
         assert self.on_outputs is not None
         try:
             self.on_outputs(outputs, errors)
-        except Exception:  # noqa: BLE001 - the sink's failure must not stop the engine
+        except Exception:  # the sink's failure must not stop the engine
             logger.exception("publishing step outputs failed")
 
     def _fail_all(self, err: BaseException) -> None:

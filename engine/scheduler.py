@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from engine.kv_manager import KVCacheManager
 from engine.sequence import SeqStatus, Sequence
+from proto.vocab import FinishReason
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:

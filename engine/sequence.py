@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from engine.sampling import SamplingParams
 from kvstore.keys import BlockHash
+from proto.vocab import FinishReason
 
 
 class SeqStatus(enum.Enum):
@@ -31,7 +32,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from a cache instead of computed
     cached_by_tier: dict[str, int] = field(default_factory=dict)  # tier -> cached tokens
     first_token_time: float | None = None  # perf_counter() when the first token was sampled
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     # Leading tokens that form the prompt; the rest were sampled (a decode worker's request
     # carries the first token the prefill worker sampled). Deterministic mode computes them
@@ -56,7 +57,7 @@ class StepOutput:
     req_id: str
     new_token_ids: tuple[int, ...]  # tokens sampled for this request in this step
     finished: bool
-    finish_reason: str | None  # set when finished
+    finish_reason: FinishReason | None  # set when finished
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int  # prompt tokens served from a cache (any tier)
@@ -69,7 +70,7 @@ class RequestResult:
     req_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    finish_reason: str
+    finish_reason: FinishReason
     num_cached_tokens: int
     cached_by_tier: dict[str, int]
     ttft_s: float

@@ -1,6 +1,7 @@
 """Measured (never hard-coded) read bandwidth of each tier, on the medium it names.
 
-``measure_bandwidth(store)`` gives GB/s per enabled tier:
+``measure_bandwidth(block_nbytes, host_enabled, disk, write_step)`` gives GB/s per enabled tier
+(``TieredStore.measure_bandwidth`` passes its own tiers):
 - host: a batched copy of ``num_blocks`` rows of the block size, best of ``repeats`` (the host
   tier's read path is one ``index_select`` out of the slab, so this is its speed);
 - disk: scratch blocks written through the tier, then read back through the tier's own read
@@ -29,18 +30,21 @@ import torch
 from kvstore.errors import StoreError
 from kvstore.keys import BlockHash
 from kvstore.layout import aligned_empty
+from proto.vocab import Tier
 
 if TYPE_CHECKING:
-    from kvstore.store import TieredStore
+    from kvstore.tiers.disk import DiskTier
 
 PROBE_BYTES = 16 << 20  # at least this much is read to time the disk (past latency, caches)
 
 
 def measure_bandwidth(
-    store: TieredStore, num_blocks: int | None = None, repeats: int = 3
-) -> dict[str, float]:
-    """GB/s per enabled tier (``{"host": ..., "disk": ...}``)."""
-    nb = store.block_nbytes
+    block_nbytes: int, host_enabled: bool, disk: DiskTier | None, write_step: int,
+    num_blocks: int | None = None, repeats: int = 3,
+) -> dict[Tier, float]:
+    """GB/s per enabled tier (``{"host": ..., "disk": ...}``); ``write_step``: blocks per put
+    (the disk writer's queue depth)."""
+    nb = block_nbytes
     if num_blocks is None:
         num_blocks = max(16, PROBE_BYTES // nb)
     if num_blocks <= 0 or repeats <= 0:
@@ -48,18 +52,17 @@ def measure_bandwidth(
     nbytes = num_blocks * nb
     src = torch.randint(0, 256, (num_blocks, nb), dtype=torch.uint8)
     dst = aligned_empty(num_blocks, nb)
-    result: dict[str, float] = {}
-    if store.host is not None:
+    result: dict[Tier, float] = {}
+    if host_enabled:
         idx = torch.randperm(num_blocks)
         best = min(_timed(lambda: torch.index_select(src, 0, idx, out=dst)) for _ in range(repeats))
-        result["host"] = nbytes / best / 1e9
-    disk = store.disk
+        result[Tier.HOST] = nbytes / best / 1e9
     if disk is not None:
         num_blocks = min(num_blocks, max(1, disk.capacity_bytes // disk.slot_nbytes // 2))
         hashes = [BlockHash(os.urandom(16)) for _ in range(num_blocks)]
-        step = store.config.disk_write_queue_blocks
-        for i in range(0, num_blocks, step):
-            if not all(disk.put(hashes[i : i + step], src[i : i + step])) or not disk.flush(60.0):
+        for i in range(0, num_blocks, write_step):
+            end = i + write_step
+            if not all(disk.put(hashes[i:end], src[i:end])) or not disk.flush(60.0):
                 raise StoreError("disk bandwidth probe: the write-behind queue refused the blocks")
         try:
             times = []
@@ -71,15 +74,15 @@ def measure_bandwidth(
             for h in hashes:
                 disk.remove(h)
             disk.flush(timeout_s=60.0)
-        result["disk"] = num_blocks * nb / statistics.median(times) / 1e9
+        result[Tier.DISK] = num_blocks * nb / statistics.median(times) / 1e9
     return result
 
 
-def disk_read_method(store: TieredStore) -> str:
+def disk_read_method(disk: DiskTier | None) -> str:
     """How the disk tier's reads reach the device (for benchmark reports)."""
-    if store.disk is None:
+    if disk is None:
         return "no disk tier"
-    if store.disk.direct_io:
+    if disk.direct_io:
         return "O_DIRECT (the page cache is bypassed)"
     return "buffered (no O_DIRECT here): pages dropped after each read and write"
 

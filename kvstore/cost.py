@@ -35,11 +35,13 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from proto.vocab import Tier
+
 LOAD_SLACK = 2.0  # the deadline of a load, in predicted load times
 LOAD_MARGIN_S = 0.25  # plus this (a busy machine's scheduling noise is not a slow disk)
 SPLIT_GAIN = 0.9  # a split must beat loading every hit by 10% (else that simpler plan runs)
 EWMA_ALPHA = 0.2  # weight of a new observation in the moving averages
-DEVICE_TIER = "device"  # already in the device pool: loading it is free
+DEVICE_TIER = Tier.DEVICE  # already in the device pool: loading it is free
 _TIE = 1 - 1e-9  # plans within this factor of each other cost the same
 
 

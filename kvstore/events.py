@@ -1,4 +1,4 @@
-"""Store events (``stored`` / ``removed`` per tier) for the router's global block index.
+"""Store events (``BlockEvent``: stored / removed, per tier) for the router's global block index.
 
 Events are kept in a bounded deque (``drain_events``) and handed to subscribers. Subscribers
 are always called with no store lock held, on the thread that caused the event (a caller of
@@ -12,26 +12,16 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 from kvstore.keys import BlockHash
+from proto.vocab import EventKind, Tier
+from proto.worker_api import BlockEvent
 
 logger = logging.getLogger(__name__)
 
-EventKind = Literal["stored", "removed"]
-
-
-@dataclass(frozen=True)
-class StoreEvent:
-    kind: EventKind  # "stored": the tier now holds the blocks; "removed": it no longer does
-    tier: str  # "host" | "disk"
-    block_hashes: tuple[BlockHash, ...]  # the blocks concerned, in no particular order
-
-
-EventListener = Callable[[StoreEvent], None]
-# How a tier reports an event: ``publish(kind, tier_name, block_hashes)`` (EventBus.publish).
-PublishFn = Callable[[EventKind, str, Sequence[BlockHash]], None]
+EventListener = Callable[[BlockEvent], None]
+# How a tier reports an event: ``publish(kind, tier, block_hashes)`` (EventBus.publish).
+PublishFn = Callable[[EventKind, Tier, Sequence[BlockHash]], None]
 
 
 class EventBus:
@@ -41,7 +31,7 @@ class EventBus:
         if max_events <= 0:
             raise ValueError("max_events must be positive")
         self._lock = threading.Lock()
-        self._events: deque[StoreEvent] = deque(maxlen=max_events)
+        self._events: deque[BlockEvent] = deque(maxlen=max_events)
         self._subscribers: list[EventListener] = []
         self.num_dropped = 0  # events pushed out of the deque before anyone drained them
 
@@ -53,10 +43,10 @@ class EventBus:
         with self._lock:
             self._subscribers.remove(callback)
 
-    def publish(self, kind: EventKind, tier: str, block_hashes: Sequence[BlockHash]) -> None:
+    def publish(self, kind: EventKind, tier: Tier, block_hashes: Sequence[BlockHash]) -> None:
         if not block_hashes:
             return
-        event = StoreEvent(kind, tier, tuple(block_hashes))
+        event = BlockEvent(kind, tier, tuple(block_hashes))
         with self._lock:
             if len(self._events) == self._events.maxlen:
                 self.num_dropped += 1
@@ -68,7 +58,7 @@ class EventBus:
             except Exception:  # a subscriber must never break the store
                 logger.exception("store event subscriber %r failed", callback)
 
-    def drain(self) -> list[StoreEvent]:
+    def drain(self) -> list[BlockEvent]:
         with self._lock:
             events = list(self._events)
             self._events.clear()

@@ -46,7 +46,7 @@ class HostEvictor:
             if short > 0:
                 try:
                     self.num_evicted += self.host.evict(short)
-                except Exception:  # noqa: BLE001 - keep the thread; the next write evicts itself
+                except Exception:  # keep the thread; the next write evicts itself
                     logger.exception("host evictor failed")
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """Triton gather/scatter between the paged pool and block-major buffers (one launch each).
 
-Contract (same as ``gather_blocks_torch`` / ``scatter_blocks_torch`` in ``kvstore.layout``):
+Contract (same as ``gather_blocks_torch`` / ``scatter_blocks_torch`` in ``kvstore.pool_copy``):
 
 - pool: ``kv_caches``, a list of ``L`` per-layer tensors ``[num_blocks, 2, block_size, H_kv, D]``,
   each contiguous, same dtype and device.
@@ -15,7 +15,7 @@ element_size`` (int64, possibly negative). This is plain pointer arithmetic, so 
 same compiled on CUDA and under ``TRITON_INTERPRET=1`` (where kernels run on CPU tensors); no
 int-to-pointer cast and no per-layer fallback is needed. Grid: ``(n, L, chunks of a layer-block)``.
 
-This module imports triton at import time; ``kvstore.layout`` imports it lazily (CUDA only).
+This module imports triton at import time; ``kvstore.pool_copy`` imports it lazily (CUDA only).
 """
 
 from __future__ import annotations

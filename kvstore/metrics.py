@@ -10,6 +10,8 @@ import threading
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
+from proto.vocab import Tier
+
 # Upper bounds (seconds) of the latency histogram buckets; the last bucket is +Inf.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     1e-5,
@@ -63,7 +65,7 @@ class LatencyStat:
 class StoreMetrics:
     """Hits, misses and bytes per tier; load/store latency; prefetch counts."""
 
-    def __init__(self, tiers: tuple[str, ...] = ("host", "disk")) -> None:
+    def __init__(self, tiers: tuple[str, ...] = (Tier.HOST, Tier.DISK)) -> None:
         self._lock = threading.Lock()
         self._tiers = tiers
         self.hits = {t: 0 for t in tiers}  # blocks served by each tier (leading prefix only)

@@ -188,7 +188,7 @@ class PendingLease:
         def done(_: Future[None]) -> None:
             try:
                 slot = pin()
-            except Exception:  # noqa: BLE001 - a failed pin is a miss
+            except Exception:  # a failed pin is a miss
                 logger.exception("pinning a prefetched block failed")
                 slot = None
             self.arrived([pos], [slot is not None], [slot if slot is not None else -1])

@@ -26,9 +26,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kvstore.bandwidth import disk_read_method, drop_page_cache, measure_bandwidth
 from kvstore.config import StoreConfig
 from kvstore.errors import DiskUnavailableError
-from kvstore.events import EventBus, EventListener, StoreEvent
+from kvstore.events import EventBus, EventListener
 from kvstore.evictor import HostEvictor
 from kvstore.keys import HASH_NBYTES, BlockHash
 from kvstore.layout import KVLayout
@@ -37,9 +38,12 @@ from kvstore.loader import Loader
 from kvstore.metrics import StoreMetrics
 from kvstore.pending import PendingLease
 from kvstore.prefetch import Prefetcher
+from kvstore.tiers.base import StoreTier
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 from kvstore.write_policy import DiskWritePolicy
+from proto.vocab import Tier
+from proto.worker_api import BlockEvent
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,8 @@ class TieredStore:
                 on_evict=self.policy.host_evicted,
                 publish=self.events.publish,
             )
+        # the enabled tiers, fastest first: a block's tier is the first of these holding it
+        self.tiers: list[StoreTier] = [t for t in (self.host, self.disk) if t is not None]
         self.evictor: HostEvictor | None = None
         headroom = int(self.host.num_slots * config.host_headroom) if self.host else 0
         if self.host is not None and headroom > 0:
@@ -118,19 +124,19 @@ class TieredStore:
         self._closed = False
 
     # ----------------------------------------------------------------- read path
-    def lookup(self, hashes: Sequence[BlockHash]) -> list[str]:
-        """Tier name ("host" | "disk") of each leading block present; stops at the first miss.
+    def lookup(self, hashes: Sequence[BlockHash]) -> list[Tier]:
+        """The fastest tier holding each leading block present; stops at the first miss.
 
         A block whose copy into host is still under way is not present yet."""
-        tiers: list[str] = []
+        found: list[Tier] = []
         for h in hashes:
-            if self.host is not None and self.host.contains(h):
-                tiers.append("host")
-            elif self.disk is not None and self.disk.contains(h):
-                tiers.append("disk")
+            for tier in self.tiers:
+                if tier.contains(h):
+                    found.append(tier.name)
+                    break
             else:
                 break
-        return tiers
+        return found
 
     def lend(self, hashes: Sequence[BlockHash]) -> Lease:
         """Pin the leading blocks found for a copy to read; ``release`` the lease after it.
@@ -166,13 +172,13 @@ class TieredStore:
     def _load_closed(self, pending: PendingLease) -> None:
         """Every block of a closed pending lease arrived or failed: account the load."""
         taken = pending.num_taken()
-        num_disk = pending.tiers[:taken].count("disk")
+        num_disk = pending.tiers[:taken].count(Tier.DISK)
         if pending.in_host:
             self.metrics.add("promoted", sum(pending.read_here[:taken]))
         end = pending.settled_at or time.perf_counter()
         self.metrics.record_load(
             end - pending.started,
-            {"host": taken - num_disk, "disk": num_disk},
+            {Tier.HOST: taken - num_disk, Tier.DISK: num_disk},
             pending.requested - taken,
             self.block_nbytes,
         )
@@ -252,7 +258,7 @@ class TieredStore:
             disk_ok = self.policy.not_stored(res.hashes, res.base, res.rows)
         n = res.num_blocks if res.in_host else 0
         self.metrics.record_put(
-            time.perf_counter() - start, {"host": n, "disk": sum(disk_ok)}, self.block_nbytes
+            time.perf_counter() - start, {Tier.HOST: n, Tier.DISK: sum(disk_ok)}, self.block_nbytes
         )
 
     def cancel(self, res: Reservation) -> None:
@@ -284,7 +290,7 @@ class TieredStore:
                 self.num_disk_refused += n if self.policy.on_put else len(refused)
         self.metrics.record_put(
             time.perf_counter() - start,
-            {"host": sum(host_ok), "disk": sum(disk_ok)},
+            {Tier.HOST: sum(host_ok), Tier.DISK: sum(disk_ok)},
             self.block_nbytes,
         )
         return sum(1 for a, b in zip(host_ok, disk_ok) if a or b)
@@ -297,6 +303,36 @@ class TieredStore:
                 if tier is not None and tier.remove(h):
                     num += 1
             self.policy.forget(h)
+        return num
+
+    def tier(self, name: Tier) -> StoreTier | None:
+        """The store's tier ``name``; None when it is off."""
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def read_speed(self, tier: Tier) -> float | None:
+        """Bytes/s of the tier's own reads so far (the disk measures them); None if unknown."""
+        return self.disk.read_bytes_per_s if tier == Tier.DISK and self.disk is not None else None
+
+    def demote(self, to: Tier, hashes: Sequence[BlockHash] | None = None) -> int:
+        """Move blocks down to tier ``to``: every unpinned block of the tiers above it (the
+        blocks of ``hashes`` only, when given: a prefix), each written to ``to`` first when it
+        lacks it; returns how many left the tiers above. After a demotion to disk the disk's
+        pages are dropped from the OS cache, so later loads read the device. The tiers above
+        host (the device pool) are the engine's: ``demote(Tier.HOST)`` moves nothing here."""
+        if to not in (Tier.HOST, Tier.DISK):
+            raise ValueError(f"a store demotes to host or disk, not {to!r}")
+        if to == Tier.HOST or self.host is None:
+            return 0
+        self.flush()
+        if hashes is None:
+            num = self.evict_host(self.host.num_blocks)
+        else:
+            present = [h for h in hashes if self.host.contains(h)]
+            self.persist(present)
+            num = sum(self.host.remove(h) for h in present)
+        self.flush()
+        if self.disk is not None:
+            drop_page_cache(self.disk.path)
         return num
 
     def evict_host(self, num_blocks: int) -> int:
@@ -374,19 +410,19 @@ class TieredStore:
         return self.host.num_writing() if self.host is not None else 0
 
     # ----------------------------------------------------------------- events, stats, close
-    def held(self) -> dict[str, list[BlockHash]]:
+    def held(self) -> dict[Tier, list[BlockHash]]:
         """Every block of each tier below the device pool (a resync of the router's index)."""
-        out: dict[str, list[BlockHash]] = {}
+        out: dict[Tier, list[BlockHash]] = {}
         if self.host is not None:
-            out["host"] = self.host.block_hashes()
+            out[Tier.HOST] = self.host.block_hashes()
         if self.disk is not None:
-            out["disk"] = self.disk.block_hashes()
+            out[Tier.DISK] = self.disk.block_hashes()
         return out
 
     def subscribe(self, callback: EventListener) -> None:
         self.events.subscribe(callback)
 
-    def drain_events(self) -> list[StoreEvent]:
+    def drain_events(self) -> list[BlockEvent]:
         return self.events.drain()
 
     def stats(self) -> dict[str, object]:
@@ -407,11 +443,21 @@ class TieredStore:
             "events_dropped": self.events.num_dropped,
         }
 
-    def measure_bandwidth(self, num_blocks: int = 16, repeats: int = 3) -> dict[str, float]:
+    def measure_bandwidth(self, num_blocks: int = 16, repeats: int = 3) -> dict[Tier, float]:
         """Measured read GB/s per enabled tier (see ``kvstore.bandwidth``)."""
-        from kvstore.bandwidth import measure_bandwidth
+        return measure_bandwidth(
+            self.block_nbytes, self.host is not None, self.disk,
+            self.config.disk_write_queue_blocks, num_blocks, repeats,
+        )
 
-        return measure_bandwidth(self, num_blocks, repeats)
+    @property
+    def reads_bypass_page_cache(self) -> bool:
+        """The disk tier reads with ``O_DIRECT`` (or there is none): no page cache to drop."""
+        return self.disk is None or self.disk.direct_io
+
+    def disk_read_method(self) -> str:
+        """How the disk tier's reads reach the device (see ``kvstore.bandwidth``)."""
+        return disk_read_method(self.disk)
 
     def close(self) -> None:
         """Finish prefetches, write host blocks the disk lacks (``persist_on_close``), flush the
@@ -426,7 +472,7 @@ class TieredStore:
         if self.config.persist_on_close and self.host is not None and self.disk is not None:
             try:
                 self.persist(self.host.resident())
-            except Exception:  # noqa: BLE001 - a failing disk must not stop the shutdown
+            except Exception:  # a failing disk must not stop the shutdown
                 logger.exception("writing the host tier to disk at close failed")
         if self.disk is not None:
             self.disk.close()

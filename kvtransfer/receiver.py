@@ -148,7 +148,7 @@ class KVReceiver:
                     if stop.is_set():
                         return
                 events.put(("end", None))
-            except Exception as e:  # noqa: BLE001 - the sender cancelled or the deadline passed
+            except Exception as e:  # the sender cancelled or the deadline passed
                 events.put(("broken", e))
 
         threading.Thread(target=read, name="kv-push-reader", daemon=True).start()
@@ -324,7 +324,7 @@ class KVReceiver:
         for fut in state.pending:  # the sink's writes end before the stream is reported done
             try:
                 fut.result(timeout=60)
-            except Exception:  # noqa: BLE001 - reported through state.error already
+            except Exception:  # reported through state.error already
                 state.ok = False
         if state.req_id is None or state.reported:
             return
@@ -341,7 +341,7 @@ class KVReceiver:
         req = strata_pb2.PullRequest()
         try:
             req.ParseFromString(request)
-        except Exception as e:  # noqa: BLE001 - DecodeError of the protobuf runtime
+        except Exception as e:  # DecodeError of the protobuf runtime
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable PullRequest: {e}")
         err = self._fingerprint_error(req.fingerprint)
         if err:
@@ -402,7 +402,7 @@ def add_to_server(receiver: KVReceiver, server: grpc.Server) -> None:
     """Register ``KVTransfer`` and the raw ``KVStream`` methods on ``server`` (before start)."""
 
     class _Query(strata_pb2_grpc.KVTransferServicer):
-        def QueryBlocks(  # noqa: N802 - gRPC method name
+        def QueryBlocks(  # gRPC method name
             self, request: strata_pb2.QueryBlocksRequest, context: grpc.ServicerContext
         ) -> strata_pb2.QueryBlocksResponse:
             return receiver.query_blocks(request, context)

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from kvstore.errors import TransferError
 from kvstore.keys import BlockHash
 from kvtransfer import shm, wire
+from kvtransfer.errors import TransferError
 from kvtransfer.session import PushSession, _transfer_error
 from proto import strata_pb2, strata_pb2_grpc
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvstore.errors import TransferError
 from kvstore.keys import BlockHash
 from kvtransfer import shm, wire
+from kvtransfer.errors import TransferError
 from proto import strata_pb2
 
 logger = logging.getLogger(__name__)

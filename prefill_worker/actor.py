@@ -6,9 +6,9 @@ from typing import Any
 
 import ray
 
-from engine.worker_base import WorkerActorBase
 from prefill_worker.worker import PrefillWorker
 from proto.worker_api import PrefillRequest, PrefillResult
+from worker.base import WorkerActorBase
 
 
 class PrefillActor(WorkerActorBase):
@@ -19,5 +19,5 @@ class PrefillActor(WorkerActorBase):
         return self.worker.prefill(req)
 
 
-def prefill_actor_class(**options: Any):  # noqa: ANN201
+def prefill_actor_class(**options: Any):
     return ray.remote(PrefillActor).options(**options)

@@ -16,40 +16,27 @@ import queue
 import threading
 import time
 
-from engine.config import EngineConfig
-from engine.worker_base import WorkerBase, bytes_tensor
-from kvstore.config import StoreConfig
-from kvstore.errors import StrataError
 from kvstore.keys import BlockHash
-from kvtransfer.config import TransferConfig
 from kvtransfer.sender import KVSender
 from kvtransfer.session import PushSession
-from proto.worker_api import PREFILL, PrefillRequest, PrefillResult
+from proto.errors import StrataError
+from proto.vocab import FinishReason, Role
+from proto.worker_api import PrefillRequest, PrefillResult
+from worker.base import WorkerBase, bytes_tensor
+from worker.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
 
 class PrefillWorker(WorkerBase):
-    role = PREFILL
+    role = Role.PREFILL
 
-    def __init__(
-        self,
-        worker_id: str,
-        engine_config: EngineConfig,
-        store_config: StoreConfig,
-        secret: str | None = None,
-        kv_host: str = "127.0.0.1",
-        kv_port: int = 0,
-        advertise_host: str | None = None,
-        transfer: TransferConfig | None = None,
-    ) -> None:
-        super().__init__(
-            worker_id, engine_config, store_config, secret, kv_host, kv_port, advertise_host
-        )
-        self.transfer = transfer or TransferConfig()
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self.transfer = spec.transfer
         self.sender = KVSender(
-            secret=secret,
-            owner=worker_id,
+            secret=spec.secret,
+            owner=spec.worker_id,
             block_nbytes=self.engine.layout.block_nbytes,
             frame_bytes=self.transfer.frame_bytes,
             shm_bytes=self.transfer.shm_bytes,
@@ -94,7 +81,7 @@ class PrefillWorker(WorkerBase):
                 session.abort()
             raise
         token = out.new_token_ids[0]
-        stop = out.finish_reason == "stop"
+        stop = out.finish_reason == FinishReason.STOP
         finished = stop or req.sampling.max_tokens == 1
         if session is not None:
             if finished:
@@ -105,7 +92,9 @@ class PrefillWorker(WorkerBase):
             req_id=req.req_id,
             first_token=token,
             finished=finished,
-            finish_reason=("stop" if stop else "length") if finished else None,
+            finish_reason=(
+                (FinishReason.STOP if stop else FinishReason.LENGTH) if finished else None
+            ),
             prompt_tokens=len(prompt),
             cached_tokens=out.num_cached_tokens,
             cached_by_tier=out.cached_by_tier,
@@ -137,7 +126,7 @@ class PrefillWorker(WorkerBase):
             old.abort()
         return session
 
-    def _block_listener(self, session: PushSession):  # noqa: ANN202 - engine.BlockListener
+    def _block_listener(self, session: PushSession):  # engine.BlockListener
         """Runs on the loop thread after each step: copies the request's new full blocks out of
         the pool (the decode worker's held ones skipped) and queues them on the stream; the
         last ones (reported after the first token went out) close it."""

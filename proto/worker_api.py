@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PREFILL = "prefill"
-DECODE = "decode"
+from proto.vocab import EventKind, FinishReason, Role, Tier
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class SamplingParams:
 @dataclass(frozen=True)
 class WorkerInfo:
     worker_id: str  # unique in the cluster, e.g. "prefill-0"
-    role: str  # PREFILL | DECODE
+    role: Role
     node: str  # host name of the node the worker runs on
     fingerprint: bytes  # model fingerprint: blocks are only shared between equal ones
     block_size: int  # tokens per KV block
@@ -50,11 +49,21 @@ class WorkerInfo:
     max_model_len: int
     kv_address: str | None  # host:port of the worker's gRPC server (KV transfer, outputs)
     prefill_tokens_per_s: float  # measured at start-up
-    tier_bytes_per_s: dict[str, float] = field(default_factory=dict)  # measured load speed
+    tier_bytes_per_s: dict[Tier, float] = field(default_factory=dict)  # measured load speed
     pid: int = 0  # the worker's process id
     node_id: str = ""  # the Ray node it runs on ("" outside Ray)
     epoch: int = 0  # this start of the worker (a new one every start: ``EventBatch.epoch``)
     started_at: float = 0.0  # wall-clock time its process was ready to serve
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    """Blocks a tier of a worker took or dropped: the one event type from the block pool and the
+    store, through the worker's ``EventBatch``, to the router's index."""
+
+    kind: EventKind  # stored: the tier now holds the blocks; removed: it no longer does
+    tier: Tier
+    block_hashes: tuple[bytes, ...]  # the blocks concerned, in no particular order
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class EventBatch:
 
     epoch: int  # the worker's start that made them (a restart numbers from 1 again)
     seq: int  # 1, 2, ... within the epoch, snapshots included (``BlockSnapshot.seq``)
-    events: tuple[tuple[str, str, tuple[bytes, ...]], ...]  # (kind, tier, block hashes)
+    events: tuple[BlockEvent, ...]
     lost: bool = False  # events were dropped before this drain (the index must resync)
 
 
@@ -76,7 +85,7 @@ class BlockSnapshot:
 
     epoch: int
     seq: int
-    blocks: dict[str, list[bytes]]  # tier -> block hashes
+    blocks: dict[Tier, list[bytes]]  # tier -> block hashes
 
 
 @dataclass(frozen=True)
@@ -96,10 +105,10 @@ class PrefillResult:
     req_id: str
     first_token: int
     finished: bool  # the request ends here (stop token or max_tokens == 1)
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     prompt_tokens: int
     cached_tokens: int
-    cached_by_tier: dict[str, int]
+    cached_by_tier: dict[Tier, int]
     prefill_ms: float  # arrival at this worker to first token
     num_blocks_to_push: int  # full blocks streamed to the decode worker (or held there)
     num_pulled_blocks: int = 0  # blocks fetched from another worker before computing

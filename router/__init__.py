@@ -11,8 +11,8 @@
 - ``index.py`` (``GlobalBlockIndex``, one index over all workers; its rows in
   ``block_rows.py``), ``residency.py`` (the walk over a prompt's blocks that groups the
   holders), ``placement.py`` (``CostModel``) and ``profile.py`` (``WorkerProfile``): pure
-  Python. ``index_ref.py``: the plain per-worker index and placement loop they are tested
-  against (and benchmarked beside).
+  Python. The plain per-worker index and placement loop they are tested against (and
+  benchmarked beside) is ``bench.router_ref``.
 - ``client.py``: ``StrataClient``; ``aio_client.py``: ``AsyncStrataClient``. ``metrics.py``:
   Prometheus metrics in a private registry.
 - ``http_api.py`` + ``openai_api.py``: the OpenAI-compatible HTTP front door.

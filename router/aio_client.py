@@ -59,11 +59,11 @@ class AsyncStrataClient:
         await self.close()
 
     async def stream(
-        self, timeout: float | None = None, **request: Any
+        self, prompt: str | None = None, *, timeout: float | None = None, **params: Any
     ) -> AsyncIterator[StreamChunk]:
-        """``StreamChunk``s of one request (keywords as ``StrataClient.stream``); leaving the
-        loop early cancels the request on the server."""
-        req = StrataClient.build_request(**request)
+        """``StreamChunk``s of one request (its keywords: ``router.client.GenerateParams``);
+        leaving the loop early cancels the request on the server."""
+        req = StrataClient.build_request(prompt=prompt, **params)
         async for chunk in self.stream_request(req, timeout):
             yield chunk
 
@@ -86,11 +86,13 @@ class AsyncStrataClient:
         finally:
             call.cancel()  # no-op once the stream completed
 
-    async def generate(self, timeout: float | None = None, **request: Any) -> GenerationResult:
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **params: Any
+    ) -> GenerationResult:
         """Run one request to completion and collect its stream."""
         t0 = time.perf_counter()
         chunks: list[tuple[float, StreamChunk]] = []
-        async for chunk in self.stream(timeout, **request):
+        async for chunk in self.stream(prompt, timeout=timeout, **params):
             chunks.append((time.perf_counter(), chunk))
         return collect(t0, chunks)
 

@@ -19,11 +19,11 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from proto.worker_api import DECODE, PREFILL
+from proto.vocab import Role
 from router.config import BackendConfig
 from router.event_loop import RouterLoop
 from router.index import GlobalBlockIndex
-from router.membership import GONE, PHASES, Membership
+from router.membership import PHASES, Membership, WorkerState
 from router.metrics import RouterMetrics
 from router.placement import CostModel
 from router.request_run import RequestRun
@@ -49,7 +49,7 @@ class RayBackend:
         self.config = config or BackendConfig()
         self.loop = loop if loop is not None else RouterLoop.shared()
         self.metrics = metrics if metrics is not None else RouterMetrics()
-        if not any(role == DECODE for role, _ in workers):
+        if not any(role == Role.DECODE for role, _ in workers):
             raise ValueError("the service needs at least one decode worker")
         first = ray.get(workers[0][1].info.remote(), timeout=600)
         self.fingerprint: bytes = first.fingerprint
@@ -79,7 +79,7 @@ class RayBackend:
         compute prompts too, no handoff). Failures do not change it: a service whose prefill
         workers all died answers UNAVAILABLE until they are back."""
         self.colocated = not any(
-            w.role == PREFILL and w.state != GONE for w in self.members.snapshot()
+            w.role == Role.PREFILL and w.state != WorkerState.GONE for w in self.members.snapshot()
         )
 
     # ---- membership ----------------------------------------------------------------------
@@ -103,8 +103,8 @@ class RayBackend:
         """Stop placing on ``worker_ids``, let their requests finish (bounded), drop them;
         returns their handles to stop."""
         left = [w for w in self.members.snapshot() if w.worker_id not in worker_ids]
-        for role in (DECODE,):
-            if not any(w.role == role and w.state != GONE for w in left):
+        for role in (Role.DECODE,):
+            if not any(w.role == role and w.state != WorkerState.GONE for w in left):
                 raise ValueError(f"the service needs at least one {role} worker")
         handles = self.members.retire(worker_ids, drain_timeout_s)
         self._scaled()
@@ -115,10 +115,10 @@ class RayBackend:
         then no pull is ever planned)."""
         nbytes = seconds = 0.0
         for w in self.members.snapshot():
-            if w.alive and w.role == PREFILL:
+            if w.alive and w.role == Role.PREFILL:
                 try:
                     s = ray.get(w.handle.stats.remote(), timeout=self.config.call_timeout_s)
-                except Exception:  # noqa: BLE001 - measured again next time
+                except Exception:  # measured again next time
                     continue
                 nbytes += s.get("push_bytes", 0.0) - s.get("push_shm_bytes", 0.0)
                 seconds += s.get("push_seconds", 0.0)
@@ -143,7 +143,7 @@ class RayBackend:
                 except WORKER_DIED as e:
                     self._mark_dead(w.worker_id, e)
                     continue
-                except Exception:  # noqa: BLE001 - a slow worker is retried next round
+                except Exception:  # a slow worker is retried next round
                     logger.debug("event poll of %s failed", w.worker_id, exc_info=True)
                     continue
                 if not self.index.apply_batch(w.worker_id, events):
@@ -159,7 +159,8 @@ class RayBackend:
 
     # ---- the Backend protocol ------------------------------------------------------------
     def healthy(self) -> bool:
-        return bool(self._alive(DECODE)) and (self.colocated or bool(self._alive(PREFILL)))
+        decode, prefill = self._alive(Role.DECODE), self._alive(Role.PREFILL)
+        return bool(decode) and (self.colocated or bool(prefill))
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Every worker's own stats (a Ray call each: not on the loop) and the router's view of
@@ -167,7 +168,7 @@ class RayBackend:
         process was ready, in-flight requests, and the requests' phases there."""
         out: dict[str, dict[str, float]] = {}
         for w in self.members.snapshot():
-            if w.state == GONE:
+            if w.state == WorkerState.GONE:
                 continue
             s: dict[str, float] = {}
             if w.alive:

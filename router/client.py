@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -24,6 +25,52 @@ from router.types import Usage
 from router.validation import check_field, check_token_ids
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """One generation request as a client sends it: the keywords of ``generate`` and ``stream``
+    (both clients). A prompt is ``prompt`` (text), ``prompt_token_ids`` or ``messages`` (a
+    conversation, ``{"role": ..., "content": ...}`` each, rendered by the service with the
+    model's chat template). None leaves a field to the service's default."""
+
+    prompt: str | None = None
+    prompt_token_ids: Sequence[int] | None = None
+    messages: Sequence[Mapping[str, str]] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None  # 0: greedy
+    top_p: float | None = None
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # same seed, same tokens, on any worker
+    stop_token_ids: Sequence[int] = ()  # stop tokens besides the model's EOS
+    cache_salt: str = ""  # tenant isolation: part of the first block's hash
+    request_id: str = ""  # "" -> the router assigns one
+    ignore_eos: bool = False  # keep going past EOS (benchmarks)
+
+    def to_request(self) -> strata_pb2.GenerateRequest:
+        """The protobuf request; ValueError naming the field when a number is out of its range
+        (nothing is sent)."""
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+            check_field(name, getattr(self, name))
+        check_token_ids(list(self.prompt_token_ids or ()), "prompt_token_ids")
+        check_token_ids(list(self.stop_token_ids), "stop_token_ids")
+        req = strata_pb2.GenerateRequest(
+            prompt_token_ids=list(self.prompt_token_ids or ()),
+            messages=[
+                strata_pb2.ChatMessage(role=m["role"], content=m["content"])
+                for m in self.messages or ()
+            ],
+            top_k=self.top_k,
+            stop_token_ids=list(self.stop_token_ids),
+            cache_salt=self.cache_salt,
+            request_id=self.request_id,
+            ignore_eos=self.ignore_eos,
+        )
+        for name in ("prompt", "max_tokens", "temperature", "top_p", "seed"):
+            value = getattr(self, name)
+            if value is not None:  # proto3 optional: unset means the service's default
+                setattr(req, name, value)
+        return req
 
 
 @dataclass(frozen=True)
@@ -125,90 +172,16 @@ class StrataClient:
         self.close()
 
     @staticmethod
-    def build_request(
-        prompt: str | None = None,
-        prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-        cache_salt: str = "",
-        request_id: str = "",
-        ignore_eos: bool = False,
-        messages: Sequence[Mapping[str, str]] | None = None,
-    ) -> strata_pb2.GenerateRequest:
-        """``messages``: a conversation (``{"role": ..., "content": ...}`` each), rendered by
-        the service with the model's chat template; the third prompt form. ValueError naming
-        the field when a number is out of its range (nothing is sent)."""
-        for name, value in (
-            ("max_tokens", max_tokens),
-            ("temperature", temperature),
-            ("top_p", top_p),
-            ("top_k", top_k),
-            ("seed", seed),
-        ):
-            check_field(name, value)
-        check_token_ids(list(prompt_token_ids or ()), "prompt_token_ids")
-        check_token_ids(list(stop_token_ids), "stop_token_ids")
-        req = strata_pb2.GenerateRequest(
-            prompt_token_ids=list(prompt_token_ids or ()),
-            messages=[
-                strata_pb2.ChatMessage(role=m["role"], content=m["content"])
-                for m in messages or ()
-            ],
-            top_k=top_k,
-            stop_token_ids=list(stop_token_ids),
-            cache_salt=cache_salt,
-            request_id=request_id,
-            ignore_eos=ignore_eos,
-        )
-        if prompt is not None:
-            req.prompt = prompt
-        if max_tokens is not None:
-            req.max_tokens = max_tokens
-        if temperature is not None:
-            req.temperature = temperature
-        if top_p is not None:
-            req.top_p = top_p
-        if seed is not None:
-            req.seed = seed
-        return req
+    def build_request(**params: Any) -> strata_pb2.GenerateRequest:
+        """The ``GenerateRequest`` of ``GenerateParams(**params)`` (checked: nothing is sent)."""
+        return GenerateParams(**params).to_request()
 
     def stream(
-        self,
-        prompt: str | None = None,
-        prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-        cache_salt: str = "",
-        timeout: float | None = None,
-        request_id: str = "",
-        ignore_eos: bool = False,
-        messages: Sequence[Mapping[str, str]] | None = None,
+        self, prompt: str | None = None, *, timeout: float | None = None, **params: Any
     ) -> Iterator[StreamChunk]:
-        """Stream ``StreamChunk``s; breaking out of the loop cancels the request on the
-        server."""
-        req = self.build_request(
-            prompt,
-            prompt_token_ids,
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop_token_ids,
-            cache_salt,
-            request_id,
-            ignore_eos,
-            messages,
-        )
-        return self.stream_request(req, timeout)
+        """Stream ``StreamChunk``s of one request (its keywords: ``GenerateParams``); breaking
+        out of the loop cancels the request on the server."""
+        return self.stream_request(self.build_request(prompt=prompt, **params), timeout)
 
     def stream_request(
         self, req: strata_pb2.GenerateRequest, timeout: float | None = None
@@ -230,37 +203,12 @@ class StrataClient:
             call.cancel()  # no-op once the stream completed
 
     def generate(
-        self,
-        prompt: str | None = None,
-        prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-        cache_salt: str = "",
-        timeout: float | None = None,
-        request_id: str = "",
-        ignore_eos: bool = False,
-        messages: Sequence[Mapping[str, str]] | None = None,
+        self, prompt: str | None = None, *, timeout: float | None = None, **params: Any
     ) -> GenerationResult:
-        """Run one request to completion and collect its stream."""
+        """Run one request (its keywords: ``GenerateParams``) to completion and collect its
+        stream."""
         t0 = time.perf_counter()
-        req = self.build_request(
-            prompt,
-            prompt_token_ids,
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop_token_ids,
-            cache_salt,
-            request_id,
-            ignore_eos,
-            messages,
-        )
+        req = self.build_request(prompt=prompt, **params)
         chunks = [(time.perf_counter(), c) for c in self.stream_request(req, timeout)]
         return collect(t0, chunks)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvstore.errors import StrataError
+from proto.errors import StrataError
 
 
 class NoWorkerError(StrataError):

@@ -75,7 +75,7 @@ class RouterLoop:
             self.loop.call_soon_threadsafe(fn, *args)
 
 
-def ray_result(ref: Any) -> asyncio.Future[Any]:  # noqa: ANN401 - a ray.ObjectRef
+def ray_result(ref: Any) -> asyncio.Future[Any]:  # a ray.ObjectRef
     """An asyncio future of a Ray call's result, on the running loop (never cancels the call)."""
     return asyncio.wrap_future(ref.future())
 

@@ -86,7 +86,7 @@ class HttpFrontDoor:
     async def _health(self, request: web.Request) -> web.Response:
         try:
             ok = self.servicer.backend.healthy()
-        except Exception as e:  # noqa: BLE001 - reported as not serving
+        except Exception as e:  # reported as not serving
             logger.info("health check failed: %s", e)
             ok = False
         if ok:
@@ -145,7 +145,7 @@ def _error(status: int, kind: str, message: str, code: str | None = None) -> web
     return web.json_response(oa.error_json(message, kind, code), status=status)
 
 
-def _sse(obj: Any) -> bytes:  # noqa: ANN401 - a JSON value
+def _sse(obj: Any) -> bytes:  # a JSON value
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
@@ -172,7 +172,7 @@ class _Answer:
             return "msg", await self.gen.__anext__()
         except StopAsyncIteration:
             return "end", None
-        except Exception as e:  # noqa: BLE001 - answered by the caller with its status
+        except Exception as e:  # answered by the caller with its status
             return "error", e
 
     def _id(self, msg: strata_pb2.GenerateResponse) -> str:

@@ -1,6 +1,6 @@
 """Worker incarnations: which event batches and snapshots of a worker the index may apply.
 
-Every start of a worker process gets a new epoch (``engine.worker_base``). Each drain of its
+Every start of a worker process gets a new epoch (``worker.base``). Each drain of its
 events and each snapshot of its blocks is numbered within the epoch (``seq`` 1, 2, ...), in
 the order the worker made them (both run on its engine loop). The index keeps, per worker, the
 epoch it follows, the last number it applied and whether its entries are complete (``synced``:

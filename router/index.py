@@ -28,38 +28,25 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from kvstore.keys import BlockHash
+from proto.vocab import EventKind, Tier
+from proto.worker_api import BlockEvent
 from router.block_events import Batch, EventApplier
 from router.block_rows import NUM_TIERS, RowTable, Scrubber, op_code, slot_word
 from router.block_table import BlockTable
 from router.incarnation import Action, Incarnations
-from router.profile import TIER_NAMES
 from router.residency import Residency, ResidencyGroup, ResidencyWalk
 
 # Fastest first: a block's best tier is the first of these it is in.
-TIERS = TIER_NAMES
+TIERS: tuple[Tier, ...] = tuple(Tier)
 _TIER_NUM = {tier: i for i, tier in enumerate(TIERS)}
-EVENT_STORED = "stored"
-EVENT_REMOVED = "removed"
 
-__all__ = ["TIERS", "BlockEvent", "GlobalBlockIndex", "ResidencyGroup", "tier_bit"]
+__all__ = ["TIERS", "GlobalBlockIndex", "ResidencyGroup", "tier_bit"]
 
-
-
-class StoreEventLike(Protocol):
-    @property
-    def kind(self) -> str: ...
-
-    @property
-    def tier(self) -> str: ...
-
-    @property
-    def block_hashes(self) -> Sequence[bytes]: ...
 
 
 class EventBatchLike(Protocol):
@@ -73,14 +60,7 @@ class EventBatchLike(Protocol):
     def lost(self) -> bool: ...
 
     @property
-    def events(self) -> Sequence[tuple[str, str, Sequence[bytes]]]: ...
-
-
-@dataclass(frozen=True)
-class BlockEvent:
-    kind: str  # EVENT_STORED or EVENT_REMOVED
-    tier: str  # one of TIERS
-    block_hashes: tuple[bytes, ...]
+    def events(self) -> Sequence[BlockEvent]: ...
 
 
 class GlobalBlockIndex:
@@ -174,11 +154,11 @@ class GlobalBlockIndex:
         return self._table.nbytes + self._rows.nbytes + self._counts.nbytes
 
     # ---- events --------------------------------------------------------------------------
-    def apply(self, worker_id: str, event: StoreEventLike) -> None:
+    def apply(self, worker_id: str, event: BlockEvent) -> None:
         """Apply one store event of ``worker_id`` (registering the worker if new)."""
         self.apply_many(worker_id, (event,))
 
-    def apply_many(self, worker_id: str, events: Iterable[StoreEventLike]) -> None:
+    def apply_many(self, worker_id: str, events: Iterable[BlockEvent]) -> None:
         """Apply a batch of store events of ``worker_id`` in order (registering the worker if
         new), with no incarnation check. A bad event raises ValueError before any of the batch
         is applied."""
@@ -190,8 +170,8 @@ class GlobalBlockIndex:
     def apply_batch(self, worker_id: str, batch: EventBatchLike) -> bool:
         """Apply a numbered event batch of one incarnation of ``worker_id`` (or ignore it: see
         ``router.incarnation``). Returns False when the worker's entries wait for a snapshot."""
-        ops: Batch = [(op_code(_tier_num(tier), _is_stored(kind)), hashes)
-                      for kind, tier, hashes in batch.events]
+        ops: Batch = [(op_code(_tier_num(e.tier), _is_stored(e.kind)), e.block_hashes)
+                      for e in batch.events]
         with self._lock:
             action = self._incarnations.batch(worker_id, batch.epoch, batch.seq, batch.lost)
             if action is not Action.IGNORE:
@@ -343,8 +323,8 @@ def _tier_num(tier: str) -> int:
 
 
 def _is_stored(kind: str) -> bool:
-    if kind == EVENT_STORED:
+    if kind == EventKind.STORED:
         return True
-    if kind == EVENT_REMOVED:
+    if kind == EventKind.REMOVED:
         return False
-    raise ValueError(f"unknown event kind {kind!r}: expected {EVENT_STORED!r} or {EVENT_REMOVED!r}")
+    raise ValueError(f"unknown event kind {kind!r}: expected one of {[str(k) for k in EventKind]}")

@@ -35,7 +35,8 @@ import ray
 from ray.exceptions import ActorDiedError
 
 from kvstore.keys import BlockHash
-from proto.worker_api import DECODE, BlockSnapshot, WorkerInfo
+from proto.vocab import Role, StrEnum
+from proto.worker_api import BlockSnapshot, WorkerInfo
 from router.config import BackendConfig
 from router.errors import NoWorkerError
 from router.event_loop import RouterLoop
@@ -47,7 +48,17 @@ from router.placement import CostModel, WorkerProfile
 
 logger = logging.getLogger(__name__)
 
-UP, DOWN, RETIRING, GONE = "up", "down", "retiring", "gone"
+
+
+class WorkerState(StrEnum):
+    """Where a worker stands in placement."""
+
+    UP = "up"  # placed on
+    DOWN = "down"  # its process died or stopped answering: waits to come back
+    RETIRING = "retiring"  # being scaled away: its requests finish, no new ones come
+    GONE = "gone"  # left the service
+
+
 # what the runs of requests are doing on a worker (counted for Stats and the soak)
 PHASES = ("prefill", "awaiting_first", "decoding")
 
@@ -56,7 +67,7 @@ PHASES = ("prefill", "awaiting_first", "decoding")
 class Worker:
     info: WorkerInfo
     handle: Any  # Ray actor handle
-    state: str = UP
+    state: WorkerState = WorkerState.UP
     in_flight: int = 0
     outputs: OutputStream | None = None  # decode workers' token stream
     watch: HealthWatch | None = None  # the health stream that breaks when the process dies
@@ -81,7 +92,7 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.state == UP
+        return self.state == WorkerState.UP
 
 
 class Membership:
@@ -122,7 +133,7 @@ class Membership:
                 )
             with self.lock:
                 old = self.workers.get(info.worker_id)
-                if old is not None and old.state not in (GONE,):
+                if old is not None and old.state not in (WorkerState.GONE,):
                     raise ValueError(f"worker {info.worker_id} is already in the service")
         entries = [Worker(info, handle) for (_, handle), info in zip(workers, infos)]
         for w in entries:
@@ -151,7 +162,7 @@ class Membership:
             profile.queue_depth = w.in_flight
             self.cost.update(profile)
             # (in_flight is not reset: the requests of its last life still count themselves out)
-            w.state, w.up_at = UP, time.time()
+            w.state, w.up_at = WorkerState.UP, time.time()
             self.workers[w.worker_id] = w
         # A stream that broke while it was coming up found it not UP yet: look again.
         watch, outputs = w.watch, w.outputs
@@ -168,7 +179,7 @@ class Membership:
         try:
             if not await watch.wait_serving(timeout):
                 raise NoWorkerError(f"no health stream from worker {w.worker_id}")
-            if w.role == DECODE:
+            if w.role == Role.DECODE:
                 outputs = OutputStream(
                     w.worker_id,
                     address,
@@ -212,7 +223,7 @@ class Membership:
         """The index found ``worker_id``'s entries incomplete: resync it (in a thread, once)."""
         with self.lock:
             w = self.workers.get(worker_id)
-            if w is None or w.state != UP or w.resync_due:
+            if w is None or w.state != WorkerState.UP or w.resync_due:
                 return
             w.resync_due = True
             downs = w.downs
@@ -221,7 +232,7 @@ class Membership:
             w.resync_due = False
             try:
                 self.resync(w, downs)
-            except Exception:  # noqa: BLE001 - a worker that died is handled by mark_down
+            except Exception:  # a worker that died is handled by mark_down
                 logger.warning("resync of worker %s failed", worker_id, exc_info=True)
 
         threading.Thread(target=run, name=f"resync-{worker_id}", daemon=True).start()
@@ -239,7 +250,9 @@ class Membership:
         """Workers of ``role`` that are down and expected back (Ray restarts them)."""
         with self.lock:
             return [
-                w.worker_id for w in self.workers.values() if w.role == role and w.state == DOWN
+                w.worker_id
+                for w in self.workers.values()
+                if w.role == role and w.state == WorkerState.DOWN
             ]
 
     def get(self, worker_id: str) -> Worker:
@@ -264,7 +277,7 @@ class Membership:
         for w in self.snapshot():
             if w.role != role:
                 continue
-            if w.state == DOWN:
+            if w.state == WorkerState.DOWN:
                 parts.append(f"{w.worker_id} down for {now - w.down_at:.1f} s ({w.down_reason})")
             else:
                 parts.append(f"{w.worker_id} {w.state}")
@@ -279,9 +292,9 @@ class Membership:
         if w is None:
             return False
         with self.lock:
-            if w.state != UP:
+            if w.state != WorkerState.UP:
                 return False
-            w.state = DOWN
+            w.state = WorkerState.DOWN
             w.down_at = time.time()
             w.down_reason = str(why).splitlines()[0][:200] if str(why) else type(why).__name__
             self.cost.remove(worker_id)
@@ -331,11 +344,11 @@ class Membership:
                     break
                 self._stop.wait(1.0)
                 continue
-            except Exception:  # noqa: BLE001 - restarting (ActorUnavailableError) or slow
+            except Exception:  # restarting (ActorUnavailableError) or slow
                 self._stop.wait(0.5)
                 continue
             with self.lock:
-                if w.state != DOWN:
+                if w.state != WorkerState.DOWN:
                     return  # retired meanwhile
             if info.kv_address is None or not check_serving(info.kv_address, 5.0):
                 self._stop.wait(0.5)
@@ -344,10 +357,10 @@ class Membership:
             w.info = info
             try:
                 self._bring_up(w)
-            except Exception as e:  # noqa: BLE001 - not ready yet: try again
+            except Exception as e:  # not ready yet: try again
                 logger.warning("worker %s answered but could not rejoin yet: %s", w.worker_id, e)
                 with self.lock:
-                    w.state = DOWN
+                    w.state = WorkerState.DOWN
                 self._stop.wait(1.0)
                 continue
             w.restarts += int(restarted)
@@ -360,8 +373,8 @@ class Membership:
             )
             return
         with self.lock:
-            if w.state == DOWN:
-                w.state = GONE
+            if w.state == WorkerState.DOWN:
+                w.state = WorkerState.GONE
         logger.warning("worker %s is gone for good", w.worker_id)
 
     # ---- leaving ---------------------------------------------------------------------------
@@ -374,8 +387,8 @@ class Membership:
                 raise ValueError(f"no such workers: {unknown}")
             for wid in worker_ids:
                 w = self.workers[wid]
-                if w.state in (UP, DOWN):
-                    w.state = RETIRING
+                if w.state in (WorkerState.UP, WorkerState.DOWN):
+                    w.state = WorkerState.RETIRING
                     self.cost.remove(wid)
         end = time.monotonic() + drain_timeout_s
         while time.monotonic() < end:
@@ -389,7 +402,7 @@ class Membership:
             w = self.workers[wid]
             self.index.remove_worker(wid)
             with self.lock:
-                w.state = GONE
+                w.state = WorkerState.GONE
                 outputs, watch, gone = w.outputs, w.watch, w.gone
                 w.outputs = w.watch = w.gone = None
             self.loop.call_soon(_close_streams, outputs, watch, gone, "retired")

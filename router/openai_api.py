@@ -41,7 +41,7 @@ _ACCEPTED = {
 }  # fmt: skip
 
 
-def _number(body: dict[str, Any], key: str, kind: type) -> Any:  # noqa: ANN401
+def _number(body: dict[str, Any], key: str, kind: type) -> Any:
     value = body.get(key)
     if value is None:
         return None
@@ -51,7 +51,7 @@ def _number(body: dict[str, Any], key: str, kind: type) -> Any:  # noqa: ANN401
     return kind(value)
 
 
-def _int_list(value: Any, key: str) -> list[int]:  # noqa: ANN401
+def _int_list(value: Any, key: str) -> list[int]:
     if not isinstance(value, list) or not all(
         isinstance(x, int) and not isinstance(x, bool) for x in value
     ):
@@ -108,7 +108,7 @@ def _fill_sampling(req: strata_pb2.GenerateRequest, body: dict[str, Any]) -> Non
     req.cache_salt = salt
 
 
-def completion_request(body: Any, served_model: str) -> strata_pb2.GenerateRequest:  # noqa: ANN401
+def completion_request(body: Any, served_model: str) -> strata_pb2.GenerateRequest:
     """``/v1/completions``: ``prompt`` is a string or a list of token ids (one prompt)."""
     if not isinstance(body, dict):
         raise ValueError("the request body must be a JSON object")
@@ -129,7 +129,7 @@ def completion_request(body: Any, served_model: str) -> strata_pb2.GenerateReque
     return req
 
 
-def _content_text(content: Any, i: int) -> str:  # noqa: ANN401
+def _content_text(content: Any, i: int) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -144,7 +144,7 @@ def _content_text(content: Any, i: int) -> str:  # noqa: ANN401
     raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
 
 
-def chat_request(body: Any, served_model: str) -> strata_pb2.GenerateRequest:  # noqa: ANN401
+def chat_request(body: Any, served_model: str) -> strata_pb2.GenerateRequest:
     """``/v1/chat/completions``: ``messages`` rendered by the model's chat template."""
     if not isinstance(body, dict):
         raise ValueError("the request body must be a JSON object")

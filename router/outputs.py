@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvstore.errors import StrataError
 from kvtransfer import wire
 from proto import strata_pb2, strata_pb2_grpc
+from proto.errors import StrataError
+from proto.vocab import FinishReason
 from router.errors import OverloadedError, RequestTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Tokens:
     """What a request's queue held when taken: new tokens, and the end if it came."""
 
     token_ids: tuple[int, ...]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    finish_reason: FinishReason | None = None  # set once finished
     cached_by_tier: dict[str, int] | None = None  # from the sequence's first output
 
 
@@ -76,7 +77,9 @@ class TokenQueue:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[object] | None = None
 
-    def push(self, token_ids: list[int], finish: str, cached: dict[str, int] | None) -> bool:
+    def push(
+        self, token_ids: list[int], finish: FinishReason | None, cached: dict[str, int] | None
+    ) -> bool:
         """Called by the fan-out; False once the request is over (the fan-out forgets it)."""
         if self._error is not None or self._finish is not None:
             return False
@@ -252,14 +255,15 @@ class OutputStream:
             q = queues.get(req_id)
             if q is None:
                 continue  # cancelled or moved elsewhere: nobody listens any more
-            if finish == "error":
+            if finish == FinishReason.ERROR:
                 err = msg.errors.get(req_id)
                 q.fail(_error_for(err.code, err.message) if err else StrataError("failed"))
                 done.append(req_id)
                 continue
             hits = cache_hits.get(req_id) if cache_hits else None
             cached = dict(hits.tokens_by_tier) if hits is not None else None
-            if not q.push(list(tokens[start:pos]), finish, cached):
+            reason = FinishReason(finish) if finish else None
+            if not q.push(list(tokens[start:pos]), reason, cached):
                 done.append(req_id)
                 if self.on_overrun is not None and q.overrun:
                     self.on_overrun(self.worker_id, req_id)

@@ -19,9 +19,9 @@ from types import MappingProxyType
 import numpy as np
 
 from kvstore.cost import Speeds, ewma
+from proto.vocab import Tier
 
 REMOTE_TIER = "remote"  # a block pulled from another worker over the network
-TIER_NAMES = ("device", "host", "disk")  # the tiers a worker loads from, fastest first
 
 # the fields a load plan depends on (everything but the queue)
 _SPEED_FIELDS = frozenset({"prefill_tokens_per_s", "load_bytes_per_s", "net_bytes_per_s"})
@@ -96,7 +96,7 @@ class WorkerProfile:
     def bandwidth(self, tier: str) -> float:
         if tier == REMOTE_TIER:
             return self.net_bytes_per_s
-        return self.load_bytes_per_s.get(tier, math.inf if tier == "device" else 0.0)
+        return self.load_bytes_per_s.get(tier, math.inf if tier == Tier.DEVICE else 0.0)
 
     def observe_service(self, seconds: float) -> None:
         a = self.ewma_alpha
@@ -130,7 +130,7 @@ class ProfileTable:
         self.tokens_per_s = np.zeros(0)  # prefill_tokens_per_s
         self.net = np.zeros(0)  # net_bytes_per_s
         self.speed = np.zeros(0, np.int64)  # number of the speed_key
-        self.tier_bw = np.zeros((0, len(TIER_NAMES)))  # bandwidth(tier) of each of TIER_NAMES
+        self.tier_bw = np.zeros((0, len(Tier)))  # bandwidth(tier) of each Tier, fastest first
         self._speed_ids: dict[tuple[object, ...], int] = {}
         self.version = 0  # changes whenever a profile is added or removed
 
@@ -177,7 +177,7 @@ class ProfileTable:
         self.depth[slot] = profile.queue_depth
         self.tokens_per_s[slot] = profile.prefill_tokens_per_s
         self.net[slot] = profile.net_bytes_per_s
-        self.tier_bw[slot] = [profile.bandwidth(tier) for tier in TIER_NAMES]
+        self.tier_bw[slot] = [profile.bandwidth(tier) for tier in Tier]
         key = profile.speed_key()
         speed = self._speed_ids.get(key)
         if speed is None:

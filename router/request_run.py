@@ -32,31 +32,32 @@ failure's message ends with a tag the soak reads:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ray.exceptions import RayActorError, RayTaskError
 
 from kvstore.keys import BlockHash, hash_prompt_blocks
+from proto.vocab import FinishReason, Role
 from proto.worker_api import (
-    DECODE,
-    PREFILL,
     DecodeRequest,
     PrefillRequest,
     PrefillResult,
     SamplingParams,
 )
+from router.config import BackendConfig
 from router.errors import NoWorkerError, RequestTimeoutError
 from router.event_loop import first_of, ray_result
+from router.index import GlobalBlockIndex
+from router.membership import Membership
+from router.metrics import RouterMetrics
 from router.outputs import TokenQueue, WorkerLostError
-from router.placement import Placement
-from router.types import FINISH_ABORT, GenRequest, TokenDelta, Usage
-
-if TYPE_CHECKING:
-    from router.backend import RayBackend
+from router.placement import CostModel, Placement
+from router.run_usage import RunUsage
+from router.types import GenRequest, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -77,36 +78,27 @@ class _Lost(Exception):
         self.phase = phase
 
 
-@dataclass(slots=True)
-class _Usage:
-    prompt_tokens: int
-    cached_tokens: int = 0
-    by_tier: dict[str, int] = field(default_factory=dict)
-    ttft_ms: float = 0.0
-    prefill: str = ""
-    decode: str = ""
-    known: bool = False  # cache figures set (by the first attempt that reported them)
+class Cluster(Protocol):
+    """What a run reads of the router's cluster view (``router.backend.RayBackend``)."""
 
-    def done(self, num_tokens: int) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=num_tokens,
-            cached_tokens=self.cached_tokens,
-            cached_tokens_by_tier=dict(self.by_tier),
-            ttft_ms=self.ttft_ms,
-            prefill_worker=self.prefill,
-            decode_worker=self.decode,
-        )
+    block_size: int
+    fingerprint: bytes
+    colocated: bool
+    config: BackendConfig
+    cost: CostModel
+    index: GlobalBlockIndex
+    members: Membership
+    metrics: RouterMetrics
 
 
 class RequestRun:
-    def __init__(self, cluster: RayBackend, req: GenRequest, deadline_s: float) -> None:
+    def __init__(self, cluster: Cluster, req: GenRequest, deadline_s: float) -> None:
         self.c = cluster
         self.req = req
         self.t0 = time.monotonic()
         self.end = self.t0 + deadline_s
         self.tokens: list[int] = []  # every token the client got, in order
-        self.usage = _Usage(len(req.prompt_token_ids))
+        self.usage = RunUsage(len(req.prompt_token_ids))
         self.attempts = 0
         self.lost: list[_Lost] = []  # the workers lost under it
         self.cancelled = False
@@ -127,7 +119,7 @@ class RequestRun:
                 except _Lost as lost:
                     self._moved(lost)
                     if self.cancelled:
-                        yield TokenDelta((), FINISH_ABORT, self.usage.done(len(self.tokens)))
+                        yield TokenDelta((), FinishReason.ABORT, self.usage.done(len(self.tokens)))
                         return
         finally:
             self._at(None, "")
@@ -203,14 +195,14 @@ class RequestRun:
         remaining = req.max_tokens - len(self.tokens)
         hashes = hash_prompt_blocks(context, c.block_size, c.fingerprint, req.cache_salt)
         rid = self._new_id()
-        if c.colocated or (self.lost and not c.members.alive(PREFILL)):
+        if c.colocated or (self.lost and not c.members.alive(Role.PREFILL)):
             # no prefill worker: a decode worker computes the context (a moved request goes on
             # this way rather than wait for one)
             worker, queue = await self._start_colocated(rid, hashes, context, remaining)
             async for delta in self._decode(worker, rid, queue, context, recompute=bool(self.lost)):
                 yield delta
             return
-        prefill_ids = await self._alive_or_wait(PREFILL)
+        prefill_ids = await self._alive_or_wait(Role.PREFILL)
         placement = c.cost.choose_prefill(prefill_ids, c.index, hashes, len(context))
         early: TokenQueue | None = None
         d_id: str | None = None
@@ -226,7 +218,7 @@ class RequestRun:
                 # push's last frame carries it): it starts over under a new id and computes
                 # what it lacks, the first token included, so the client gets every token.
                 self.lost.append(lost)
-                c.metrics.migrations_total.labels(role=PREFILL, phase=lost.phase).inc()
+                c.metrics.migrations_total.labels(role=Role.PREFILL, phase=lost.phase).inc()
                 logger.warning("request %s: %s; a decode worker computes it", req.req_id, lost)
                 self._end_decode(d_id, rid, abort=True)
                 early = None
@@ -287,11 +279,12 @@ class RequestRun:
         c = self.c
         tried: list[str] = []
         while True:
-            alive = [w for w in await self._alive_or_wait(DECODE) if w not in tried]
+            alive = [w for w in await self._alive_or_wait(Role.DECODE) if w not in tried]
             if not alive:
                 raise NoWorkerError(
                     f"no decode worker could take request {self.req.req_id} "
-                    f"({c.members.describe(DECODE)}) " + self._tag("no_worker", DECODE, "placing")
+                    f"({c.members.describe(Role.DECODE)}) "
+                    + self._tag("no_worker", Role.DECODE, "placing")
                 )
             placement = c.cost.choose_prefill(alive, c.index, hashes, len(context))
             d_id = prefer if prefer in alive else placement.worker_id
@@ -312,12 +305,12 @@ class RequestRun:
         push and the first token)."""
         tried: list[str] = []
         while True:
-            alive = [w for w in await self._alive_or_wait(DECODE) if w not in tried]
+            alive = [w for w in await self._alive_or_wait(Role.DECODE) if w not in tried]
             if not alive:
                 raise NoWorkerError(
                     f"no decode worker could take request {self.req.req_id} "
-                    f"({self.c.members.describe(DECODE)}) "
-                    + self._tag("no_worker", DECODE, "placing")
+                    f"({self.c.members.describe(Role.DECODE)}) "
+                    + self._tag("no_worker", Role.DECODE, "placing")
                 )
             d_id = self.c.cost.choose_decode(alive, self.c.index, hashes)
             try:
@@ -345,7 +338,7 @@ class RequestRun:
         p = c.members.get(p_id)
         gone = p.gone
         if gone is None or not p.alive:
-            raise _Lost(PREFILL, p_id, "prefill", "down before its prefill started")
+            raise _Lost(Role.PREFILL, p_id, "prefill", "down before its prefill started")
         pull_addr = (
             c.members.get(placement.pull_from).info.kv_address if placement.pull_from else None
         )
@@ -371,7 +364,7 @@ class RequestRun:
             )
             finished, res = await first_of(ray_result(ref), gone, self._remaining())
             if not finished:
-                raise _Lost(PREFILL, p_id, "prefill", gone.result())
+                raise _Lost(Role.PREFILL, p_id, "prefill", gone.result())
             assert res is not None
             with c.members.lock:
                 profile = c.cost.profiles.get(p_id)
@@ -382,14 +375,14 @@ class RequestRun:
             p.handle.abort.remote(rid)
             raise RequestTimeoutError(
                 f"prefill of {req.req_id} on {p_id} timed out "
-                + self._tag("deadline", PREFILL, "prefill", p_id)
+                + self._tag("deadline", Role.PREFILL, "prefill", p_id)
             ) from None
         except asyncio.CancelledError:
             p.handle.abort.remote(rid)  # the client left
             raise
         except RayActorError as e:
             c.members.mark_down(p_id, e)
-            raise _Lost(PREFILL, p_id, "prefill", type(e).__name__) from e
+            raise _Lost(Role.PREFILL, p_id, "prefill", type(e).__name__) from e
         except RayTaskError as e:  # a ValueError etc. raised by the worker itself
             raise e.as_instanceof_cause() from None
         finally:
@@ -398,12 +391,7 @@ class RequestRun:
             c.members.add_in_flight(p_id, -1)
 
     def _took_prefill(self, res: PrefillResult, num_tokens: int) -> None:
-        u = self.usage
-        if not u.known:
-            u.cached_tokens, u.by_tier = res.cached_tokens, dict(res.cached_by_tier)
-            if res.num_pulled_blocks:
-                u.by_tier["remote"] = res.num_pulled_blocks * self.c.block_size
-            u.ttft_ms, u.known = res.prefill_ms, True
+        self.usage.took_prefill(res, self.c.block_size)
         if self.lost:  # a moved request: what its new prefill worker computed again
             pulled = res.num_pulled_blocks * self.c.block_size
             self.c.metrics.migration_tokens_recomputed_total.inc(
@@ -411,16 +399,8 @@ class RequestRun:
             )
 
     def _sampling(self, max_tokens: int) -> SamplingParams:
-        req = self.req
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop_token_ids=tuple(req.stop_token_ids),
-            ignore_eos=req.ignore_eos,
-        )
+        """The request's sampling, for the ``max_tokens`` this placement still generates."""
+        return dataclasses.replace(self.req.sampling, max_tokens=max_tokens)
 
     # ---- decode -----------------------------------------------------------------------------
     def _start(
@@ -479,7 +459,7 @@ class RequestRun:
                 try:
                     item = await queue.get(self._remaining())
                 except WorkerLostError as e:
-                    raise _Lost(DECODE, d_id, phase, e) from e
+                    raise _Lost(Role.DECODE, d_id, phase, e) from e
                 if phase == "awaiting_first":
                     phase = "decoding"
                     self._at(d_id, phase)
@@ -499,11 +479,8 @@ class RequestRun:
     def _took_first(self, cached: dict[str, int] | None, num_tokens: int, recompute: bool) -> None:
         """The decode worker's first output; ``recompute``: it computed the context, a moved
         request's (its cache hits tell how much it found)."""
-        u = self.usage
         hits = {k: v for k, v in (cached or {}).items() if v}
-        if not u.known:  # colocated, or its prefill worker died: these are the request's
-            u.cached_tokens, u.by_tier = sum(hits.values()), hits
-            u.ttft_ms, u.known = (time.monotonic() - self.t0) * 1e3, True
+        self.usage.took_first(hits, self.t0)
         if recompute:
             self.c.metrics.migration_tokens_recomputed_total.inc(
                 max(0, num_tokens - sum(hits.values()))

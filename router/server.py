@@ -26,14 +26,14 @@ from router.servicer import (
 logger = logging.getLogger(__name__)
 
 
-def _lenient(message_class: Any) -> Callable[[bytes], Any]:  # noqa: ANN401
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
     """A deserializer that hands unparsable bytes to the method as an error, so the caller gets
     INVALID_ARGUMENT with the reason (gRPC's own would answer INTERNAL)."""
 
-    def parse(data: bytes) -> Any:  # noqa: ANN401
+    def parse(data: bytes) -> Any:
         try:
             return message_class.FromString(data)
-        except Exception as e:  # noqa: BLE001 - DecodeError and friends of the protobuf runtime
+        except Exception as e:  # DecodeError and friends of the protobuf runtime
             return MalformedRequestError(f"malformed {message_class.__name__}: {e}")
 
     return parse
@@ -42,7 +42,7 @@ def _lenient(message_class: Any) -> Callable[[bytes], Any]:  # noqa: ANN401
 def add_generation(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
     """The ``Generation`` methods, each refusing a malformed request message first."""
 
-    async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: ANN401
+    async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if isinstance(request, MalformedRequestError):
             await context.abort(*status_for(request))
         async for msg in servicer.Generate(request, context):
@@ -51,7 +51,7 @@ def add_generation(servicer: GenerationServicer, server: grpc.aio.Server) -> Non
     def unary(
         method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
     ) -> Callable[..., Awaitable[Any]]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: ANN401
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, MalformedRequestError):
                 await context.abort(*status_for(request))
             return await method(request, context)

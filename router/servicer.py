@@ -34,8 +34,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from kvstore.errors import StrataError
 from proto import strata_pb2, strata_pb2_grpc
+from proto.errors import StrataError
 from router.auth import check_bearer, is_open_method
 from router.config import RouterConfig
 from router.detokenize import IncrementalDetokenizer
@@ -320,12 +320,12 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             raise ValueError("auth token must be non-empty")
         self._token = token
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: ANN401
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
         async def deny_stream(
             request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:  # noqa: ANN401
+        ) -> AsyncIterator[Any]:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
             yield  # an async generator: the handler of a streaming method
 

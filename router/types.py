@@ -6,28 +6,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-FINISH_STOP = "stop"  # a stop token (or EOS) was generated
-FINISH_LENGTH = "length"  # max_tokens reached (or the model's context is full)
-FINISH_ABORT = "abort"  # the backend gave up on the request (worker lost, cancelled)
-FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT)
+from proto.vocab import FinishReason
+from proto.worker_api import SamplingParams
 
 
 @dataclass(frozen=True)
 class GenRequest:
     req_id: str  # unique per request (client-chosen or assigned by the router)
     prompt_token_ids: tuple[int, ...]  # validated: non-empty, every id < vocab_size
-    max_tokens: int  # >= 1; prompt + max_tokens <= max_model_len
-    temperature: float = 1.0  # 0 -> greedy
-    top_p: float = 1.0  # in (0, 1]
-    top_k: int = 0  # 0 -> off
-    seed: int | None = None  # None -> nondeterministic sampling
-    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's EOS
+    sampling: SamplingParams  # validated; max_tokens >= 1, prompt + max_tokens <= max_model_len
     cache_salt: str = ""  # tenant isolation: part of the first block's hash
-    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_tokens
 
 
 @dataclass(frozen=True)
@@ -48,7 +44,7 @@ class TokenDelta:
     ``usage`` set (and may carry the last tokens too)."""
 
     token_ids: tuple[int, ...] = ()
-    finish_reason: str | None = None  # one of FINISH_REASONS on the last item
+    finish_reason: FinishReason | None = None  # set on the last item
     usage: Usage | None = None  # set on the last item
 
     @property

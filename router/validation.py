@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from proto import strata_pb2
+from proto.worker_api import SamplingParams
 from router.config import RouterConfig
 from router.types import GenRequest
 
@@ -137,14 +138,16 @@ def validate_request(
     return GenRequest(
         req_id=request.request_id or uuid.uuid4().hex,
         prompt_token_ids=ids,
-        max_tokens=max_tokens,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=request.top_k,
-        seed=request.seed if request.HasField("seed") else None,
-        stop_token_ids=stop_ids,
+        sampling=SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=request.top_k,
+            seed=request.seed if request.HasField("seed") else None,
+            stop_token_ids=stop_ids,
+            ignore_eos=request.ignore_eos,
+        ),
         cache_salt=request.cache_salt,
-        ignore_eos=request.ignore_eos,
     )
 
 

@@ -28,8 +28,10 @@ from prometheus_client.core import (
     Metric,
 )
 
+from proto.vocab import Tier
+
 PREFIX = "strata_worker_"
-TIERS = ("host", "disk")
+TIERS = (Tier.HOST, Tier.DISK)
 SKIP = frozenset({"pid"})
 HIST_BUCKET = re.compile(r"^(?P<base>.+)_bucket_le_(?P<le>.+)$")
 

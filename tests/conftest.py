@@ -19,7 +19,7 @@ def make_engine():
 
     engines: list[LLMEngine] = []
 
-    def _make(store_config=None, loaded=None, **kw):  # noqa: ANN001, ANN003, ANN202
+    def _make(store_config=None, loaded=None, **kw):
         eng = LLMEngine(EngineConfig(**kw), store_config, loaded=loaded)
         engines.append(eng)
         return eng

@@ -86,7 +86,7 @@ def _raise(message: str) -> None:
 
 
 def _tojson(
-    x: Any,  # noqa: ANN401 - any JSON value
+    x: Any,  # any JSON value
     ensure_ascii: bool = False,
     indent: int | None = None,
     separators: tuple[str, str] | None = None,

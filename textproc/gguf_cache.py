@@ -73,11 +73,11 @@ def write_atomic(dest: str, data: bytes) -> None:
         raise
 
 
-def write_json(dest: str, obj: Any) -> None:  # noqa: ANN401 - any JSON value
+def write_json(dest: str, obj: Any) -> None:  # any JSON value
     write_atomic(dest, json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
-def gguf_tokenizer_dir(path: str, reader: Any = None) -> str:  # noqa: ANN401 - GGUFReader
+def gguf_tokenizer_dir(path: str, reader: Any = None) -> str:  # GGUFReader
     """The cache directory of ``path`` holding its tokenizer files, converted now if missing
     (from ``reader`` when the caller has the file open already)."""
     out = cache_dir(path)

@@ -52,7 +52,7 @@ def find_gguf(model: str) -> str | None:
     return None
 
 
-def open_gguf(path: str) -> Any:  # noqa: ANN401 - a gguf.GGUFReader
+def open_gguf(path: str) -> Any:  # a gguf.GGUFReader
     """A ``GGUFReader`` over ``path``; ValueError naming the file when it is not a readable
     GGUF (bad magic, truncated header, tensor data past the end of the file)."""
     from gguf import GGUFReader
@@ -74,7 +74,7 @@ def open_gguf(path: str) -> Any:  # noqa: ANN401 - a gguf.GGUFReader
     return reader
 
 
-def field_value(reader: Any, key: str, default: Any = None) -> Any:  # noqa: ANN401
+def field_value(reader: Any, key: str, default: Any = None) -> Any:
     """A metadata value (str, number, bool or list) of an open GGUF; ``default`` if absent."""
     f = reader.fields.get(key)
     if f is None:
@@ -82,7 +82,7 @@ def field_value(reader: Any, key: str, default: Any = None) -> Any:  # noqa: ANN
     return f.contents()
 
 
-def require_field(reader: Any, key: str, path: str) -> Any:  # noqa: ANN401
+def require_field(reader: Any, key: str, path: str) -> Any:
     value = field_value(reader, key)
     if value is None:
         raise ValueError(f"{path}: GGUF metadata lacks {key!r}")

@@ -50,7 +50,7 @@ def byte_alphabet() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def _pre_tokenizer(pre: str | None) -> Any:  # noqa: ANN401 - a tokenizers PreTokenizer
+def _pre_tokenizer(pre: str | None) -> Any:  # a tokenizers PreTokenizer
     from tokenizers import Regex, pre_tokenizers
 
     if pre in _DIGITS_FIRST:
@@ -72,7 +72,7 @@ def _pre_tokenizer(pre: str | None) -> Any:  # noqa: ANN401 - a tokenizers PreTo
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
-def tokenizer_files(reader: Any, path: str) -> tuple[str, dict[str, Any]]:  # noqa: ANN401
+def tokenizer_files(reader: Any, path: str) -> tuple[str, dict[str, Any]]:
     """(``tokenizer.json`` text, ``tokenizer_config.json`` dict) of an open GGUF file."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 

@@ -35,7 +35,7 @@ def _op(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ---- client side: the service's own doors ------------------------------------------------------
-def _one(client: Any, req: dict[str, Any], timeout: float,  # noqa: ANN401
+def _one(client: Any, req: dict[str, Any], timeout: float,
          progress: dict[str, int] | None = None,
          stop: threading.Event | None = None) -> dict[str, Any]:
     from router.errors import RemoteError
@@ -66,7 +66,7 @@ def _one(client: Any, req: dict[str, Any], timeout: float,  # noqa: ANN401
 
 @_op
 def generate(address: str, token: str | None, timeout: float = 120.0,
-             **req: Any) -> dict[str, Any]:  # noqa: ANN401
+             **req: Any) -> dict[str, Any]:
     from router.client import StrataClient
 
     with StrataClient(address, token=token) as client:
@@ -143,12 +143,12 @@ def http_post(url: str, token: str | None, body: dict[str, Any]) -> dict[str, An
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {token}"} if token
                                              else {})})
-    with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - a test host's address
+    with urllib.request.urlopen(req, timeout=60) as resp:  # a test host's address
         return {"status": resp.status, "body": json.loads(resp.read())}
 
 
 # ---- head side: a Ray driver ---------------------------------------------------------------------
-def _ray() -> Any:  # noqa: ANN401
+def _ray() -> Any:
     import ray
 
     if not ray.is_initialized():
@@ -157,7 +157,7 @@ def _ray() -> Any:  # noqa: ANN401
 
 
 @_op
-def router_call(method: str, args: list[Any], timeout: float = 60.0) -> Any:  # noqa: ANN401
+def router_call(method: str, args: list[Any], timeout: float = 60.0) -> Any:
     """A method of the router actor with JSON arguments and a JSON result."""
     ray = _ray()
     router = ray.get_actor("strata-router")
@@ -189,7 +189,7 @@ def held_blocks(worker_id: str, token_ids: list[int]) -> dict[str, int]:
 
 @_op
 def worker_call(worker_id: str, method: str, args: list[Any],
-                timeout: float = 60.0) -> Any:  # noqa: ANN401
+                timeout: float = 60.0) -> Any:
     ray = _ray()
     handle = ray.get_actor(f"strata-{worker_id}")
     return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
@@ -222,7 +222,7 @@ def serve() -> None:
     def handle(msg: dict[str, Any]) -> None:
         try:
             reply = {"id": msg["id"], "ok": True, "result": OPS[msg["op"]](**msg["args"])}
-        except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+        except Exception as e:  # every failure goes back to the caller
             reply = {"id": msg["id"], "ok": False, "error": f"{type(e).__name__}: {e}"}
         with lock:
             out.write(json.dumps(reply) + "\n")
@@ -238,7 +238,7 @@ class Agent:
 
     def __init__(self, host: Host, log_path: str, env: dict[str, str]) -> None:
         self.host = host
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        self._log = open(log_path, "ab")  # closed in close()
         self._proc = host.spawn([sys.executable, "-m", "cluster.testbed.agent"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                 env=env)
@@ -261,7 +261,7 @@ class Agent:
         for fut in left:
             fut.set_result({"ok": False, "error": f"the agent on {self.host.name} ended"})
 
-    def call(self, op: str, call_timeout: float = 120.0, **args: Any) -> Any:  # noqa: ANN401
+    def call(self, op: str, call_timeout: float = 120.0, **args: Any) -> Any:
         fut: Future = Future()
         with self._lock:
             self._next += 1

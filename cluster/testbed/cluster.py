@@ -194,7 +194,7 @@ class HostCluster:
         assert self.lan is not None
         self.lan.set_isolated([*a, *b], on)
 
-    def wait_until(self, what: str, fn: Any, timeout: float, every: float = 0.5  # noqa: ANN401
+    def wait_until(self, what: str, fn: Any, timeout: float, every: float = 0.5
                    ) -> float:
         """Poll ``fn()`` until true; the seconds it took. TestbedError after ``timeout``."""
         t0 = time.monotonic()
@@ -212,7 +212,7 @@ class HostCluster:
         for agent in self._agents.values():
             try:
                 agent.close()
-            except Exception:  # noqa: BLE001 - the hosts go next anyway
+            except Exception:  # the hosts go next anyway
                 pass
         self._agents.clear()
         for host in self.hosts.values():

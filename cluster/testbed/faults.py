@@ -50,7 +50,7 @@ class StateWatch:
                 pass
             self._stop.wait(self.every)
 
-    def first(self, after: float, pred: Any) -> float | None:  # noqa: ANN401
+    def first(self, after: float, pred: Any) -> float | None:
         """Time of the first sample after ``after`` where ``pred(states)`` holds."""
         return next((t for t, s in self.samples if t >= after and pred(s)), None)
 
@@ -114,7 +114,7 @@ def account(report: FaultReport, records: list[dict[str, Any]], expected: dict[s
 
 def run_fault(tb: HostCluster, name: str, address: str, token: str | None,
               requests: list[dict[str, Any]], expected: dict[str, list[int]],
-              begin: Any, end: Any, duration_s: float, workers: list[str],  # noqa: ANN401
+              begin: Any, end: Any, duration_s: float, workers: list[str],
               deadline_s: float = 60.0, concurrency: int = 4, begin_after_tokens: int = 1,
               recover_within_s: float = 90.0) -> FaultReport:
     """Load -> ``begin()`` once ``begin_after_tokens`` tokens streamed (0: at once) ->

@@ -89,7 +89,7 @@ def _unshare(flags: Sequence[str], cmd: Sequence[str], stdout: int | None) -> su
         stdout=stdout,
         stdin=subprocess.DEVNULL,
         cwd=ROOT,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 - only a prctl, before exec
+        preexec_fn=_die_with_parent,  # only a prctl, before exec
         start_new_session=True,  # a Ctrl-C of the caller's terminal is the caller's to handle
     )
 

@@ -1,4 +1,4 @@
-"""The one interface every tier implements.
+"""``StoreTier``: the one interface every tier of the store implements (``TieredStore.tiers``).
 
 Payloads are uint8 CPU tensors ``[n, block_nbytes]``, one row per block, in the block-major
 layout of ``kvstore.layout``. Batched calls take a list of hashes and answer one bool per hash.
@@ -12,11 +12,12 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from kvstore.keys import BlockHash
+from proto.vocab import Tier
 
 
 @runtime_checkable
-class Tier(Protocol):
-    name: str  # "host" | "disk"
+class StoreTier(Protocol):
+    name: Tier  # Tier.HOST | Tier.DISK
 
     def contains(self, block_hash: BlockHash) -> bool:
         """Whether a read of this block would (barring corruption) hit."""

@@ -30,6 +30,7 @@ import torch
 from kvstore.events import PublishFn
 from kvstore.keys import BlockHash
 from kvstore.layout import aligned_empty
+from proto.vocab import EventKind, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class SlotReservation:
 
 
 class HostTier:
-    name = "host"
+    name = Tier.HOST
 
     def __init__(
         self,
@@ -236,7 +237,7 @@ class HostTier:
                 else:
                     self._lru[h] = None
         if self._publish is not None and hashes:
-            self._publish("stored", self.name, list(hashes))
+            self._publish(EventKind.STORED, self.name, list(hashes))
 
     def cancel(self, hashes: Sequence[BlockHash]) -> None:
         """Give reserved slots back unwritten."""
@@ -273,7 +274,7 @@ class HostTier:
             heapq.heappush(self._free, self._slot_of.pop(block_hash))
             del self._lru[block_hash]
         if self._publish is not None:
-            self._publish("removed", self.name, [block_hash])
+            self._publish(EventKind.REMOVED, self.name, [block_hash])
         return True
 
     def evict(self, num_blocks: int) -> int:
@@ -351,4 +352,4 @@ class HostTier:
                 except Exception:
                     logger.exception("host on_evict failed for block %s", h.hex())
         if self._publish is not None:
-            self._publish("removed", self.name, [h for h, _ in victims])
+            self._publish(EventKind.REMOVED, self.name, [h for h, _ in victims])

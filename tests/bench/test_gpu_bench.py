@@ -11,16 +11,16 @@ import os
 import pytest
 import torch
 
-from bench import gpu, results
+from bench import gpu, run_files
 
 
-def _summary(tmp_path) -> dict:  # noqa: ANN001
+def _summary(tmp_path) -> dict:
     [path] = glob.glob(os.path.join(tmp_path, "gpu-2*[0-9].json"))
-    return results.load(path)  # the summary with its samples file put back
+    return run_files.load(path)  # the summary with its samples file put back
 
 
 @pytest.mark.slow
-def test_gpu_bench_quick_form(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_gpu_bench_quick_form(tmp_path, capsys) -> None:
     sections = "correctness,ttft,decode,determinism,disagg,kernels,offload"
     assert gpu.main(["--quick", "--sections", sections, "--lengths", "256",
                      "--out", str(tmp_path), "--no-progress"]) == 0
@@ -74,7 +74,7 @@ def test_gpu_bench_quick_form(tmp_path, capsys) -> None:  # noqa: ANN001
     assert "correctness: tiny" in out and "PASSED" in out and "deterministic mode at" in out
 
 
-def test_a_section_past_its_limit_is_killed_and_the_budget_skips(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_section_past_its_limit_is_killed_and_the_budget_skips(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(gpu, "QUICK_LIMIT_S", 1)
     argv = ["--quick", "--sections", "ttft,offload", "--budget-s", "21", "--out", str(tmp_path),
             "--no-progress"]
@@ -84,7 +84,7 @@ def test_a_section_past_its_limit_is_killed_and_the_budget_skips(tmp_path, monke
     assert set(data["skipped"]) == {"offload"} and data["sections"] == {}
 
 
-def test_full_sizes_need_cuda(capsys) -> None:  # noqa: ANN001
+def test_full_sizes_need_cuda(capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is here")
     assert gpu.main(["--no-progress"]) == 2
@@ -92,7 +92,7 @@ def test_full_sizes_need_cuda(capsys) -> None:  # noqa: ANN001
     assert gpu.main(["--quick", "--sections", "ttft,nope"]) == 2
 
 
-def test_transformers_peer_runs_the_engine_weights(tmp_path) -> None:  # noqa: ANN001
+def test_transformers_peer_runs_the_engine_weights(tmp_path) -> None:
     from bench.hf_peer import hf_model
     from engine.loader import load_model
     from tests.engine.hf_models import write_checkpoint

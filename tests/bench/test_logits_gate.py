@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from bench.common import progress
-from bench.ttft import BenchmarkError, _cycle, check_warm_logits, logit_gap
+from bench.common import BenchmarkError, progress
+from bench.logits_gate import check_warm_logits, logit_gap
+from bench.ttft import _cycle
 from engine.sampling import SamplingParams
 from kvstore.config import StoreConfig
 
@@ -43,26 +44,26 @@ def test_a_flipped_near_tie_passes_and_a_far_one_does_not() -> None:
 
 
 @pytest.fixture
-def engine(make_engine, tmp_path):  # noqa: ANN001, ANN201
+def engine(make_engine, tmp_path):
     store = StoreConfig(host_capacity_bytes=4 << 20, disk_path=str(tmp_path / "kv"),
                         disk_capacity_bytes=64 << 20)  # fmt: skip
     return make_engine(store, model="tiny", dtype="bfloat16", kv_cache_bytes=4 << 20)
 
 
-def test_honest_warm_runs_pass_the_gate(engine) -> None:  # noqa: ANN001
+def test_honest_warm_runs_pass_the_gate(engine) -> None:
     runs = _cycle(engine, _prompt(64, 1), SamplingParams(max_tokens=1), progress(4, "", True))
     assert [mode for mode, _, _ in runs] == ["cold", "device", "host", "disk"]
     for _, _, gap in runs[1:]:
         assert gap["rel"] <= 0.1 and gap["cold_top1_rank"] < 5
 
 
-def test_a_wrong_block_fails_loudly(engine) -> None:  # noqa: ANN001
+def test_a_wrong_block_fails_loudly(engine) -> None:
     prompt, other = _prompt(64, 2), _prompt(64, 3)
     engine.generate([other], SamplingParams(max_tokens=1))
     generate = engine.generate
     calls = []
 
-    def corrupt_after_the_cold_run(prompts, sampling):  # noqa: ANN001, ANN202
+    def corrupt_after_the_cold_run(prompts, sampling):
         res = generate(prompts, sampling)
         if not calls:  # block 1 of the prompt now holds block 1 of another prompt
             pool = engine.kv.pool

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bench import cli, decode, longdoc, results, trace, transfer
+from bench import cli, decode, longdoc, run_files, trace, transfer
 
 TRACE = trace.DEFAULT_TRACE
 
@@ -15,7 +15,7 @@ TRACE = trace.DEFAULT_TRACE
 def _load(out_dir: str, name: str) -> dict:
     [path] = glob.glob(os.path.join(out_dir, f"{name}-*.json"))
     assert os.path.getsize(path.replace(".json", ".png")) > 1000
-    return results.load(path)  # the summary with its samples file put back
+    return run_files.load(path)  # the summary with its samples file put back
 
 
 @pytest.mark.parametrize("with_baseline", [False, True])
@@ -116,7 +116,7 @@ def test_cli_dispatch(capsys) -> None:
     assert cli.main(["trace", "--trace", "/nonexistent/trace.jsonl", "--quick"]) == 2
 
 
-def test_trace_policies_side_by_side(tmp_path) -> None:  # noqa: ANN001
+def test_trace_policies_side_by_side(tmp_path) -> None:
     argv = ["--quick", "--trace", TRACE, "--max-requests", "40", "--time-scale", "0.25",
             "--pool-tokens", "1024", "--host-tokens", "1024", "--policies",
             "write_through,evict", "--out", str(tmp_path), "--no-progress"]
@@ -135,7 +135,7 @@ def test_trace_policies_side_by_side(tmp_path) -> None:  # noqa: ANN001
     assert trace.main(["--policies", "sometimes", "--out", str(tmp_path)]) == 2
 
 
-def test_offload_quick(tmp_path) -> None:  # noqa: ANN001
+def test_offload_quick(tmp_path) -> None:
     from bench import offload
 
     assert offload.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from bench import decode, longdoc, results, trace, ttft
+from bench import decode, longdoc, run_files, trace, ttft
 
 pytestmark = pytest.mark.slow  # each test starts a service (Ray workers, gRPC) and runs a benchmark
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # each test starts a service (Ray workers, gRPC) 
 def _load(out_dir: str, name: str) -> dict:
     [path] = glob.glob(os.path.join(out_dir, f"{name}-*.json"))
     assert os.path.getsize(path.replace(".json", ".png")) > 1000
-    return results.load(path)  # the summary with its samples file put back
+    return run_files.load(path)  # the summary with its samples file put back
 
 
 def _check_hit_rates(hr: dict) -> None:

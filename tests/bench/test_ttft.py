@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 
-from bench import results, ttft
+from bench import run_files, ttft
 
 
 def test_ttft_quick_inprocess(tmp_path, capsys) -> None:
@@ -14,7 +14,7 @@ def test_ttft_quick_inprocess(tmp_path, capsys) -> None:
     assert rc == 0
     [path] = glob.glob(os.path.join(tmp_path, "ttft-*.json"))
     assert os.path.getsize(path.replace(".json", ".png")) > 1000
-    data = results.load(path)  # the summary with its samples file put back
+    data = run_files.load(path)  # the summary with its samples file put back
     assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch"]
     assert data["config"]["model"] == "tiny" and data["config"]["lengths"] == [64, 200]
     assert set(data["bandwidth_gbps"]) == {"device", "host", "disk", "disk_tier"}

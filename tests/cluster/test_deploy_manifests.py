@@ -55,7 +55,7 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
-def test_every_document_validates(docs, k8s) -> None:  # noqa: ANN001
+def test_every_document_validates(docs, k8s) -> None:
     kuberay = _load("kuberay-v1.7.0.json")
     kinds = []
     for doc in docs:
@@ -70,7 +70,7 @@ def test_every_document_validates(docs, k8s) -> None:  # noqa: ANN001
     assert sorted(kinds) == ["PersistentVolumeClaim", "RayCluster", "RayJob", "Service"]
 
 
-def test_the_validators_refuse_mistakes(docs, k8s) -> None:  # noqa: ANN001
+def test_the_validators_refuse_mistakes(docs, k8s) -> None:
     (cluster,) = by_kind(docs, "RayCluster")
     bad = json.loads(json.dumps(cluster))
     template = bad["spec"]["headGroupSpec"]["template"]
@@ -83,7 +83,7 @@ def test_the_validators_refuse_mistakes(docs, k8s) -> None:  # noqa: ANN001
         jsonschema.Draft7Validator(_load("kuberay-v1.7.0.json")["RayJob"]).validate(bad_job)
 
 
-def test_pods_mount_models_and_shm_and_take_secrets_from_the_secret(docs) -> None:  # noqa: ANN001
+def test_pods_mount_models_and_shm_and_take_secrets_from_the_secret(docs) -> None:
     (cluster,) = by_kind(docs, "RayCluster")
     with open(os.path.join(ROOT, "Dockerfile")) as f:
         dockerfile = f.read()
@@ -106,7 +106,7 @@ def test_pods_mount_models_and_shm_and_take_secrets_from_the_secret(docs) -> Non
     assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265, 50051, 8000, 9090}
 
 
-def test_the_rayjob_starts_the_service_detached_and_the_service_routes_to_it(docs) -> None:  # noqa: ANN001
+def test_the_rayjob_starts_the_service_detached_and_the_service_routes_to_it(docs) -> None:
     from cluster.cli import build_parser
 
     (job,) = by_kind(docs, "RayJob")

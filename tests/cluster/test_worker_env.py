@@ -26,9 +26,9 @@ def test_a_worker_imports_a_module_from_the_users_pythonpath(tmp_path, monkeypat
 
         @ray.remote(num_cpus=0)
         def probe() -> tuple[str, bool]:
-            import strata_user_pkg  # noqa: PLC0415 - only on the user's PYTHONPATH
+            import strata_user_pkg  # only on the user's PYTHONPATH
 
-            import engine  # the repository root is there too  # noqa: F401, PLC0415
+            import engine  # the repository root is there too  # noqa: F401
 
             return strata_user_pkg.VALUE, _ROOT in sys.path
 

@@ -41,7 +41,7 @@ def _req(
     return DecodeRequest(rid, (1, 2, 3), SamplingParams(max_tokens=5), "", expect, timeout, awaits)
 
 
-def test_push_with_first_token_admits_at_once(adm) -> None:  # noqa: ANN001
+def test_push_with_first_token_admits_at_once(adm) -> None:
     a, rec = adm
     a.arrive(_req("r"))
     assert "r" not in rec.admitted  # blocks and token still on their way
@@ -53,7 +53,7 @@ def test_push_with_first_token_admits_at_once(adm) -> None:  # noqa: ANN001
     assert len(rec.admitted) == 1 and a.num_waiting == 0
 
 
-def test_push_before_the_request_and_a_broken_push_with_the_routers_word(adm) -> None:  # noqa: ANN001
+def test_push_before_the_request_and_a_broken_push_with_the_routers_word(adm) -> None:
     a, rec = adm
     a.pushed("early", True, 7)  # the push ended before the request came
     a.arrive(_req("early"))
@@ -66,7 +66,7 @@ def test_push_before_the_request_and_a_broken_push_with_the_routers_word(adm) ->
     assert outcome == "failed" and req.token_ids == (1, 2, 3, 9)
 
 
-def test_no_first_token_anywhere_means_the_engine_samples_it(adm) -> None:  # noqa: ANN001
+def test_no_first_token_anywhere_means_the_engine_samples_it(adm) -> None:
     a, rec = adm
     a.arrive(_req("lost"))
     a.told("lost", None, push_coming=False)  # the prefill worker died before sampling it
@@ -75,14 +75,14 @@ def test_no_first_token_anywhere_means_the_engine_samples_it(adm) -> None:  # no
     assert req.sampling.max_tokens == 6  # the first token too
 
 
-def test_a_request_without_push_or_wait_is_admitted_as_is(adm) -> None:  # noqa: ANN001
+def test_a_request_without_push_or_wait_is_admitted_as_is(adm) -> None:
     a, rec = adm
     a.arrive(_req("plain", awaits=False, expect=False))
     req, outcome, _ = rec.admitted["plain"]
     assert outcome == "none" and req.token_ids == (1, 2, 3)
 
 
-def test_timeouts_admit_without_the_push_and_then_without_the_token(adm) -> None:  # noqa: ANN001
+def test_timeouts_admit_without_the_push_and_then_without_the_token(adm) -> None:
     a, rec = adm
     a.arrive(_req("slow", awaits=False, timeout=0.1))
     assert rec.event.wait(5)
@@ -96,7 +96,7 @@ def test_timeouts_admit_without_the_push_and_then_without_the_token(adm) -> None
     assert 0.2 <= waited < 5 and time.monotonic() - t0 >= 0.2  # two timeouts
 
 
-def test_aborts_before_and_while_waiting(adm) -> None:  # noqa: ANN001
+def test_aborts_before_and_while_waiting(adm) -> None:
     a, rec = adm
     assert not a.abort("ghost")  # not here yet: remembered
     a.arrive(_req("ghost"))

@@ -27,14 +27,14 @@ def prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(256) for _ in range(n)]
 
 
-def service_config(  # noqa: ANN201
-    tmp_path,  # noqa: ANN001
+def service_config(
+    tmp_path,
     num_prefill: int,
     num_decode: int,
     transfer: TransferConfig | None = None,
     backend: BackendConfig | None = None,
     chunk_tokens: int = 2048,
-    **router_kw,  # noqa: ANN003
+    **router_kw,
 ) -> ServiceConfig:
     return ServiceConfig(
         engine=EngineConfig(
@@ -57,7 +57,7 @@ def service_config(  # noqa: ANN201
     )
 
 
-def start(tmp_path, num_prefill: int, num_decode: int, **kw) -> Service:  # noqa: ANN001, ANN003
+def start(tmp_path, num_prefill: int, num_decode: int, **kw) -> Service:
     return launch(service_config(tmp_path, num_prefill, num_decode, **kw))
 
 
@@ -119,7 +119,7 @@ def strata_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reference_engine():  # noqa: ANN201
+def reference_engine():
     """The single-process oracle: the same model in this process, no cache."""
     from engine.engine import LLMEngine
 

@@ -38,11 +38,11 @@ class MultiHost:
     http: str
 
     @property
-    def client(self) -> Any:  # noqa: ANN401 - an Agent on the client host
+    def client(self) -> Any:  # an Agent on the client host
         return self.tb.agent(CLIENT)
 
     @property
-    def head(self) -> Any:  # noqa: ANN401 - an Agent (Ray driver) on the head host
+    def head(self) -> Any:  # an Agent (Ray driver) on the head host
         return self.tb.agent(HEAD)
 
     def generate(self, ids: list[int], max_tokens: int, request_id: str = "",

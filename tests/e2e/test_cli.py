@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.mark.slow
-def test_up_generate_stats_and_stop(tmp_path):  # noqa: ANN001
+def test_up_generate_stats_and_stop(tmp_path):
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -125,7 +125,7 @@ def _check_metrics(url: str) -> None:
     assert 'strata_requests_total{status="OK"} 2.0' in text
 
 
-def test_service_config_yaml(tmp_path):  # noqa: ANN001
+def test_service_config_yaml(tmp_path):
     cfg = ServiceConfig.from_yaml(os.path.join(ROOT, "cluster", "deploy", "service.yaml"))
     assert cfg.engine.kv_cache_bytes == 256 << 20 and cfg.store.host_capacity_bytes == 1 << 30
     assert cfg.store_for("decode-0").disk_path == "/tmp/strata-kv/decode-0"
@@ -135,7 +135,7 @@ def test_service_config_yaml(tmp_path):  # noqa: ANN001
         ServiceConfig.from_yaml(str(bad))
 
 
-def test_up_flags_override_the_yaml_only_when_given(tmp_path) -> None:  # noqa: ANN001
+def test_up_flags_override_the_yaml_only_when_given(tmp_path) -> None:
     from cluster.cli import build_parser
     from cluster.up import config_from_args
 
@@ -156,7 +156,7 @@ def test_up_flags_override_the_yaml_only_when_given(tmp_path) -> None:  # noqa: 
     assert bare.engine.model == "tiny" and bare.engine.max_num_batched_tokens == 2048
 
 
-def test_settings_precedence_flag_env_yaml_default(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_settings_precedence_flag_env_yaml_default(tmp_path, monkeypatch) -> None:
     from cluster.cli import build_parser
     from cluster.up import config_from_args
 

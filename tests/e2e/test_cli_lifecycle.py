@@ -57,7 +57,7 @@ def one_line_error(res: subprocess.CompletedProcess, code: int, *needles: str) -
 
 
 @pytest.mark.slow  # some twenty processes, one of them importing torch
-def test_mistakes_fail_before_ray_with_one_line(tmp_path) -> None:  # noqa: ANN001
+def test_mistakes_fail_before_ray_with_one_line(tmp_path) -> None:
     one_line_error(strata("up", "--model", "/no/such/model"), 2, "--model /no/such/model")
     one_line_error(strata("up", "--model", "gpt-7"), 2, "unknown model", "smollm2-135m")
     one_line_error(strata("demo", "--model", "/no/such/model"), 2, "--model /no/such/model")
@@ -106,7 +106,7 @@ def _head_processes() -> list:
 
 
 @pytest.mark.slow
-def test_detached_service_life_cycle(tmp_path) -> None:  # noqa: ANN001
+def test_detached_service_life_cycle(tmp_path) -> None:
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 6379)) == 0:
             pytest.skip("port 6379 is taken: a Ray head of this machine already runs")

@@ -32,14 +32,14 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):  # noqa: ANN001, ANN201
+def service(tmp_path_factory):
     svc = start(tmp_path_factory.mktemp("fuzz"), 1, 1)
     yield svc
     svc.shutdown()
 
 
 @pytest.fixture(scope="module")
-def stub(service):  # noqa: ANN001, ANN201
+def stub(service):
     channel = grpc.insecure_channel(service.address)
     yield strata_pb2_grpc.GenerationStub(channel), channel
     channel.close()
@@ -71,7 +71,7 @@ requests = st.builds(
 )
 
 
-def _drain(call) -> grpc.StatusCode:  # noqa: ANN001
+def _drain(call) -> grpc.StatusCode:
     try:
         for _ in call:
             pass
@@ -82,7 +82,7 @@ def _drain(call) -> grpc.StatusCode:  # noqa: ANN001
 
 @FUZZ
 @given(req=requests)
-def test_random_requests_get_clear_statuses(stub, req) -> None:  # noqa: ANN001
+def test_random_requests_get_clear_statuses(stub, req) -> None:
     if req.HasField("max_tokens") and req.max_tokens > 8:
         req.max_tokens = 8  # valid ones stay short: the fuzz is about the input, not the output
     code = _drain(stub[0].Generate(req, metadata=MD, timeout=60))
@@ -91,7 +91,7 @@ def test_random_requests_get_clear_statuses(stub, req) -> None:  # noqa: ANN001
 
 @FUZZ
 @given(data=st.binary(max_size=200))
-def test_malformed_bytes_get_invalid_argument(stub, data) -> None:  # noqa: ANN001
+def test_malformed_bytes_get_invalid_argument(stub, data) -> None:
     call = stub[1].unary_stream(
         "/strata.v1.Generation/Generate", request_serializer=None, response_deserializer=None
     )(data, metadata=MD, timeout=60)
@@ -99,13 +99,13 @@ def test_malformed_bytes_get_invalid_argument(stub, data) -> None:  # noqa: ANN0
     assert code in CLEAR, code
     try:
         pb.GenerateRequest.FromString(data)
-    except Exception:  # noqa: BLE001 - not a message: the reason is stated
+    except Exception:  # not a message: the reason is stated
         assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @FUZZ
 @given(frames=st.lists(st.binary(max_size=120), min_size=1, max_size=4))
-def test_random_kv_frames_are_refused(service, frames) -> None:  # noqa: ANN001
+def test_random_kv_frames_are_refused(service, frames) -> None:
     info = ray.get(service.decode[0].info.remote(), timeout=60)
     with grpc.insecure_channel(info.kv_address) as ch:
         push = ch.stream_stream(wire.PUSH_METHOD)
@@ -114,7 +114,7 @@ def test_random_kv_frames_are_refused(service, frames) -> None:  # noqa: ANN001
     assert code in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}, code
 
 
-def test_the_service_still_serves_and_nothing_leaked(service, stub) -> None:  # noqa: ANN001
+def test_the_service_still_serves_and_nothing_leaked(service, stub) -> None:
     res = list(
         stub[0].Generate(
             pb.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=3, temperature=0.0),

@@ -35,11 +35,11 @@ pytestmark = [pytest.mark.timeout(900),
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):  # noqa: ANN001, ANN201
+def testbed(tmp_path_factory):
     yield from build(str(tmp_path_factory.mktemp("hosts")))
 
 
-def _expected(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+def _expected(ref, ids: list[int], n: int) -> list[int]:
     return ref.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0].output_token_ids
 
 
@@ -84,8 +84,8 @@ def test_roles_on_their_hosts_and_addresses_advertised(testbed: MultiHost) -> No
     assert testbed.grpc == f"{tb.hosts[HEAD].address}:50051"  # not a name clients can't resolve
 
 
-def test_greedy_over_grpc_and_http_equals_in_process(testbed: MultiHost,  # noqa: ANN001
-                                                     reference_engine) -> None:  # noqa: ANN001
+def test_greedy_over_grpc_and_http_equals_in_process(testbed: MultiHost,
+                                                     reference_engine) -> None:
     from textproc.tokenizer import load_tokenizer
 
     for i, n in enumerate((700, 40)):  # 700: three chunks, pushed block by block as they end
@@ -178,8 +178,8 @@ def test_kv_between_hosts_over_grpc_and_shm_only_within_a_host(testbed: MultiHos
     assert seen["across hosts"] and seen["same host"], (hosts, seen)
 
 
-def test_placement_follows_the_prefix_across_hosts(testbed: MultiHost,  # noqa: ANN001
-                                                   reference_engine) -> None:  # noqa: ANN001
+def test_placement_follows_the_prefix_across_hosts(testbed: MultiHost,
+                                                   reference_engine) -> None:
     shared = prompt(900, 500)
     first = testbed.generate(shared + [5], 4, request_id="prefix-0")
     assert first["status"] == "OK" and first["tokens"] == _expected(reference_engine,
@@ -209,10 +209,10 @@ def test_bench_ttft_and_soak_against_it(testbed: MultiHost) -> None:
                      "--seconds", "12", "--clients", "2", "--prefix-tokens", "128",
                      "--no-kill", "--no-progress", "--out", out)
     assert soak.returncode == 0, soak.stderr[-3000:]
-    from bench import results as bench_results
+    from bench import run_files
 
     # a run writes a summary JSON and its samples beside it; load() puts them back together
-    results = {os.path.basename(f).split("-")[0]: bench_results.load(f)
+    results = {os.path.basename(f).split("-")[0]: run_files.load(f)
                for f in glob.glob(os.path.join(tb.hosts[CLIENT].tmp, "bench", "*.json"))}
     assert {s["mode"] for s in results["ttft"]["samples"]} == {"cold", "warm"}
     warm = [s for s in results["ttft"]["samples"] if s["mode"] == "warm"]
@@ -225,7 +225,7 @@ def test_bench_ttft_and_soak_against_it(testbed: MultiHost) -> None:
     assert not r["leaks"]["leaking"] and r["leaks"]["workers_checked"] == 4, r["leaks"]
 
 
-def test_nothing_is_left_when_the_builder_is_killed(tmp_path) -> None:  # noqa: ANN001
+def test_nothing_is_left_when_the_builder_is_killed(tmp_path) -> None:
     """A process that made two hosts and a bridge is killed (SIGKILL, no clean-up of its own):
     its hosts' processes, namespaces and links all go with it."""
     code = (
@@ -273,7 +273,7 @@ def _netns_of(pid: str) -> str | None:
         return None
 
 
-def test_a_host_and_its_bridge_close_cleanly(tmp_path) -> None:  # noqa: ANN001
+def test_a_host_and_its_bridge_close_cleanly(tmp_path) -> None:
     lan = Lan()
     host = Host("solo", "10.77.9.9", str(tmp_path / "solo"))
     try:

@@ -38,11 +38,11 @@ DEADLINE_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):  # noqa: ANN001, ANN201
+def testbed(tmp_path_factory):
     yield from build(str(tmp_path_factory.mktemp("hosts-faults")))
 
 
-def _load(reference_engine, tag: str, n: int, length: int,  # noqa: ANN001
+def _load(reference_engine, tag: str, n: int, length: int,
           max_tokens: int) -> tuple[list[dict], dict[str, list[int]]]:
     reqs = [{"ids": prompt(length, zlib.crc32(f"{tag}-{i}".encode())), "max_tokens": max_tokens,
              "request_id": f"{tag}-{i}"} for i in range(n)]
@@ -66,7 +66,7 @@ def _check(testbed: MultiHost, report: FaultReport) -> None:
     assert report.recover_s is not None and report.recover_s <= 30.0, report.line()
 
 
-def test_decode_host_link_down_mid_stream(testbed: MultiHost, reference_engine) -> None:  # noqa: ANN001
+def test_decode_host_link_down_mid_stream(testbed: MultiHost, reference_engine) -> None:
     victim = _alone_on(testbed, "host-c")
     reqs, expected = _load(reference_engine, "decode-link", 8, 300, 96)
     tb = testbed.tb
@@ -78,7 +78,7 @@ def test_decode_host_link_down_mid_stream(testbed: MultiHost, reference_engine) 
     _check(testbed, report)
 
 
-def test_prefill_host_link_down_mid_push(testbed: MultiHost, reference_engine) -> None:  # noqa: ANN001
+def test_prefill_host_link_down_mid_push(testbed: MultiHost, reference_engine) -> None:
     victim = _alone_on(testbed, "host-b")
     reqs, expected = _load(reference_engine, "prefill-link", 4, 1500, 8)
     tb = testbed.tb
@@ -94,8 +94,8 @@ def test_prefill_host_link_down_mid_push(testbed: MultiHost, reference_engine) -
     _check(testbed, report)
 
 
-def test_partition_between_prefill_and_decode_heals(testbed: MultiHost,  # noqa: ANN001
-                                                   reference_engine) -> None:  # noqa: ANN001
+def test_partition_between_prefill_and_decode_heals(testbed: MultiHost,
+                                                   reference_engine) -> None:
     workers = [_alone_on(testbed, "host-b"), _alone_on(testbed, "host-c")]
     reqs, expected = _load(reference_engine, "partition", 8, 600, 16)
     tb = testbed.tb
@@ -109,8 +109,8 @@ def test_partition_between_prefill_and_decode_heals(testbed: MultiHost,  # noqa:
     assert all(s == "up" for s in states.values()), states
 
 
-def test_host_reboot_is_taken_back_with_its_disk_tier(testbed: MultiHost,  # noqa: ANN001
-                                                      reference_engine) -> None:  # noqa: ANN001
+def test_host_reboot_is_taken_back_with_its_disk_tier(testbed: MultiHost,
+                                                      reference_engine) -> None:
     victim = _alone_on(testbed, "host-b")
     tb, head = testbed.tb, testbed.head
     mine = None
@@ -148,7 +148,7 @@ def test_host_reboot_is_taken_back_with_its_disk_tier(testbed: MultiHost,  # noq
                     got = head.call("index_blocks", worker_id=victim, token_ids=ids)
                     if testbed.workers()[victim]["state"] != "up" and any(got.values()):
                         credited_while_out.append(got)
-            except Exception:  # noqa: BLE001 - asked again
+            except Exception:  # asked again
                 pass
             stop.wait(0.3)
 
@@ -177,5 +177,5 @@ def test_host_reboot_is_taken_back_with_its_disk_tier(testbed: MultiHost,  # noq
     assert again["tokens"] == cold["tokens"] == expected_tokens(reference_engine, ids, 4)
 
 
-def expected_tokens(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+def expected_tokens(ref, ids: list[int], n: int) -> list[int]:
     return ref.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0].output_token_ids

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):  # noqa: ANN001, ANN201
+def cluster(tmp_path_factory):
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = {
         "prefill": [c.add_node(num_cpus=1, resources={"prefill": 1}) for _ in range(2)],
@@ -56,25 +56,25 @@ def cluster(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def router(cluster):  # noqa: ANN001, ANN201
+def router(cluster):
     return ray.get_actor("strata-router")
 
 
 @pytest.fixture(scope="module")
-def client(cluster):  # noqa: ANN001, ANN201
+def client(cluster):
     with StrataClient(cluster[2], token=TOKEN) as c:
         yield c
 
 
-def _workers(router) -> dict[str, dict]:  # noqa: ANN001
+def _workers(router) -> dict[str, dict]:
     return {w["worker_id"]: w for w in ray.get(router.workers.remote(), timeout=60)}
 
 
-def _expected(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+def _expected(ref, ids: list[int], n: int) -> list[int]:
     return ref.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0].output_token_ids
 
 
-def test_roles_land_on_their_nodes_and_advertise_node_addresses(cluster, router) -> None:  # noqa: ANN001
+def test_roles_land_on_their_nodes_and_advertise_node_addresses(cluster, router) -> None:
     c, nodes, _ = cluster
     router_node = ray.get(
         router.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()), timeout=60
@@ -90,8 +90,8 @@ def test_roles_land_on_their_nodes_and_advertise_node_addresses(cluster, router)
     assert len({w["node_id"] for w in workers.values()}) == 4  # one worker a node
 
 
-def test_greedy_across_nodes_and_placement_by_prefix(cluster, router, client,  # noqa: ANN001
-                                                     reference_engine) -> None:  # noqa: ANN001
+def test_greedy_across_nodes_and_placement_by_prefix(cluster, router, client,
+                                                     reference_engine) -> None:
     shared = prompt(900, 70)  # 4 chunks, pushed between nodes over gRPC
     first = client.generate(prompt_token_ids=shared + [5], max_tokens=8, temperature=0.0,
                             ignore_eos=True)
@@ -110,8 +110,8 @@ def test_greedy_across_nodes_and_placement_by_prefix(cluster, router, client,  #
     assert all(stats[p]["push_shm_bytes"] == 0 for p in ("prefill-0", "prefill-1"))
 
 
-def test_killed_worker_comes_back_and_serves_its_disk_tier(cluster, router, client,  # noqa: ANN001
-                                                           reference_engine) -> None:  # noqa: ANN001
+def test_killed_worker_comes_back_and_serves_its_disk_tier(cluster, router, client,
+                                                           reference_engine) -> None:
     ids = prompt(640, 80)
     cold = client.generate(prompt_token_ids=ids, max_tokens=4, temperature=0.0, ignore_eos=True)
     holder = cold.usage.prefill_worker
@@ -136,7 +136,7 @@ def test_killed_worker_comes_back_and_serves_its_disk_tier(cluster, router, clie
     assert list(res.token_ids) == list(cold.token_ids) == _expected(reference_engine, ids, 4)
 
 
-def test_scale_down_and_up(cluster, router, client, reference_engine) -> None:  # noqa: ANN001
+def test_scale_down_and_up(cluster, router, client, reference_engine) -> None:
     c, _, _ = cluster
     down = strata_cli("scale", "--address", c.address, "--decode", "1", timeout=600)
     assert down.returncode == 0, down.stderr
@@ -152,7 +152,7 @@ def test_scale_down_and_up(cluster, router, client, reference_engine) -> None:  
     assert list(res.token_ids) == _expected(reference_engine, ids, 5)
 
 
-def test_removed_node_ends_its_requests_in_time(cluster, router, client) -> None:  # noqa: ANN001
+def test_removed_node_ends_its_requests_in_time(cluster, router, client) -> None:
     c, nodes, _ = cluster
     workers = _workers(router)
     victim_node = next(n for n in nodes["decode"] if n.node_id == workers["decode-0"]["node_id"])

@@ -32,7 +32,7 @@ MAX_BUFFERED = 64  # a client further behind its decode worker than this is cut 
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):  # noqa: ANN001, ANN201
+def service(tmp_path_factory):
     svc = start(
         tmp_path_factory.mktemp("svc"),
         1,
@@ -50,16 +50,16 @@ def service(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def client(service):  # noqa: ANN001, ANN201
+def client(service):
     with StrataClient(service.address, token=TOKEN) as c:
         yield c
 
 
-def _expected(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+def _expected(ref, ids: list[int], n: int) -> list[int]:
     return ref.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0].output_token_ids
 
 
-def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN001
+def test_greedy_equals_in_process_engine(client, reference_engine):
     for n, seed in ((40, 1), (333, 2), (1500, 13)):  # the last one: 6 chunks, streamed
         ids = prompt(n, seed)
         res = client.generate(prompt_token_ids=ids, max_tokens=20, temperature=0.0, ignore_eos=True)
@@ -68,14 +68,14 @@ def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN
         assert res.usage.prefill_worker == "prefill-0" and res.usage.decode_worker == "decode-0"
 
 
-def test_text_prompt_and_max_tokens_one(client, reference_engine):  # noqa: ANN001
+def test_text_prompt_and_max_tokens_one(client, reference_engine):
     res = client.generate(prompt="Hello, Strata!", max_tokens=1, temperature=0.0)
     ids = list(b"Hello, Strata!")
     assert list(res.token_ids) == _expected(reference_engine, ids, 1)
     assert res.usage.completion_tokens == 1
 
 
-def test_prefix_reuse_from_each_tier(service, client, reference_engine):  # noqa: ANN001
+def test_prefix_reuse_from_each_tier(service, client, reference_engine):
     ids = prompt(640, 3)
     expected = _expected(reference_engine, ids, 8)
     cold = client.generate(prompt_token_ids=ids, max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -102,7 +102,7 @@ def test_prefix_reuse_from_each_tier(service, client, reference_engine):  # noqa
         ({"prompt_token_ids": [1, 2, 3], "temperature": -1.0}, "INVALID_ARGUMENT"),
     ],
 )
-def test_bad_requests_get_status_and_service_keeps_serving(client, kwargs, code):  # noqa: ANN001
+def test_bad_requests_get_status_and_service_keeps_serving(client, kwargs, code):
     from tests.router.conftest import wire_request
 
     with pytest.raises(RemoteError) as err:  # sent as is (the client would refuse some first)
@@ -112,7 +112,7 @@ def test_bad_requests_get_status_and_service_keeps_serving(client, kwargs, code)
     assert len(ok.token_ids) == 2
 
 
-def test_wrong_token_is_unauthenticated(service):  # noqa: ANN001
+def test_wrong_token_is_unauthenticated(service):
     with StrataClient(service.address, token="wrong") as bad, pytest.raises(RemoteError) as err:
         bad.generate(prompt_token_ids=[1, 2, 3], max_tokens=2)
     assert err.value.code == "UNAUTHENTICATED"
@@ -121,7 +121,7 @@ def test_wrong_token_is_unauthenticated(service):  # noqa: ANN001
     assert err2.value.code == "UNAUTHENTICATED"
 
 
-def test_32_streams_with_random_cancellations(service, client, reference_engine):  # noqa: ANN001
+def test_32_streams_with_random_cancellations(service, client, reference_engine):
     rng = random.Random(0)
     prompts = [prompt(rng.randrange(20, 200), 100 + i) for i in range(32)]
     cancel = set(rng.sample(range(32), 10))
@@ -150,7 +150,7 @@ def test_32_streams_with_random_cancellations(service, client, reference_engine)
                     ignore_eos=True,
                     timeout=300,
                 )
-        except Exception as e:  # noqa: BLE001 - recorded and asserted below
+        except Exception as e:  # recorded and asserted below
             results[i] = e
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
@@ -168,7 +168,7 @@ def test_32_streams_with_random_cancellations(service, client, reference_engine)
     wait_no_leaks(service)  # aborts reach the workers asynchronously
 
 
-def test_stats_and_health(client):  # noqa: ANN001
+def test_stats_and_health(client):
     ok, _ = client.health()
     assert ok
     stats = client.stats()
@@ -179,7 +179,7 @@ def test_stats_and_health(client):  # noqa: ANN001
     assert stats["decode-0"]["shm_torn_frames"] == 0
 
 
-def test_grpc_health_service(service):  # noqa: ANN001
+def test_grpc_health_service(service):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(service.address) as ch:
@@ -189,7 +189,7 @@ def test_grpc_health_service(service):  # noqa: ANN001
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_prometheus_metrics_of_router_and_workers(service, client):  # noqa: ANN001
+def test_prometheus_metrics_of_router_and_workers(service, client):
     import urllib.request
 
     client.generate(prompt_token_ids=list(range(40)), max_tokens=3)
@@ -207,7 +207,7 @@ def test_prometheus_metrics_of_router_and_workers(service, client):  # noqa: ANN
 
 
 @pytest.mark.slow
-def test_64_streams_at_once_equal_the_engine(client, reference_engine):  # noqa: ANN001
+def test_64_streams_at_once_equal_the_engine(client, reference_engine):
     prompts = [prompt(30 + 7 * i, 500 + i) for i in range(64)]
     expected = reference_engine.generate(
         prompts, SamplingParams(max_tokens=10, ignore_eos=True)
@@ -220,7 +220,7 @@ def test_64_streams_at_once_equal_the_engine(client, reference_engine):  # noqa:
                 prompt_token_ids=prompts[i], max_tokens=10, temperature=0.0, ignore_eos=True,
                 timeout=300,
             )
-        except Exception as e:  # noqa: BLE001 - asserted below
+        except Exception as e:  # asserted below
             results[i] = e
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(64)]
@@ -234,7 +234,7 @@ def test_64_streams_at_once_equal_the_engine(client, reference_engine):  # noqa:
         assert list(res.token_ids) == expected[i].output_token_ids, i  # type: ignore[attr-defined]
 
 
-def test_client_that_stops_reading_is_cut_off(service, client, reference_engine):  # noqa: ANN001
+def test_client_that_stops_reading_is_cut_off(service, client, reference_engine):
     import grpc as _grpc
 
     from proto import strata_pb2, strata_pb2_grpc
@@ -268,7 +268,7 @@ def test_client_that_stops_reading_is_cut_off(service, client, reference_engine)
     channel.close()
 
 
-def test_wrong_secret_refused_by_the_workers(service) -> None:  # noqa: ANN001
+def test_wrong_secret_refused_by_the_workers(service) -> None:
     from kvtransfer.sender import KVSender
 
     info = ray.get(service.decode[0].info.remote(), timeout=60)

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):  # noqa: ANN001, ANN201
+def service(tmp_path_factory):
     svc = start(
         tmp_path_factory.mktemp("cluster"),
         2,
@@ -35,20 +35,20 @@ def service(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def client(service):  # noqa: ANN001, ANN201
+def client(service):
     with StrataClient(service.address, token=TOKEN) as c:
         yield c
 
 
-def _expected(ref, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+def _expected(ref, ids: list[int], n: int) -> list[int]:
     return ref.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0].output_token_ids
 
 
-def _sync(service) -> None:  # noqa: ANN001
+def _sync(service) -> None:
     ray.get(service.router.sync_index.remote(), timeout=60)
 
 
-def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN001
+def test_greedy_equals_in_process_engine(client, reference_engine):
     for seed in (1, 2, 3, 4):
         ids = prompt(150 + 300 * seed, seed)  # up to 1350 tokens: up to 6 chunks, streamed
         res = client.generate(prompt_token_ids=ids, max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -59,7 +59,7 @@ def test_greedy_equals_in_process_engine(client, reference_engine):  # noqa: ANN
     assert all(stats[p]["push_shm_bytes"] == 0 for p in ("prefill-0", "prefill-1"))
 
 
-def test_shared_prefix_goes_to_the_worker_holding_it(service, client, reference_engine):  # noqa: ANN001
+def test_shared_prefix_goes_to_the_worker_holding_it(service, client, reference_engine):
     shared = prompt(800, 10)
     first = client.generate(
         prompt_token_ids=shared + prompt(20, 11), max_tokens=4, temperature=0.0, ignore_eos=True
@@ -75,7 +75,7 @@ def test_shared_prefix_goes_to_the_worker_holding_it(service, client, reference_
         _sync(service)
 
 
-def test_prefix_only_on_disk_is_still_reused(service, client, reference_engine):  # noqa: ANN001
+def test_prefix_only_on_disk_is_still_reused(service, client, reference_engine):
     shared = prompt(640, 30)
     first = client.generate(prompt_token_ids=shared + [1], max_tokens=2, temperature=0.0)
     holder = first.usage.prefill_worker
@@ -89,7 +89,7 @@ def test_prefix_only_on_disk_is_still_reused(service, client, reference_engine):
     assert list(res.token_ids) == _expected(reference_engine, ids, 6)
 
 
-def test_prefill_worker_killed_between_chunks(service, client, reference_engine):  # noqa: ANN001
+def test_prefill_worker_killed_between_chunks(service, client, reference_engine):
     ids = prompt(3000, 60)  # 12 chunks of 256 tokens
     expected = _expected(reference_engine, ids, 6)
     before = {w: s.get("pool_cached_blocks", 0) for w, s in client.stats().items()}
@@ -100,7 +100,7 @@ def test_prefill_worker_killed_between_chunks(service, client, reference_engine)
             out["res"] = client.generate(
                 prompt_token_ids=ids, max_tokens=6, temperature=0.0, ignore_eos=True, timeout=240
             )
-        except Exception as e:  # noqa: BLE001 - asserted below
+        except Exception as e:  # asserted below
             out["res"] = e
 
     t0 = time.monotonic()
@@ -130,7 +130,7 @@ def test_prefill_worker_killed_between_chunks(service, client, reference_engine)
     assert healthy  # the other prefill worker serves on
 
 
-def _kill_when(predicate, victim) -> threading.Thread:  # noqa: ANN001
+def _kill_when(predicate, victim) -> threading.Thread:
     def run() -> None:
         deadline = time.monotonic() + 120
         while not predicate() and time.monotonic() < deadline:
@@ -142,7 +142,7 @@ def _kill_when(predicate, victim) -> threading.Thread:  # noqa: ANN001
     return t
 
 
-def test_killed_decode_worker_mid_batch(service, client, reference_engine):  # noqa: ANN001
+def test_killed_decode_worker_mid_batch(service, client, reference_engine):
     prompts = [prompt(200 + 10 * i, 40 + i) for i in range(6)]
     expected = [_expected(reference_engine, ids, 120) for ids in prompts]
     seen: dict[int, list[int]] = {i: [] for i in range(6)}
@@ -176,7 +176,7 @@ def test_killed_decode_worker_mid_batch(service, client, reference_engine):  # n
     assert_no_leaks(service)
 
 
-def test_killed_prefill_worker_mid_transfer(service, client, reference_engine):  # noqa: ANN001
+def test_killed_prefill_worker_mid_transfer(service, client, reference_engine):
     # Both prefill workers may serve this prompt; kill the one that did, right after its first
     # token (its push to the decode worker is in flight). The decode worker then sees a broken
     # stream and computes what it lacks: the request goes on, right.

@@ -25,7 +25,7 @@ SEEDED = {"temperature": 0.9, "top_p": 0.9}
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):  # noqa: ANN001, ANN201
+def service(tmp_path_factory):
     svc = start(
         tmp_path_factory.mktemp("failover"),
         2,
@@ -38,28 +38,28 @@ def service(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def client(service):  # noqa: ANN001, ANN201
+def client(service):
     with StrataClient(service.address, token=TOKEN) as c:
         yield c
 
 
-def _workers(service) -> dict[str, dict[str, Any]]:  # noqa: ANN001
+def _workers(service) -> dict[str, dict[str, Any]]:
     return {w["worker_id"]: w for w in ray.get(service.router.workers.remote(), timeout=60)}
 
 
-def _expected(ref, ids: list[int], n: int, seed: int | None = None) -> list[int]:  # noqa: ANN001
+def _expected(ref, ids: list[int], n: int, seed: int | None = None) -> list[int]:
     extra = {} if seed is None else {**SEEDED, "seed": seed}
     params = SamplingParams(max_tokens=n, ignore_eos=True, **extra)
     return ref.generate([ids], params)[0].output_token_ids
 
 
-def _kill(service, worker_id: str) -> int:  # noqa: ANN001
+def _kill(service, worker_id: str) -> int:
     pid = _workers(service)[worker_id]["pid"]
     os.kill(pid, signal.SIGKILL)
     return pid
 
 
-def _wait_back(service, worker_id: str, old_pid: int) -> None:  # noqa: ANN001
+def _wait_back(service, worker_id: str, old_pid: int) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         w = _workers(service)[worker_id]
@@ -69,11 +69,11 @@ def _wait_back(service, worker_id: str, old_pid: int) -> None:  # noqa: ANN001
     raise AssertionError(f"{worker_id} did not come back")
 
 
-def _router_counters(client) -> dict[str, float]:  # noqa: ANN001
+def _router_counters(client) -> dict[str, float]:
     return {k: v for k, v in client.stats()["router"].items() if k.startswith("strata_router_")}
 
 
-def test_decode_worker_killed_mid_decode(service, client, reference_engine):  # noqa: ANN001
+def test_decode_worker_killed_mid_decode(service, client, reference_engine):
     seeds = [None, None, 11, 12, None, 13]
     prompts = [prompt(180 + 20 * i, 70 + i) for i in range(len(seeds))]
     expected = [_expected(reference_engine, p, 80, s) for p, s in zip(prompts, seeds)]
@@ -88,7 +88,7 @@ def test_decode_worker_killed_mid_decode(service, client, reference_engine):  # 
                 seen[i].extend(chunk.token_ids)
                 if chunk.finish_reason:
                     finals[i] = chunk
-        except Exception as e:  # noqa: BLE001 - asserted below: there must be none
+        except Exception as e:  # asserted below: there must be none
             finals[i] = e
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(seeds))]
@@ -119,7 +119,7 @@ def test_decode_worker_killed_mid_decode(service, client, reference_engine):  # 
     wait_no_leaks(service)
 
 
-def test_prefill_workers_killed_mid_prefill(service, client, reference_engine):  # noqa: ANN001
+def test_prefill_workers_killed_mid_prefill(service, client, reference_engine):
     # Two long prompts in chunks of 256 tokens: one that decodes, one that ends at its first
     # token (nothing to decode it: it is computed again elsewhere). Both prefill workers die
     # while they compute: the decode workers compute both.
@@ -131,7 +131,7 @@ def test_prefill_workers_killed_mid_prefill(service, client, reference_engine): 
         try:
             out[i] = client.generate(prompt_token_ids=long_ids[i], max_tokens=n, temperature=0.0,
                                      ignore_eos=True, timeout=240)  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - asserted below: there must be none
+        except Exception as e:  # asserted below: there must be none
             out[i] = e
 
     threads = [threading.Thread(target=run, args=(0, 6)), threading.Thread(target=run, args=(1, 1))]

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from engine.sampling import SamplingParams
-from proto.worker_api import EventBatch
+from proto.worker_api import BlockEvent, EventBatch
 from router.client import StrataClient
 from tests.e2e.conftest import TOKEN, prompt, start, wait_no_leaks
 
@@ -23,18 +23,18 @@ NONE = {"device": 0, "host": 0, "disk": 0}
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):  # noqa: ANN001, ANN201
+def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("restart")
     svc = start(tmp, 2, 1)
     yield svc, str(tmp / "disk")
     svc.shutdown()
 
 
-def _workers(router) -> dict[str, dict]:  # noqa: ANN001
+def _workers(router) -> dict[str, dict]:
     return {w["worker_id"]: w for w in ray.get(router.workers.remote(), timeout=60)}
 
 
-def _kill_and_wait(router, worker_id: str, restarts: int) -> None:  # noqa: ANN001
+def _kill_and_wait(router, worker_id: str, restarts: int) -> None:
     """SIGKILL the worker's process; wait until the router has taken its new start back in."""
     old = _workers(router)[worker_id]
     os.kill(old["pid"], signal.SIGKILL)
@@ -47,12 +47,12 @@ def _kill_and_wait(router, worker_id: str, restarts: int) -> None:  # noqa: ANN0
         time.sleep(0.5)
 
 
-def _credited(router, worker_id: str, hashes: list[bytes]) -> dict[str, int]:  # noqa: ANN001
+def _credited(router, worker_id: str, hashes: list[bytes]) -> dict[str, int]:
     ray.get(router.sync_index.remote(), timeout=60)
     return ray.get(router.index_prefix.remote(worker_id, hashes), timeout=60)
 
 
-def test_a_restart_is_credited_with_what_its_disk_holds(service, reference_engine) -> None:  # noqa: ANN001
+def test_a_restart_is_credited_with_what_its_disk_holds(service, reference_engine) -> None:
     svc, disk = service
     router = svc.router
     ids = prompt(640, 90)  # 40 full blocks
@@ -69,7 +69,7 @@ def test_a_restart_is_credited_with_what_its_disk_holds(service, reference_engin
         assert _credited(router, holder, hashes) == {**NONE, "disk": len(hashes)}
         # what its start would report next, in the poller's hands when it dies
         snap = ray.get(handle.snapshot_blocks.remote(), timeout=60)
-        late = EventBatch(snap.epoch, snap.seq + 1, (("stored", "disk", tuple(hashes)),))
+        late = EventBatch(snap.epoch, snap.seq + 1, (BlockEvent("stored", "disk", tuple(hashes)),))
 
         # restart with an empty disk: its directory moved away while it runs
         path = os.path.join(disk, holder)

@@ -7,7 +7,7 @@ import torch
 ARCHS = ("llama", "qwen2", "mistral", "llama_tied")
 
 
-def hf_config(arch: str):  # noqa: ANN201
+def hf_config(arch: str):
     import transformers as tf
 
     common = dict(
@@ -41,7 +41,7 @@ def hf_config(arch: str):  # noqa: ANN201
     raise ValueError(arch)
 
 
-def write_checkpoint(arch: str, path: str, max_shard_size: str | None = None):  # noqa: ANN201
+def write_checkpoint(arch: str, path: str, max_shard_size: str | None = None):
     import transformers as tf
 
     torch.manual_seed(1234)
@@ -68,7 +68,7 @@ def write_checkpoint(arch: str, path: str, max_shard_size: str | None = None):  
 
 
 @torch.no_grad()
-def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:  # noqa: ANN001
+def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
     """Greedy continuation with HF's own KV cache; also the prompt's last-position logits."""
     ids = torch.tensor([prompt])
     out = model(ids, use_cache=True)

@@ -199,7 +199,7 @@ def test_launch_over_some_rows_of_a_flat_batch(dtype: torch.dtype) -> None:
     cache, tables = _paged([s + n for s, n in zip(starts, counts)], dtype, gen)
     q = torch.randn((32, H_Q, HEAD_DIM), generator=gen).to(dtype)
     out = torch.full_like(q, 7.0)
-    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)
     paged_attention_split_kv(
         q.to(device), cache.to(device), tables.to(device), i32(rows), i32(counts), i32(starts),
         max_q_len=16, max_context_len=57, out=out, partition_size=16, block_n=8,

@@ -25,27 +25,27 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(256) for _ in range(n)]
 
 
-def _engine(make_engine, tmp_path, **store_kw):  # noqa: ANN001, ANN202
+def _engine(make_engine, tmp_path, **store_kw):
     pool = store_kw.pop("pool", 4 << 20)
     store = StoreConfig(host_capacity_bytes=store_kw.pop("host", 8 << 20),
                         disk_path=str(tmp_path / "lmdb"), **store_kw)
     return make_engine(store, model="tiny", kv_cache_bytes=pool)
 
 
-def _hold_lane(eng, lane: str) -> threading.Event:  # noqa: ANN001
+def _hold_lane(eng, lane: str) -> threading.Event:
     gate = threading.Event()
     eng.kv.copier.copies.submit(lane, lambda: gate.wait(30))
     return gate
 
 
-def _until(cond, timeout_s: float = 30.0) -> None:  # noqa: ANN001
+def _until(cond, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
 
 
-def test_offload_in_flight_is_invisible_and_its_blocks_held(tmp_path, make_engine) -> None:  # noqa: ANN001
+def test_offload_in_flight_is_invisible_and_its_blocks_held(tmp_path, make_engine) -> None:
     eng = _engine(make_engine, tmp_path)
     prompt = _prompt(200, 1)  # 12 full blocks
     hashes = eng.block_hashes(prompt)
@@ -65,7 +65,7 @@ def test_offload_in_flight_is_invisible_and_its_blocks_held(tmp_path, make_engin
     assert all(eng.kv.pool.blocks[i].ref_cnt == 0 for i in ids)
 
 
-def test_host_eviction_while_a_load_reads_the_slab(tmp_path, make_engine) -> None:  # noqa: ANN001
+def test_host_eviction_while_a_load_reads_the_slab(tmp_path, make_engine) -> None:
     eng = _engine(make_engine, tmp_path)
     prompt = _prompt(300, 2)
     hashes = eng.block_hashes(prompt)[:18]
@@ -87,7 +87,7 @@ def test_host_eviction_while_a_load_reads_the_slab(tmp_path, make_engine) -> Non
     assert eng.store.num_lent() == 0 and eng.store.host.num_pinned() == 0
 
 
-def test_abort_while_its_load_is_in_flight(tmp_path, make_engine) -> None:  # noqa: ANN001
+def test_abort_while_its_load_is_in_flight(tmp_path, make_engine) -> None:
     eng = _engine(make_engine, tmp_path)
     prompt = _prompt(260, 3)
     cold = eng.generate([prompt], GREEDY)[0]
@@ -106,7 +106,7 @@ def test_abort_while_its_load_is_in_flight(tmp_path, make_engine) -> None:  # no
     assert out.cached_by_tier == {"device": 256} and out.output_token_ids == cold.output_token_ids
 
 
-def test_abort_while_its_offload_is_in_flight(tmp_path, make_engine) -> None:  # noqa: ANN001
+def test_abort_while_its_offload_is_in_flight(tmp_path, make_engine) -> None:
     eng = _engine(make_engine, tmp_path)
     prompt = _prompt(300, 4)
     gate = _hold_lane(eng, "offload")
@@ -120,7 +120,7 @@ def test_abort_while_its_offload_is_in_flight(tmp_path, make_engine) -> None:  #
     assert eng.store.lookup(eng.block_hashes(prompt)) == ["host"] * 18
 
 
-def test_a_failed_load_caches_nothing_and_leaks_nothing(tmp_path, make_engine, monkeypatch) -> None:  # noqa: ANN001
+def test_a_failed_load_caches_nothing_and_leaks_nothing(tmp_path, make_engine, monkeypatch) -> None:
     eng = _engine(make_engine, tmp_path)
     prompt = _prompt(200, 5)
     cold = eng.generate([prompt], GREEDY)[0]
@@ -141,7 +141,7 @@ def test_a_failed_load_caches_nothing_and_leaks_nothing(tmp_path, make_engine, m
     assert out.cached_by_tier == {"host": 192} and out.output_token_ids == cold.output_token_ids
 
 
-def test_pool_eviction_demotes_what_the_store_lacks(tmp_path, make_engine) -> None:  # noqa: ANN001
+def test_pool_eviction_demotes_what_the_store_lacks(tmp_path, make_engine) -> None:
     eng = _engine(make_engine, tmp_path)
     prompt = _prompt(200, 6)
     cold = eng.generate([prompt], GREEDY)[0]
@@ -154,7 +154,7 @@ def test_pool_eviction_demotes_what_the_store_lacks(tmp_path, make_engine) -> No
     assert out.cached_by_tier == {"host": 192} and out.output_token_ids == cold.output_token_ids
 
 
-def test_many_requests_under_pressure_equal_recompute(tmp_path, make_engine) -> None:  # noqa: ANN001
+def test_many_requests_under_pressure_equal_recompute(tmp_path, make_engine) -> None:
     """Small pool and host: loads, offloads, demotions, evictions to disk and spills all run
     while requests share prefixes; every output equals a recompute without any cache."""
     eng = _engine(make_engine, tmp_path, host=48 * 32 * 1024, pool=40 * 32 * 1024)
@@ -174,7 +174,7 @@ def test_many_requests_under_pressure_equal_recompute(tmp_path, make_engine) -> 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_lanes_give_the_cold_tokens(tmp_path, make_engine) -> None:  # noqa: ANN001
+def test_cuda_lanes_give_the_cold_tokens(tmp_path, make_engine) -> None:
     store = StoreConfig(host_capacity_bytes=8 << 20, disk_path=str(tmp_path / "lmdb"))
     eng = make_engine(store, model="tiny", kv_cache_bytes=8 << 20, device="cuda")
     assert eng.kv.copier.copies.is_cuda and eng.store.host.registered
@@ -193,7 +193,7 @@ def test_cuda_lanes_give_the_cold_tokens(tmp_path, make_engine) -> None:  # noqa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fence_orders_compute_after_the_copy() -> None:
-    from kvstore.fence import CopyEngine, CudaFence
+    from engine.fence import CopyEngine, CudaFence
 
     eng = CopyEngine(torch.device("cuda"))
     src = torch.arange(1 << 26, dtype=torch.float32).pin_memory()

@@ -13,11 +13,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from engine.cuda_graphs import StepGraphs  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from engine.cuda_graphs import StepGraphs
+from engine.sampling import SamplingParams
 
 pytest.importorskip("triton")
 
@@ -25,7 +25,7 @@ PARAMS = SamplingParams(max_tokens=5, ignore_eos=True)
 PROMPTS = [[(i * 11 + j * 3) % 250 for j in range(n)] for i, n in enumerate((20, 47, 33))]
 
 
-def test_padded_buffers_decode_like_the_eager_runner(make_engine) -> None:  # noqa: ANN001
+def test_padded_buffers_decode_like_the_eager_runner(make_engine) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("interpreter off: the CUDA run is the gpu-marked test below")
     kw = dict(model="tiny", kv_cache_bytes=2 << 20)
@@ -53,7 +53,7 @@ def test_padded_buffers_decode_like_the_eager_runner(make_engine) -> None:  # no
         w.output_token_ids for w in ref.generate(others, PARAMS)]
 
 
-def test_warm_hit_tail_runs_in_a_short_graph(make_engine) -> None:  # noqa: ANN001
+def test_warm_hit_tail_runs_in_a_short_graph(make_engine) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("interpreter off: the CUDA run is the gpu-marked test below")
     kw = dict(model="tiny", kv_cache_bytes=2 << 20)
@@ -97,7 +97,7 @@ def test_buckets_and_kinds() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graph_decode_equals_eager_decode_on_cuda(make_engine) -> None:  # noqa: ANN001
+def test_graph_decode_equals_eager_decode_on_cuda(make_engine) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter runs kernels on CPU tensors; run without TRITON_INTERPRET")
     kw = dict(model="tiny", kv_cache_bytes=64 << 20, max_num_seqs=16)

@@ -32,14 +32,14 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 250) for _ in range(n)]
 
 
-def _run(eng, prompts: list[list[int]], params: SamplingParams = PARAMS):  # noqa: ANN001, ANN202
+def _run(eng, prompts: list[list[int]], params: SamplingParams = PARAMS):
     """Results and, per prompt, the logits of each sampled token ``[n, vocab]``."""
     eng.runner.keep_logits = True
     res = eng.generate(prompts, params)
     return res, [torch.stack(eng.runner.kept_logits.pop(r.req_id)) for r in res]
 
 
-def test_the_mode_from_yaml_flags_and_its_grid_check(tmp_path) -> None:  # noqa: ANN001
+def test_the_mode_from_yaml_flags_and_its_grid_check(tmp_path) -> None:
     from cluster.cli import build_parser
     from cluster.up import config_from_args
     from engine.config import EngineConfig
@@ -96,7 +96,7 @@ def test_deterministic_handoff_to_a_decode_engine(make_engine, loaded) -> None:
     steps: list[tuple[int, int]] = []
     run = decode.runner.launch
 
-    def spy(batch):  # noqa: ANN001, ANN202
+    def spy(batch):
         steps.append((batch[0].q_start, batch[0].q_len))
         return run(batch)
 
@@ -123,7 +123,7 @@ def test_deterministic_request_whatever_its_batch(make_engine, loaded) -> None:
     steps: list[list[int]] = []  # query counts of the steps the target ran in
     run = eng.runner.launch
 
-    def spy(batch):  # noqa: ANN001, ANN202
+    def spy(batch):
         if any(item.seq.token_ids[:150] == target for item in batch):
             steps.append([item.q_len for item in batch])
         return run(batch)

@@ -11,7 +11,7 @@ PROMPT = list(range(1, 60))
 
 
 @pytest.fixture
-def tiny(make_engine) -> LLMEngine:  # noqa: ANN001
+def tiny(make_engine) -> LLMEngine:
     return make_engine(model="tiny", kv_cache_bytes=4 << 20, max_model_len=2048)
 
 
@@ -24,7 +24,7 @@ def tiny(make_engine) -> LLMEngine:  # noqa: ANN001
         (PROMPT, {"max_tokens": 5000}, "exceeds the context window"),
     ],
 )
-def test_bad_input_raises_and_engine_stays_usable(tiny, prompt, params, match):  # noqa: ANN001
+def test_bad_input_raises_and_engine_stays_usable(tiny, prompt, params, match):
     with pytest.raises(ValueError, match=match):
         tiny.add_request("bad", prompt, SamplingParams(**params))
     out = tiny.generate([PROMPT], SamplingParams(max_tokens=4))[0]
@@ -40,18 +40,18 @@ def test_bad_input_raises_and_engine_stays_usable(tiny, prompt, params, match): 
         ({"top_k": -1}, "top_k"),
     ],
 )
-def test_bad_sampling_params(params, match):  # noqa: ANN001
+def test_bad_sampling_params(params, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**params)
 
 
-def test_request_larger_than_pool_is_refused(make_engine):  # noqa: ANN001
+def test_request_larger_than_pool_is_refused(make_engine):
     eng = make_engine(model="tiny", kv_cache_bytes=40 * 32 * 1024)  # 40 blocks of 16 tokens
     with pytest.raises(ValueError, match="KV blocks but the pool has"):
         eng.add_request("big", list(range(100)) * 8, SamplingParams(max_tokens=10))
 
 
-def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):  # noqa: ANN001
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
     p = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=7)
     alone = tiny.generate([PROMPT], p)[0].output_token_ids
     batched = tiny.generate(
@@ -63,7 +63,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):  # noqa: A
     assert other.output_token_ids != alone
 
 
-def test_stop_tokens_and_max_tokens(tiny):  # noqa: ANN001
+def test_stop_tokens_and_max_tokens(tiny):
     greedy = tiny.generate([PROMPT], SamplingParams(max_tokens=10))[0]
     assert greedy.finish_reason == "length" and len(greedy.output_token_ids) == 10
     stop_at = greedy.output_token_ids[3]
@@ -73,7 +73,7 @@ def test_stop_tokens_and_max_tokens(tiny):  # noqa: ANN001
     assert stopped.output_token_ids == greedy.output_token_ids[: first + 1]
 
 
-def test_prefix_reuse_and_salt_isolation(tiny):  # noqa: ANN001
+def test_prefix_reuse_and_salt_isolation(tiny):
     long = list(range(1, 200))
     cold = tiny.generate([long], SamplingParams(max_tokens=8))[0]
     warm = tiny.generate([long], SamplingParams(max_tokens=8))[0]
@@ -85,7 +85,7 @@ def test_prefix_reuse_and_salt_isolation(tiny):  # noqa: ANN001
     assert other_tenant.output_token_ids == cold.output_token_ids
 
 
-def test_full_pool_waits_then_completes(make_engine):  # noqa: ANN001
+def test_full_pool_waits_then_completes(make_engine):
     # 24 blocks: each request needs 9 (130 prompt + 10 output tokens), so only two fit at once;
     # the rest wait (backpressure) and some running ones are preempted as they grow.
     eng = make_engine(model="tiny", kv_cache_bytes=24 * 32 * 1024, max_num_batched_tokens=128)
@@ -96,7 +96,7 @@ def test_full_pool_waits_then_completes(make_engine):  # noqa: ANN001
     assert [o.output_token_ids for o in together] == [o.output_token_ids for o in alone]
 
 
-def test_abort_frees_blocks(tiny):  # noqa: ANN001
+def test_abort_frees_blocks(tiny):
     tiny.add_request("a", PROMPT, SamplingParams(max_tokens=50))
     tiny.add_request("b", PROMPT[:30], SamplingParams(max_tokens=50))
     for _ in range(3):
@@ -107,14 +107,14 @@ def test_abort_frees_blocks(tiny):  # noqa: ANN001
     tiny.check_no_leaks()
 
 
-def test_duplicate_request_id(tiny):  # noqa: ANN001
+def test_duplicate_request_id(tiny):
     tiny.add_request("x", PROMPT, SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="already in use"):
         tiny.add_request("x", PROMPT, SamplingParams(max_tokens=2))
     tiny.abort("x")
 
 
-def test_block_hashes_deterministic(tiny):  # noqa: ANN001
+def test_block_hashes_deterministic(tiny):
     from kvstore.keys import hash_prompt_blocks
 
     h1 = tiny.block_hashes(list(range(100)))

@@ -8,14 +8,14 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from engine.sampling import SamplingParams  # noqa: E402
+from engine.sampling import SamplingParams
 
 pytest.importorskip("triton")
 
 
-def test_triton_backend_matches_torch(make_engine):  # noqa: ANN001
+def test_triton_backend_matches_torch(make_engine):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("interpreter off: the CUDA run is covered by the gpu-marked kernel tests")
     kw = dict(model="tiny", kv_cache_bytes=4 << 20, max_num_batched_tokens=48)
@@ -33,7 +33,7 @@ def test_triton_backend_matches_torch(make_engine):  # noqa: ANN001
     assert got[1].num_cached_tokens == 64  # the kernels read a cached paged prefix
 
 
-def test_fused_ops_in_the_engine_match_torch(make_engine):  # noqa: ANN001
+def test_fused_ops_in_the_engine_match_torch(make_engine):
     # The fused norm / RoPE + KV write / SiLU kernels run on GPUs only; here the interpreter
     # runs them (row by row, so the prompts are short) through the engine's own steps.
     if os.environ.get("TRITON_INTERPRET") != "1":

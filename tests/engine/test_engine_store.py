@@ -27,7 +27,7 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(256) for _ in range(n)]
 
 
-def _store(tmp_path, **kw) -> StoreConfig:  # noqa: ANN001
+def _store(tmp_path, **kw) -> StoreConfig:
     return StoreConfig(
         host_capacity_bytes=kw.pop("host", 8 << 20),
         disk_path=str(tmp_path / "lmdb"),
@@ -36,7 +36,7 @@ def _store(tmp_path, **kw) -> StoreConfig:  # noqa: ANN001
     )
 
 
-def test_every_tier_gives_the_cold_tokens(tmp_path, make_engine):  # noqa: ANN001
+def test_every_tier_gives_the_cold_tokens(tmp_path, make_engine):
     eng = make_engine(_store(tmp_path), model="tiny", kv_cache_bytes=8 << 20)
     prompt = _prompt(700, 1)
     full = (len(prompt) - 1) // 16 * 16
@@ -55,7 +55,7 @@ def test_every_tier_gives_the_cold_tokens(tmp_path, make_engine):  # noqa: ANN00
         assert warm.output_token_ids == cold.output_token_ids
 
 
-def test_partial_prefix_mixed_tiers(tmp_path, make_engine):  # noqa: ANN001
+def test_partial_prefix_mixed_tiers(tmp_path, make_engine):
     eng = make_engine(_store(tmp_path), model="tiny", kv_cache_bytes=8 << 20)
     shared = _prompt(320, 2)
     a, b = shared + _prompt(50, 3), shared + _prompt(90, 4)
@@ -67,7 +67,7 @@ def test_partial_prefix_mixed_tiers(tmp_path, make_engine):  # noqa: ANN001
     assert out.output_token_ids == ref.generate([b], GREEDY)[0].output_token_ids
 
 
-def test_restart_serves_disk_blocks_and_other_models_never_see_them(tmp_path, make_engine):  # noqa: ANN001
+def test_restart_serves_disk_blocks_and_other_models_never_see_them(tmp_path, make_engine):
     prompt = _prompt(400, 5)
     first = make_engine(_store(tmp_path), model="tiny", kv_cache_bytes=8 << 20)
     cold = first.generate([prompt], GREEDY)[0]
@@ -81,7 +81,7 @@ def test_restart_serves_disk_blocks_and_other_models_never_see_them(tmp_path, ma
     assert other.generate([prompt], GREEDY)[0].num_cached_tokens == 0
 
 
-def test_corrupt_disk_block_is_recomputed(tmp_path, make_engine):  # noqa: ANN001
+def test_corrupt_disk_block_is_recomputed(tmp_path, make_engine):
     """A checksum failure in the middle of a lease: that block and every one after it are
     recomputed, and the output is the cold one."""
     prompt = _prompt(400, 6)
@@ -99,7 +99,7 @@ def test_corrupt_disk_block_is_recomputed(tmp_path, make_engine):  # noqa: ANN00
 
 
 @pytest.mark.slow
-def test_second_cli_process_reuses_the_first_ones_blocks(tmp_path):  # noqa: ANN001
+def test_second_cli_process_reuses_the_first_ones_blocks(tmp_path):
     disk = str(tmp_path / "cli-lmdb")
     ids = ",".join(str(t) for t in _prompt(300, 7))
     cmd = [
@@ -130,14 +130,14 @@ def test_second_cli_process_reuses_the_first_ones_blocks(tmp_path):  # noqa: ANN
     assert outs[1]["output_token_ids"] == outs[0]["output_token_ids"]
 
 
-def _warm_on_disk(tmp_path, make_engine, prompt, **store_kw):  # noqa: ANN001, ANN202
+def _warm_on_disk(tmp_path, make_engine, prompt, **store_kw):
     eng = make_engine(_store(tmp_path, **store_kw), model="tiny", kv_cache_bytes=8 << 20)
     cold = eng.generate([prompt], GREEDY)[0]
     eng.evict_cached("disk")
     return eng, cold
 
 
-def test_slow_disk_is_recomputed_not_loaded(tmp_path, make_engine):  # noqa: ANN001
+def test_slow_disk_is_recomputed_not_loaded(tmp_path, make_engine):
     """Load-or-recompute: a disk far slower than recomputing is not read at all."""
     prompt = _prompt(500, 8)
     eng, cold = _warm_on_disk(tmp_path, make_engine, prompt, disk_read_limit_bytes_per_s=64e3)
@@ -151,7 +151,7 @@ def test_slow_disk_is_recomputed_not_loaded(tmp_path, make_engine):  # noqa: ANN
     assert slow.output_token_ids == cold.output_token_ids
 
 
-def test_split_computes_the_head_while_the_tail_loads(tmp_path, make_engine):  # noqa: ANN001
+def test_split_computes_the_head_while_the_tail_loads(tmp_path, make_engine):
     """Disk and compute of comparable speed: the head is computed while the tail loads from a
     throttled disk, and the output is the cold one."""
     prompt = _prompt(500, 9)
@@ -167,7 +167,7 @@ def test_split_computes_the_head_while_the_tail_loads(tmp_path, make_engine):  #
     assert out.output_token_ids == cold.output_token_ids
 
 
-def test_a_load_past_its_deadline_is_recomputed(tmp_path, make_engine):  # noqa: ANN001
+def test_a_load_past_its_deadline_is_recomputed(tmp_path, make_engine):
     """The disk is far slower than measured: the load stops waiting at its deadline and the
     blocks that did not arrive are computed."""
     prompt = _prompt(500, 10)
@@ -180,7 +180,7 @@ def test_a_load_past_its_deadline_is_recomputed(tmp_path, make_engine):  # noqa:
     assert out.output_token_ids == cold.output_token_ids
 
 
-def test_a_short_request_runs_while_a_long_disk_load_is_under_way(tmp_path, make_engine):  # noqa: ANN001
+def test_a_short_request_runs_while_a_long_disk_load_is_under_way(tmp_path, make_engine):
     """A long prompt's prefix loads from a disk throttled to a crawl; a short request submitted
     after it is computed and finished, all its tokens, while that load is still under way."""
     long_prompt, short_prompt = _prompt(800, 11), _prompt(40, 12)

@@ -8,12 +8,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from engine import ops  # noqa: E402
-from engine.matmul import invariant_linear  # noqa: E402
-from engine.rope import RotaryEmbedding  # noqa: E402
+from engine import ops
+from engine.matmul import invariant_linear
+from engine.rope import RotaryEmbedding
 
 pytest.importorskip("triton")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

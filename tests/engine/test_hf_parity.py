@@ -19,7 +19,7 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def checkpoint(request, tmp_path_factory):  # noqa: ANN001, ANN201
+def checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     model = write_checkpoint(request.param, str(path))
     return request.param, str(path), model
@@ -30,7 +30,7 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(512) for _ in range(n)]
 
 
-def _logits_of(engine, prompt: list[int]) -> torch.Tensor:  # noqa: ANN001
+def _logits_of(engine, prompt: list[int]) -> torch.Tensor:
     """Last-position logits through the engine's own step (prefill of the whole prompt)."""
     from engine.sequence import Sequence
 
@@ -45,7 +45,7 @@ def _logits_of(engine, prompt: list[int]) -> torch.Tensor:  # noqa: ANN001
     return logits
 
 
-def test_logits_and_greedy_match(checkpoint, make_engine):  # noqa: ANN001
+def test_logits_and_greedy_match(checkpoint, make_engine):
     arch, path, hf = checkpoint
     eng = make_engine(model=path, dtype="float32", kv_cache_bytes=8 << 20)
     prompt = _prompt(70, 1)
@@ -56,7 +56,7 @@ def test_logits_and_greedy_match(checkpoint, make_engine):  # noqa: ANN001
     assert out.output_token_ids == ref_tokens, arch
 
 
-def test_chunked_prefill_matches(checkpoint, make_engine):  # noqa: ANN001
+def test_chunked_prefill_matches(checkpoint, make_engine):
     arch, path, hf = checkpoint
     # Chunks of 32 tokens over a 150-token prompt; mistral's window (48) is crossed too.
     eng = make_engine(
@@ -68,7 +68,7 @@ def test_chunked_prefill_matches(checkpoint, make_engine):  # noqa: ANN001
     assert out.output_token_ids == ref_tokens, arch
 
 
-def test_batch_of_different_lengths(checkpoint, make_engine):  # noqa: ANN001
+def test_batch_of_different_lengths(checkpoint, make_engine):
     arch, path, hf = checkpoint
     eng = make_engine(model=path, dtype="float32", kv_cache_bytes=8 << 20)
     prompts = [_prompt(n, 10 + n) for n in (5, 33, 64, 97)]
@@ -77,7 +77,7 @@ def test_batch_of_different_lengths(checkpoint, make_engine):  # noqa: ANN001
     assert [o.output_token_ids for o in outs] == refs, arch
 
 
-def test_cached_prefix_matches(checkpoint, make_engine):  # noqa: ANN001
+def test_cached_prefix_matches(checkpoint, make_engine):
     arch, path, hf = checkpoint
     eng = make_engine(model=path, dtype="float32", kv_cache_bytes=8 << 20)
     shared = _prompt(96, 3)

@@ -12,7 +12,7 @@ from engine.sampling import SamplingParams
 from tests.engine.hf_models import hf_greedy, write_checkpoint
 
 
-def test_sharded_checkpoint_with_index(tmp_path, make_engine):  # noqa: ANN001
+def test_sharded_checkpoint_with_index(tmp_path, make_engine):
     hf = write_checkpoint("llama", str(tmp_path), max_shard_size="300KB")
     shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
@@ -23,24 +23,24 @@ def test_sharded_checkpoint_with_index(tmp_path, make_engine):  # noqa: ANN001
     assert eng.tokenizer is None  # no tokenizer files: ids only
 
 
-def test_missing_config(tmp_path):  # noqa: ANN001
+def test_missing_config(tmp_path):
     with pytest.raises(ValueError, match="config.json: missing"):
         load_model(str(tmp_path))
 
 
-def test_malformed_config(tmp_path):  # noqa: ANN001
+def test_malformed_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config.json: malformed JSON"):
         load_model(str(tmp_path))
 
 
-def test_unsupported_architecture(tmp_path):  # noqa: ANN001
+def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="not supported"):
         load_model(str(tmp_path))
 
 
-def test_missing_shard_named(tmp_path):  # noqa: ANN001
+def test_missing_shard_named(tmp_path):
     write_checkpoint("llama", str(tmp_path), max_shard_size="300KB")
     shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[0]
     os.remove(tmp_path / shard)
@@ -48,14 +48,14 @@ def test_missing_shard_named(tmp_path):  # noqa: ANN001
         load_model(str(tmp_path))
 
 
-def test_corrupt_safetensors_named(tmp_path):  # noqa: ANN001
+def test_corrupt_safetensors_named(tmp_path):
     write_checkpoint("llama", str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
     with pytest.raises(ValueError, match="model.safetensors"):
         load_model(str(tmp_path))
 
 
-def test_no_weights(tmp_path):  # noqa: ANN001
+def test_no_weights(tmp_path):
     write_checkpoint("llama", str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="no model.safetensors"):
@@ -67,7 +67,7 @@ def test_unknown_name():
         load_model("no-such-model")
 
 
-def test_hf_tokenizer_roundtrip(tmp_path, make_engine):  # noqa: ANN001
+def test_hf_tokenizer_roundtrip(tmp_path, make_engine):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     write_checkpoint("llama", str(tmp_path))

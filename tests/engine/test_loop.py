@@ -36,7 +36,7 @@ class Sink:
                 for t in o.new_token_ids]
 
 
-def test_published_requests_share_one_sink_call_per_step(make_engine) -> None:  # noqa: ANN001
+def test_published_requests_share_one_sink_call_per_step(make_engine) -> None:
     tiny = make_engine(model="tiny", kv_cache_bytes=4 << 20, max_model_len=2048)
     sampling = SamplingParams(max_tokens=12, ignore_eos=True)
     prompts = [list(range(3 + i, 40 + i)) for i in range(3)]
@@ -58,7 +58,7 @@ def test_published_requests_share_one_sink_call_per_step(make_engine) -> None:  
     assert all(len({o.req_id for o in outs}) == len(outs) for outs, _ in sink.calls)
 
 
-def test_published_errors_and_aborts_reach_the_sink(make_engine) -> None:  # noqa: ANN001
+def test_published_errors_and_aborts_reach_the_sink(make_engine) -> None:
     tiny = make_engine(model="tiny", kv_cache_bytes=4 << 20, max_model_len=256)
     sink = Sink()
     loop = EngineLoop(tiny, name="test-loop", on_outputs=sink)
@@ -73,7 +73,7 @@ def test_published_errors_and_aborts_reach_the_sink(make_engine) -> None:  # noq
     assert isinstance(sink.ended["long"], RequestAborted) or sink.ended["long"] == "length"
 
 
-def test_block_watch_reports_each_chunk_after_its_step(make_engine) -> None:  # noqa: ANN001
+def test_block_watch_reports_each_chunk_after_its_step(make_engine) -> None:
     eng = make_engine(
         model="tiny", kv_cache_bytes=4 << 20, max_model_len=2048, max_num_batched_tokens=64
     )
@@ -101,7 +101,7 @@ def test_block_watch_reports_each_chunk_after_its_step(make_engine) -> None:  # 
     assert n == 12 and b"".join(copies) == data.numpy().tobytes()
 
 
-def test_stream_of_a_real_engine_has_every_token(make_engine) -> None:  # noqa: ANN001
+def test_stream_of_a_real_engine_has_every_token(make_engine) -> None:
     tiny = make_engine(model="tiny", kv_cache_bytes=4 << 20, max_model_len=2048)
     sampling = SamplingParams(max_tokens=24, ignore_eos=True)
     prompt = list(range(3, 40))

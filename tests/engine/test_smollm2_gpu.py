@@ -40,7 +40,7 @@ def loaded():
     return load_model(MODEL, "bfloat16", "cuda")
 
 
-def _run(eng, ids: list[int], params: SamplingParams = GREEDY):  # noqa: ANN001, ANN202
+def _run(eng, ids: list[int], params: SamplingParams = GREEDY):
     eng.runner.keep_logits = True
     res = eng.generate([ids], params)[0]
     return res, torch.stack(eng.runner.kept_logits.pop(res.req_id))

@@ -11,7 +11,7 @@ import pytest
 # --import-mode=importlib does not put test folders on sys.path; the helpers module lives here.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kvstore_testutil import FP, LAYOUT  # noqa: E402
+from kvstore_testutil import FP, LAYOUT
 
 from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
@@ -21,7 +21,7 @@ MakeStore = Callable[..., TieredStore]
 
 
 @pytest.fixture
-def make_store(tmp_path) -> Iterator[MakeStore]:  # noqa: ANN001
+def make_store(tmp_path) -> Iterator[MakeStore]:
     """``make_store(host_blocks=, disk=True|path|None, disk_capacity_bytes=, **config)``.
 
     After the test every pin is released and every store closed.

@@ -19,7 +19,7 @@ from kvstore.tiers.disk.format import DB_META, KEY_VERSION, encode_u32
 _V1_HEADER = struct.Struct("<4sHH16sQI4x")  # the version 1 value header
 
 
-def _write_v1_store(path, values: dict[bytes, bytes], access: dict[bytes, int]) -> None:  # noqa: ANN001
+def _write_v1_store(path, values: dict[bytes, bytes], access: dict[bytes, int]) -> None:
     env = lmdb.open(str(path), map_size=64 << 20, max_dbs=3, subdir=True)
     blocks, counters, meta = (env.open_db(n) for n in (b"blocks", b"access", b"env"))
     with env.begin(write=True) as txn:
@@ -36,7 +36,7 @@ def _v1_value(fingerprint: bytes, payload: bytes, crc: int | None = None) -> byt
     return _V1_HEADER.pack(b"STKV", 1, 0, fingerprint, len(payload), crc) + payload
 
 
-def test_a_version_1_store_is_migrated(tmp_path, make_store) -> None:  # noqa: ANN001
+def test_a_version_1_store_is_migrated(tmp_path, make_store) -> None:
     disk_dir = tmp_path / "disk"
     hashes = make_hashes(8)
     data = block_bytes(hashes)
@@ -57,7 +57,7 @@ def test_a_version_1_store_is_migrated(tmp_path, make_store) -> None:  # noqa: A
     assert again.lookup(hashes[:5]) == ["disk"] * 5
 
 
-def test_an_index_of_another_format_version_is_refused(tmp_path, make_store) -> None:  # noqa: ANN001
+def test_an_index_of_another_format_version_is_refused(tmp_path, make_store) -> None:
     store = make_store(host_blocks=0)
     hashes = make_hashes(2)
     store.put(hashes, block_bytes(hashes))
@@ -71,7 +71,7 @@ def test_an_index_of_another_format_version_is_refused(tmp_path, make_store) -> 
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_reads_land_in_the_rows_aligned_or_not(tmp_path, aligned: bool) -> None:  # noqa: ANN001
+def test_reads_land_in_the_rows_aligned_or_not(tmp_path, aligned: bool) -> None:
     nbytes = 8192  # fills its slot: aligned rows are read into directly, others via a bounce
     disk = DiskTier(str(tmp_path / "d"), 1 << 20, nbytes, FP)
     try:
@@ -90,7 +90,7 @@ def test_reads_land_in_the_rows_aligned_or_not(tmp_path, aligned: bool) -> None:
         disk.close()
 
 
-def test_opening_reads_no_payload(tmp_path) -> None:  # noqa: ANN001
+def test_opening_reads_no_payload(tmp_path) -> None:
     disk = DiskTier(str(tmp_path / "d"), 1 << 20, NBYTES, FP)
     hashes = make_hashes(5)
     disk.put(hashes, block_bytes(hashes))
@@ -108,7 +108,7 @@ def test_opening_reads_no_payload(tmp_path) -> None:  # noqa: ANN001
         disk.close()
 
 
-def test_blocks_of_another_size_are_foreign_then_evicted(tmp_path, make_store) -> None:  # noqa: ANN001
+def test_blocks_of_another_size_are_foreign_then_evicted(tmp_path, make_store) -> None:
     small = make_store(host_blocks=0, disk_capacity_bytes=64 << 10)  # 16 slots of 4 KiB
     hashes = make_hashes(6)
     small.put(hashes, block_bytes(hashes))

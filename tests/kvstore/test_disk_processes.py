@@ -27,7 +27,7 @@ store.close()
 """
 
 
-def test_a_second_process_runs_without_the_disk_then_finds_the_blocks(tmp_path, make_store) -> None:  # noqa: ANN001
+def test_a_second_process_runs_without_the_disk_then_finds_the_blocks(tmp_path, make_store) -> None:
     path = str(tmp_path / "shared")
     code = HOLDER.format(root=ROOT, here=os.path.dirname(__file__), path=path)
     holder = subprocess.Popen(

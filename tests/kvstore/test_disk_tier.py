@@ -8,12 +8,12 @@ from kvstore_testutil import FP, NBYTES, assert_rows, block_bytes, make_hashes
 from kvstore.tiers.disk import DiskTier
 
 
-def _disk(tmp_path, **kw) -> DiskTier:  # noqa: ANN001
+def _disk(tmp_path, **kw) -> DiskTier:
     kw.setdefault("capacity_bytes", 1 << 20)
     return DiskTier(str(tmp_path / "disk"), block_nbytes=NBYTES, fingerprint=FP, **kw)
 
 
-def test_roundtrip_served_from_queue_then_from_lmdb(tmp_path) -> None:  # noqa: ANN001
+def test_roundtrip_served_from_queue_then_from_lmdb(tmp_path) -> None:
     disk = _disk(tmp_path)
     try:
         hashes = make_hashes(6)
@@ -36,7 +36,7 @@ def test_roundtrip_served_from_queue_then_from_lmdb(tmp_path) -> None:  # noqa: 
         disk.close()
 
 
-def test_full_queue_refuses_without_blocking(tmp_path) -> None:  # noqa: ANN001
+def test_full_queue_refuses_without_blocking(tmp_path) -> None:
     disk = _disk(tmp_path, write_queue_blocks=4)
     try:
         hashes = make_hashes(40)
@@ -48,7 +48,7 @@ def test_full_queue_refuses_without_blocking(tmp_path) -> None:  # noqa: ANN001
         disk.close()
 
 
-def test_lru_eviction_stays_under_capacity_and_skips_pinned(tmp_path) -> None:  # noqa: ANN001
+def test_lru_eviction_stays_under_capacity_and_skips_pinned(tmp_path) -> None:
     disk = _disk(tmp_path, capacity_bytes=256 << 10)
     try:
         hashes = make_hashes(200)
@@ -72,7 +72,7 @@ def test_lru_eviction_stays_under_capacity_and_skips_pinned(tmp_path) -> None:  
         disk.close()
 
 
-def test_restart_keeps_blocks_and_lru_order(tmp_path) -> None:  # noqa: ANN001
+def test_restart_keeps_blocks_and_lru_order(tmp_path) -> None:
     hashes = make_hashes(4)
     disk = _disk(tmp_path)
     disk.put(hashes, block_bytes(hashes))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvstore.kernels import gather_blocks_triton, scatter_blocks_triton
-from kvstore.layout import KVLayout, gather_blocks_torch, scatter_blocks_torch
+from kvstore.layout import KVLayout
+from kvstore.pool_copy import gather_blocks_torch, scatter_blocks_torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NUM_BLOCKS = 12

@@ -15,7 +15,7 @@ class _Tokens(list):
         super().__init__(*args)
         self.sliced: list[int] = []
 
-    def __getitem__(self, key):  # noqa: ANN001, ANN204
+    def __getitem__(self, key):
         if isinstance(key, slice):
             self.sliced.append(len(range(*key.indices(len(self)))))
         return super().__getitem__(key)

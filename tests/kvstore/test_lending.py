@@ -8,7 +8,7 @@ from kvstore_testutil import NBYTES, assert_rows, block_bytes, make_hashes
 from kvstore.lending import copy_rows_out, runs
 
 
-def _rows(lease) -> torch.Tensor:  # noqa: ANN001
+def _rows(lease) -> torch.Tensor:
     out = torch.empty((lease.num_blocks, NBYTES), dtype=torch.uint8)
     copy_rows_out(lease.base, lease.rows, out)
     return out
@@ -19,7 +19,7 @@ def test_runs_group_consecutive_rows() -> None:
     assert runs([]) == []
 
 
-def test_lent_rows_are_the_slab_and_survive_eviction_until_released(make_store) -> None:  # noqa: ANN001
+def test_lent_rows_are_the_slab_and_survive_eviction_until_released(make_store) -> None:
     store = make_store(host_blocks=4, disk=None)
     hashes = make_hashes(4)
     store.put(hashes, block_bytes(hashes))
@@ -37,7 +37,7 @@ def test_lent_rows_are_the_slab_and_survive_eviction_until_released(make_store) 
     assert store.evict_host(4) == 4
 
 
-def test_reserved_rows_are_invisible_until_commit(make_store) -> None:  # noqa: ANN001
+def test_reserved_rows_are_invisible_until_commit(make_store) -> None:
     store = make_store(host_blocks=4)
     hashes = make_hashes(3)
     res = store.reserve(hashes)
@@ -59,7 +59,7 @@ def test_reserved_rows_are_invisible_until_commit(make_store) -> None:  # noqa: 
     assert_rows(out, hashes)
 
 
-def test_cancel_gives_the_slots_back(make_store) -> None:  # noqa: ANN001
+def test_cancel_gives_the_slots_back(make_store) -> None:
     store = make_store(host_blocks=2, disk=None)
     res = store.reserve(make_hashes(3))
     assert res.num_blocks == 2 and store.host.num_refused == 1  # every slot reserved
@@ -69,7 +69,7 @@ def test_cancel_gives_the_slots_back(make_store) -> None:  # noqa: ANN001
     assert store.put(hashes, block_bytes(hashes)) == 2
 
 
-def test_disk_hits_land_in_the_slab_and_a_small_host_spills(make_store) -> None:  # noqa: ANN001
+def test_disk_hits_land_in_the_slab_and_a_small_host_spills(make_store) -> None:
     seed = make_store(host_blocks=0)
     hashes = make_hashes(6)
     seed.put(hashes, block_bytes(hashes))
@@ -92,7 +92,7 @@ def test_disk_hits_land_in_the_slab_and_a_small_host_spills(make_store) -> None:
     assert small.host.num_pinned() == 0
 
 
-def test_the_evictor_keeps_headroom_so_writes_do_not_evict(make_store) -> None:  # noqa: ANN001
+def test_the_evictor_keeps_headroom_so_writes_do_not_evict(make_store) -> None:
     import threading
     import time
 

@@ -9,7 +9,7 @@ from kvstore_testutil import NBYTES, assert_rows, block_bytes, flip_payload_byte
 from kvstore.lending import copy_rows_out
 
 
-def _on_disk_only(make_store, n: int, **kw):  # noqa: ANN001, ANN202
+def _on_disk_only(make_store, n: int, **kw):
     store = make_store(host_blocks=0)
     hashes = make_hashes(n)
     store.put(hashes, block_bytes(hashes))
@@ -17,7 +17,7 @@ def _on_disk_only(make_store, n: int, **kw):  # noqa: ANN001, ANN202
     return make_store(**{"host_blocks": 16, **kw}), hashes
 
 
-def _rows(leases) -> torch.Tensor:  # noqa: ANN001
+def _rows(leases) -> torch.Tensor:
     n = sum(lease.num_blocks for lease in leases)
     out = torch.empty((n, NBYTES), dtype=torch.uint8)
     i = 0
@@ -27,7 +27,7 @@ def _rows(leases) -> torch.Tensor:  # noqa: ANN001
     return out
 
 
-def test_start_load_returns_before_the_disk_reads(make_store) -> None:  # noqa: ANN001
+def test_start_load_returns_before_the_disk_reads(make_store) -> None:
     store, hashes = _on_disk_only(make_store, 6, disk_read_limit_bytes_per_s=1e3)  # 1 s a block
     store.put(hashes[:2], block_bytes(hashes[:2]))  # the first two in host too
     pending = store.start_load(hashes)
@@ -41,7 +41,7 @@ def test_start_load_returns_before_the_disk_reads(make_store) -> None:  # noqa: 
     assert store.host.num_pinned() == 0 and store.num_lent() == 0
 
 
-def test_blocks_are_taken_in_pieces_as_they_arrive(make_store) -> None:  # noqa: ANN001
+def test_blocks_are_taken_in_pieces_as_they_arrive(make_store) -> None:
     store, hashes = _on_disk_only(make_store, 10)
     pending = store.start_load(hashes)
     assert pending.wait(timeout_s=30) and pending.num_ready() == 10
@@ -56,7 +56,7 @@ def test_blocks_are_taken_in_pieces_as_they_arrive(make_store) -> None:  # noqa:
     assert stats["disk_hits"] == 10 and stats["promoted"] == 10
 
 
-def test_a_corrupt_block_ends_what_is_handed_out(make_store, tmp_path) -> None:  # noqa: ANN001
+def test_a_corrupt_block_ends_what_is_handed_out(make_store, tmp_path) -> None:
     store = make_store(host_blocks=0)
     hashes = make_hashes(6)
     store.put(hashes, block_bytes(hashes))
@@ -75,7 +75,7 @@ def test_a_corrupt_block_ends_what_is_handed_out(make_store, tmp_path) -> None: 
     assert store.host.contains(hashes[4]) and store.host.contains(hashes[5])
 
 
-def test_a_prefetch_under_way_is_joined_not_waited_for(make_store) -> None:  # noqa: ANN001
+def test_a_prefetch_under_way_is_joined_not_waited_for(make_store) -> None:
     store, hashes = _on_disk_only(make_store, 4, disk_read_limit_bytes_per_s=8e3)  # 8 blocks/s
     store.prefetch(hashes)
     pending = store.start_load(hashes)  # the prefetch reads them: this load joins it

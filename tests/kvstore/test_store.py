@@ -17,7 +17,7 @@ def _out(n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("host_blocks,disk", [(16, True), (16, None), (0, True)])
-def test_roundtrip_per_tier(make_store, host_blocks: int, disk: bool | None) -> None:  # noqa: ANN001
+def test_roundtrip_per_tier(make_store, host_blocks: int, disk: bool | None) -> None:
     store = make_store(host_blocks=host_blocks, disk=disk)
     hashes = make_hashes(8)
     assert store.put(hashes, block_bytes(hashes)) == 8
@@ -32,7 +32,7 @@ def test_roundtrip_per_tier(make_store, host_blocks: int, disk: bool | None) -> 
     assert store.load(gap, _out(8)) == 3
 
 
-def test_both_tiers_off_misses_everything(make_store) -> None:  # noqa: ANN001
+def test_both_tiers_off_misses_everything(make_store) -> None:
     store = make_store(host_blocks=0, disk=None)
     hashes = make_hashes(3)
     assert store.put(hashes, block_bytes(hashes)) == 0
@@ -41,7 +41,7 @@ def test_both_tiers_off_misses_everything(make_store) -> None:  # noqa: ANN001
     assert store.stats()["misses"] == 3
 
 
-def test_eviction_chain_host_to_disk_to_dropped_and_promotion(make_store) -> None:  # noqa: ANN001
+def test_eviction_chain_host_to_disk_to_dropped_and_promotion(make_store) -> None:
     store = make_store(host_blocks=4, disk_capacity_bytes=256 << 10)
     hashes = make_hashes(200)
     data = block_bytes(hashes)
@@ -62,7 +62,7 @@ def test_eviction_chain_host_to_disk_to_dropped_and_promotion(make_store) -> Non
     assert stats["host"]["evictions"] > 0 and stats["disk"]["evictions"] > 0
 
 
-def test_pinned_blocks_survive_pressure_in_every_tier(make_store) -> None:  # noqa: ANN001
+def test_pinned_blocks_survive_pressure_in_every_tier(make_store) -> None:
     # write-through: the pinned blocks are on disk too, where the pressure must not drop them
     store = make_store(
         host_blocks=4, disk_capacity_bytes=256 << 10, disk_write_policy="write_through"
@@ -83,7 +83,7 @@ def test_pinned_blocks_survive_pressure_in_every_tier(make_store) -> None:  # no
         store.unpin(hashes[:1])
 
 
-def test_events_and_stats_are_plain(make_store) -> None:  # noqa: ANN001
+def test_events_and_stats_are_plain(make_store) -> None:
     store = make_store(host_blocks=2, disk_write_policy="write_through")
     seen = []
     store.subscribe(seen.append)
@@ -106,7 +106,7 @@ def test_events_and_stats_are_plain(make_store) -> None:  # noqa: ANN001
     assert stats["host"]["refused_writes"] == 1  # third block: both slots were being written
 
 
-def test_bad_input_is_a_value_error(tmp_path) -> None:  # noqa: ANN001
+def test_bad_input_is_a_value_error(tmp_path) -> None:
     from kvstore_testutil import LAYOUT
 
     with pytest.raises(ValueError, match="fingerprint"):
@@ -119,8 +119,40 @@ def test_bad_input_is_a_value_error(tmp_path) -> None:  # noqa: ANN001
             store.load(hashes, torch.zeros((1, NBYTES), dtype=torch.uint8))
 
 
-def test_measure_bandwidth_reports_each_tier(make_store) -> None:  # noqa: ANN001
+def test_measure_bandwidth_reports_each_tier(make_store) -> None:
     store = make_store(host_blocks=8)
     bw = store.measure_bandwidth(num_blocks=8, repeats=2)
     assert set(bw) == {"host", "disk"} and all(v > 0 for v in bw.values())
     assert store.disk.num_blocks == 0  # scratch blocks removed
+
+
+def test_tiers_in_order_and_demote_a_prefix_to_disk(make_store) -> None:
+    from proto.vocab import Tier
+
+    store = make_store(host_blocks=16)
+    assert [t.name for t in store.tiers] == [Tier.HOST, Tier.DISK]
+    assert store.tier(Tier.DISK) is store.tiers[1] and store.tier(Tier.DEVICE) is None
+    hashes = make_hashes(8)
+    assert store.put(hashes, block_bytes(hashes)) == 8
+    assert store.flush(timeout_s=10)
+    assert store.demote(Tier.HOST, hashes) == 0  # the host is the store's top: nothing moves
+    pinned = hashes[4:5]
+    assert store.pin(pinned) == [True]
+    assert store.demote(Tier.DISK, hashes[:5]) == 4  # the pinned block stays up
+    assert store.lookup(hashes) == [Tier.DISK] * 4 + [Tier.HOST] * 4
+    store.unpin(pinned)
+    out = _out(8)
+    assert store.load(hashes, out) == 8  # read back from disk, the same bytes
+    assert_rows(out, hashes)
+    with pytest.raises(ValueError, match="host or disk"):
+        store.demote(Tier.DEVICE)
+
+
+def test_demote_everything_without_a_disk_drops_the_host_blocks(make_store) -> None:
+    from proto.vocab import Tier
+
+    store = make_store(host_blocks=8, disk=None)
+    hashes = make_hashes(4)
+    store.put(hashes, block_bytes(hashes))
+    assert [t.name for t in store.tiers] == [Tier.HOST]
+    assert store.demote(Tier.DISK) == 4 and store.lookup(hashes) == []

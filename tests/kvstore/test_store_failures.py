@@ -17,15 +17,16 @@ from kvstore_testutil import (
     payload_location,
 )
 
-from kvstore.errors import DiskFormatError, StrataError
+from kvstore.errors import DiskFormatError
 from kvstore.layout import KVLayout
+from proto.errors import StrataError
 
 
 def _out(n: int, nbytes: int = NBYTES) -> torch.Tensor:
     return torch.zeros((n, nbytes), dtype=torch.uint8)
 
 
-def _fill_and_close(make_store, n: int = 6):  # noqa: ANN001, ANN202
+def _fill_and_close(make_store, n: int = 6):
     store = make_store(host_blocks=0)
     hashes = make_hashes(n)
     assert store.put(hashes, block_bytes(hashes)) == n
@@ -33,7 +34,7 @@ def _fill_and_close(make_store, n: int = 6):  # noqa: ANN001, ANN202
     return hashes
 
 
-def test_restart_serves_earlier_blocks(make_store) -> None:  # noqa: ANN001
+def test_restart_serves_earlier_blocks(make_store) -> None:
     hashes = _fill_and_close(make_store)
     store = make_store(host_blocks=4)
     assert store.lookup(hashes) == ["disk"] * 6
@@ -42,7 +43,7 @@ def test_restart_serves_earlier_blocks(make_store) -> None:  # noqa: ANN001
     assert_rows(out, hashes)
 
 
-def test_other_fingerprint_never_sees_the_blocks(make_store) -> None:  # noqa: ANN001
+def test_other_fingerprint_never_sees_the_blocks(make_store) -> None:
     hashes = _fill_and_close(make_store)
     store = make_store(host_blocks=4, fingerprint=OTHER_FP)
     assert store.lookup(hashes) == [] and store.load(hashes, _out(6)) == 0
@@ -52,7 +53,7 @@ def test_other_fingerprint_never_sees_the_blocks(make_store) -> None:  # noqa: A
     assert store.lookup(hashes) == ["disk"] * 6
 
 
-def test_flipped_bytes_end_the_prefix_and_are_counted(make_store, tmp_path) -> None:  # noqa: ANN001
+def test_flipped_bytes_end_the_prefix_and_are_counted(make_store, tmp_path) -> None:
     hashes = _fill_and_close(make_store)
     flip_payload_byte(str(tmp_path / "disk"), hashes[3])
     store = make_store(host_blocks=8)
@@ -64,7 +65,7 @@ def test_flipped_bytes_end_the_prefix_and_are_counted(make_store, tmp_path) -> N
     assert store.disk.contains(hashes[4])  # the blocks after it are intact, still on disk
 
 
-def test_garbage_index_file_is_moved_aside(make_store, tmp_path, caplog) -> None:  # noqa: ANN001
+def test_garbage_index_file_is_moved_aside(make_store, tmp_path, caplog) -> None:
     hashes = _fill_and_close(make_store, n=3)
     index_dir = tmp_path / "disk" / "index"
     (index_dir / "data.mdb").write_bytes(os.urandom(50_000))
@@ -82,7 +83,7 @@ def test_garbage_index_file_is_moved_aside(make_store, tmp_path, caplog) -> None
     assert_rows(out, fresh)
 
 
-def test_garbage_legacy_data_file_is_moved_aside(make_store, tmp_path, caplog) -> None:  # noqa: ANN001
+def test_garbage_legacy_data_file_is_moved_aside(make_store, tmp_path, caplog) -> None:
     disk_dir = tmp_path / "disk"
     disk_dir.mkdir()
     (disk_dir / "data.mdb").write_bytes(os.urandom(50_000))
@@ -95,7 +96,7 @@ def test_garbage_legacy_data_file_is_moved_aside(make_store, tmp_path, caplog) -
     assert store.flush(timeout_s=10) and store.disk.num_blocks == 2
 
 
-def test_truncated_index_file_is_moved_aside(make_store, tmp_path) -> None:  # noqa: ANN001
+def test_truncated_index_file_is_moved_aside(make_store, tmp_path) -> None:
     _fill_and_close(make_store, n=40)
     data_file = tmp_path / "disk" / "index" / "data.mdb"
     with open(data_file, "r+b") as f:
@@ -104,7 +105,7 @@ def test_truncated_index_file_is_moved_aside(make_store, tmp_path) -> None:  # n
     assert store.disk is not None and store.disk.num_blocks == 0
 
 
-def test_truncated_segment_file_is_a_miss(make_store, tmp_path) -> None:  # noqa: ANN001
+def test_truncated_segment_file_is_a_miss(make_store, tmp_path) -> None:
     hashes = _fill_and_close(make_store, n=6)
     path, offset = payload_location(str(tmp_path / "disk"), hashes[2])
     with open(path, "r+b") as f:
@@ -116,7 +117,7 @@ def test_truncated_segment_file_is_a_miss(make_store, tmp_path) -> None:  # noqa
     assert store.stats()["disk"]["corrupt_blocks"] >= 1
 
 
-def test_regular_file_at_the_path_is_a_clear_error(make_store, tmp_path) -> None:  # noqa: ANN001
+def test_regular_file_at_the_path_is_a_clear_error(make_store, tmp_path) -> None:
     path = tmp_path / "not-a-dir"
     path.write_bytes(b"someone's data")
     with pytest.raises(DiskFormatError, match="regular file"):
@@ -125,7 +126,7 @@ def test_regular_file_at_the_path_is_a_clear_error(make_store, tmp_path) -> None
     assert path.read_bytes() == b"someone's data"
 
 
-def test_unwritable_path_disables_disk_and_keeps_serving(make_store, tmp_path, caplog) -> None:  # noqa: ANN001
+def test_unwritable_path_disables_disk_and_keeps_serving(make_store, tmp_path, caplog) -> None:
     parent = tmp_path / "file"
     parent.write_bytes(b"x")
     with caplog.at_level(logging.WARNING):
@@ -142,7 +143,7 @@ def test_unwritable_path_disables_disk_and_keeps_serving(make_store, tmp_path, c
     assert stats["disk_disabled_by_error"] == 1 and stats["disk_refused_writes_disabled"] == 3
 
 
-def test_tiny_disk_refuses_and_host_keeps_serving(make_store, caplog) -> None:  # noqa: ANN001
+def test_tiny_disk_refuses_and_host_keeps_serving(make_store, caplog) -> None:
     layout = KVLayout(
         num_layers=2, block_size=64, num_kv_heads=2, head_dim=32, dtype=torch.float32
     )  # 64 KiB blocks
@@ -164,7 +165,7 @@ def test_tiny_disk_refuses_and_host_keeps_serving(make_store, caplog) -> None:  
     assert_rows(out, hashes[:4])
 
 
-def test_small_disk_evicts_under_pressure_without_errors(make_store) -> None:  # noqa: ANN001
+def test_small_disk_evicts_under_pressure_without_errors(make_store) -> None:
     layout = KVLayout(num_layers=2, block_size=64, num_kv_heads=2, head_dim=32, dtype=torch.float32)
     nbytes = layout.block_nbytes
     store = make_store(host_blocks=2, layout=layout, disk_capacity_bytes=1 << 20)

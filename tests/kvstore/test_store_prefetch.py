@@ -8,7 +8,7 @@ import torch
 from kvstore_testutil import NBYTES, assert_rows, block_bytes, make_hashes
 
 
-def _on_disk_only(make_store, n: int, **kw):  # noqa: ANN001, ANN202
+def _on_disk_only(make_store, n: int, **kw):
     store = make_store(host_blocks=0)
     hashes = make_hashes(n)
     store.put(hashes, block_bytes(hashes))
@@ -16,7 +16,7 @@ def _on_disk_only(make_store, n: int, **kw):  # noqa: ANN001, ANN202
     return make_store(host_blocks=8, **kw), hashes
 
 
-def test_prefetch_moves_blocks_to_host_and_load_uses_them(make_store) -> None:  # noqa: ANN001
+def test_prefetch_moves_blocks_to_host_and_load_uses_them(make_store) -> None:
     store, hashes = _on_disk_only(make_store, 6)
     assert store.lookup(hashes) == ["disk"] * 6
     store.prefetch(hashes[:4])
@@ -33,7 +33,7 @@ def test_prefetch_moves_blocks_to_host_and_load_uses_them(make_store) -> None:  
     assert stats["promoted"] == 2
 
 
-def test_load_right_after_prefetch_waits_for_it(make_store) -> None:  # noqa: ANN001
+def test_load_right_after_prefetch_waits_for_it(make_store) -> None:
     store, hashes = _on_disk_only(make_store, 8)
     store.prefetch(hashes)
     out = torch.zeros((8, NBYTES), dtype=torch.uint8)
@@ -41,7 +41,7 @@ def test_load_right_after_prefetch_waits_for_it(make_store) -> None:  # noqa: AN
     assert_rows(out, hashes)
 
 
-def test_prefetch_pins_expire(make_store) -> None:  # noqa: ANN001
+def test_prefetch_pins_expire(make_store) -> None:
     store, hashes = _on_disk_only(make_store, 3, store_kwargs={"prefetch_pin_timeout_s": 0.05})
     store.prefetch(hashes)
     assert store.wait_prefetch(timeout_s=10)
@@ -52,7 +52,7 @@ def test_prefetch_pins_expire(make_store) -> None:  # noqa: ANN001
     assert store.lookup(hashes) == ["disk"] * 3
 
 
-def test_prefetch_stops_at_the_first_miss(make_store) -> None:  # noqa: ANN001
+def test_prefetch_stops_at_the_first_miss(make_store) -> None:
     store, hashes = _on_disk_only(make_store, 4)
     store.prefetch(hashes[:2] + make_hashes(1, seed=5) + hashes[2:])
     assert store.wait_prefetch(timeout_s=10)

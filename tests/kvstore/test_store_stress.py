@@ -10,7 +10,7 @@ import torch
 from kvstore_testutil import NBYTES, block_bytes, make_hashes
 
 
-def test_concurrent_mixed_operations_keep_invariants(make_store) -> None:  # noqa: ANN001
+def test_concurrent_mixed_operations_keep_invariants(make_store) -> None:
     store = make_store(host_blocks=24, disk_capacity_bytes=512 << 10, disk_write_queue_blocks=32)
     universe = make_hashes(160)
     payload = {h: block_bytes([h])[0] for h in universe}
@@ -47,7 +47,7 @@ def test_concurrent_mixed_operations_keep_invariants(make_store) -> None:  # noq
                         store.remove(hashes[:1])
                 host = store.host
                 assert host.used_bytes <= host.capacity_bytes
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]

@@ -9,16 +9,16 @@ from kvstore_testutil import NBYTES, assert_rows, block_bytes, make_hashes
 from kvstore.config import StoreConfig
 
 
-def _hit(store, hashes) -> None:  # noqa: ANN001
+def _hit(store, hashes) -> None:
     assert store.load(hashes, torch.empty((len(hashes), NBYTES), dtype=torch.uint8)) == len(hashes)
 
 
-def _on_disk(store, hashes) -> list[bool]:  # noqa: ANN001
+def _on_disk(store, hashes) -> list[bool]:
     store.flush(timeout_s=10)
     return [store.disk.contains(h) for h in hashes]
 
 
-def test_write_through_writes_every_block_at_once(make_store) -> None:  # noqa: ANN001
+def test_write_through_writes_every_block_at_once(make_store) -> None:
     store = make_store(host_blocks=8, disk_write_policy="write_through")
     hashes = make_hashes(4)
     store.put(hashes, block_bytes(hashes))
@@ -27,7 +27,7 @@ def test_write_through_writes_every_block_at_once(make_store) -> None:  # noqa: 
 
 
 @pytest.mark.parametrize("policy", ["evict", "evict_or_second_hit"])
-def test_evict_writes_a_block_when_the_host_lets_it_go(make_store, policy: str) -> None:  # noqa: ANN001
+def test_evict_writes_a_block_when_the_host_lets_it_go(make_store, policy: str) -> None:
     store = make_store(host_blocks=4, disk_write_policy=policy)
     hashes = make_hashes(6)
     store.put(hashes[:4], block_bytes(hashes[:4]))
@@ -42,7 +42,7 @@ def test_evict_writes_a_block_when_the_host_lets_it_go(make_store, policy: str) 
     assert store.stats()["disk"]["written_bytes"] == 4 * NBYTES
 
 
-def test_second_hit_writes_hot_blocks_and_drops_cold_ones(make_store) -> None:  # noqa: ANN001
+def test_second_hit_writes_hot_blocks_and_drops_cold_ones(make_store) -> None:
     store = make_store(host_blocks=4, disk_write_policy="second_hit")
     hashes = make_hashes(4)
     store.put(hashes, block_bytes(hashes))
@@ -56,14 +56,14 @@ def test_second_hit_writes_hot_blocks_and_drops_cold_ones(make_store) -> None:  
     assert store.stats()["disk_policy"]["hit_writes"] == 1
 
 
-def test_blocks_no_host_slot_takes_go_to_disk_under_every_policy(make_store) -> None:  # noqa: ANN001
+def test_blocks_no_host_slot_takes_go_to_disk_under_every_policy(make_store) -> None:
     store = make_store(host_blocks=2, disk_write_policy="second_hit")
     hashes = make_hashes(3)
     store.put(hashes, block_bytes(hashes))  # the third finds both slots being written
     assert _on_disk(store, hashes) == [False, False, True]
 
 
-def test_close_persists_the_host_tier_for_a_warm_restart(make_store, tmp_path) -> None:  # noqa: ANN001
+def test_close_persists_the_host_tier_for_a_warm_restart(make_store, tmp_path) -> None:
     store = make_store(host_blocks=8, disk_write_policy="evict")
     hashes = make_hashes(5)
     store.put(hashes, block_bytes(hashes))

@@ -89,7 +89,7 @@ def receiver():
 def make_sender():
     senders: list[KVSender] = []
 
-    def make(**kw) -> KVSender:  # noqa: ANN003
+    def make(**kw) -> KVSender:
         kw.setdefault("secret", SECRET)
         kw.setdefault("block_nbytes", BLOCK)
         s = KVSender(owner="test-sender", **kw)

@@ -68,7 +68,7 @@ def test_map_refuses_foreign_names(name: str) -> None:
     assert not maps.open("strata-kv-nobody-1-deadbeef")  # well formed, but no such segment
 
 
-def _make_and_die(conn) -> None:  # noqa: ANN001 - runs in a child process, which then exits
+def _make_and_die(conn) -> None:  # runs in a child process, which then exits
     seg = shm.SlotSegment("test-shm-crash", 4096, 1)
     conn.send(seg.name)  # synchronous: the name is out before the process dies
     os._exit(0)  # no clean-up: as if the worker had crashed

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from proto.vocab import FinishReason
 from router.errors import NoWorkerError, OverloadedError
-from router.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenRequest, TokenDelta, Usage
+from router.types import GenRequest, TokenDelta, Usage
 
 EOS = 256
 
@@ -71,7 +72,7 @@ class ScriptedBackend:
         if prompt.startswith(b"!slow"):
             for _ in range(400):
                 if req.req_id in self.cancelled:
-                    yield TokenDelta(finish_reason=FINISH_ABORT, usage=Usage())
+                    yield TokenDelta(finish_reason=FinishReason.ABORT, usage=Usage())
                     return
                 yield TokenDelta(token_ids=(ord("x"),))
                 await asyncio.sleep(0.05)
@@ -79,7 +80,7 @@ class ScriptedBackend:
         out = self.reply[: req.max_tokens]
         for tok in out[:-1]:
             yield TokenDelta(token_ids=(tok,))
-        reason = FINISH_LENGTH if len(out) == req.max_tokens else FINISH_STOP
+        reason = FinishReason.LENGTH if len(out) == req.max_tokens else FinishReason.STOP
         yield TokenDelta(
             token_ids=(out[-1],),
             finish_reason=reason,
@@ -114,7 +115,7 @@ def backend() -> ScriptedBackend:
     return ScriptedBackend()
 
 
-def wire_request(**kwargs):  # noqa: ANN003, ANN201 - a strata_pb2.GenerateRequest
+def wire_request(**kwargs):  # a strata_pb2.GenerateRequest
     """A request as any gRPC client could send it, without ``StrataClient``'s own checks (the
     server's validation is what the router tests test)."""
     from proto import strata_pb2

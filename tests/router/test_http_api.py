@@ -50,12 +50,12 @@ def test_chat_and_completions_not_streamed(door, backend) -> None:
     assert chat.usage.prompt_tokens == len("<user>hi\n<assistant>")
     assert chat.usage.prompt_tokens_details.cached_tokens == 16
     assert bytes(backend.requests[-1].prompt_token_ids).decode() == "<user>hi\n<assistant>"
-    assert backend.requests[-1].temperature == 0.0
+    assert backend.requests[-1].sampling.temperature == 0.0
 
     comp = client.completions.create(model=MODEL, prompt="abc", max_tokens=4)  # é: 2 bytes
     assert comp.choices[0].text == "hél" and comp.choices[0].finish_reason == "length"
     assert comp.usage.completion_tokens == 4 and comp.usage.total_tokens == 7
-    assert backend.requests[-1].temperature == 1.0  # the API's default: sampling
+    assert backend.requests[-1].sampling.temperature == 1.0  # the API's default: sampling
     comp = client.completions.create(model=MODEL, prompt=[104, 105], max_tokens=2)
     assert backend.requests[-1].prompt_token_ids == (104, 105)
     # unset max_tokens: the router's default (256), shortened to fit the context window
@@ -175,7 +175,7 @@ def test_concurrent_clients(door) -> None:
         try:
             out = client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
             assert out.choices[0].text == "hél"
-        except BaseException as e:  # noqa: BLE001 - collected for the assert below
+        except BaseException as e:  # collected for the assert below
             errors.append(e)
 
     threads = [threading.Thread(target=one) for _ in range(2)]

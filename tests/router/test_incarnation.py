@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from kvstore.keys import hash_prompt_blocks
-from proto.worker_api import EventBatch
+from proto.worker_api import BlockEvent, EventBatch
 from router.incarnation import Action, Incarnations
 from router.index import GlobalBlockIndex
 
@@ -13,11 +13,11 @@ A, B = 1_000, 2_000  # two starts of one worker
 
 
 def stored(epoch: int, seq: int, tier: str, idx: range, lost: bool = False) -> EventBatch:
-    return EventBatch(epoch, seq, (("stored", tier, tuple(H[i] for i in idx)),), lost)
+    return EventBatch(epoch, seq, (BlockEvent("stored", tier, tuple(H[i] for i in idx)),), lost)
 
 
 def removed(epoch: int, seq: int, tier: str, idx: range) -> EventBatch:
-    return EventBatch(epoch, seq, (("removed", tier, tuple(H[i] for i in idx)),))
+    return EventBatch(epoch, seq, (BlockEvent("removed", tier, tuple(H[i] for i in idx)),))
 
 
 def test_a_stale_batch_of_the_last_start_never_credits_the_restarted_worker() -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kvstore.keys import hash_prompt_blocks
+from proto.worker_api import BlockEvent
 from router.errors import NoWorkerError
-from router.index import BlockEvent, GlobalBlockIndex
+from router.index import GlobalBlockIndex
 from router.placement import CostModel, WorkerProfile
 
 H = hash_prompt_blocks(list(range(16 * 8)), 16, b"f" * 16)  # 8 chained block hashes

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.router_ref import ReferenceBlockIndex, reference_choose_prefill
 from kvstore.keys import hash_prompt_blocks
-from router.index import TIERS, BlockEvent, GlobalBlockIndex, _words_of
-from router.index_ref import ReferenceBlockIndex, reference_choose_prefill
+from proto.worker_api import BlockEvent
+from router.index import TIERS, GlobalBlockIndex, _words_of
 from router.placement import CostModel, WorkerProfile
 
 H = hash_prompt_blocks(list(range(16 * 10)), 16, b"p" * 16)  # 10 chained block hashes
@@ -55,7 +56,7 @@ class Numbered:
     epoch: int
     seq: int
     lost: bool
-    events: tuple[tuple[str, str, tuple[bytes, ...]], ...]
+    events: tuple[BlockEvent, ...]
 
 
 query = st.one_of(st.lists(block, max_size=12), st.just(list(range(len(H)))))
@@ -91,7 +92,7 @@ def _apply(op: tuple, index: GlobalBlockIndex, ref: ReferenceBlockIndex) -> None
     elif op[0] == "numbered":
         _, w, epoch, seq, lost, evs = op
         numbered = Numbered(epoch, seq, lost,
-                            tuple((k, t, tuple(H[i] for i in idx)) for k, t, idx in evs))
+                            tuple(BlockEvent(k, t, tuple(H[i] for i in idx)) for k, t, idx in evs))
         assert index.apply_batch(w, numbered) == ref.apply_batch(w, numbered)
     elif op[0] == "snapshot":
         _, w, epoch, seq, blocks = op

@@ -39,11 +39,11 @@ def worker() -> Iterator[tuple[OutputHub, health.HealthServicer, str, grpc.Serve
     server.stop(0)
 
 
-def _run(coro):  # noqa: ANN001, ANN202
+def _run(coro):
     return RouterLoop.shared().run(coro, timeout=30)
 
 
-def test_fan_out_merges_what_a_slow_reader_missed(worker) -> None:  # noqa: ANN001
+def test_fan_out_merges_what_a_slow_reader_missed(worker) -> None:
     hub, _, address, _ = worker
     broken: list[BaseException] = []
 
@@ -78,7 +78,7 @@ def test_fan_out_merges_what_a_slow_reader_missed(worker) -> None:  # noqa: ANN0
     assert not broken
 
 
-def test_a_client_too_far_behind_is_cut_off(worker) -> None:  # noqa: ANN001
+def test_a_client_too_far_behind_is_cut_off(worker) -> None:
     hub, _, address, _ = worker
     overruns: list[tuple[str, str]] = []
 
@@ -108,7 +108,7 @@ def test_a_client_too_far_behind_is_cut_off(worker) -> None:  # noqa: ANN001
     assert overruns == [("decode-x", "a")]
 
 
-def test_a_broken_stream_fails_its_requests_and_says_so(worker) -> None:  # noqa: ANN001
+def test_a_broken_stream_fails_its_requests_and_says_so(worker) -> None:
     hub, _, address, server = worker
     broken: list[OutputStream] = []
 
@@ -139,7 +139,7 @@ def test_token_queue_waits_with_a_deadline() -> None:
     _run(scenario())
 
 
-def test_health_watch_sees_the_process_go(worker) -> None:  # noqa: ANN001
+def test_health_watch_sees_the_process_go(worker) -> None:
     _, health_servicer, address, server = worker
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     assert check_serving(address, 5)

@@ -63,8 +63,8 @@ def test_generate_streams_text_and_usage(make_server, backend) -> None:
     assert (res.usage.prefill_worker, res.usage.decode_worker) == ("prefill-0", "decode-1")
     assert 0 < res.ttft_ms_server <= res.ttft_ms_client <= res.e2e_ms
     sent = backend.requests[-1]
-    assert sent.prompt_token_ids == tuple(b"Hi there") and sent.seed == 3
-    assert sent.temperature == 0.0 and sent.cache_salt == "tenant-a"
+    assert sent.prompt_token_ids == tuple(b"Hi there") and sent.sampling.seed == 3
+    assert sent.sampling.temperature == 0.0 and sent.cache_salt == "tenant-a"
     # the deadline travels as a grpc-timeout header, rounded up to its unit: a little over 10 s
     assert 0 < backend.deadlines[-1] <= 10.5
     # streaming: one message per token; a split multi-byte character arrives whole

@@ -16,7 +16,8 @@ req = StrataClient.build_request
 def test_defaults_and_text_prompt(tokenizer) -> None:
     g = validate_request(req(prompt="hi"), tokenizer, CFG)
     assert g.prompt_token_ids == (104, 105)
-    assert (g.max_tokens, g.temperature, g.top_p, g.top_k, g.seed) == (16, 1.0, 1.0, 0, None)
+    sp = g.sampling
+    assert (g.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (16, 1.0, 1.0, 0, None)
     assert len(g.req_id) == 32
     g = validate_request(
         req(
@@ -34,7 +35,8 @@ def test_defaults_and_text_prompt(tokenizer) -> None:
         tokenizer,
         CFG,
     )
-    assert (g.req_id, g.max_tokens, g.temperature, g.top_p, g.top_k, g.seed) == (
+    sp = g.sampling
+    assert (g.req_id, g.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (
         "r1",
         3,
         0.0,
@@ -42,7 +44,7 @@ def test_defaults_and_text_prompt(tokenizer) -> None:
         4,
         0,
     )
-    assert g.stop_token_ids == (256,) and g.cache_salt == "t" and g.ignore_eos
+    assert g.sampling.stop_token_ids == (256,) and g.cache_salt == "t" and g.sampling.ignore_eos
     # near the context limit the default max_tokens shrinks to fit
     assert validate_request(req(prompt_token_ids=[1] * 60), tokenizer, CFG).max_tokens == 4
 

@@ -16,6 +16,7 @@ from kvstore.config import StoreConfig
 from prefill_worker.worker import PrefillWorker
 from proto.worker_api import DecodeRequest, PrefillRequest, SamplingParams
 from tests.workers.sync_outputs import SyncOutputs
+from worker.spec import WorkerSpec
 
 SECRET = "s3"
 
@@ -36,8 +37,8 @@ def test_handoff_gives_one_engines_bits() -> None:
         want = torch.stack(one.runner.kept_logits.pop(res.req_id))
     finally:
         one.close()
-    p = PrefillWorker("prefill-det", cfg, store, secret=SECRET)
-    d = DecodeWorker("decode-det", cfg, store, secret=SECRET)
+    p = PrefillWorker(WorkerSpec("prefill-det", cfg, store, secret=SECRET))
+    d = DecodeWorker(WorkerSpec("decode-det", cfg, store, secret=SECRET))
     out = SyncOutputs("decode-det", d.kv_address, SECRET)
     try:
         assert out.wait_connected(30)
@@ -45,7 +46,7 @@ def test_handoff_gives_one_engines_bits() -> None:
         steps: list[tuple[int, int]] = []
         run = engine.runner.launch
 
-        def spy(batch):  # noqa: ANN001, ANN202 - runs on the decode worker's loop thread
+        def spy(batch):  # runs on the decode worker's loop thread
             steps.extend((item.q_start, item.q_len) for item in batch)
             return run(batch)
 

@@ -18,6 +18,7 @@ from kvstore.config import StoreConfig
 from prefill_worker.worker import PrefillWorker
 from router.metrics import RouterMetrics
 from router.worker_metrics import WorkerCollector
+from worker.spec import WorkerSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DASHBOARD = os.path.join(ROOT, "cluster", "deploy", "grafana-dashboard.json")
@@ -26,7 +27,7 @@ BACKEND_STATS = {"alive": 1.0, "restarts": 0.0, "in_flight": 0.0, "index_blocks"
 
 
 @pytest.fixture(scope="module")
-def worker_stats(tmp_path_factory):  # noqa: ANN001, ANN201
+def worker_stats(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("metrics")
     cfg = EngineConfig(model="tiny", kv_cache_bytes=4 << 20, max_model_len=512)
 
@@ -35,8 +36,8 @@ def worker_stats(tmp_path_factory):  # noqa: ANN001, ANN201
             host_capacity_bytes=4 << 20, disk_path=str(tmp / name), disk_capacity_bytes=64 << 20
         )
 
-    p = PrefillWorker("prefill-0", cfg, store("p"), secret="s")
-    d = DecodeWorker("decode-0", cfg, store("d"), secret="s")
+    p = PrefillWorker(WorkerSpec("prefill-0", cfg, store("p"), secret="s"))
+    d = DecodeWorker(WorkerSpec("decode-0", cfg, store("d"), secret="s"))
     try:
         yield {
             "prefill-0": {**p.stats(), **BACKEND_STATS},
@@ -57,7 +58,7 @@ def exposition(worker_stats: dict) -> tuple[dict[str, str], str]:
     return {f.name: f.type for f in text_string_to_metric_families(text)}, text
 
 
-def test_worker_stats_get_conventional_names(worker_stats) -> None:  # noqa: ANN001
+def test_worker_stats_get_conventional_names(worker_stats) -> None:
     assert worker_stats["prefill-0"]["prefill_tokens_per_s"] > 0
     families, text = exposition(worker_stats)
     worker_families = {n: t for n, t in families.items() if n.startswith("strata_worker_")}
@@ -85,7 +86,7 @@ def dashboard_metrics() -> set[str]:
     return {m for e in exprs for m in re.findall(r"\bstrata_[a-z0-9_]+", e)}
 
 
-def test_dashboard_queries_name_exposed_metrics(worker_stats) -> None:  # noqa: ANN001
+def test_dashboard_queries_name_exposed_metrics(worker_stats) -> None:
     registry = CollectorRegistry()
     router = RouterMetrics(registry)
     # every labelled router metric shows once it has a sample

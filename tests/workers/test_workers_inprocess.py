@@ -16,22 +16,23 @@ from prefill_worker.worker import PrefillWorker
 from proto.worker_api import DecodeRequest, PrefillRequest, SamplingParams
 from router.index import GlobalBlockIndex
 from tests.workers.sync_outputs import SyncOutputs
+from worker.spec import WorkerSpec
 
 SECRET = "s3"
 CHUNK = 128  # tokens per engine step: prompts below are prefilled in 3-6 chunks
 
 
 @pytest.fixture(scope="module")
-def workers():  # noqa: ANN201
+def workers():
     cfg = EngineConfig(
         model="tiny", kv_cache_bytes=16 << 20, max_model_len=4096, max_num_batched_tokens=CHUNK
     )
     store = StoreConfig(host_capacity_bytes=8 << 20)
-    p_shm = PrefillWorker("prefill-shm", cfg, store, secret=SECRET)
+    p_shm = PrefillWorker(WorkerSpec("prefill-shm", cfg, store, secret=SECRET))
     p_grpc = PrefillWorker(
-        "prefill-grpc", cfg, store, secret=SECRET, transfer=TransferConfig(shm_bytes=0)
+        WorkerSpec("prefill-grpc", cfg, store, secret=SECRET, transfer=TransferConfig(shm_bytes=0))
     )
-    d = DecodeWorker("decode-0", cfg, store, secret=SECRET)
+    d = DecodeWorker(WorkerSpec("decode-0", cfg, store, secret=SECRET))
     out = SyncOutputs("decode-0", d.kv_address, SECRET)
     assert out.wait_connected(30)
     yield {"shm": p_shm, "grpc": p_grpc}, d, out
@@ -66,7 +67,7 @@ def _handoff(
     prompt: list[int],
     sampling: SamplingParams,
     salt: str = "",
-):  # noqa: ANN202
+):
     res = p.prefill(
         PrefillRequest(req_id, tuple(prompt), sampling, salt, decode_kv_address=d.kv_address)
     )
@@ -77,7 +78,7 @@ def _handoff(
 
 
 @pytest.mark.parametrize("path", ["shm", "grpc"])
-def test_streamed_handoff_matches_single_engine(workers, path) -> None:  # noqa: ANN001
+def test_streamed_handoff_matches_single_engine(workers, path) -> None:
     prefills, d, out = workers
     p = prefills[path]
     prompt = [(i * 13 + len(path)) % 250 for i in range(600)]  # 5 chunks of 128 tokens
@@ -100,7 +101,7 @@ def test_streamed_handoff_matches_single_engine(workers, path) -> None:  # noqa:
     )
 
 
-def test_seeded_sampling_survives_the_handoff(workers) -> None:  # noqa: ANN001
+def test_seeded_sampling_survives_the_handoff(workers) -> None:
     prefills, d, out = workers
     p = prefills["shm"]
     prompt = [(i * 7) % 250 for i in range(300)]
@@ -110,7 +111,7 @@ def test_seeded_sampling_survives_the_handoff(workers) -> None:  # noqa: ANN001
     assert tokens == expected.output_token_ids
 
 
-def test_missing_push_is_waited_for_until_the_deadline(workers) -> None:  # noqa: ANN001
+def test_missing_push_is_waited_for_until_the_deadline(workers) -> None:
     prefills, d, out = workers
     p = prefills["shm"]
     prompt = [(i * 3) % 250 for i in range(90)]
@@ -128,7 +129,7 @@ def test_missing_push_is_waited_for_until_the_deadline(workers) -> None:  # noqa
     assert d.stats()["transfers_timed_out"] == before + 1
 
 
-def test_stalled_push_is_cancelled_on_both_sides(workers) -> None:  # noqa: ANN001
+def test_stalled_push_is_cancelled_on_both_sides(workers) -> None:
     prefills, d, out = workers
     p = prefills["grpc"]
     prompt = [(i * 5) % 250 for i in range(200)]
@@ -147,7 +148,7 @@ def test_stalled_push_is_cancelled_on_both_sides(workers) -> None:  # noqa: ANN0
     assert getattr(err.value, "code", "") == "CANCELLED"
 
 
-def test_abort_while_waiting_for_the_push(workers) -> None:  # noqa: ANN001
+def test_abort_while_waiting_for_the_push(workers) -> None:
     _, d, out = workers
     q = out.register("gone")
     d.start(DecodeRequest("gone", (1, 2, 3), SamplingParams(max_tokens=3), "", True, 30.0))
@@ -157,7 +158,7 @@ def test_abort_while_waiting_for_the_push(workers) -> None:  # noqa: ANN001
     assert d.stats()["admissions_waiting"] == 0
 
 
-def test_prefill_pulls_a_prefix_from_another_worker(workers) -> None:  # noqa: ANN001
+def test_prefill_pulls_a_prefix_from_another_worker(workers) -> None:
     prefills, d, out = workers
     p = prefills["shm"]
     prompt = [(i * 11) % 250 for i in range(260)]
@@ -184,7 +185,7 @@ def test_prefill_pulls_a_prefix_from_another_worker(workers) -> None:  # noqa: A
 
 
 @pytest.mark.parametrize("path", ["shm", "grpc"])
-def test_decode_request_sent_first_takes_the_first_token_from_the_push(workers, path) -> None:  # noqa: ANN001
+def test_decode_request_sent_first_takes_the_first_token_from_the_push(workers, path) -> None:
     """As the router does it: the decode request arrives before the prefill starts; the push's
     last frame carries the first token, so it is admitted without a word from the router."""
     prefills, d, out = workers
@@ -206,7 +207,7 @@ def test_decode_request_sent_first_takes_the_first_token_from_the_push(workers, 
     assert d.stats()["transfers_ok"] >= 1
 
 
-def test_events_and_snapshots_are_numbered_within_one_start(workers) -> None:  # noqa: ANN001
+def test_events_and_snapshots_are_numbered_within_one_start(workers) -> None:
     prefills, _, _ = workers
     p = prefills["grpc"]
     before = p.drain_events()
@@ -217,7 +218,7 @@ def test_events_and_snapshots_are_numbered_within_one_start(workers) -> None:  #
     assert before.epoch == batch.epoch == snap.epoch == p.info().epoch > 0
     assert (batch.seq, snap.seq) == (before.seq + 1, before.seq + 2) and not batch.lost
     hashes = hash_prompt_blocks(prompt, p.engine.block_size, p.engine.fingerprint)
-    assert set(hashes) <= {h for kind, _, hs in batch.events if kind == "stored" for h in hs}
+    assert set(hashes) <= {h for e in batch.events if e.kind == "stored" for h in e.block_hashes}
     # the router's index fed the snapshot credits the prompt's blocks; a batch drained before
     # the snapshot is already in it, the next one applies on top
     index = GlobalBlockIndex()

@@ -169,7 +169,7 @@ class DiskReader:
             cancelled = cancelled or read.cancelled.is_set()
             if not cancelled:
                 oks = self._read(chunk)
-        except Exception:  # noqa: BLE001 - an I/O error is a miss, never a crash
+        except Exception:  # an I/O error is a miss, never a crash
             logger.exception("disk read of %d block(s) failed", len(chunk))
         try:
             on_chunk(chunk, oks, cancelled)

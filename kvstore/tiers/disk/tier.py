@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kvstore.events import EventKind, PublishFn
+from kvstore.events import PublishFn
 from kvstore.keys import BlockHash
 from kvstore.layout import aligned_empty
 from kvstore.tiers.disk import migrate
@@ -54,6 +54,7 @@ from kvstore.tiers.disk.segments import (
     remove_class,
 )
 from kvstore.tiers.disk.writer import DiskCounters, DiskWriter, WriteQueue
+from proto.vocab import EventKind, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ BlocksDone = Callable[[list[int], list[bool]], None]
 
 
 class DiskTier:
-    name = "disk"
+    name = Tier.DISK
 
     def __init__(
         self,
@@ -286,7 +287,7 @@ class DiskTier:
                     self._cond.notify_all()
             if bad:
                 logger.warning("disk store %s: %d corrupt block(s) dropped", self.path, len(bad))
-                self._emit("removed", bad)
+                self._emit(EventKind.REMOVED, bad)
             on_blocks([item.pos for item in items], oks)
 
         return done
@@ -343,7 +344,7 @@ class DiskTier:
         for slot_nbytes in emptied:
             remove_class(self.path, slot_nbytes)
         if removed:
-            self._emit("removed", [block_hash])
+            self._emit(EventKind.REMOVED, [block_hash])
         return removed
 
     def flush(self, timeout_s: float | None = None) -> bool:

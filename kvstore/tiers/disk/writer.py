@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.events import EventKind
 from kvstore.keys import BlockHash
 from kvstore.tiers.disk.catalog import Catalog
 from kvstore.tiers.disk.format import Entry, checksum
 from kvstore.tiers.disk.index import DiskIndex
 from kvstore.tiers.disk.segments import SegmentFiles, remove_class
+from proto.vocab import EventKind
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class DiskWriter:
                 touched = self._touched_locked()
                 self.busy = True
             try:
-                self._emit("removed", victims)
+                self._emit(EventKind.REMOVED, victims)
                 self._write(batch, slots, clocks, deletes, touched)
                 for slot_nbytes in emptied:  # the deletions are committed: the files can go
                     remove_class(self.catalog.path, slot_nbytes)
@@ -220,7 +220,7 @@ class DiskWriter:
                 self.index.add(h, entry.slot, entry.crc)
                 written.append(h)
             self.counters.written += len(written)
-        self._emit("stored", written)
+        self._emit(EventKind.STORED, written)
 
 
 def _runs(slots: list[int], segments: SegmentFiles) -> list[tuple[int, int]]:

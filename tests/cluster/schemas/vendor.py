@@ -33,7 +33,7 @@ K8S_ROOTS = (
 KUBERAY_TAG = "v1.7.0"
 
 
-def strip(node):  # noqa: ANN001, ANN201
+def strip(node):
     if isinstance(node, dict):
         return {
             k: strip(v)
@@ -47,7 +47,7 @@ def strip(node):  # noqa: ANN001, ANN201
     return node
 
 
-def refs(node) -> set[str]:  # noqa: ANN001
+def refs(node) -> set[str]:
     if isinstance(node, dict):
         out = {node["$ref"].rsplit("/", 1)[-1]} if isinstance(node.get("$ref"), str) else set()
         for v in node.values():

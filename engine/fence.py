@@ -148,7 +148,7 @@ class CopyEngine:
                     fn()
                     event = torch.cuda.Event()
                     event.record(stream)
-            except Exception as e:  # noqa: BLE001 - the copy failed to issue: a failed fence
+            except Exception as e:  # the copy failed to issue: a failed fence
                 return DoneFence(e)
             return CudaFence(event, self.device)
         with self._lock:

@@ -1,15 +1,18 @@
-"""The router as a Ray actor: the ``RayBackend`` plus the client-facing gRPC server and, with
-``http_port`` set, the OpenAI-compatible HTTP API (``router/http_api.py``), all on one asyncio
-event loop (``router.event_loop``). The actor's own methods are plain (threaded) calls."""
+"""The router's process as the cluster starts it (a Ray actor): the ``RayBackend`` plus the
+client-facing gRPC server and, with ``http_port`` set, the OpenAI-compatible HTTP API
+(``router/http_api.py``), all on one asyncio event loop (``router.event_loop``). The actor's own
+methods are plain (threaded) calls. It lives in ``cluster`` because it assembles the router from
+the service's configuration (``cluster.config``), which the router package never imports."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from cluster.config import ServiceConfig
 from router.backend import RayBackend
 from router.config import RouterConfig
 from router.event_loop import RouterLoop
@@ -19,9 +22,6 @@ from router.server import serve
 from router.servicer import GenerationServicer
 from router.worker_metrics import WorkerCollector
 from textproc.tokenizer import Tokenizer, load_tokenizer, render_chat
-
-if TYPE_CHECKING:  # the router is handed the service's configuration; it never builds one
-    from cluster.config import ServiceConfig
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from kvstore.fence import CopyEngine, DoneFence
+from engine.fence import CopyEngine, DoneFence
 
 
 def test_lane_runs_in_order_and_the_fence_completes_with_the_copy() -> None:

@@ -15,20 +15,19 @@ import warnings
 from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loop import EngineLoop
-from kvstore.config import StoreConfig
 from kvstore.keys import BlockHash
 from kvtransfer import wire
 from kvtransfer.receiver import KVReceiver, add_to_server
-from proto.worker_api import BlockSnapshot, EventBatch, WorkerInfo
+from proto.vocab import Tier
+from proto.worker_api import BlockEvent, BlockSnapshot, EventBatch, WorkerInfo
+from worker.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -69,22 +68,14 @@ class WorkerBase:
 
     role = "worker"
 
-    def __init__(
-        self,
-        worker_id: str,
-        engine_config: EngineConfig,
-        store_config: StoreConfig,
-        secret: str | None = None,
-        kv_host: str = "127.0.0.1",
-        kv_port: int = 0,
-        advertise_host: str | None = None,
-    ) -> None:
-        self.worker_id = worker_id
-        self.secret = secret
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.worker_id = worker_id = spec.worker_id
+        self.secret = secret = spec.secret
         self.epoch = time.time_ns()  # this start: the router drops events of earlier ones
         self._events = EventNumbering()
-        torch.set_num_threads(engine_config.cpu_threads or os.cpu_count() or 1)
-        self.engine = LLMEngine(engine_config, store_config)
+        torch.set_num_threads(spec.engine.cpu_threads or os.cpu_count() or 1)
+        self.engine = LLMEngine(spec.engine, spec.store)
         self.prefill_tokens_per_s = measure_prefill_speed(self.engine)
         self.tier_bytes_per_s = self._measure_tiers()
         speeds = self.engine.kv.speeds  # load-or-recompute starts from the measured speeds
@@ -103,16 +94,17 @@ class WorkerBase:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._add_services(self.server)
-        port = self.server.add_insecure_port(f"{kv_host}:{kv_port}")
+        bind = f"{spec.kv_host}:{spec.kv_port}"
+        port = self.server.add_insecure_port(bind)
         if port == 0:
-            raise OSError(f"could not bind the worker's gRPC server to {kv_host}:{kv_port}")
+            raise OSError(f"could not bind the worker's gRPC server to {bind}")
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.kv_address = f"{advertise_host or kv_host}:{port}"
+        self.kv_address = f"{spec.advertise_host or spec.kv_host}:{port}"
         self.started_at = time.time()  # ready to serve (wall clock: the router reports it)
         logger.info("%s serving KV transfer on %s", worker_id, self.kv_address)
 
-    def _outputs(self):  # noqa: ANN202 - engine.loop.OutputSink | None
+    def _outputs(self):  # engine.loop.OutputSink | None
         """The loop's sink of published outputs (decode workers publish theirs)."""
         return None
 
@@ -123,13 +115,13 @@ class WorkerBase:
         """A push of ``req_id``'s blocks into this worker ended (``ok``: completely), with the
         first token if the push carried one."""
 
-    def _measure_tiers(self) -> dict[str, float]:
+    def _measure_tiers(self) -> dict[Tier, float]:
         if self.engine.store is None:
             return {}
         try:
             gbps = self.engine.store.measure_bandwidth()  # GB/s per tier
             return {k: float(v) * 1e9 for k, v in gbps.items() if v > 0}
-        except Exception:  # noqa: BLE001 - a measurement failure must not stop the worker
+        except Exception:  # a measurement failure must not stop the worker
             logger.exception("tier bandwidth measurement failed")
             return {}
 
@@ -192,7 +184,7 @@ class WorkerBase:
 
         return self.loop.call(snap)
 
-    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
+    def evict_cached(self, down_to: str = Tier.HOST) -> dict[Tier, int]:
         return self.loop.call(lambda eng: eng.evict_cached(down_to))
 
     def check_no_leaks(self) -> bool:
@@ -222,30 +214,15 @@ class WorkerActorBase:
 
     worker_class: type[WorkerBase] = WorkerBase
 
-    def __init__(
-        self,
-        worker_id: str,
-        engine_config: EngineConfig,
-        store_config: StoreConfig,
-        secret: str | None = None,
-        kv_host: str = "127.0.0.1",
-        **worker_kwargs: Any,
-    ) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         import ray
 
         # On all interfaces (a cluster of machines) the worker advertises its node's address,
         # the one other nodes reach it at.
-        advertise = ray.util.get_node_ip_address() if kv_host in ("0.0.0.0", "::") else None
+        if spec.binds_all:
+            spec = dataclasses.replace(spec, advertise_host=ray.util.get_node_ip_address())
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.worker = self.worker_class(
-            worker_id,
-            engine_config,
-            store_config,
-            secret=secret,
-            kv_host=kv_host,
-            advertise_host=advertise,
-            **worker_kwargs,
-        )
+        self.worker = self.worker_class(spec)
 
     def info(self) -> WorkerInfo:
         return dataclasses.replace(self.worker.info(), node_id=self.node_id)
@@ -265,7 +242,7 @@ class WorkerActorBase:
     def drain_events(self) -> EventBatch:
         return self.worker.drain_events()
 
-    def evict_cached(self, down_to: str = "host") -> dict[str, int]:
+    def evict_cached(self, down_to: str = Tier.HOST) -> dict[Tier, int]:
         return self.worker.evict_cached(down_to)
 
     def check_no_leaks(self) -> bool:
@@ -286,19 +263,13 @@ class EventNumbering:
         self._seq += 1
         return self._seq
 
-    def drain(self, eng: LLMEngine) -> tuple[list[tuple[str, str, tuple[bytes, ...]]], bool]:
+    def drain(self, eng: LLMEngine) -> tuple[list[BlockEvent], bool]:
         """(events, whether some were dropped since the last drain: a full queue drops)."""
         pool_events = eng.kv.pool.events
         lost = pool_events.maxlen is not None and len(pool_events) >= pool_events.maxlen
-        out: list[tuple[str, str, tuple[bytes, ...]]] = [
-            (kind, "device", tuple(bytes(h) for h in hashes))
-            for kind, hashes in eng.kv.pool.drain_events()
-        ]
+        out = eng.kv.pool.drain_events()
         if eng.store is not None:
-            out += [
-                (ev.kind, ev.tier, tuple(bytes(h) for h in ev.block_hashes))
-                for ev in eng.store.drain_events()
-            ]
+            out += eng.store.drain_events()
             dropped = eng.store.events.num_dropped
             lost = lost or dropped != self._store_dropped
             self._store_dropped = dropped

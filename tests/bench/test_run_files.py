@@ -1,5 +1,5 @@
 """A run's files: a small summary JSON, the per-request samples in an ignored compressed file
-beside it, plots from either (``bench.results``, ``bench.common.report``)."""
+beside it, plots from either (``bench.run_files``, ``bench.common.report``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from bench import common, results, trace
+from bench import common, run_files, trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU_RUNS = os.path.join(ROOT, "bench", "results", "cpu-2core")
@@ -54,7 +54,7 @@ def test_report_writes_a_small_summary_and_the_samples_beside_it(tmp_path, trace
     assert whole > 2_000_000
     common.report(str(tmp_path), "trace", trace_result, trace.render_table, trace.plot)
     [path] = glob.glob(os.path.join(tmp_path, "trace-*.json"))
-    spath = results.samples_path(path)
+    spath = run_files.samples_path(path)
     assert spath.endswith(".samples.json.gz") and os.path.exists(spath)
     assert os.path.exists(common.png_path(path))
     assert spath in capsys.readouterr().out
@@ -65,7 +65,7 @@ def test_report_writes_a_small_summary_and_the_samples_beside_it(tmp_path, trace
 
     def lists_under_sample_keys(node: object) -> int:
         if isinstance(node, dict):
-            return sum((k in results.SAMPLE_KEYS and isinstance(v, list))
+            return sum((k in run_files.SAMPLE_KEYS and isinstance(v, list))
                        + lists_under_sample_keys(v) for k, v in node.items())
         if isinstance(node, list):
             return sum(lists_under_sample_keys(v) for v in node)
@@ -85,9 +85,9 @@ def test_report_writes_a_small_summary_and_the_samples_beside_it(tmp_path, trace
     assert summary["hit_rate"] == trace_result["hit_rate"]
 
     with gzip.open(spath, "rt", encoding="utf-8") as f:
-        assert json.load(f)["format"] == results.SAMPLES_FORMAT
-    loaded = results.load(path)
-    assert results.has_samples(loaded)
+        assert json.load(f)["format"] == run_files.SAMPLES_FORMAT
+    loaded = run_files.load(path)
+    assert run_files.has_samples(loaded)
     assert loaded == {**trace_result, "versions": summary["versions"]}
 
 
@@ -96,23 +96,23 @@ def test_plots_from_a_summary_and_from_its_samples(tmp_path, trace_result) -> No
     for name in ("decode-20261124-034324", "ttft-20261124-034848",
                  "transfer-20261124-034951", "trace-20261124-012641"):
         shutil.copy(os.path.join(CPU_RUNS, name + ".json"), tmp_path)
-        summary = results.load(os.path.join(tmp_path, name + ".json"))
+        summary = run_files.load(os.path.join(tmp_path, name + ".json"))
         png = os.path.join(tmp_path, name + ".png")
-        results.draw(summary, png)
+        run_files.draw(summary, png)
         assert os.path.getsize(png) > 1000
 
     # A plot of single requests needs the samples file: with it the plot is drawn, without
     # it the error names the file.
     path = os.path.join(tmp_path, "trace-1.json")
-    results.save(path, trace_result)
-    assert results.main(["plot", path, str(tmp_path / "with.png")]) == 0
+    run_files.save(path, trace_result)
+    assert run_files.main(["plot", path, str(tmp_path / "with.png")]) == 0
     assert os.path.getsize(tmp_path / "with.png") > 1000
-    os.remove(results.samples_path(path))
-    summary = results.load(path)
-    assert not results.has_samples(summary)
+    os.remove(run_files.samples_path(path))
+    summary = run_files.load(path)
+    assert not run_files.has_samples(summary)
     with pytest.raises(ValueError, match=r"trace-1\.samples\.json\.gz"):
-        results.draw(summary, str(tmp_path / "without.png"))
-    assert results.main(["plot", path, str(tmp_path / "without.png")]) == 1
+        run_files.draw(summary, str(tmp_path / "without.png"))
+    assert run_files.main(["plot", path, str(tmp_path / "without.png")]) == 1
 
 
 def test_resave_turns_a_whole_json_into_a_summary_losing_nothing(tmp_path, trace_result) -> None:
@@ -125,7 +125,7 @@ def test_resave_turns_a_whole_json_into_a_summary_losing_nothing(tmp_path, trace
     path = os.path.join(tmp_path, "trace-20260101-000000.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(old, f, indent=1)
-    assert results.main(["resave", path]) == 0
+    assert run_files.main(["resave", path]) == 0
     with open(path, encoding="utf-8") as f:
         summary = json.load(f)
     assert summary["config"]["samples"] == 3
@@ -133,11 +133,11 @@ def test_resave_turns_a_whole_json_into_a_summary_losing_nothing(tmp_path, trace
     assert summary["sample_lists"]["rows/0/step_s"] == {
         "count": 3, "value": {"p50": 0.02, "p90": 0.03, "p99": 0.03, "max": 0.03}}
     assert summary["sample_lists"]["rounds/0/requests"]["count"] == 2
-    assert results.load(path) == old
+    assert run_files.load(path) == old
     first = open(path, "rb").read()
-    assert results.main(["resave", path]) == 0  # a summary resaved is the same summary
+    assert run_files.main(["resave", path]) == 0  # a summary resaved is the same summary
     assert open(path, "rb").read() == first
-    assert results.load(path) == old
+    assert run_files.load(path) == old
 
 
 def test_samples_files_are_ignored_and_machine_folders_are_not() -> None:

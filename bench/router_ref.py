@@ -5,7 +5,8 @@ leading run and evaluates the cost model once per worker and block, with no boun
 The incarnation rules (``router.incarnation``) are written out again here, plainly, one dict per
 worker. Kept as the oracle of the property tests (``tests/router/test_index_property.py``) and
 as the "before" row of ``strata bench router``; the router itself uses
-``router.index.GlobalBlockIndex`` and ``CostModel.choose_prefill``.
+``router.index.GlobalBlockIndex`` and ``CostModel.choose_prefill``. It lives in ``bench`` (not
+``router``, which serves, nor ``tests``, which the shipped benchmarks cannot import).
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from kvstore.keys import BlockHash
+from proto.vocab import EventKind
+from proto.worker_api import BlockEvent
 from router.errors import NoWorkerError
 from router.incarnation import MAX_PAST_EPOCHS
-from router.index import (
-    EVENT_REMOVED,
-    EVENT_STORED,
-    TIERS,
-    BlockEvent,
-    EventBatchLike,
-    StoreEventLike,
-    tier_bit,
-)
+from router.index import TIERS, EventBatchLike, tier_bit
 from router.placement import REMOTE_TIER, CostModel, Placement
 
 
@@ -76,10 +71,10 @@ class ReferenceBlockIndex:
         return inc is None or inc["synced"] or inc["dropped"]
 
     def apply_batch(self, worker_id: str, batch: EventBatchLike) -> bool:
-        events = [BlockEvent(kind, tier, tuple(hs)) for kind, tier, hs in batch.events]
+        events = list(batch.events)
         for e in events:
             tier_bit(e.tier)  # a bad event fails before anything changes
-            if e.kind not in (EVENT_STORED, EVENT_REMOVED):
+            if e.kind not in (EventKind.STORED, EventKind.REMOVED):
                 raise ValueError(f"unknown event kind {e.kind!r}")
         epoch, seq = batch.epoch, batch.seq
         inc = self._inc.get(worker_id)
@@ -118,14 +113,14 @@ class ReferenceBlockIndex:
         bit = tier_bit(tier)
         return sum(1 for mask in blocks.values() if mask & bit)
 
-    def apply_many(self, worker_id: str, events: Iterable[StoreEventLike]) -> None:
+    def apply_many(self, worker_id: str, events: Iterable[BlockEvent]) -> None:
         blocks = self._workers.setdefault(worker_id, {})
         for event in events:
             bit = tier_bit(event.tier)
-            if event.kind == EVENT_STORED:
+            if event.kind == EventKind.STORED:
                 for h in event.block_hashes:
                     blocks[h] = blocks.get(h, 0) | bit
-            elif event.kind == EVENT_REMOVED:
+            elif event.kind == EventKind.REMOVED:
                 for h in event.block_hashes:
                     mask = blocks.get(h, 0) & ~bit
                     if mask:
