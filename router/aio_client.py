@@ -25,9 +25,10 @@ from router.client import (
     GenerationResult,
     StrataClient,
     StreamChunk,
+    channel_options,
+    chunk_from_pb,
     collect,
     remote_error,
-    usage_from_pb,
 )
 
 
@@ -41,11 +42,7 @@ class AsyncStrataClient:
         self.address = address
         self._metadata = bearer_metadata(token)
         self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
+            address, options=channel_options(max_message_bytes)
         )
         self._stub = strata_pb2_grpc.GenerationStub(self._channel)
 
@@ -73,14 +70,7 @@ class AsyncStrataClient:
         call = self._stub.Generate(req, timeout=timeout, metadata=self._metadata)
         try:
             async for msg in call:
-                final = bool(msg.finish_reason)
-                yield StreamChunk(
-                    token_ids=tuple(msg.token_ids),
-                    text=msg.text,
-                    finish_reason=msg.finish_reason if final else None,
-                    usage=usage_from_pb(msg.usage) if final else None,
-                    request_id=msg.request_id,
-                )
+                yield chunk_from_pb(msg)
         except grpc.aio.AioRpcError as e:
             raise remote_error("Generate", e) from e
         finally:

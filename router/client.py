@@ -144,6 +144,26 @@ def collect(t0: float, chunks: list[tuple[float, StreamChunk]]) -> GenerationRes
     )
 
 
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC channel options of both clients."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def chunk_from_pb(msg: strata_pb2.GenerateResponse) -> StreamChunk:
+    """One streamed ``GenerateResponse`` as a ``StreamChunk`` (usage on the last only)."""
+    final = bool(msg.finish_reason)
+    return StreamChunk(
+        token_ids=tuple(msg.token_ids),
+        text=msg.text,
+        finish_reason=msg.finish_reason if final else None,
+        usage=usage_from_pb(msg.usage) if final else None,
+        request_id=msg.request_id,
+    )
+
+
 class StrataClient:
     def __init__(
         self,
@@ -153,13 +173,7 @@ class StrataClient:
     ) -> None:
         self.address = address
         self._metadata = bearer_metadata(token)
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = strata_pb2_grpc.GenerationStub(self._channel)
 
     def close(self) -> None:
@@ -189,14 +203,7 @@ class StrataClient:
         call = self._stub.Generate(req, timeout=timeout, metadata=self._metadata)
         try:
             for msg in call:
-                final = bool(msg.finish_reason)
-                yield StreamChunk(
-                    token_ids=tuple(msg.token_ids),
-                    text=msg.text,
-                    finish_reason=msg.finish_reason if final else None,
-                    usage=usage_from_pb(msg.usage) if final else None,
-                    request_id=msg.request_id,
-                )
+                yield chunk_from_pb(msg)
         except grpc.RpcError as e:
             raise remote_error("Generate", e) from e
         finally:

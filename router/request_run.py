@@ -279,13 +279,7 @@ class RequestRun:
         c = self.c
         tried: list[str] = []
         while True:
-            alive = [w for w in await self._alive_or_wait(Role.DECODE) if w not in tried]
-            if not alive:
-                raise NoWorkerError(
-                    f"no decode worker could take request {self.req.req_id} "
-                    f"({c.members.describe(Role.DECODE)}) "
-                    + self._tag("no_worker", Role.DECODE, "placing")
-                )
+            alive = await self._decode_candidates(tried)
             placement = c.cost.choose_prefill(alive, c.index, hashes, len(context))
             d_id = prefer if prefer in alive else placement.worker_id
             try:
@@ -298,6 +292,18 @@ class RequestRun:
                 c.members.get(d_id).handle.prefetch.remote(hashes)
             return d_id, queue
 
+    async def _decode_candidates(self, tried: list[str]) -> list[str]:
+        """The decode workers up (waiting for one while a worker restarts) that were not tried
+        yet; ``NoWorkerError`` when none is left."""
+        alive = [w for w in await self._alive_or_wait(Role.DECODE) if w not in tried]
+        if not alive:
+            raise NoWorkerError(
+                f"no decode worker could take request {self.req.req_id} "
+                f"({self.c.members.describe(Role.DECODE)}) "
+                + self._tag("no_worker", Role.DECODE, "placing")
+            )
+        return alive
+
     async def _start_somewhere(
         self, rid: str, hashes: list[BlockHash], context: list[int], max_tokens: int
     ) -> tuple[str, TokenQueue]:
@@ -305,13 +311,7 @@ class RequestRun:
         push and the first token)."""
         tried: list[str] = []
         while True:
-            alive = [w for w in await self._alive_or_wait(Role.DECODE) if w not in tried]
-            if not alive:
-                raise NoWorkerError(
-                    f"no decode worker could take request {self.req.req_id} "
-                    f"({self.c.members.describe(Role.DECODE)}) "
-                    + self._tag("no_worker", Role.DECODE, "placing")
-                )
+            alive = await self._decode_candidates(tried)
             d_id = self.c.cost.choose_decode(alive, self.c.index, hashes)
             try:
                 queue = self._start(
