@@ -15,10 +15,14 @@ touch it.
 size B, B streams are opened at once (prompt ``--prompt-tokens``, ``--steps`` + 1 tokens each)
 by the asyncio client (``router.aio_client``: one thread for all B streams, so the client's own
 CPU stays small beside the service on a small machine); the client records every token's
-arrival. Decode tokens/s = tokens arriving after the last of the B streams got its first token /
-the time from then to the last token (the steady state, all B decoding together); ms/token = the
-median gap between a stream's tokens. The router's CPU per 1,000 tokens streamed is its process's
-CPU time over the batch (``Stats``: ``process_cpu_seconds``) / tokens; the client's beside it.
+arrival. Decode tokens/s = the tokens arriving from the moment the last of the B streams got its
+first token to the moment the first stream got its last, over that time: the steady state, all B
+decoding together (before it some streams are still in prefill, after it the batch drains).
+ms/token = the median gap between a stream's tokens. With ``--with-inprocess`` the ratio compares
+like with like: service tokens/s over that window against the in-process engine's tokens over the
+summed time of its timed steps (its mean, not its median step; both are in the JSON). The
+router's CPU per 1,000 tokens streamed is its process's CPU time over the batch (``Stats``:
+``process_cpu_seconds``) / tokens; the client's beside it.
 No roofline there: the client cannot see the worker's step.
 """
 
@@ -84,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["inprocess"] = local
                 result["service_over_inprocess"] = [
                     {"batch": s["batch"], "service_tokens_per_s": s["tokens_per_s"],
-                     "inprocess_tokens_per_s": loc["tokens_per_s"],
-                     "ratio": s["tokens_per_s"] / loc["tokens_per_s"]}
+                     "inprocess_tokens_per_s": loc["mean_tokens_per_s"],
+                     "inprocess_median_step_tokens_per_s": loc["tokens_per_s"],
+                     "ratio": s["tokens_per_s"] / loc["mean_tokens_per_s"]}
                     for s, loc in zip(result["rows"], local["rows"], strict=True)]
         elif args.with_inprocess:
             raise ValueError("--with-inprocess goes with --server or --start-service")
@@ -188,9 +193,14 @@ async def _run_server(args: argparse.Namespace, address: str, batches: list[int]
             arrivals = await _stream_batch(client, b, prompt_tokens, steps, vocab, args.seed + b,
                                            salt)
             cpu1, mine1 = await _router_cpu(client), time.process_time()
-            t0 = max(a[0] for a in arrivals)  # from here on all b streams decode together
-            t1 = max(a[-1] for a in arrivals)
-            steady = sum(1 for a in arrivals for t in a if t > t0)
+            # all b streams decode together from the last first token to the first last token
+            # (before, some streams are still in prefill; after, the batch drains)
+            t0 = max(a[0] for a in arrivals)
+            t1 = min(a[-1] for a in arrivals)
+            if t1 <= t0:
+                raise StrataError(f"batch {b}: no stream decoded while all {b} did (prefill "
+                                  f"outlasted {steps} steps); raise --steps")
+            steady = sum(1 for a in arrivals for t in a if t0 < t <= t1)
             gaps = [y - x for a in arrivals for x, y in zip(a, a[1:])]
             tokens = sum(len(a) for a in arrivals)
             rows.append({

@@ -27,7 +27,13 @@ load-or-recompute split, ``kvstore.cost``; "disk loaded" says how much it read).
 run = KV bytes of the cached prefix / the measured bandwidth of its tier (device: a large copy
 in the pool's dtype; host: the store's probe; disk: the device's own ``O_DIRECT`` sequential
 read speed, ``kvstore.bandwidth.device_read_ceiling``, with the tier's probe beside it).
-"(disk-host)/floor" is warm-disk minus warm-host over the ``O_DIRECT`` floor of the bytes read.
+"(disk-host)/floor" is warm-disk minus warm-host over the ``O_DIRECT`` floor of the bytes read
+at the device's ceiling speed (measured once, on a 256 MiB scratch file); "re-read" is the floor
+of the same bytes measured again right after each warm-disk run (``DiskTier.
+direct_read_floor_s``: those blocks' slots read raw with ``O_DIRECT``, best of queue depths
+1/4/8): a shared virtual disk's speed moves by tens of percent within minutes, and a read of
+tens of MiB does not reach a long read's speed, so "(disk-host)/re-read" compares the load with
+the device's speed at that moment on those bytes. Both are in the table and the JSON.
 ``--server`` sends the same prompts through a running service (client-side TTFT, cold and warm);
 ``--start-service`` starts one for the run and times every tier through it (``bench.ttft_server``);
 ``--with-inprocess`` adds the in-process run to either, so the service's overhead is a ratio
@@ -198,13 +204,15 @@ def run_inprocess(
                         peer_s, peer_token = peer(prompt)
                         samples.append({"length": length, "repeat": rep, "mode": "peer",
                                         "ttft_s": peer_s, "output_token_ids": [peer_token]})
-                    for mode, res, gap in _cycle(engine, prompt, sampling, bar, clear, modes):
+                    for mode, res, gap, reread in _cycle(engine, prompt, sampling, bar, clear,
+                                                         modes):
                         samples.append({
                             "length": length, "repeat": rep, "mode": mode, "ttft_s": res.ttft_s,
                             "num_cached_tokens": res.num_cached_tokens,
                             "cached_by_tier": res.cached_by_tier,
                             "output_token_ids": res.output_token_ids,
                             **({"logits": gap} if gap else {}),
+                            **({"disk_reread_floor_s": reread} if reread is not None else {}),
                         })
             bar.close()
             summary = _summarize(engine, lengths, samples, bandwidth)
@@ -266,9 +274,10 @@ def _block_nbytes(args: argparse.Namespace, loaded: Any) -> int:
 
 def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,
            clear: bool = False, modes: tuple[str, ...] = MODES,
-           ) -> list[tuple[str, Any, dict[str, Any]]]:
+           ) -> list[tuple[str, Any, dict[str, Any], float | None]]:
     """Cold, then warm from device, host and disk; each run checked before it counts (tier,
-    logits gate); each with its logits' gap to the cold run's (empty for the cold run)."""
+    logits gate); each with its logits' gap to the cold run's (empty for the cold run) and, for
+    a disk run, the raw ``O_DIRECT`` re-read time of the blocks it loaded (else None)."""
     store = engine.store
     hashes = engine.block_hashes(prompt)
     num_hit = (len(prompt) - 1) // engine.block_size  # leading blocks a warm run can reuse
@@ -278,7 +287,7 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,
         num_hit = num_hit // grid * grid
     expect_tokens = num_hit * engine.block_size
     engine.runner.keep_logits = True
-    out: list[tuple[str, Any, dict[str, Any]]] = []
+    out: list[tuple[str, Any, dict[str, Any], float | None]] = []
     cold = cold_logits = None
     for mode in modes:
         if mode == "host":
@@ -313,7 +322,13 @@ def _cycle(engine: Any, prompt: list[int], sampling: Any, bar: Any,
             if why is not None:
                 raise BenchmarkError(f"warm-{mode} run of {len(prompt)} tokens: {why}")
             gap = logit_gap(cold_logits, logits)
-        out.append((mode, res, gap))
+        reread = None
+        n_disk = res.cached_by_tier.get("disk", 0) // engine.block_size
+        if mode == "disk" and n_disk and store.disk is not None:
+            # the floor of exactly the bytes this run read, read raw right after it (a split
+            # computed the head: the tail was loaded)
+            reread = store.disk.direct_read_floor_s(hashes[num_hit - n_disk : num_hit])
+        out.append((mode, res, gap, reread))
         bar.update(1)
     engine.runner.keep_logits = False
     if clear:  # leave nothing of this prompt in any tier
@@ -360,6 +375,12 @@ def _summarize(
             row["disk_read_floor_s"] = read_floor
             row["disk_minus_host_over_floor"] = (
                 (row["disk_s"] - row["host_s"]) / read_floor if read_floor > 0 else None)
+            rereads = [s["disk_reread_floor_s"] for s in samples if s["length"] == length
+                       and s["mode"] == "disk" and "disk_reread_floor_s" in s]
+            if rereads:  # the same bytes read raw right after each run: the device's speed then
+                row["disk_reread_floor_s"] = statistics.median(rereads)
+                row["disk_minus_host_over_reread_floor"] = (
+                    (row["disk_s"] - row["host_s"]) / row["disk_reread_floor_s"])
         rows.append(row)
     return rows
 
@@ -403,14 +424,17 @@ def render_table(result: dict[str, Any]) -> str:
     headers = ["tokens", "cold ms"]
     for tier in MODES[1:]:
         headers += [f"{tier} ms", "floor ms", "x floor", "/cold"]
-    headers += ["disk loaded", "(disk-host)/floor"]
+    headers += ["disk loaded", "(disk-host)/floor", "re-read ms", "(disk-host)/re-read"]
     rows = []
     for r in result["summary"]:
         row: list[object] = [r["length"], r["cold_s"] * 1e3]
         for tier in MODES[1:]:
             row += [r[f"{tier}_s"] * 1e3, r[f"{tier}_floor_s"] * 1e3, r[f"{tier}_over_floor"],
                     r[f"{tier}_over_cold"]]
-        row += [r.get("disk_loaded_tokens"), r.get("disk_minus_host_over_floor")]
+        reread = r.get("disk_reread_floor_s")
+        row += [r.get("disk_loaded_tokens"), r.get("disk_minus_host_over_floor"),
+                reread * 1e3 if reread is not None else None,
+                r.get("disk_minus_host_over_reread_floor")]
         rows.append(row)
     names = {"disk": "disk (device, O_DIRECT)", "disk_tier": "disk tier probe"}
     bws = ", ".join(f"{names.get(t, t)} {bw[t]:.2f} GB/s" for t in ("device", "host", "disk",

@@ -52,9 +52,14 @@ def engine(make_engine, tmp_path):
 
 def test_honest_warm_runs_pass_the_gate(engine) -> None:
     runs = _cycle(engine, _prompt(64, 1), SamplingParams(max_tokens=1), progress(4, "", True))
-    assert [mode for mode, _, _ in runs] == ["cold", "device", "host", "disk"]
-    for _, _, gap in runs[1:]:
+    assert [mode for mode, _, _, _ in runs] == ["cold", "device", "host", "disk"]
+    for _, _, gap, _ in runs[1:]:
         assert gap["rel"] <= 0.1 and gap["cold_top1_rank"] < 5
+    rereads = [reread for _, _, _, reread in runs]
+    assert rereads[:3] == [None, None, None]  # only the disk run read from disk
+    assert engine.store.disk is not None
+    if engine.store.disk.direct_io:
+        assert rereads[3] is not None and rereads[3] > 0
 
 
 def test_a_wrong_block_fails_loudly(engine) -> None:

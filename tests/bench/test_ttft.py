@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import glob
 import os
+import statistics
+
+import pytest
 
 from bench import run_files, ttft
 
@@ -43,6 +46,13 @@ def test_ttft_quick_inprocess(tmp_path, capsys) -> None:
             assert row[f"{tier}_floor_s"] > 0
             assert row[f"{tier}_over_floor"] == row[f"{tier}_s"] / row[f"{tier}_floor_s"]
         assert 0 <= row["disk_loaded_tokens"] <= row["cached_tokens"]
+        rereads = [s["disk_reread_floor_s"] for s in samples
+                   if s["length"] == row["length"] and "disk_reread_floor_s" in s]
+        if rereads:  # the same bytes read raw after each disk run: the median is the floor
+            assert all(s["mode"] == "disk" for s in samples if "disk_reread_floor_s" in s)
+            assert row["disk_reread_floor_s"] == statistics.median(rereads) > 0
+            assert row["disk_minus_host_over_reread_floor"] == pytest.approx(
+                (row["disk_s"] - row["host_s"]) / row["disk_reread_floor_s"])
     table = capsys.readouterr().out
     assert "cold ms" in table and "disk ms" in table
 

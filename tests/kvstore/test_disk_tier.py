@@ -88,3 +88,26 @@ def test_restart_keeps_blocks_and_lru_order(tmp_path) -> None:
         assert_rows(out, hashes)
     finally:
         disk.close()
+
+
+def test_direct_read_floor_reads_exactly_the_blocks_slots(tmp_path) -> None:
+    disk = _disk(tmp_path)
+    try:
+        hashes = make_hashes(6)
+        assert disk.put(hashes, block_bytes(hashes)) == [True] * 6
+        assert disk.flush(timeout_s=10)
+        slots = [disk.index.servable(h).slot for h in hashes]
+        runs = disk.segments.runs(slots)
+        # consecutive slots of one segment fold into runs covering exactly the blocks' slots
+        assert sum(n for _, _, n in runs) == 6 * disk.slot_nbytes
+        covered = sorted(off // disk.slot_nbytes + k for _, off, n in runs
+                         for k in range(n // disk.slot_nbytes))
+        assert covered == sorted(disk.segments.offset_of(s) // disk.slot_nbytes for s in slots)
+        floor = disk.direct_read_floor_s(hashes)
+        if disk.direct_io:
+            assert floor is not None and floor > 0
+        else:  # no O_DIRECT on this filesystem: no honest floor
+            assert floor is None
+        assert disk.direct_read_floor_s(hashes + make_hashes(1, seed=99)) is None  # one missing
+    finally:
+        disk.close()

@@ -88,6 +88,23 @@ class SegmentFiles:
             os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
         return n
 
+    def runs(self, slots: Sequence[int]) -> list[tuple[int, int, int]]:
+        """``(fd, offset, nbytes)`` per run of consecutive slots of one segment, in order (the
+        slots of segments not on disk are left out)."""
+        out: list[tuple[int, int, int]] = []
+        prev = None
+        for slot in slots:
+            seg = self.segment_of(slot)
+            if prev is not None and slot == prev + 1 and seg == self.segment_of(prev) and out:
+                fd, off, n = out[-1]
+                out[-1] = (fd, off, n + self.slot_nbytes)
+            else:
+                fd = self._fd(seg, create=False)
+                if fd is not None:
+                    out.append((fd, self.offset_of(slot), self.slot_nbytes))
+            prev = slot
+        return out
+
     def write(self, first_slot: int, bufs: Sequence[Buffer]) -> None:
         """Write consecutive slots (one segment) from ``bufs``; raises ``OSError``."""
         seg = self.segment_of(first_slot)

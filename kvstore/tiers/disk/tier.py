@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kvstore.bandwidth import direct_read_s
 from kvstore.events import PublishFn
 from kvstore.keys import BlockHash
 from kvstore.layout import aligned_empty
@@ -363,6 +364,18 @@ class DiskTier:
     def unpin(self, block_hash: BlockHash) -> None:
         with self._cond:
             self.index.unpin(block_hash)
+
+    def direct_read_floor_s(self, hashes: Sequence[BlockHash]) -> float | None:
+        """Seconds the device takes to read these blocks' slots now, raw (``O_DIRECT``, best
+        queue depth, no checksum, no copy: ``kvstore.bandwidth.direct_read_s``): the floor of a
+        load of exactly these bytes. None without ``O_DIRECT`` or when a block is not on disk."""
+        if not self.segments.direct:
+            return None
+        with self._cond:
+            entries = [self.index.servable(h) for h in hashes]
+        if any(e is None for e in entries):
+            return None
+        return direct_read_s(self.segments.runs([e.slot for e in entries if e is not None]))
 
     def block_hashes(self) -> list[BlockHash]:
         """Every block this tier serves now (a resync of the router's index)."""
