@@ -92,6 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 "latency_ms": (time.perf_counter() - t0) * 1000.0,
                 "cached_tokens": out.num_cached_tokens,
                 "cached_tokens_by_tier": out.cached_by_tier,
+                "load_ms": out.load_s * 1000.0,  # of ttft_ms: the prefix's load from the store
             },
             args.json,
         )

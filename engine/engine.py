@@ -333,6 +333,7 @@ class LLMEngine:
                         dict(seq.cached_by_tier),
                         out.ttft_s or 0.0,
                         time.perf_counter() - seq.arrival_time,
+                        seq.load_s,
                     )
         self.flush_block_reports()
         return [done[r] for r in req_ids]

@@ -193,6 +193,7 @@ class KVCacheManager:
         """A load finished (``seq``'s computed tokens already jumped over its blocks)."""
         self.num_hits_recomputed += res.num_planned - res.num_blocks
         if seq.first_token_time is None:
+            seq.load_s += res.load_s
             by_tier = seq.cached_by_tier
             for tier in res.tiers:
                 by_tier[tier] = by_tier.get(tier, 0) + self.block_size

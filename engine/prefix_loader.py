@@ -42,6 +42,7 @@ class LoadResult:
     num_blocks: int  # blocks loaded (from ``first``)
     tiers: tuple[str, ...]  # where each was found
     num_planned: int  # blocks the load was started for
+    load_s: float = 0.0  # from the start of the load to its last arrival (or its end)
 
 
 class PrefixLoader:
@@ -137,10 +138,10 @@ class PrefixLoader:
             self.num_cut_by_deadline += 1
         n = load.issued
         num_disk = pending.tiers[:n].count("disk")
+        end_t = pending.settled_at if arrived_all and pending.settled_at else now
         if num_disk:
-            end = pending.settled_at if arrived_all and pending.settled_at else now
             self.speeds.observe_load(
-                "disk", num_disk * self.store.block_nbytes, end - pending.started
+                "disk", num_disk * self.store.block_nbytes, end_t - pending.started
             )
         end = load.first + n
         if self.grid_blocks > 1:  # recomputed in the cold run's chunks (the same bits)
@@ -148,4 +149,5 @@ class PrefixLoader:
             n = max(0, end - load.first)
         seq.num_computed_tokens = end * self.block_size
         seq.num_registered_blocks = max(seq.num_registered_blocks, load.first + n)
-        return LoadResult(n, tuple(pending.tiers[:n]), pending.num_blocks)
+        return LoadResult(n, tuple(pending.tiers[:n]), pending.num_blocks,
+                          max(0.0, end_t - pending.started))

@@ -31,6 +31,7 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from a cache instead of computed
     cached_by_tier: dict[str, int] = field(default_factory=dict)  # tier -> cached tokens
+    load_s: float = 0.0  # seconds its prefix loads from the store took (start to last arrival)
     first_token_time: float | None = None  # perf_counter() when the first token was sampled
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
@@ -75,3 +76,4 @@ class RequestResult:
     cached_by_tier: dict[str, int]
     ttft_s: float
     latency_s: float
+    load_s: float = 0.0  # seconds its prefix loads from the store took (within ttft_s)

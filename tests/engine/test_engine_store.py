@@ -53,6 +53,10 @@ def test_every_tier_gives_the_cold_tokens(tmp_path, make_engine):
     assert warm_disk.cached_by_tier == {"disk": full}
     for warm in (warm_dev, warm_host, warm_disk):
         assert warm.output_token_ids == cold.output_token_ids
+    # the load from the store is timed inside the TTFT; nothing loads cold or from the pool
+    assert cold.load_s == warm_dev.load_s == 0.0
+    assert 0 < warm_disk.load_s <= warm_disk.ttft_s
+    assert 0 <= warm_host.load_s <= warm_host.ttft_s
 
 
 def test_partial_prefix_mixed_tiers(tmp_path, make_engine):
