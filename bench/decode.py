@@ -20,7 +20,10 @@ first token to the moment the first stream got its last, over that time: the ste
 decoding together (before it some streams are still in prefill, after it the batch drains).
 ms/token = the median gap between a stream's tokens. With ``--with-inprocess`` the ratio compares
 like with like: service tokens/s over that window against the in-process engine's tokens over the
-summed time of its timed steps (its mean, not its median step; both are in the JSON). The
+summed time of its timed steps (its mean, not its median step; both are in the JSON), the engine
+running with the decode worker's torch threads (its ``torch_threads`` stat: a node's cores are
+shared among its workers, ``cluster.workers.share_cores``); the same in-process run with every
+core is beside it (``inprocess_all_cores``, ``ratio_all_cores``). The
 router's CPU per 1,000 tokens streamed is its process's CPU time over the batch (``Stats``:
 ``process_cpu_seconds``) / tokens; the client's beside it.
 No roofline there: the client cannot see the worker's step.
@@ -35,6 +38,8 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from bench.common import (
     EngineSizes,
@@ -85,13 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             with server_target(args, sizes) as target:
                 result = run_server(args, target.address, batches, prompt_tokens, steps)
             if local is not None:
-                result["inprocess"] = local
+                # the reference: the same engine alone, with the decode worker's threads (a
+                # node's cores are shared among its workers), then with every core
+                threads = result["config"]["decode_worker_threads"] or torch.get_num_threads()
+                same = run(args, batches, prompt_tokens, steps, threads=threads)
+                result["inprocess"] = same
+                result["inprocess_all_cores"] = local
                 result["service_over_inprocess"] = [
                     {"batch": s["batch"], "service_tokens_per_s": s["tokens_per_s"],
                      "inprocess_tokens_per_s": loc["mean_tokens_per_s"],
                      "inprocess_median_step_tokens_per_s": loc["tokens_per_s"],
-                     "ratio": s["tokens_per_s"] / loc["mean_tokens_per_s"]}
-                    for s, loc in zip(result["rows"], local["rows"], strict=True)]
+                     "ratio": s["tokens_per_s"] / loc["mean_tokens_per_s"],
+                     "inprocess_all_cores_tokens_per_s": full["mean_tokens_per_s"],
+                     "ratio_all_cores": s["tokens_per_s"] / full["mean_tokens_per_s"]}
+                    for s, loc, full in zip(result["rows"], same["rows"], local["rows"],
+                                            strict=True)]
         elif args.with_inprocess:
             raise ValueError("--with-inprocess goes with --server or --start-service")
         else:
@@ -105,10 +118,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(
     args: argparse.Namespace, batches: list[int], prompt_tokens: int, steps: int,
-    loaded: Any = None, **engine_kw: Any,
+    loaded: Any = None, threads: int | None = None, **engine_kw: Any,
 ) -> dict[str, Any]:
-    """Decode rows of the in-process engine (``loaded``: a LoadedModel to share; ``engine_kw``:
-    further EngineConfig fields, e.g. ``cuda_graphs``)."""
+    """Decode rows of the in-process engine (``loaded``: a LoadedModel to share; ``threads``:
+    torch intra-op threads for the run, default as they are; ``engine_kw``: further
+    EngineConfig fields, e.g. ``cuda_graphs``)."""
+    if threads is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run(args, batches, prompt_tokens, steps, loaded, None, **engine_kw)
+        finally:
+            torch.set_num_threads(before)
     from engine.sampling import SamplingParams
 
     max_b = max(batches)
@@ -213,12 +234,16 @@ async def _run_server(args: argparse.Namespace, address: str, batches: list[int]
                 "client_cpu_ms_per_1k_tokens": (mine1 - mine0) / tokens * 1e6,
             })
             bar.update(1)
+        stats = await client.stats()
     bar.close()
+    threads = [int(s["torch_threads"]) for name, s in stats.items()
+               if name.startswith("decode") and "torch_threads" in s]
     return {
         "benchmark": "decode", "machine": machine_info(),
         "config": {"mode": "server", "server": address, "model": args.model,
                    "batches": batches, "prompt_tokens": prompt_tokens, "steps": steps,
-                   "seed": args.seed, "client": "asyncio"},
+                   "seed": args.seed, "client": "asyncio",
+                   "decode_worker_threads": min(threads) if threads else None},
         "rows": rows,
     }
 
@@ -303,11 +328,14 @@ def render_table(result: dict[str, Any]) -> str:
                                                 rows))
         if "inprocess" in result:
             ratio = [[r["batch"], r["service_tokens_per_s"], r["inprocess_tokens_per_s"],
-                      r["ratio"]] for r in result["service_over_inprocess"]]
+                      r["ratio"], r.get("inprocess_all_cores_tokens_per_s"),
+                      r.get("ratio_all_cores")] for r in result["service_over_inprocess"]]
+            threads = result["inprocess"]["machine"]["torch_threads"]
             out += ("\n\n" + render_table(result["inprocess"])
-                    + "\n\nservice / in-process decode tokens/s, same run\n"
-                    + format_table(["batch", "service tok/s", "in-process tok/s", "ratio"],
-                                   ratio))
+                    + f"\n\nservice / in-process decode tokens/s, same run (in-process: "
+                    f"{threads} thread(s) like the decode worker, then every core)\n"
+                    + format_table(["batch", "service tok/s", "in-process tok/s", "ratio",
+                                    "all cores tok/s", "ratio"], ratio))
         return out
     roof = result["roofline"]
     rows = [[r["batch"], r["tokens_per_s"], r["ms_per_step"], r["roofline_tokens_per_s"],

@@ -17,8 +17,9 @@ token is always computed (it gives the first output token). Two shapes of plan:
   ``max(c, l)``, not ``min(2c, 2l)``): a slow disk never makes the first token later than
   computing the prompt, and mostly earlier than both. ``t = 0`` is plain recompute.
 
-A split must beat loading every hit by ``SPLIT_GAIN`` (10%), else that simpler plan runs (a
-fraction of a block's load time is not worth the noise of two moving parts). Every plan has a
+A split must beat the best plan that loads without one (load the first ``t`` hits, compute the
+rest) by ``SPLIT_GAIN`` (10%), else that simpler plan runs (a fraction of a block's load time is
+not worth the noise of two moving parts); no plan is ever worse than that one. Every plan has a
 load ``deadline_s`` (``LOAD_SLACK`` times the predicted load, plus ``LOAD_MARGIN_S``): past it
 the engine stops waiting and recomputes what has not arrived. Where a
 speed is not known yet (``Speeds.prefill_tokens_per_s`` None, or a tier missing with
@@ -39,7 +40,7 @@ from proto.vocab import Tier
 
 LOAD_SLACK = 2.0  # the deadline of a load, in predicted load times
 LOAD_MARGIN_S = 0.25  # plus this (a busy machine's scheduling noise is not a slow disk)
-SPLIT_GAIN = 0.9  # a split must beat loading every hit by 10% (else that simpler plan runs)
+SPLIT_GAIN = 0.9  # a split must beat the best plan without one by 10% (else that one runs)
 EWMA_ALPHA = 0.2  # weight of a new observation in the moving averages
 DEVICE_TIER = Tier.DEVICE  # already in the device pool: loading it is free
 _TIE = 1 - 1e-9  # plans within this factor of each other cost the same
@@ -144,23 +145,27 @@ def _split(loads: list[float], prompt_len: int, block_size: int, speed: float) -
         prefix.append(prefix[-1] + x)
     c = block_size / speed  # compute time of one block
     best_h, best_t, best_total = 0, 0, cold
+    plain_t, plain_total = 0, cold  # the best plan without a split: load [0, t), compute the rest
     h = 0  # for each end t: the first head h whose compute outlasts the load of [h, t); it only
     for t in range(1, n + 1):  # moves right as t grows, so one pass finds them all
         while h < t and h * c < prefix[t] - prefix[h]:
             h += 1
         rest = (prompt_len - t * block_size) / speed
+        if prefix[t] + rest < plain_total * _TIE:
+            plain_t, plain_total = t, prefix[t] + rest
         for k in (h - 1, h):
             if 0 <= k < t:
                 total = max(k * c, prefix[t] - prefix[k]) + rest
                 # ties (to rounding) between two loads go to the later end: more is loaded
                 if total < best_total * _TIE or (best_t and total <= best_total / _TIE):
                     best_h, best_t, best_total = k, t, min(total, best_total)
+    # a split must clearly beat loading without one (it always beats recompute, or it would
+    # not be the best); no plan may lose to the best one without a split
+    if (best_h > 0 and plain_t > 0 and best_total >= SPLIT_GAIN * plain_total
+            or plain_total < best_total * _TIE):
+        best_h, best_t = 0, plain_t
     if best_t == 0:
         return LoadPlan(0, 0, 0.0, 0.0, cold, None)
-    if best_h > 0:  # loading every hit and computing the rest, unless the split clearly wins
-        plain = prefix[n] + (prompt_len - n * block_size) / speed
-        if plain < cold and best_total >= SPLIT_GAIN * plain:
-            best_h, best_t = 0, n
     load_s = prefix[best_t] - prefix[best_h]
     rest_s = (prompt_len - best_t * block_size) / speed
     return LoadPlan(best_h, best_t - best_h, best_h * c, load_s, rest_s, _deadline(load_s))

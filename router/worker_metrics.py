@@ -48,6 +48,7 @@ GAUGES = frozenset(
         "pool_free_blocks",
         "pool_cached_blocks",
         "prefill_tokens_per_s",
+        "torch_threads",
         "store_blocks",
         "store_capacity_bytes",
         "store_used_bytes",

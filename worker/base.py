@@ -160,6 +160,7 @@ class WorkerBase:
 
         s = self.loop.call(collect)
         s["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        s["torch_threads"] = torch.get_num_threads()  # the engine's intra-op threads
         s["pid"] = os.getpid()  # `strata bench soak --server` kills workers by it; not a metric
         return s
 

@@ -114,6 +114,13 @@ def test_decode_through_service(tmp_path) -> None:
         assert r["tbt_s"]["count"] == r["batch"] * 6 and r["ms_per_token"] > 0
     ratios = data["service_over_inprocess"]
     assert [r["batch"] for r in ratios] == [1, 4]
+    # the reference runs with the decode worker's threads; every core beside it
+    threads = data["config"]["decode_worker_threads"]
+    assert threads >= 1 and data["inprocess"]["machine"]["torch_threads"] == threads
+    assert data["inprocess_all_cores"]["machine"]["torch_threads"] == os.cpu_count()
+    for r, full in zip(ratios, data["inprocess_all_cores"]["rows"]):
+        assert r["ratio_all_cores"] == pytest.approx(
+            r["service_tokens_per_s"] / full["mean_tokens_per_s"])
     for r, loc in zip(ratios, data["inprocess"]["rows"]):
         # like with like: tokens over wall time on both sides (the in-process mean step)
         assert r["inprocess_tokens_per_s"] == pytest.approx(loc["mean_tokens_per_s"])
