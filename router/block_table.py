@@ -39,6 +39,7 @@ _RECORD = np.dtype([("k0", "<u8"), ("k1", "<u4"), ("row", "<i4")])
 _KEY = np.dtype([("k0", "<u8"), ("k1", "<u4"), ("rest", "<u4")])  # a 16-byte hash
 _WINDOW = 8  # slots a probe round after the first looks at per key (128 bytes)
 _STEPS = np.arange(_WINDOW)
+_FEW_KEYS = 32  # up to this many keys (a walk's first chunk), the first round looks at 4 slots
 
 
 def split_hashes(hashes: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -106,14 +107,17 @@ class BlockTable:
     def _scan(self, k0: np.ndarray, k1: np.ndarray, pos: np.ndarray,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``_probe`` from slots ``pos`` on, in rounds until each key is found or a free slot:
-        the first looks at one slot per key (most keys end there, and a round's cost is mostly
-        numpy's per-call overhead), the later ones at ``_WINDOW`` slots per key left."""
-        ends, hit, at, got = self._round(k0, k1, pos, 1)
+        the first looks at one slot per key (most keys end there; a window costs several times
+        more per key) or, for a few keys, at four (a round costs mostly numpy's per-call
+        overhead then: one round more costs more than the wider window), the later ones at
+        ``_WINDOW`` slots per key left."""
+        width = 1 if len(k0) > _FEW_KEYS else 4
+        ends, hit, at, got = self._round(k0, k1, pos, width)
         ids = np.where(hit, at, -1)
         rows = np.where(hit, got, EMPTY_ROW)
         free = np.where(ends & ~hit, at, -1)
         todo = np.flatnonzero(~ends)
-        pos = pos[todo] + 1
+        pos = pos[todo] + width
         while len(todo):
             ends, hit, at, got = self._round(k0[todo], k1[todo], pos, _WINDOW)
             ids[todo] = np.where(hit, at, -1)
