@@ -39,6 +39,9 @@ def op_code(tier_num: int, stored: bool) -> int:
 
 ANY_STORED = sum(op_code(t, True) for t in range(NUM_TIERS))  # code & this: stores somewhere
 _LOW_BITS = sum(1 << (2 * t) for t in range(NUM_TIERS))
+# a bit per tier that an operation code touches, by code
+_TIERS_OF = [sum(1 << t for t in range(NUM_TIERS) if (code >> (2 * t)) & 3)
+             for code in range(1 << (2 * NUM_TIERS))]
 
 
 def merge_ops(batch: Sequence[tuple[int, Sequence[bytes]]]) -> list[tuple[int, Sequence[bytes]]]:
@@ -48,11 +51,11 @@ def merge_ops(batch: Sequence[tuple[int, Sequence[bytes]]]) -> list[tuple[int, S
     one of the two commutes with every event between them: those touch none of its tiers."""
     out: list[tuple[int, Sequence[bytes]]] = []
     for code, hashes in batch:
-        tiers = _tiers_of(code)
+        tiers = _TIERS_OF[code]
         between = 0  # tiers the events after out[j] touch
         for j in range(len(out) - 1, -1, -1):
             last_code, last_hashes = out[j]
-            last_tiers = _tiers_of(last_code)
+            last_tiers = _TIERS_OF[last_code]
             if (not tiers & last_tiers and (hashes is last_hashes or hashes == last_hashes)
                     and not (between & tiers and between & last_tiers)):
                 merged = (last_code | code, last_hashes)
@@ -66,11 +69,6 @@ def merge_ops(batch: Sequence[tuple[int, Sequence[bytes]]]) -> list[tuple[int, S
         else:
             out.append((code, hashes))
     return out
-
-
-def _tiers_of(code: int) -> int:
-    """A bit per tier that operation ``code`` touches."""
-    return sum(1 << t for t in range(NUM_TIERS) if (code >> (2 * t)) & 3)
 
 
 def fold_codes(codes: np.ndarray, starts: np.ndarray) -> np.ndarray:
