@@ -205,7 +205,7 @@ def scale_point(
         for w in names:
             ref.add_worker(w)
         row["before"] = {"events_per_s": ref_rate, "index_bytes": deep_sizeof(ref)}
-    for part in (row, row.get("before", {})):
+    for part in (row, row["before"]) if with_reference else (row,):
         part["index_bytes_per_mblock"] = part["index_bytes"] / max(1, blocks) * 1e6
     cost = make_cost_model(profile, names)
     rng = random.Random(seed)

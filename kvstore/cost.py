@@ -94,27 +94,30 @@ def plan_load(
 ) -> LoadPlan:
     """Which of the leading cached blocks to load and which to compute (see the module)."""
     max_blocks = (prompt_len - 1) // block_size
-    loads: list[float | None] = []  # per loadable block: seconds (None: unknown speed)
+    loads: list[tuple[float | None, int]] = []  # per run: seconds a block (None: unknown), blocks
+    num_loads = 0
     for tier, num in runs:
         bw = speeds.bandwidth(tier)
-        if len(loads) >= max_blocks or bw is not None and bw <= 0:
+        if num_loads >= max_blocks or bw is not None and bw <= 0:
             break  # a tier that cannot be loaded here ends what can be loaded
-        num = min(num, max_blocks - len(loads))
-        loads.extend([None if bw is None else block_nbytes / bw] * num)
+        num = min(num, max_blocks - num_loads)
+        loads.append((None if bw is None else block_nbytes / bw, num))
+        num_loads += num
     speed = speeds.prefill_tokens_per_s
-    if speed is None or None in loads:  # a speed not known yet: load everything loadable
-        known = [x for x in loads if x is not None]
-        load_s = sum(known) if len(known) == len(loads) else math.nan
-        rest_s = math.nan if speed is None else (prompt_len - len(loads) * block_size) / speed
-        return LoadPlan(0, len(loads), 0.0, load_s, rest_s, None)
+    if speed is None or any(x is None for x, _ in loads):  # load everything loadable
+        known = [x for x, num in loads if x is not None for _ in range(num)]
+        load_s = sum(known) if len(known) == num_loads else math.nan
+        rest_s = math.nan if speed is None else (prompt_len - num_loads * block_size) / speed
+        return LoadPlan(0, num_loads, 0.0, load_s, rest_s, None)
     if not overlap:
-        return _sequential(runs, loads, prompt_len, block_size, block_nbytes, speeds, speed)
-    return _split([x for x in loads if x is not None], prompt_len, block_size, speed)
+        return _sequential(runs, num_loads, prompt_len, block_size, block_nbytes, speeds, speed)
+    per_block = [x for x, num in loads if x is not None for _ in range(num)]
+    return _split(per_block, prompt_len, block_size, speed)
 
 
 def _sequential(
     runs: Sequence[tuple[str, int]],
-    loads: list[float | None],
+    num_loads: int,
     prompt_len: int,
     block_size: int,
     block_nbytes: int,
@@ -124,11 +127,11 @@ def _sequential(
     best_k, best_load, best_total = 0, 0.0, prompt_len / speed
     k, load = 0, 0.0
     for tier, num in runs:
-        if k >= len(loads):
+        if k >= num_loads:
             break
         bw = speeds.bandwidth(tier)
         assert bw is not None and bw > 0
-        num = min(num, len(loads) - k)
+        num = min(num, num_loads - k)
         k += num
         load += num * (block_nbytes / bw)
         total = load + (prompt_len - k * block_size) / speed

@@ -1,11 +1,12 @@
 """Applying a worker's batch of block events to the block table and the rows.
 
-A batch (``(op code, block hashes)`` per event, in order) becomes one pass: every hash is
-looked up at once, sorted by its first bytes (the table is then probed in slot order, and a
-block's entries sit together), the events are folded per block (``block_rows.fold_codes``:
-per tier, the last event wins), and each block moves to its new row: the new row of each
-distinct (old row, code) pair is computed once, the worker's block counts and the rows'
-reference counts change by pair, not by block.
+A batch (``(op code, block hashes)`` per event, in order) becomes one pass: events on the same
+hashes in different tiers merge into one (``block_rows.merge_ops``), every hash is looked up at
+once (equal hashes get equal block ids), and only when a block is in several events are the
+ids sorted and the events folded per block (``block_rows.fold_codes``: per tier, the last
+event wins); each block then moves to its new row: the new row of each distinct (old row,
+code) pair is computed once, the worker's block counts and the rows' reference counts change
+by pair, not by block.
 """
 
 from __future__ import annotations
@@ -29,41 +30,49 @@ class EventApplier:
         self.table, self.rows, self.counts = table, rows, counts
 
     def apply(self, slot: int, batch: Batch) -> None:
-        """The events of ``batch`` (in order) of the worker at ``slot``: the hashes sorted
-        (the table is then probed in slot order) and each looked up once, the events folded
-        per block, one pass over the rows."""
+        """The events of ``batch`` (in order) of the worker at ``slot``: every hash looked up
+        once, the events folded per block when a block is in more than one of them, one pass
+        over the rows."""
         batch = merge_ops([(code, hashes) for code, hashes in batch if len(hashes)])
         if not batch:
             return
         k0, k1 = _keys([hashes for _, hashes in batch])
         codes = np.repeat(np.array([code for code, _ in batch], np.int64),
                           [len(hashes) for _, hashes in batch])
-        order = np.argsort(k0, kind="stable")  # a block's events stay in order
-        k0, k1, codes = k0[order], k1[order], codes[order]
-        same0 = k0[1:] == k0[:-1]
-        same = same0 & (k1[1:] == k1[:-1])
-        if (same0 & ~same).any():  # two blocks share their first 8 bytes: order by all 12
-            order = np.lexsort((k1, k0))
-            k0, k1, codes = k0[order], k1[order], codes[order]
-            same = (k0[1:] == k0[:-1]) & (k1[1:] == k1[:-1])
-        if same.any():
-            starts = np.flatnonzero(np.concatenate([[True], ~same]))
-            codes = fold_codes(codes, starts)
-            k0, k1 = k0[starts], k1[starts]
         stores = any(code & ANY_STORED for code, _ in batch)
-        ids = self.table.find_keys(k0, k1, insert=stores)
+        ids = self.table.find_keys(k0, k1, insert=stores)  # equal hashes: equal ids
         if not stores:
             known = ids >= 0
             ids, codes = ids[known], codes[known]
-        self._apply_distinct(slot, ids, codes)
+        old = self._rows_if_distinct(ids)
+        if old is None:  # a block in several events: fold them, in order, per block
+            order = np.argsort(ids, kind="stable")
+            ids, codes = ids[order], codes[order]
+            starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
+            codes = fold_codes(codes, starts)
+            ids = ids[starts]
+            old = self.table.row_of[ids]
+        self._apply_distinct(slot, ids, old, codes)
 
-    def _apply_distinct(self, slot: int, ids: np.ndarray, codes: np.ndarray) -> None:
-        """Operation ``codes[i]`` of the worker at ``slot`` on block ``ids[i]`` (distinct):
-        the new row of each distinct (old row, code) computed once."""
+    def _rows_if_distinct(self, ids: np.ndarray) -> np.ndarray | None:
+        """The row of each block of ``ids``, or None when an id repeats. Found without a sort:
+        each position is written into its block's row id and read back (a repeated id keeps
+        the last position written), then the row ids are put back; the lock is held."""
+        row_of = self.table.row_of
+        old = row_of[ids]
+        each = np.arange(len(ids), dtype=row_of.dtype)
+        row_of[ids] = each
+        repeats = bool((row_of[ids] != each).any())
+        row_of[ids] = old
+        return None if repeats else old
+
+    def _apply_distinct(self, slot: int, ids: np.ndarray, old: np.ndarray, codes: np.ndarray,
+                        ) -> None:
+        """Operation ``codes[i]`` of the worker at ``slot`` on block ``ids[i]`` (distinct), in
+        row ``old[i]``: the new row of each distinct (old row, code) computed once."""
         if not len(ids):
             return
         table, rows = self.table, self.rows
-        old = table.row_of[ids]
         word, bit = slot_word(slot)
         key = (old.astype(np.int64) << 6) | codes  # codes fit in 6 bits
         pairs, inv, num = _distinct(key, rows.num_rows << 6)

@@ -39,21 +39,35 @@ def op_code(tier_num: int, stored: bool) -> int:
 
 ANY_STORED = sum(op_code(t, True) for t in range(NUM_TIERS))  # code & this: stores somewhere
 _LOW_BITS = sum(1 << (2 * t) for t in range(NUM_TIERS))
+# a bit per tier that an operation code touches, by code
+_TIERS_OF = [sum(1 << t for t in range(NUM_TIERS) if (code >> (2 * t)) & 3)
+             for code in range(1 << (2 * NUM_TIERS))]
 
 
 def merge_ops(batch: Sequence[tuple[int, Sequence[bytes]]]) -> list[tuple[int, Sequence[bytes]]]:
-    """Consecutive events on the same hashes in different tiers as one operation (a block
-    written through to host and disk: one pass over the rows instead of two)."""
+    """Events on the same hashes in different tiers as one operation (a block written through
+    to host and disk: one pass over the rows instead of two, and no block twice in the batch,
+    which would need ``fold_codes``). An event joins an earlier one on the same hashes when
+    one of the two commutes with every event between them: those touch none of its tiers."""
     out: list[tuple[int, Sequence[bytes]]] = []
     for code, hashes in batch:
-        if out:
-            last_code, last_hashes = out[-1]
-            free = all((last_code >> (2 * t)) & 3 == 0 for t in range(NUM_TIERS)
-                       if (code >> (2 * t)) & 3)
-            if free and (hashes is last_hashes or hashes == last_hashes):
-                out[-1] = (last_code | code, last_hashes)
-                continue
-        out.append((code, hashes))
+        tiers = _TIERS_OF[code]
+        between = 0  # tiers the events after out[j] touch
+        for j in range(len(out) - 1, -1, -1):
+            last_code, last_hashes = out[j]
+            last_tiers = _TIERS_OF[last_code]
+            if (not tiers & last_tiers and (hashes is last_hashes or hashes == last_hashes)
+                    and not (between & tiers and between & last_tiers)):
+                merged = (last_code | code, last_hashes)
+                if between & tiers:  # the earlier event moves after the ones between
+                    del out[j]
+                    out.append(merged)
+                else:  # this one moves back to the earlier one
+                    out[j] = merged
+                break
+            between |= last_tiers
+        else:
+            out.append((code, hashes))
     return out
 
 

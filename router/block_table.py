@@ -37,8 +37,9 @@ _TARGET_LOAD = 0.3  # held blocks over capacity right after a rebuild
 
 _RECORD = np.dtype([("k0", "<u8"), ("k1", "<u4"), ("row", "<i4")])
 _KEY = np.dtype([("k0", "<u8"), ("k1", "<u4"), ("rest", "<u4")])  # a 16-byte hash
-_WINDOW = 8  # slots a probe round looks at per key past its home (128 bytes)
+_WINDOW = 8  # slots a probe round after the first looks at per key (128 bytes)
 _STEPS = np.arange(_WINDOW)
+_FEW_KEYS = 32  # up to this many keys (a walk's first chunk), the first round looks at 4 slots
 
 
 def split_hashes(hashes: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -105,35 +106,45 @@ class BlockTable:
 
     def _scan(self, k0: np.ndarray, k1: np.ndarray, pos: np.ndarray,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``_probe`` from slots ``pos`` on: each round looks at a window of slots per key (the
-        first round 4, 64 bytes; then ``_WINDOW``), until each key is found or a free slot."""
-        ends, hit, at, got = self._round(k0, k1, pos, _STEPS[:4])
+        """``_probe`` from slots ``pos`` on, in rounds until each key is found or a free slot:
+        the first looks at one slot per key (most keys end there; a window costs several times
+        more per key) or, for a few keys, at four (a round costs mostly numpy's per-call
+        overhead then: one round more costs more than the wider window), the later ones at
+        ``_WINDOW`` slots per key left."""
+        width = 1 if len(k0) > _FEW_KEYS else 4
+        ends, hit, at, got = self._round(k0, k1, pos, width)
         ids = np.where(hit, at, -1)
         rows = np.where(hit, got, EMPTY_ROW)
         free = np.where(ends & ~hit, at, -1)
         todo = np.flatnonzero(~ends)
-        pos = pos[todo] + 4
+        pos = pos[todo] + width
         while len(todo):
-            ends, hit, at, got = self._round(k0[todo], k1[todo], pos, _STEPS)
+            ends, hit, at, got = self._round(k0[todo], k1[todo], pos, _WINDOW)
             ids[todo] = np.where(hit, at, -1)
             rows[todo] = np.where(hit, got, EMPTY_ROW)
             free[todo] = np.where(ends & ~hit, at, -1)
             todo, pos = todo[~ends], pos[~ends] + _WINDOW
         return ids, rows, free
 
-    def _round(self, k0: np.ndarray, k1: np.ndarray, pos: np.ndarray, steps: np.ndarray,
+    def _round(self, k0: np.ndarray, k1: np.ndarray, pos: np.ndarray, width: int,
                ) -> tuple[np.ndarray, ...]:
-        """One probe round over ``steps`` slots from ``pos``: per key, whether it ended (found,
+        """One probe round over ``width`` slots from ``pos``: per key, whether it ended (found,
         or a free slot), whether found, the slot it ended at and that slot's row."""
-        window = (pos[:, None] + steps) & (self.capacity - 1)  # [key, step]
+        mask = self.capacity - 1
+        if width == 1:
+            at = pos & mask
+            rec = np.take(self.slots, at)
+            got = rec["row"]
+            ends = (got == FREE) | ((rec["k0"] == k0) & (rec["k1"] == k1))
+            return ends, ends & (got != FREE), at, got
+        window = (pos[:, None] + _STEPS[:width]) & mask  # [key, step]
         rec = np.take(self.slots, window)
         row = rec["row"]
         stop = (row == FREE) | ((rec["k0"] == k0[:, None]) & (rec["k1"] == k1[:, None]))
-        step = stop.argmax(axis=1)
-        each = np.arange(len(pos))
-        got = row[each, step]
-        ends = stop[each, step]
-        return ends, ends & (got != FREE), window[each, step], got
+        at = (pos + stop.argmax(axis=1)) & mask  # the first slot it stops at
+        got = self.row_of[at]
+        ends = stop.any(axis=1)
+        return ends, ends & (got != FREE), at, got
 
     def _insert(self, k0: np.ndarray, k1: np.ndarray, ids: np.ndarray, free: np.ndarray) -> None:
         """Give the keys not found (``ids`` -1) the free slots their probes ended at. When

@@ -218,11 +218,13 @@ class ResidencyWalk:
         for now in (held, device, host):
             changed[1:] |= now[1:] ^ now[:-1]
         point, word = np.nonzero(changed)  # the words with a change
-        bits = np.unpackbits(changed[point, word].view(np.uint8).reshape(-1, 8), axis=1,
-                             bitorder="little")
-        which, bit = np.nonzero(bits)
-        if not len(which):
+        octets = changed[point, word].view(np.uint8).reshape(-1, 8)
+        which, octet = np.nonzero(octets)  # their bytes with a change (a change: a few bits)
+        bits = np.unpackbits(octets[which, octet][:, None], axis=1, bitorder="little")
+        at, low = np.nonzero(bits)
+        if not len(at):
             return Residency(num_slots)
+        which, bit = which[at], octet[at] * 8 + low
         point, word = point[which], word[which]
         shift = bit.astype(np.uint64)
         state = ((held[point, word] >> shift) & 1).astype(np.int64)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from bench.router_ref import ReferenceBlockIndex, reference_choose_prefill
 from kvstore.keys import hash_prompt_blocks
 from proto.worker_api import BlockEvent
+from router.block_rows import merge_ops, op_code
 from router.index import TIERS, GlobalBlockIndex, _words_of
 from router.placement import CostModel, WorkerProfile
 
@@ -38,6 +39,11 @@ def ops(num_workers: int) -> st.SearchStrategy:
     # disk): merged into one pass over the rows where their tiers differ
     same = st.tuples(st.just("same"), worker, blocks,
                      st.lists(st.tuples(kind, tiers), min_size=2, max_size=5))
+    # events on a few hash lists, interleaved (evicted from HBM, stored in HBM, evicted from
+    # host, written through to host and disk): merged across the events between them
+    lists = st.tuples(st.just("lists"), worker, st.lists(blocks, min_size=2, max_size=3),
+                      st.lists(st.tuples(kind, tiers, st.integers(0, 2)), min_size=2,
+                               max_size=7))
     gone = st.tuples(st.just("gone"), worker)
     resync = st.tuples(st.just("resync"), worker, st.dictionaries(tiers, blocks, max_size=3))
     compact = st.just(("compact",))
@@ -47,7 +53,7 @@ def ops(num_workers: int) -> st.SearchStrategy:
                          st.lists(st.tuples(kind, tiers, blocks), max_size=3))
     snapshot = st.tuples(st.just("snapshot"), worker, epoch, seq,
                          st.dictionaries(tiers, blocks, max_size=3))
-    return st.lists(st.one_of(event, event, batch, batch, same, gone, resync, compact,
+    return st.lists(st.one_of(event, event, batch, batch, same, lists, gone, resync, compact,
                               numbered, numbered, snapshot), max_size=60)
 
 
@@ -83,6 +89,11 @@ def _apply(op: tuple, index: GlobalBlockIndex, ref: ReferenceBlockIndex) -> None
     elif op[0] == "same":
         hashes = tuple(H[i] for i in op[2])
         events = [BlockEvent(kind, tier, hashes) for kind, tier in op[3]]
+        index.apply_many(op[1], events)
+        ref.apply_many(op[1], events)
+    elif op[0] == "lists":
+        hashes = [tuple(H[i] for i in idx) for idx in op[2]]
+        events = [BlockEvent(kind, tier, hashes[i % len(hashes)]) for kind, tier, i in op[3]]
         index.apply_many(op[1], events)
         ref.apply_many(op[1], events)
     elif op[0] == "resync":
@@ -229,3 +240,37 @@ def test_bit_sets_of_slots() -> None:
     words = _words_of(slots, 16)
     bits = np.unpackbits(words.view(np.uint8), bitorder="little")
     assert np.flatnonzero(bits).tolist() == sorted(int(s) for s in slots if s >= 0)
+
+
+def test_events_on_the_same_hashes_merge_across_events_on_other_tiers() -> None:
+    a, b, c = (tuple(H[i : i + 3]) for i in (0, 3, 6))
+    dev, host, disk = (TIERS.index(t) for t in ("device", "host", "disk"))
+    batch = [(op_code(dev, False), a), (op_code(dev, True), b), (op_code(host, False), c),
+             (op_code(host, True), b), (op_code(disk, True), tuple(H[3:6]))]
+    # HBM store of b moves past the host removal of c; the disk store (equal hashes) joins
+    assert merge_ops(batch) == [
+        (op_code(dev, False), a), (op_code(host, False), c),
+        (op_code(dev, True) | op_code(host, True) | op_code(disk, True), b)]
+    # the later event moves back past an event on another tier (host), where the earlier
+    # one (HBM) could not move past one on its own (HBM)
+    assert merge_ops([(op_code(dev, True), b), (op_code(host, False), a),
+                      (op_code(disk, True), b)]) == [
+        (op_code(dev, True) | op_code(disk, True), b), (op_code(host, False), a)]
+    assert merge_ops([(op_code(host, True), b), (op_code(dev, False), a),
+                      (op_code(dev, True), b)]) == [
+        (op_code(dev, False), a), (op_code(host, True) | op_code(dev, True), b)]
+    # neither commutes with the events between them (one on each one's tier): kept apart
+    apart = [(op_code(dev, True), b), (op_code(dev, False), a), (op_code(host, False), c),
+             (op_code(host, True), b)]
+    assert merge_ops(apart) == apart
+
+
+def test_a_batch_with_repeated_blocks_folds_them_and_leaves_other_rows_alone() -> None:
+    index = GlobalBlockIndex()
+    index.apply("a", BlockEvent("stored", "disk", tuple(H[:4])))
+    index.apply_many("b", [BlockEvent("stored", "device", (H[0], H[1], H[0])),
+                           BlockEvent("removed", "device", (H[1],)),
+                           BlockEvent("stored", "host", (H[1], H[2]))])
+    assert index.leading_tiers("a", H[:4]) == ["disk"] * 4
+    assert index.leading_tiers("b", H[:4]) == ["device", "host", "host"]
+    assert (index.num_blocks("b"), index.num_blocks("b", "device")) == (3, 1)
