@@ -6,7 +6,9 @@ and after (``GlobalBlockIndex``), measured side by side on the same state.
   them;
 - index bytes: every object the index holds (dicts, sets, rows, the hash keys, arrays),
   counted once, and per million blocks held;
-- placement: ``choose_prefill`` of a 32K-token prompt (2,048 blocks) over every worker, on the
+- placement: ``choose_prefill`` of a 32K-token prompt (2,048 blocks) over every worker (a
+  warm-up call, timed apart as the first call after a full garbage collection, then the timed
+  calls), on the
   replay's final state, with the prompt held by no worker, one, a quarter or all of them (in
   HBM, host and disk: 512 / 1,024 / 512 blocks), and ``mixed``: every worker holding a prefix
   of its own length in tiers split at their own points (a distinct residency per worker);
@@ -135,18 +137,20 @@ def placement_latency(
     rng = random.Random(seed)
     prompt = synthetic_prompt(seed)
     prompt_len = PROMPT_BLOCKS * 16
-    out: dict[str, Any] = {"after": {}, "before": {}, "agree": True, "disagree": {}}
+    out: dict[str, Any] = {"after": {}, "before": {}, "agree": True, "disagree": {},
+                           "first_call": {}}
     indexes: list[_Index] = [new] if ref is None else [new, ref]
     for scenario in SCENARIOS:
         held = holdings(scenario, names, prompt, rng)
         for index in indexes:
             for w, events in held.items():
                 index.apply_many(w, events)
-        times, placed = _time(lambda: cost.choose_prefill(names, new, prompt, prompt_len),
-                              samples)
+        times, placed, first = _time(
+            lambda: cost.choose_prefill(names, new, prompt, prompt_len), samples)
         out["after"][scenario] = times
+        out["first_call"][scenario] = first
         if ref is not None:
-            ref_times, ref_placed = _time(
+            ref_times, ref_placed, _ = _time(
                 lambda: reference_choose_prefill(cost, names, ref, prompt, prompt_len),
                 ref_samples)
             out["before"][scenario] = ref_times
@@ -159,10 +163,17 @@ def placement_latency(
     return out
 
 
-def _time(fn: Callable[[], Placement], samples: int) -> tuple[list[float], Placement]:
-    placed = fn()  # warm-up
-    times = []
+def _time(fn: Callable[[], Placement], samples: int) -> tuple[list[float], Placement, float]:
+    """``samples`` timed calls after a warm-up, and the warm-up's own time. The simulator's
+    garbage is collected before the warm-up: a full collection walks the benchmark's whole heap
+    (the trace, the event stream) and leaves the CPU caches cold for the next call, so that call
+    -- the first after the collection, with its code and the table's lines out of cache -- is
+    reported apart (``first_call``), not pooled with the steady calls."""
     gc.collect()
+    t0 = time.perf_counter()
+    placed = fn()
+    first = time.perf_counter() - t0
+    times = []
     gc.disable()  # a collection of the simulator's garbage is not the router's time
     try:
         for _ in range(samples):
@@ -171,7 +182,7 @@ def _time(fn: Callable[[], Placement], samples: int) -> tuple[list[float], Place
             times.append(time.perf_counter() - t0)
     finally:
         gc.enable()
-    return times, placed
+    return times, placed, first
 
 
 def remove_worker_s(index: _Index, worker: str) -> float:
@@ -214,6 +225,7 @@ def scale_point(
         cost.profiles[w].mean_service_s = 0.5
     lat = placement_latency(new, ref, cost, names, samples, ref_samples, seed)
     row["placement"] = lat["after"]
+    row["placement_first_call"] = lat["first_call"]
     if ref is not None:
         row["before"]["placement"] = lat["before"]
         row["placements_agree"] = lat["agree"]

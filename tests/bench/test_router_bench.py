@@ -123,6 +123,7 @@ def test_bench_router_small_run(tmp_path) -> None:
                     "index_bytes", "index_bytes_per_mblock"):
             assert row[key] > 0 and row["before"][key] > 0
         assert row["placement_p50_ms"] <= row["placement_p99_ms"]
+        assert row["placement_first_call_ms"] > 0  # timed apart, not pooled
         assert row["placements_agree"] is True and row["ttft_over_reference"] == {}
         assert set(row["placement_ms"]) == {"none", "one", "quarter", "all", "mixed"}
         for pol in ("prefix-aware", "load-only", "random"):
