@@ -209,7 +209,7 @@ def run_inprocess(
                         samples.append({
                             "length": length, "repeat": rep, "mode": mode, "ttft_s": res.ttft_s,
                             "num_cached_tokens": res.num_cached_tokens,
-                            "cached_by_tier": res.cached_by_tier,
+                            "cached_by_tier": res.cached_by_tier, "load_s": res.load_s,
                             "output_token_ids": res.output_token_ids,
                             **({"logits": gap} if gap else {}),
                             **({"disk_reread_floor_s": reread} if reread is not None else {}),
@@ -377,6 +377,8 @@ def _summarize(
                 (row["disk_s"] - row["host_s"]) / read_floor if read_floor > 0 else None)
             rereads = [s["disk_reread_floor_s"] for s in samples if s["length"] == length
                        and s["mode"] == "disk" and "disk_reread_floor_s" in s]
+            row["disk_load_s"] = statistics.median(  # start of the load to its last arrival
+                s["load_s"] for s in samples if s["length"] == length and s["mode"] == "disk")
             if rereads:  # the same bytes read raw right after each run: the device's speed then
                 row["disk_reread_floor_s"] = statistics.median(rereads)
                 row["disk_minus_host_over_reread_floor"] = (
@@ -424,7 +426,8 @@ def render_table(result: dict[str, Any]) -> str:
     headers = ["tokens", "cold ms"]
     for tier in MODES[1:]:
         headers += [f"{tier} ms", "floor ms", "x floor", "/cold"]
-    headers += ["disk loaded", "(disk-host)/floor", "re-read ms", "(disk-host)/re-read"]
+    headers += ["disk loaded", "load ms", "(disk-host)/floor", "re-read ms",
+                "(disk-host)/re-read"]
     rows = []
     for r in result["summary"]:
         row: list[object] = [r["length"], r["cold_s"] * 1e3]
@@ -432,7 +435,9 @@ def render_table(result: dict[str, Any]) -> str:
             row += [r[f"{tier}_s"] * 1e3, r[f"{tier}_floor_s"] * 1e3, r[f"{tier}_over_floor"],
                     r[f"{tier}_over_cold"]]
         reread = r.get("disk_reread_floor_s")
-        row += [r.get("disk_loaded_tokens"), r.get("disk_minus_host_over_floor"),
+        load = r.get("disk_load_s")
+        row += [r.get("disk_loaded_tokens"), load * 1e3 if load is not None else None,
+                r.get("disk_minus_host_over_floor"),
                 reread * 1e3 if reread is not None else None,
                 r.get("disk_minus_host_over_reread_floor")]
         rows.append(row)

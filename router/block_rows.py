@@ -42,18 +42,20 @@ _LOW_BITS = sum(1 << (2 * t) for t in range(NUM_TIERS))
 # a bit per tier that an operation code touches, by code
 _TIERS_OF = [sum(1 << t for t in range(NUM_TIERS) if (code >> (2 * t)) & 3)
              for code in range(1 << (2 * NUM_TIERS))]
+MERGE_WINDOW = 16  # earlier events an event may join (bounds a batch's merging to O(events))
 
 
 def merge_ops(batch: Sequence[tuple[int, Sequence[bytes]]]) -> list[tuple[int, Sequence[bytes]]]:
     """Events on the same hashes in different tiers as one operation (a block written through
     to host and disk: one pass over the rows instead of two, and no block twice in the batch,
     which would need ``fold_codes``). An event joins an earlier one on the same hashes when
-    one of the two commutes with every event between them: those touch none of its tiers."""
+    one of the two commutes with every event between them: those touch none of its tiers.
+    Only the last ``MERGE_WINDOW`` operations are looked at."""
     out: list[tuple[int, Sequence[bytes]]] = []
     for code, hashes in batch:
         tiers = _TIERS_OF[code]
         between = 0  # tiers the events after out[j] touch
-        for j in range(len(out) - 1, -1, -1):
+        for j in range(len(out) - 1, max(-1, len(out) - 1 - MERGE_WINDOW), -1):
             last_code, last_hashes = out[j]
             last_tiers = _TIERS_OF[last_code]
             if (not tiers & last_tiers and (hashes is last_hashes or hashes == last_hashes)

@@ -110,6 +110,7 @@ def test_decode_through_service(tmp_path) -> None:
     for r in data["rows"]:
         assert r["tokens"] == r["batch"] * 7  # every stream got all its tokens
         assert 0 < r["steady_tokens"] < r["tokens"] and r["steady_s"] > 0
+        assert r["batch"] // 2 <= r["decoding_together"] <= r["batch"]
         assert r["tokens_per_s"] == pytest.approx(r["steady_tokens"] / r["steady_s"])
         assert r["tbt_s"]["count"] == r["batch"] * 6 and r["ms_per_token"] > 0
     ratios = data["service_over_inprocess"]

@@ -46,6 +46,9 @@ def test_ttft_quick_inprocess(tmp_path, capsys) -> None:
             assert row[f"{tier}_floor_s"] > 0
             assert row[f"{tier}_over_floor"] == row[f"{tier}_s"] / row[f"{tier}_floor_s"]
         assert 0 <= row["disk_loaded_tokens"] <= row["cached_tokens"]
+        disk_runs = [s for s in samples if s["length"] == row["length"] and s["mode"] == "disk"]
+        assert all(0 <= s["load_s"] <= s["ttft_s"] for s in disk_runs)
+        assert row["disk_load_s"] == statistics.median(s["load_s"] for s in disk_runs)
         rereads = [s["disk_reread_floor_s"] for s in samples
                    if s["length"] == row["length"] and "disk_reread_floor_s" in s]
         if rereads:  # the same bytes read raw after each disk run: the median is the floor
