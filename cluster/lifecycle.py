@@ -23,7 +23,7 @@ from typing import Any
 
 from cluster.errors import ClusterError, UsageError
 from cluster.flags import ENV_RAY_ADDRESS, env
-from cluster.quiet import LOCAL_RAY_ENV, use_local_ray
+from cluster.quiet import LOCAL_RAY_ENV, SERVING_RAY_ENV, use_local_ray
 
 HEAD_PORT = 6379
 
@@ -102,7 +102,7 @@ def start_head(resources: dict[str, float]) -> tuple[str, bool]:
     ]
     from cluster.launcher import worker_env
 
-    environ = {**os.environ, **LOCAL_RAY_ENV, **worker_env()}
+    environ = {**SERVING_RAY_ENV, **os.environ, **LOCAL_RAY_ENV, **worker_env()}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=environ)
     if proc.returncode != 0:
         lines = (proc.stdout + "\n" + proc.stderr).strip().splitlines()

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.quiet import SERVING_RAY_ENV
 from cluster.testbed.agent import Agent
 from cluster.testbed.host import ROOT, Host, Lan, TestbedError
 
@@ -73,8 +74,9 @@ class HostCluster:
         self.root = root
         # Ray's own token authentication on, one token for the cluster's nodes and drivers
         # (as across machines; left unset, Ray turns it on or off by what ~/.ray holds).
-        self.env = {**os.environ, "PYTHONPATH": ROOT, "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.env = {**SERVING_RAY_ENV, **os.environ, "PYTHONPATH": ROOT,
+                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.hosts: dict[str, Host] = {}
         self.specs = {h.name: h for h in config.workers}
         self._agents: dict[str, Agent] = {}

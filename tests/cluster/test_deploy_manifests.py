@@ -100,8 +100,10 @@ def test_pods_mount_models_and_shm_and_take_secrets_from_the_secret(docs) -> Non
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert "persistentVolumeClaim" in volumes[mounts["/models"]]
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
-        env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", e.get("value"))
+               for e in container["env"]}
         assert env["STRATA_TOKEN"]["name"] == env["STRATA_SECRET"]["name"] == "strata-secrets"
+        assert env["RAY_worker_niceness"] == "0"  # the service at the usual priority
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265, 50051, 8000, 9090}
 

@@ -73,6 +73,15 @@ def _router_counters(client) -> dict[str, float]:
     return {k: v for k, v in client.stats()["router"].items() if k.startswith("strata_router_")}
 
 
+def test_the_service_runs_at_the_usual_priority(service):
+    """Ray starts its workers at niceness 15 unless told otherwise (cluster.quiet): the engines
+    and the router would then lose their cores to any other process of the node."""
+    for worker_id, w in _workers(service).items():
+        with open(f"/proc/{w['pid']}/stat") as f:
+            niceness = int(f.read().rsplit(")", 1)[1].split()[16])
+        assert niceness == 0, (worker_id, niceness)
+
+
 def test_decode_worker_killed_mid_decode(service, client, reference_engine):
     seeds = [None, None, 11, 12, None, 13]
     prompts = [prompt(180 + 20 * i, 70 + i) for i in range(len(seeds))]
