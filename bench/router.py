@@ -187,14 +187,16 @@ def _row(point: dict[str, Any], runs: dict[str, ReplayResult], prompt_tokens: in
 
 def render_table(result: dict[str, Any]) -> str:
     tr, rows = result["trace"], result["rows"]
-    head = ["workers", "place p50 ms", "p99", "1st call", "before p50", "before p99", "mixed p50",
-            "before", "events/s", "before", "MB/M blocks", "before", "remove ms", "before"]
+    head = ["workers", "place p50 ms", "p99", "1st call", "before p50", "before p99",
+            "mixed p50", "before", "events/s", "before", "MB/M blocks", "before", "remove ms",
+            "before"]
     table = []
     for r in rows:
         b = r.get("before", {})
         table.append([
             r["workers"], r["placement_p50_ms"], r["placement_p99_ms"],
-            r["placement_first_call_ms"], b.get("placement_p50_ms"), b.get("placement_p99_ms"), r["mixed_p50_ms"],
+            r["placement_first_call_ms"], b.get("placement_p50_ms"), b.get("placement_p99_ms"),
+            r["mixed_p50_ms"],
             b.get("mixed_p50_ms"), f"{r['events_per_s'] / 1e6:.2f}M",
             f"{b['events_per_s'] / 1e6:.2f}M" if b else None,
             r["index_bytes_per_mblock"] / 2**20,

@@ -10,9 +10,8 @@
   this is the device; where the filesystem refuses ``O_DIRECT`` the tier drops the pages it
   wrote and read, and ``disk_read_method`` says so.
 
-``direct_read_s(runs)`` times raw ``O_DIRECT`` reads of given file ranges (best of queue
-depths, no checksum, no copy): ``DiskTier.direct_read_floor_s`` uses it for the floor of the
-very bytes a load read, at the moment it read them.
+``DiskTier.direct_read_floor_s(hashes)`` is the floor of the very bytes a load read, at the
+moment it read them: those blocks' slots read raw the same way (``segments.direct_read_s``).
 
 ``device_read_ceiling(directory)`` is the device's own sequential read speed: a scratch file read
 with ``O_DIRECT`` in 4 MiB requests at several queue depths (the best one), no checksum, no copy
@@ -119,32 +118,6 @@ def device_read_ceiling(
     finally:
         os.close(fd)
         os.unlink(path)
-
-
-def direct_read_s(
-    runs: list[tuple[int, int, int]],
-    request_nbytes: int = 4 << 20,
-    depths: tuple[int, ...] = (1, 4, 8),
-) -> float:
-    """Seconds to read the ranges ``runs`` (``(fd, offset, nbytes)``, the fds opened with
-    ``O_DIRECT``, offsets and lengths aligned) in requests of at most ``request_nbytes``, in
-    order, at the best of ``depths`` requests in flight."""
-    reqs = [(fd, off + i, min(request_nbytes, n - i))
-            for fd, off, n in runs for i in range(0, n, request_nbytes)]
-    if not reqs:
-        return 0.0
-    best = float("inf")
-    for depth in depths:
-        def read(k: int, depth: int = depth) -> None:
-            buf = aligned_empty(1, request_nbytes).numpy().reshape(-1)
-            for fd, off, n in reqs[k::depth]:
-                os.preadv(fd, [buf[:n].data], off)
-
-        with ThreadPoolExecutor(depth) as pool:
-            start = time.perf_counter()
-            list(pool.map(read, range(depth)))
-            best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _read_share(

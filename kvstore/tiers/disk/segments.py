@@ -22,7 +22,9 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +101,9 @@ class SegmentFiles:
                 fd, off, n = out[-1]
                 out[-1] = (fd, off, n + self.slot_nbytes)
             else:
-                fd = self._fd(seg, create=False)
-                if fd is not None:
-                    out.append((fd, self.offset_of(slot), self.slot_nbytes))
+                seg_fd = self._fd(seg, create=False)
+                if seg_fd is not None:
+                    out.append((seg_fd, self.offset_of(slot), self.slot_nbytes))
             prev = slot
         return out
 
@@ -201,3 +203,29 @@ def _supports_direct(directory: Path) -> bool:
     finally:
         os.close(fd)
         probe.unlink(missing_ok=True)
+
+
+def direct_read_s(
+    runs: list[tuple[int, int, int]],
+    request_nbytes: int = 4 << 20,
+    depths: tuple[int, ...] = (1, 4, 8),
+) -> float:
+    """Seconds to read the ranges ``runs`` (``(fd, offset, nbytes)``, the fds opened with
+    ``O_DIRECT``, offsets and lengths aligned) in requests of at most ``request_nbytes``, in
+    order, at the best of ``depths`` requests in flight."""
+    reqs = [(fd, off + i, min(request_nbytes, n - i))
+            for fd, off, n in runs for i in range(0, n, request_nbytes)]
+    if not reqs:
+        return 0.0
+    best = float("inf")
+    for depth in depths:
+        def read(k: int, depth: int = depth) -> None:
+            buf = aligned_empty(1, request_nbytes).numpy().reshape(-1)
+            for fd, off, n in reqs[k::depth]:
+                os.preadv(fd, [buf[:n].data], off)
+
+        with ThreadPoolExecutor(depth) as pool:
+            start = time.perf_counter()
+            list(pool.map(read, range(depth)))
+            best = min(best, time.perf_counter() - start)
+    return best

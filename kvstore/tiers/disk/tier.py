@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from kvstore.bandwidth import direct_read_s
 from kvstore.events import PublishFn
 from kvstore.keys import BlockHash
 from kvstore.layout import aligned_empty
@@ -51,6 +50,7 @@ from kvstore.tiers.disk.reader import (
 from kvstore.tiers.disk.segments import (
     SegmentFiles,
     classes_on_disk,
+    direct_read_s,
     remove_all,
     remove_class,
 )
@@ -367,7 +367,7 @@ class DiskTier:
 
     def direct_read_floor_s(self, hashes: Sequence[BlockHash]) -> float | None:
         """Seconds the device takes to read these blocks' slots now, raw (``O_DIRECT``, best
-        queue depth, no checksum, no copy: ``kvstore.bandwidth.direct_read_s``): the floor of a
+        queue depth, no checksum, no copy: ``segments.direct_read_s``): the floor of a
         load of exactly these bytes. None without ``O_DIRECT`` or when a block is not on disk."""
         if not self.segments.direct:
             return None
