@@ -28,8 +28,6 @@ def quiet_ray() -> None:
     """Defaults for every ``strata`` process (the user's own settings win)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    for key, value in SERVING_RAY_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 def use_local_ray() -> None:

@@ -11,7 +11,7 @@
   wrote and read, and ``disk_read_method`` says so.
 
 ``DiskTier.direct_read_floor_s(hashes)`` is the floor of the very bytes a load read, at the
-moment it read them: those blocks' slots read raw the same way (``segments.direct_read_s``).
+moment it read them: those blocks' slots read raw the same way (both ``segments.direct_read_s``).
 
 ``device_read_ceiling(directory)`` is the device's own sequential read speed: a scratch file read
 with ``O_DIRECT`` in 4 MiB requests at several queue depths (the best one), no checksum, no copy
@@ -25,7 +25,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +32,7 @@ import torch
 from kvstore.errors import StoreError
 from kvstore.keys import BlockHash
 from kvstore.layout import aligned_empty
+from kvstore.tiers.disk.segments import direct_read_s
 from proto.vocab import Tier
 
 if TYPE_CHECKING:
@@ -107,30 +107,10 @@ def device_read_ceiling(
         for off in range(0, nbytes, request_nbytes):
             os.pwrite(fd, buf.data, off)
         os.fsync(fd)
-        offsets = list(range(0, nbytes, request_nbytes))
-        best = 0.0
-        for depth in depths:
-            with ThreadPoolExecutor(depth) as pool:
-                start = time.perf_counter()
-                list(pool.map(_read_share(fd, offsets, depth, request_nbytes), range(depth)))
-                best = max(best, nbytes / (time.perf_counter() - start) / 1e9)
-        return best
+        return nbytes / direct_read_s([(fd, 0, nbytes)], request_nbytes, depths) / 1e9
     finally:
         os.close(fd)
         os.unlink(path)
-
-
-def _read_share(
-    fd: int, offsets: list[int], depth: int, request_nbytes: int
-) -> Callable[[int], None]:
-    """Reader ``k`` of ``depth``: every ``depth``-th request, into its own aligned buffer."""
-
-    def read(k: int) -> None:
-        buf = aligned_empty(1, request_nbytes).numpy().reshape(-1)
-        for off in offsets[k::depth]:
-            os.preadv(fd, [buf.data], off)
-
-    return read
 
 
 def drop_os_caches() -> bool:

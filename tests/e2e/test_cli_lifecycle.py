@@ -74,7 +74,8 @@ def test_mistakes_fail_before_ray_with_one_line(tmp_path) -> None:
         one_line_error(strata("up", "--port", port), 2, f"--port {port}", "in use")
         one_line_error(strata("up", "--metrics-port", port), 2, "--metrics-port")
         one_line_error(strata("up", STRATA_PORT=port), 2, f"--port {port}")
-    one_line_error(strata("up", "--port", "70000"), 2, "--port must be in [0, 65535]")
+    err = one_line_error(strata("up", "--port", "70000"), 2, "--port must be in [0, 65535]")
+    assert err.startswith("strata up: error:"), err  # the command that failed, then why
     one_line_error(strata("up", STRATA_PORT="http"), 2, "STRATA_PORT")
     one_line_error(strata("up", "--decode", "0"), 2, "--decode")
     gen = ("generate", "--server", "127.0.0.1:1", "--prompt", "hi")

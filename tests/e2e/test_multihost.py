@@ -34,8 +34,8 @@ pytestmark = [pytest.mark.timeout(900),
               pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
 
 
-@pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
+@pytest.fixture(scope="module", name="testbed")
+def _testbed(tmp_path_factory):
     yield from build(str(tmp_path_factory.mktemp("hosts")))
 
 

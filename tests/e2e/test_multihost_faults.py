@@ -37,8 +37,8 @@ pytestmark = [
 DEADLINE_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
+@pytest.fixture(scope="module", name="testbed")
+def _testbed(tmp_path_factory):
     yield from build(str(tmp_path_factory.mktemp("hosts-faults")))
 
 

@@ -53,7 +53,9 @@ def test_rms_norm_with_and_without_residual(dtype: torch.dtype) -> None:
 def test_silu_mul(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     gate_up = torch.randn((4, 2 * 80), generator=gen).to(dtype).to(_device())
-    _close(ops.silu_mul(gate_up, fused=True), ops.silu_mul(gate_up))
+    got = ops.silu_mul(gate_up, fused=True)
+    assert got.shape == (4, 80) and got.dtype == dtype  # half the width: gate * up
+    _close(got, ops.silu_mul(gate_up))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
