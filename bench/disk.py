@@ -13,12 +13,16 @@ read speed (``kvstore.bandwidth.device_read_ceiling``), measured in the same run
    (c) with readahead, ``MADV_WILLNEED`` on every value and 4 threads, and (d) through the disk
    tier (format 2: segment files, ``O_DIRECT`` chunks on reader threads); medians of
    ``--repeats``. Checksums are verified in (a) to (d) alike.
-2. ``cross-process`` -- process 1 runs a prompt cold with a fresh ``--disk-path`` and exits;
-   caches dropped; process 2 runs it again (the hit: its prefix from disk); caches dropped;
-   process 3 runs a one-token prompt on the same store. Cost of the hit, over the whole process
-   = wall(2) - wall(3), against the ``O_DIRECT`` floor of the bytes it read; beside it the
-   hit's load from disk alone (``RequestResult.load_s``: its load's start to its last block's
-   arrival, inside its TTFT) against the same floor.
+2. ``cross-process`` -- process 1 runs a prompt cold with a fresh ``--disk-path`` and exits.
+   Then, in each repeat, the same prompt runs in a fresh process twice, in alternating order:
+   on that store with its files' pages evicted (``POSIX_FADV_DONTNEED``; ``mincore`` says what
+   was still resident), so the hit reads the device, and on a copy of the store in memory
+   (tmpfs: the tier reads it buffered, and a read costs a copy). What reading the disk costs,
+   counted over the whole process and not only the TTFT, = wall(device) - wall(memory), against
+   the ``O_DIRECT`` floor of the bytes it read; beside it the bytes each process read from the
+   device over its whole life (``getrusage``), the hit's load alone (``RequestResult.load_s``:
+   its start to its last block's arrival, inside the TTFT), and the whole hit over a process
+   that runs a 1-token prompt on the same store.
 3. ``startup`` -- a store grown to each size in ``--store-gib`` (real blocks written through the
    tier), then opened in a fresh process after a cache drop: seconds to open against blocks.
 """
@@ -29,6 +33,7 @@ import argparse
 import ctypes
 import json
 import os
+import resource
 import shutil
 import statistics
 import struct
@@ -45,7 +50,7 @@ import numpy as np
 import torch
 
 from bench.common import format_table, machine_info, parse_ints, random_prompt, write_json
-from kvstore.bandwidth import device_read_ceiling, drop_os_caches
+from kvstore.bandwidth import device_read_ceiling, drop_os_caches, drop_page_cache
 
 SECTIONS = ("layouts", "cross-process", "startup")
 FP = b"bench-disk-fprnt"
@@ -194,43 +199,118 @@ def cross_process(args: argparse.Namespace, ceiling: float) -> dict[str, Any]:
     vocab = loaded.config.vocab_size
     prompt = random_prompt(7, args.length, vocab)
     store = tempfile.mkdtemp(prefix="strata-xproc-", dir=args.dir)
-    base = [sys.executable, "-m", "cluster.cli", "generate", "--model", args.model,
-            "--max-tokens", "1", "--disk-path", store, "--json"]
+    ram_root = tempfile.mkdtemp(prefix="strata-xproc-ram-", dir=_memory_fs())
+    ram = os.path.join(ram_root, "store")
+
+    def cmd(path: str, ids: list[int]) -> list[str]:
+        return [sys.executable, "-m", "cluster.cli", "generate", "--model", args.model,
+                "--max-tokens", "1", "--disk-path", path, "--json", "--prompt-ids", _ids(ids)]
+
+    def on_device(ids: list[int]) -> dict[str, Any]:
+        evicted = drop_page_cache(store)
+        resident = resident_bytes(store)
+        run = _timed_run(cmd(store, ids))
+        run.update(evicted=evicted, resident_before=resident)
+        return run
+
     try:
-        first = _timed_run(base + ["--prompt-ids", _ids(prompt)])
+        first = _timed_run(cmd(store, prompt))
+        drop_page_cache(store)
+        shutil.copytree(store, ram)  # memory: what reads it costs is a copy, never the device
         runs = []
-        for _ in range(args.repeats):
-            hit_drop = drop_os_caches()
-            hit = _timed_run(base + ["--prompt-ids", _ids(prompt)])
-            base_drop = drop_os_caches()
-            miss = _timed_run(base + ["--prompt-ids", _ids(random_prompt(8, 1, vocab))])
-            runs.append({"hit": hit, "baseline": miss, "caches_dropped": hit_drop and base_drop})
+        for i in range(args.repeats):
+            r: dict[str, Any] = {}
+            for kind in (("device", "memory") if i % 2 == 0 else ("memory", "device")):
+                r[kind] = on_device(prompt) if kind == "device" else _timed_run(cmd(ram, prompt))
+            r["baseline"] = on_device(random_prompt(8, 1, vocab))
+            runs.append(r)
     finally:
         shutil.rmtree(store, ignore_errors=True)
-    disk_tokens = runs[0]["hit"]["json"]["cached_tokens_by_tier"].get("disk", 0)
+        shutil.rmtree(ram_root, ignore_errors=True)
+    disk_tokens = runs[0]["device"]["json"]["cached_tokens_by_tier"].get("disk", 0)
     block_nbytes = (16 * 2 * loaded.config.num_layers * loaded.config.num_kv_heads
                     * loaded.config.head_dim * loaded.dtype.itemsize)
     nbytes = disk_tokens // 16 * block_nbytes
     floor = nbytes / (ceiling * 1e9)
-    cost = statistics.median(r["hit"]["wall_s"] - r["baseline"]["wall_s"] for r in runs)
-    ttft = statistics.median(r["hit"]["json"]["ttft_ms"] for r in runs)
-    load = statistics.median(r["hit"]["json"]["load_ms"] for r in runs) / 1e3
-    rows = [[r["hit"]["wall_s"], r["baseline"]["wall_s"], r["hit"]["wall_s"] - r["baseline"][
-        "wall_s"], r["hit"]["json"]["ttft_ms"], r["hit"]["json"]["load_ms"],
-        r["baseline"]["json"]["ttft_ms"], r["caches_dropped"]] for r in runs]
-    title = (f"cross-process hit: {args.model}, {args.length} tokens, {disk_tokens} from disk "
-             f"({nbytes / 2**20:.0f} MiB; O_DIRECT floor {floor * 1e3:.0f} ms). Process 1 "
-             f"(cold) {first['wall_s']:.2f} s. Cost of the hit = wall(hit) - wall(1-token "
-             f"baseline): median {cost:.2f} s = {cost / floor:.2f} x floor; hit TTFT median "
-             f"{ttft:.0f} ms, of which its load from disk {load * 1e3:.0f} ms = "
-             f"{load / floor:.2f} x floor (the rest of the TTFT computes the prompt's last "
-             "block over the loaded context)")
-    table = format_table(["hit wall s", "baseline wall s", "hit cost s", "hit TTFT ms",
-                          "hit load ms", "baseline TTFT ms", "caches dropped"], rows)
+
+    def med(fn: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.median(fn(r) for r in runs)
+
+    cost = med(lambda r: r["device"]["wall_s"] - r["memory"]["wall_s"])
+    over_one = med(lambda r: r["device"]["wall_s"] - r["baseline"]["wall_s"])
+    load = med(lambda r: r["device"]["json"]["load_ms"]) / 1e3
+    load_mem = med(lambda r: r["memory"]["json"]["load_ms"]) / 1e3
+    ttft = med(lambda r: r["device"]["json"]["ttft_ms"])
+    read = med(lambda r: r["device"]["device_read_bytes"])
+    rows = [[r["device"]["wall_s"], r["memory"]["wall_s"],
+             r["device"]["wall_s"] - r["memory"]["wall_s"], r["baseline"]["wall_s"],
+             r["device"]["json"]["ttft_ms"], r["device"]["json"]["load_ms"],
+             r["memory"]["json"]["load_ms"], r["device"]["device_read_bytes"] / 2**20,
+             r["memory"]["device_read_bytes"] / 2**20, r["device"]["resident_before"]]
+            for r in runs]
+    title = (
+        f"cross-process hit: {args.model}, {args.length} tokens, {disk_tokens} from disk "
+        f"({nbytes / 2**20:.0f} MiB; O_DIRECT floor {floor * 1e3:.0f} ms). Process 1 (cold) "
+        f"{first['wall_s']:.2f} s. Each repeat runs the hit in a fresh process twice, in "
+        "alternating order: its store on the device (the store's pages evicted first; resident "
+        "bytes checked with mincore) and a copy of the store in memory (tmpfs). Cost of reading "
+        f"the disk over the whole process = wall(device) - wall(memory): median {cost:.2f} s = "
+        f"{cost / floor:.2f} x floor; the device run read {read / 2**20:.0f} MiB from the device "
+        f"in all (getrusage). The hit's load: {load * 1e3:.0f} ms from the device = "
+        f"{load / floor:.2f} x floor, {load_mem * 1e3:.0f} ms from memory; its TTFT "
+        f"{ttft:.0f} ms (the rest computes the prompt's last block over the loaded context). "
+        f"The whole hit over a 1-token process on the same store: {over_one:.2f} s")
+    table = format_table(["device wall s", "memory wall s", "disk cost s", "1-token wall s",
+                          "TTFT ms", "load ms", "memory load ms", "device MiB read",
+                          "memory MiB read", "resident B"], rows)
     return {"title": title, "table": table, "runs": runs, "cold": first, "disk_tokens":
             disk_tokens, "bytes": nbytes, "floor_s": floor, "hit_cost_s": cost,
-            "hit_cost_over_floor": cost / floor if floor else None, "hit_load_s": load,
-            "hit_load_over_floor": load / floor if floor else None}
+            "hit_cost_over_floor": cost / floor if floor else None,
+            "hit_over_one_token_s": over_one, "hit_device_read_bytes": read,
+            "hit_load_s": load, "hit_load_over_floor": load / floor if floor else None,
+            "hit_load_memory_s": load_mem,
+            "caches": "the store's files evicted (POSIX_FADV_DONTNEED) before each device run; "
+                      "resident_before is what mincore found of them just before"}
+
+
+def _memory_fs() -> str:
+    """A directory whose files are memory (tmpfs): /dev/shm where it is one."""
+    if os.path.isdir("/dev/shm") and os.statvfs("/dev/shm").f_bavail:
+        return "/dev/shm"
+    raise SystemExit("error: cross-process needs a tmpfs at /dev/shm for its in-memory run")
+
+
+def resident_bytes(root: str) -> int:
+    """Bytes of the files under ``root`` now in the page cache (``mincore`` of a mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for top, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(top, name)
+            size = os.path.getsize(path)
+            if size == 0:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+                if addr in (None, ctypes.c_void_p(-1).value):
+                    raise OSError(ctypes.get_errno(), f"mmap {path}")
+                try:
+                    vec = ctypes.create_string_buffer((size + page - 1) // page)
+                    if libc.mincore(addr, size, vec) != 0:
+                        raise OSError(ctypes.get_errno(), f"mincore {path}")
+                    total += sum(b & 1 for b in vec.raw) * page
+                finally:
+                    libc.munmap(addr, size)
+            finally:
+                os.close(fd)
+    return total
 
 
 def _ids(prompt: list[int]) -> str:
@@ -238,10 +318,15 @@ def _ids(prompt: list[int]) -> str:
 
 
 def _timed_run(cmd: list[str]) -> dict[str, Any]:
+    """Run ``cmd``: its wall seconds, its JSON, and the bytes it read from block devices over
+    its whole life (``getrusage`` of the children: ``O_DIRECT`` reads count, page-cache hits
+    and tmpfs do not)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock
     start = time.perf_counter()
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "json": json.loads(done.stdout)}
+    read = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - before) * 512
+    return {"wall_s": wall, "json": json.loads(done.stdout), "device_read_bytes": read}
 
 
 # ---- 3. opening a large store --------------------------------------------------------------
