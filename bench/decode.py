@@ -25,7 +25,14 @@ like with like: service tokens/s over that window against the in-process engine'
 summed time of its timed steps (its mean, not its median step; both are in the JSON), the engine
 running with the decode worker's torch threads (its ``torch_threads`` stat: a node's cores are
 shared among its workers, ``cluster.workers.share_cores``); the same in-process run with every
-core is beside it (``inprocess_all_cores``, ``ratio_all_cores``). The
+core is beside it (``inprocess_all_cores``, ``ratio_all_cores``). The machine's speed drifts by
+tens of percent within minutes, so the two are timed back to back: ``--rounds`` rounds (default
+3) of, per batch, the in-process engine and then the service, each round with its own prompts;
+the ratio per round, and the batch's figures are the median round's. Beside them, what the
+decode worker's own engine took per step meanwhile (its ``engine_step_seconds`` /
+``engine_steps`` stats, prefill steps included): when it equals the time between tokens, the
+path adds nothing and the difference from in-process is the engine running slower in the
+worker's process. The
 router's CPU per 1,000 tokens streamed is its process's CPU time over the batch (``Stats``:
 ``process_cpu_seconds``) / tokens; the client's beside it.
 No roofline there: the client cannot see the worker's step.
@@ -73,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-inprocess", action="store_true",
                    help="with --server/--start-service: time the in-process engine too, in the "
                         "same run, and report service / in-process tokens/s per batch")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --with-inprocess: rounds of (in-process, service) per batch, "
+                        "back to back; the ratio is the median round's (default 3)")
     return p
 
 
@@ -88,25 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             sizes = EngineSizes(pool_tokens=max_b * (ctx + 32) + 256, host_tokens=0,
                                 disk_tokens=0, max_model_len=ctx + 16,
                                 max_batched_tokens=max(2048, prompt_tokens))
+            if args.rounds < 1:
+                raise ValueError("--rounds must be at least 1")
             local = run(args, batches, prompt_tokens, steps) if args.with_inprocess else None
-            with server_target(args, sizes) as target:
-                result = run_server(args, target.address, batches, prompt_tokens, steps)
+            # the reference: the same engine alone, with the decode worker's threads (a node's
+            # cores are shared among its workers), timed right before the service in each round
+            ref = Reference(args, batches, prompt_tokens, steps) if local is not None else None
+            try:
+                with server_target(args, sizes) as target:
+                    result = run_server(args, target.address, batches, prompt_tokens, steps, ref)
+            finally:
+                if ref is not None:
+                    ref.close()
             if local is not None:
-                # the reference: the same engine alone, with the decode worker's threads (a
-                # node's cores are shared among its workers), then with every core
-                threads = result["config"]["decode_worker_threads"] or torch.get_num_threads()
-                same = run(args, batches, prompt_tokens, steps, threads=threads)
-                result["inprocess"] = same
+                assert ref is not None
+                result["inprocess"] = ref.result()
                 result["inprocess_all_cores"] = local
-                result["service_over_inprocess"] = [
-                    {"batch": s["batch"], "service_tokens_per_s": s["tokens_per_s"],
-                     "inprocess_tokens_per_s": loc["mean_tokens_per_s"],
-                     "inprocess_median_step_tokens_per_s": loc["tokens_per_s"],
-                     "ratio": s["tokens_per_s"] / loc["mean_tokens_per_s"],
-                     "inprocess_all_cores_tokens_per_s": full["mean_tokens_per_s"],
-                     "ratio_all_cores": s["tokens_per_s"] / full["mean_tokens_per_s"]}
-                    for s, loc, full in zip(result["rows"], same["rows"], local["rows"],
-                                            strict=True)]
+                result["service_over_inprocess"] = compare(result, local)
         elif args.with_inprocess:
             raise ValueError("--with-inprocess goes with --server or --start-service")
         else:
@@ -125,62 +133,109 @@ def run(
     """Decode rows of the in-process engine (``loaded``: a LoadedModel to share; ``threads``:
     torch intra-op threads for the run, default as they are; ``engine_kw``: further
     EngineConfig fields, e.g. ``cuda_graphs``)."""
-    if threads is not None:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return run(args, batches, prompt_tokens, steps, loaded, None, **engine_kw)
-        finally:
-            torch.set_num_threads(before)
-    from engine.sampling import SamplingParams
-
-    max_b = max(batches)
-    ctx = prompt_tokens + steps + 1
-    sizes = EngineSizes(pool_tokens=max_b * (ctx + 32) + 256, host_tokens=0, disk_tokens=0,
-                        max_model_len=ctx + 16, max_batched_tokens=max(2048, prompt_tokens))
-    engine = build_engine(args.model, args.dtype, sizes, None, loaded=loaded, max_num_seqs=max_b,
-                          **engine_kw)
+    bar = progress(len(batches) + 1, "decode", args.no_progress)
+    ref = Reference(args, batches, prompt_tokens, steps, loaded, **engine_kw)
     try:
-        dtype, device = engine.layout.dtype, engine.device
-        bandwidth = memory_copy_bandwidth(dtype, device)
-        weight_bytes, row_bytes = step_weight_bytes(engine.loaded.model)
-        bytes_per_token = engine.layout.bytes_per_token
-        sampling = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
-        vocab = engine.model_config.vocab_size
-        bar = progress(len(batches) + 1, "decode", args.no_progress)
-        _measure(engine, 1, prompt_tokens, sampling, vocab, seed=-1)  # warm-up
         bar.update(1)
-        rows = []
         for b in batches:
-            times = _measure(engine, b, prompt_tokens, sampling, vocab, args.seed + b)
-            step_s = statistics.median(times)  # robust to a noisy neighbour on a shared machine
-            mean_ctx = prompt_tokens + (len(times) + 1) / 2
-            weights = weight_bytes + b * row_bytes
-            step_bytes = weights + b * mean_ctx * bytes_per_token
-            roof_step = step_bytes / (bandwidth * 1e9)
-            rows.append({
-                "batch": b, "steps": len(times), "step_s": times, "tokens_per_s": b / step_s,
-                "ms_per_step": step_s * 1e3, "mean_tokens_per_s": b * len(times) / sum(times),
-                "bytes_per_step": step_bytes, "weight_bytes_per_step": weights,
-                "roofline_tokens_per_s": b / roof_step,
-                "fraction_of_roofline": roof_step / step_s,
-                "fraction_of_weights_roofline": weights / (bandwidth * 1e9) / step_s,
-            })
+            ref.measure(b, args.seed + b, threads)
             bar.update(1)
         bar.close()
-        roof_name = "HBM roofline" if device.type == "cuda" else "host-memory-bandwidth analogue"
-        return {
-            "benchmark": "decode", "machine": machine_info(),
-            "config": {"model": args.model, "dtype": str(dtype), "device": str(device),
-                       "batches": batches, "prompt_tokens": prompt_tokens, "steps": steps,
-                       "weight_bytes": weight_bytes, "kv_bytes_per_token": bytes_per_token,
-                       "seed": args.seed,
-                       "cuda_graphs": engine.runner.graphs is not None},
-            "roofline": {"name": roof_name, "copy_bandwidth_gbps": bandwidth},
-            "rows": rows,
-        }
+        return ref.result()
     finally:
-        engine.close()
+        ref.close()
+
+
+class Reference:
+    """The in-process engine, sized for ``batches``, warmed up; ``measure`` times one batch."""
+
+    def __init__(
+        self, args: argparse.Namespace, batches: list[int], prompt_tokens: int, steps: int,
+        loaded: Any = None, **engine_kw: Any,
+    ) -> None:
+        from engine.sampling import SamplingParams
+
+        self.args, self.batches, self.prompt_tokens = args, batches, prompt_tokens
+        max_b = max(batches)
+        ctx = prompt_tokens + steps + 1
+        sizes = EngineSizes(pool_tokens=max_b * (ctx + 32) + 256, host_tokens=0, disk_tokens=0,
+                            max_model_len=ctx + 16, max_batched_tokens=max(2048, prompt_tokens))
+        self.engine = engine = build_engine(args.model, args.dtype, sizes, None, loaded=loaded,
+                                            max_num_seqs=max_b, **engine_kw)
+        self.bandwidth = memory_copy_bandwidth(engine.layout.dtype, engine.device)
+        self.weight_bytes, self.row_bytes = step_weight_bytes(engine.loaded.model)
+        self.sampling = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+        self.vocab = engine.model_config.vocab_size
+        self.rows: list[dict[str, Any]] = []
+        _measure(engine, 1, prompt_tokens, self.sampling, self.vocab, seed=-1)  # warm-up
+
+    def measure(self, b: int, seed: int, threads: int | None = None) -> dict[str, Any]:
+        """Time batch ``b`` (with ``threads`` torch threads if given); its row, also kept."""
+        before = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            times = _measure(self.engine, b, self.prompt_tokens, self.sampling, self.vocab, seed)
+        finally:
+            torch.set_num_threads(before)
+        step_s = statistics.median(times)  # robust to a noisy neighbour on a shared machine
+        mean_ctx = self.prompt_tokens + (len(times) + 1) / 2
+        weights = self.weight_bytes + b * self.row_bytes
+        step_bytes = weights + b * mean_ctx * self.engine.layout.bytes_per_token
+        roof_step = step_bytes / (self.bandwidth * 1e9)
+        row = {
+            "batch": b, "steps": len(times), "step_s": times, "tokens_per_s": b / step_s,
+            "ms_per_step": step_s * 1e3, "mean_tokens_per_s": b * len(times) / sum(times),
+            "bytes_per_step": step_bytes, "weight_bytes_per_step": weights,
+            "roofline_tokens_per_s": b / roof_step,
+            "fraction_of_roofline": roof_step / step_s,
+            "fraction_of_weights_roofline": weights / (self.bandwidth * 1e9) / step_s,
+            "torch_threads": threads or before,
+        }
+        self.rows.append(row)
+        return row
+
+    def result(self) -> dict[str, Any]:
+        engine, args = self.engine, self.args
+        roof_name = "HBM roofline" if engine.device.type == "cuda" else (
+            "host-memory-bandwidth analogue")
+        machine = machine_info()
+        if self.rows:
+            machine["torch_threads"] = self.rows[-1]["torch_threads"]
+        return {
+            "benchmark": "decode", "machine": machine,
+            "config": {"model": args.model, "dtype": str(engine.layout.dtype),
+                       "device": str(engine.device), "batches": self.batches,
+                       "prompt_tokens": self.prompt_tokens,
+                       "steps": self.sampling.max_tokens - 1,
+                       "weight_bytes": self.weight_bytes,
+                       "kv_bytes_per_token": engine.layout.bytes_per_token,
+                       "seed": args.seed, "cuda_graphs": engine.runner.graphs is not None},
+            "roofline": {"name": roof_name, "copy_bandwidth_gbps": self.bandwidth},
+            "rows": self.rows,
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def compare(result: dict[str, Any], local: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch: each round's service and in-process tokens/s (timed back to back) and their
+    ratio; the batch's figures are the median round's (by ratio)."""
+    out = []
+    for b, full in zip(result["config"]["batches"], local["rows"], strict=True):
+        rounds = [{"service_tokens_per_s": s["tokens_per_s"],
+                   "inprocess_tokens_per_s": s["inprocess"]["mean_tokens_per_s"],
+                   "inprocess_median_step_tokens_per_s": s["inprocess"]["tokens_per_s"],
+                   "ratio": s["tokens_per_s"] / s["inprocess"]["mean_tokens_per_s"],
+                   "worker_ms_per_step": s.get("worker_ms_per_step"),
+                   "inprocess_ms_per_step": s["inprocess"]["ms_per_step"]}
+                  for s in result["rounds"] if s["batch"] == b]
+        mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+        out.append({"batch": b, **mid, "rounds": rounds,
+                    "inprocess_all_cores_tokens_per_s": full["mean_tokens_per_s"],
+                    "ratio_all_cores": mid["service_tokens_per_s"] / full["mean_tokens_per_s"]})
+    return out
 
 
 def step_weight_bytes(model: Any) -> tuple[int, int]:  # a CausalLM
@@ -196,25 +251,31 @@ def step_weight_bytes(model: Any) -> tuple[int, int]:  # a CausalLM
 
 
 def run_server(args: argparse.Namespace, address: str, batches: list[int], prompt_tokens: int,
-               steps: int) -> dict[str, Any]:
-    return asyncio.run(_run_server(args, address, batches, prompt_tokens, steps))
+               steps: int, ref: Reference | None = None) -> dict[str, Any]:
+    return asyncio.run(_run_server(args, address, batches, prompt_tokens, steps, ref))
 
 
 async def _run_server(args: argparse.Namespace, address: str, batches: list[int],
-                      prompt_tokens: int, steps: int) -> dict[str, Any]:
+                      prompt_tokens: int, steps: int, ref: Reference | None) -> dict[str, Any]:
     from router.aio_client import AsyncStrataClient
 
     vocab = args.vocab_size or builtin_vocab(args.model)
     salt = run_salt()
-    bar = progress(len(batches) + 1, "decode (server)", args.no_progress)
+    rounds = args.rounds if ref is not None else 1
+    bar = progress(len(batches) * rounds + 1, "decode (server)", args.no_progress)
     rows = []
     async with AsyncStrataClient(address, token=args.token) as client:
         await _stream_batch(client, 1, prompt_tokens, steps, vocab, -1, salt)  # warm-up
         bar.update(1)
-        for b in batches:
+        threads = _decode_threads(await client.stats())
+        for r, b in ((r, b) for r in range(rounds) for b in batches):
+            seed = args.seed + b + 7919 * r  # each round its own prompts: no prefix hits
+            # the in-process engine right before, with the decode worker's threads
+            inproc = ref.measure(b, seed, threads) if ref is not None else None
             cpu0, mine0 = await _router_cpu(client), time.process_time()
-            arrivals = await _stream_batch(client, b, prompt_tokens, steps, vocab, args.seed + b,
-                                           salt)
+            eng0 = await _engine_steps(client)
+            arrivals = await _stream_batch(client, b, prompt_tokens, steps, vocab, seed, salt)
+            eng1 = await _engine_steps(client)
             cpu1, mine1 = await _router_cpu(client), time.process_time()
             # the steady state: from the last first token (before it, streams are still in
             # prefill) to the first last token of the streams still decoding then (after it,
@@ -238,20 +299,44 @@ async def _run_server(args: argparse.Namespace, address: str, batches: list[int]
                 "router_cpu_ms_per_1k_tokens": (cpu1 - cpu0) / tokens * 1e6
                 if cpu0 is not None and cpu1 is not None else None,
                 "client_cpu_ms_per_1k_tokens": (mine1 - mine0) / tokens * 1e6,
+                # the decode workers' own engine steps meanwhile (prefill included): what the
+                # engine took per step inside the service, against the in-process reference
+                "worker_steps": eng1[0] - eng0[0],
+                "worker_ms_per_step": (eng1[1] - eng0[1]) / (eng1[0] - eng0[0]) * 1e3
+                if eng1[0] > eng0[0] else None,
+                "round": r,
+                **({"inprocess": {k: v for k, v in inproc.items() if k != "step_s"}}
+                   if inproc is not None else {}),
             })
             bar.update(1)
-        stats = await client.stats()
     bar.close()
-    threads = [int(s["torch_threads"]) for name, s in stats.items()
-               if name.startswith("decode") and "torch_threads" in s]
+    by_batch = [[row for row in rows if row["batch"] == b] for b in batches]
     return {
         "benchmark": "decode", "machine": machine_info(),
         "config": {"mode": "server", "server": address, "model": args.model,
                    "batches": batches, "prompt_tokens": prompt_tokens, "steps": steps,
-                   "seed": args.seed, "client": "asyncio",
-                   "decode_worker_threads": min(threads) if threads else None},
-        "rows": rows,
+                   "seed": args.seed, "client": "asyncio", "rounds": rounds,
+                   "decode_worker_threads": threads},
+        # per batch, the round with the median tokens/s (every round is in "rounds")
+        "rows": [sorted(rs, key=lambda row: row["tokens_per_s"])[len(rs) // 2]
+                 for rs in by_batch],
+        "rounds": rows,
     }
+
+
+def _decode_threads(stats: dict[str, dict[str, float]]) -> int | None:
+    """The decode workers' torch threads (the fewest), as their stats say."""
+    threads = [int(s["torch_threads"]) for name, s in stats.items()
+               if name.startswith("decode") and "torch_threads" in s]
+    return min(threads) if threads else None
+
+
+async def _engine_steps(client: Any) -> tuple[float, float]:  # AsyncStrataClient
+    """Engine steps and their seconds so far, summed over the decode workers."""
+    stats = await client.stats()
+    rows = [s for name, s in stats.items() if name.startswith("decode")]
+    return (sum(s.get("engine_steps", 0.0) for s in rows),
+            sum(s.get("engine_step_seconds", 0.0) for s in rows))
 
 
 async def _router_cpu(client: Any) -> float | None:  # AsyncStrataClient
@@ -325,23 +410,28 @@ def render_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     if cfg.get("mode") == "server":
         rows = [[r["batch"], r.get("decoding_together"), r["tokens_per_s"], r["ms_per_token"],
-                 r["tbt_s"].get("p90", 0) * 1e3, r.get("router_cpu_ms_per_1k_tokens"),
+                 r["tbt_s"].get("p90", 0) * 1e3, r.get("worker_ms_per_step"),
+                 r.get("router_cpu_ms_per_1k_tokens"),
                  r.get("client_cpu_ms_per_1k_tokens")] for r in result["rows"]]
         out = (f"decode through the service at {cfg['server']}, {cfg['model']}, prompt "
                f"{cfg['prompt_tokens']} tokens, {cfg['steps'] + 1} tokens a stream "
                "(client side)\n" + format_table(["batch", "together", "tok/s", "ms/token",
-                                                 "p90 ms",
+                                                 "p90 ms", "worker ms/step",
                                                  "router CPU ms/1k tok", "client CPU ms/1k tok"],
                                                 rows))
         if "inprocess" in result:
             ratio = [[r["batch"], r["service_tokens_per_s"], r["inprocess_tokens_per_s"],
-                      r["ratio"], r.get("inprocess_all_cores_tokens_per_s"),
-                      r.get("ratio_all_cores")] for r in result["service_over_inprocess"]]
+                      r["ratio"], " ".join(f"{x['ratio']:.2f}" for x in r.get("rounds", [])),
+                      r.get("worker_ms_per_step"), r.get("inprocess_ms_per_step"),
+                      r.get("inprocess_all_cores_tokens_per_s"), r.get("ratio_all_cores")]
+                     for r in result["service_over_inprocess"]]
             threads = result["inprocess"]["machine"]["torch_threads"]
             out += ("\n\n" + render_table(result["inprocess"])
-                    + f"\n\nservice / in-process decode tokens/s, same run (in-process: "
-                    f"{threads} thread(s) like the decode worker, then every core)\n"
+                    + f"\n\nservice / in-process decode tokens/s, {cfg.get('rounds', 1)} "
+                    f"rounds of the two back to back, the median round's figures (in-process: "
+                    f"{threads} thread(s) like the decode worker; then every core, once)\n"
                     + format_table(["batch", "service tok/s", "in-process tok/s", "ratio",
+                                    "each round", "worker ms/step", "in-process ms/step",
                                     "all cores tok/s", "ratio"], ratio))
         return out
     roof = result["roofline"]
@@ -362,9 +452,9 @@ def plot(result: dict[str, Any], path: str) -> None:
     xs = [r["batch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, [r["tokens_per_s"] for r in rows], "o-", label="measured")
-    if "inprocess" in result:
-        ax.plot(xs, [r["tokens_per_s"] for r in result["inprocess"]["rows"]], "x:",
-                label="in-process, same run")
+    if "service_over_inprocess" in result:
+        ax.plot(xs, [r["inprocess_tokens_per_s"] for r in result["service_over_inprocess"]],
+                "x:", label="in-process, same rounds")
     if "roofline" in result:
         ax.plot(xs, [r["roofline_tokens_per_s"] for r in rows], "--",
                 label=result["roofline"]["name"])

@@ -1,34 +1,48 @@
-"""``OutputHub``: a decode worker's token stream to the router, one message per engine step.
+"""A decode worker's token stream to the router, one message per engine step.
 
 The engine loop hands over the outputs of every published request of a step in one call
 (``publish``, on the loop thread; an abort of a request still waiting for its blocks publishes
-from the caller's thread); the hub turns them into one ``StepOutputs`` message (columns:
-request ids, token counts, tokens, finish reasons) and queues it for the subscriber, the router,
-which holds one long-lived ``WorkerOutputs.Subscribe`` stream per decode worker. When the
-subscriber lags, the messages waiting are merged into one, so it never falls further behind
-than one message of work. A new subscription replaces the old one (a restarted router); while
-nobody listens, outputs are dropped (the router fails over what it cannot hear).
+from the caller's thread), which become one ``StepOutputs`` message (``step_message``: request
+ids, token counts, tokens, finish reasons, columns). The router holds one long-lived
+``WorkerOutputs.Subscribe`` stream per decode worker; ``decode_worker.output_stream`` says how
+the messages are queued and merged for it.
+
+Two ways to serve the stream:
+- ``OutputSender`` (what a decode worker uses): the message is serialized and written into a
+  pipe to a child process that serves the stream on its own port (``WorkerInfo.outputs_address``),
+  so gRPC's threads never take this process's interpreter lock. The child ends when the pipe
+  closes; if it dies first, ``on_lost`` is called once (the worker then stops serving: the
+  router takes it out of placement and moves its requests) and later outputs are dropped.
+- ``OutputHub``: the same stream served in this process, for tests and embedding.
 """
 
 from __future__ import annotations
 
-import hmac
+import errno
+import fcntl
 import logging
-import queue
+import os
+import select
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 
-import grpc
-
+from decode_worker.output_stream import FRAME, SECRET_ENV, StreamHub, _Subscription
 from engine.loop import RequestAborted
 from engine.sequence import StepOutput
-from kvtransfer import wire
-from proto import strata_pb2, strata_pb2_grpc
+from proto import strata_pb2
 from proto.vocab import FinishReason
 
 logger = logging.getLogger(__name__)
 
-_IDLE_POLL_S = 1.0  # how often an idle stream checks that its subscriber is still there
+__all__ = ["OutputHub", "OutputSender", "step_message", "_Subscription"]
+
+_F_SETPIPE_SZ = 1031  # fcntl: a pipe's capacity (Linux)
+PIPE_BYTES = 1 << 20  # capacity asked for (the default limit of an unprivileged process)
+WRITE_STALL_S = 10.0  # a child that has not read for this long is taken as gone
+START_TIMEOUT_S = 60.0  # for the child to bind its port
 
 
 def error_code(err: BaseException) -> str:
@@ -42,118 +56,145 @@ def error_code(err: BaseException) -> str:
     return "INTERNAL"
 
 
-class _Subscription:
-    def __init__(self, subscriber: str, max_queued: int) -> None:
-        self.subscriber = subscriber
-        self.q: queue.Queue[strata_pb2.StepOutputs] = queue.Queue(max_queued)
-        self.ended = threading.Event()
+def step_message(
+    outputs: list[StepOutput], errors: dict[str, BaseException]
+) -> strata_pb2.StepOutputs:
+    """One engine step's outputs (and requests' errors) as one message."""
+    msg = strata_pb2.StepOutputs(
+        req_ids=[o.req_id for o in outputs],
+        num_tokens=[len(o.new_token_ids) for o in outputs],
+        token_ids=[t for o in outputs for t in o.new_token_ids],
+        finish_reasons=[o.finish_reason or "" for o in outputs],
+        num_steps=1,
+    )
+    for o in outputs:
+        if o.num_output_tokens == len(o.new_token_ids):  # the sequence's first output
+            msg.cache_hits[o.req_id].tokens_by_tier.update(o.cached_by_tier)
+    for req_id, err in errors.items():
+        msg.req_ids.append(req_id)
+        msg.num_tokens.append(0)
+        if isinstance(err, RequestAborted):
+            msg.finish_reasons.append(FinishReason.ABORT)
+            continue
+        msg.finish_reasons.append(FinishReason.ERROR)
+        msg.errors[req_id].code = error_code(err)
+        msg.errors[req_id].message = str(err) or type(err).__name__
+    return msg
 
 
-class OutputHub(strata_pb2_grpc.WorkerOutputsServicer):
-    def __init__(self, secret: str | None = None, max_queued: int = 1024) -> None:
-        self.secret = secret
-        self.max_queued = max_queued
-        self._lock = threading.Lock()
-        self._sub: _Subscription | None = None
-        self._seq = 0  # steps published to the current subscription
-        self.num_messages = 0
-        self.num_dropped = 0  # outputs published while nobody listened
+class OutputHub(StreamHub):
+    """The stream served in this process (a ``WorkerOutputs`` servicer)."""
 
-    # ---- the loop thread -----------------------------------------------------------------
     def publish(self, outputs: list[StepOutput], errors: dict[str, BaseException]) -> None:
-        msg = strata_pb2.StepOutputs(
-            req_ids=[o.req_id for o in outputs],
-            num_tokens=[len(o.new_token_ids) for o in outputs],
-            token_ids=[t for o in outputs for t in o.new_token_ids],
-            finish_reasons=[o.finish_reason or "" for o in outputs],
-            num_steps=1,
+        self.put(step_message(outputs, errors))
+
+
+class OutputSender:
+    """The stream served by a child process on ``host``, fed through a pipe."""
+
+    def __init__(
+        self,
+        host: str,
+        secret: str | None = None,
+        max_queued: int = 1024,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        self.on_lost = on_lost
+        self.num_messages = 0
+        self.num_dropped = 0  # outputs not sent: the child was gone
+        self._lock = threading.Lock()  # two publishers' frames never interleave
+        self._closing = False
+        self._lost = False
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:  # not Linux, or over the limit: the default capacity will do
+            pass
+        env = {**os.environ, SECRET_ENV: secret or ""}
+        cmd = [sys.executable, "-m", "decode_worker.output_stream", "--fd", str(r),
+               "--bind", f"{host}:0", "--max-queued", str(max_queued)]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, pass_fds=(r,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env
         )
-        for o in outputs:
-            if o.num_output_tokens == len(o.new_token_ids):  # the sequence's first output
-                msg.cache_hits[o.req_id].tokens_by_tier.update(o.cached_by_tier)
-        for req_id, err in errors.items():
-            msg.req_ids.append(req_id)
-            msg.num_tokens.append(0)
-            if isinstance(err, RequestAborted):
-                msg.finish_reasons.append(FinishReason.ABORT)
-                continue
-            msg.finish_reasons.append(FinishReason.ERROR)
-            msg.errors[req_id].code = error_code(err)
-            msg.errors[req_id].message = str(err) or type(err).__name__
-        with self._lock:  # numbered and queued together: two publishers never swap places
-            sub = self._sub
-            if sub is None:
-                self.num_dropped += len(msg.req_ids)
+        os.close(r)
+        self._w = w
+        try:
+            self.port = self._read_port()
+        except BaseException:
+            self.close()
+            raise
+        os.set_blocking(w, False)  # a full pipe is waited on with a limit, never forever
+        self._watcher = threading.Thread(target=self._watch, name="outputs-watch", daemon=True)
+        self._watcher.start()
+
+    def _read_port(self) -> int:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT_S)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line.strip().isdigit():
+            code = self.proc.poll()
+            raise RuntimeError(
+                "the output stream's process did not start"
+                + (f" (exit status {code})" if code is not None else f" in {START_TIMEOUT_S} s")
+            )
+        return int(line)
+
+    def publish(self, outputs: list[StepOutput], errors: dict[str, BaseException]) -> None:
+        data = step_message(outputs, errors).SerializeToString()
+        frame = memoryview(FRAME.pack(len(data)) + data)
+        with self._lock:
+            if self._lost:
+                self.num_dropped += len(outputs) + len(errors)
                 return
-            self._seq += 1
-            msg.seq = self._seq
             try:
-                sub.q.put_nowait(msg)
+                self._write_all(frame)
                 self.num_messages += 1
                 return
-            except queue.Full:  # a subscriber this far behind is gone: let it reconnect
-                self._sub = None
-        logger.warning(
-            "subscriber %s fell %d messages behind; ending it", sub.subscriber, self.max_queued
-        )
-        sub.ended.set()
+            except OSError as e:
+                reason = f"its pipe failed: {e}" if e.errno != errno.EAGAIN else str(e)
+                self.num_dropped += len(outputs) + len(errors)
+        self._gone(reason)
 
-    # ---- the gRPC service ----------------------------------------------------------------
-    def Subscribe(  # gRPC method name
-        self, request: strata_pb2.SubscribeRequest, context: grpc.ServicerContext
-    ) -> Iterator[strata_pb2.StepOutputs]:
-        if self.secret is not None:
-            given = dict(context.invocation_metadata()).get(wire.SECRET_METADATA_KEY, "")
-            if not isinstance(given, str) or not hmac.compare_digest(
-                given.encode(), self.secret.encode()
-            ):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong x-strata-secret")
-        sub = _Subscription(request.subscriber or context.peer(), self.max_queued)
-        with self._lock:
-            old, self._sub, self._seq = self._sub, sub, 0
-        if old is not None:
-            self._end(old)
-        logger.info("outputs subscribed by %s", sub.subscriber)
-        try:
-            yield strata_pb2.StepOutputs(seq=0, num_steps=0)  # tells the subscriber it is on
-            while not sub.ended.is_set() and context.is_active():
-                try:
-                    msg = sub.q.get(timeout=_IDLE_POLL_S)
-                except queue.Empty:
-                    continue
-                yield _merge_waiting(msg, sub.q)
-        finally:
-            with self._lock:
-                if self._sub is sub:
-                    self._sub = None
+    def _write_all(self, frame: memoryview) -> None:
+        deadline = None
+        while frame:
+            try:
+                n = os.write(self._w, frame)
+            except BlockingIOError:
+                n = 0
+            frame = frame[n:]
+            if frame:  # the pipe is full: the child is behind
+                now = time.monotonic()
+                deadline = deadline or now + WRITE_STALL_S
+                if now >= deadline:
+                    raise OSError(errno.EAGAIN, f"it read nothing for {WRITE_STALL_S:.0f} s")
+                select.select([], [self._w], [], deadline - now)
 
-    def _end(self, sub: _Subscription) -> None:
+    def _watch(self) -> None:
+        code = self.proc.wait()
+        if not self._closing:
+            self._gone(f"it exited with status {code}")
+
+    def _gone(self, reason: str) -> None:
         with self._lock:
-            if self._sub is sub:
-                self._sub = None
-        sub.ended.set()
+            if self._lost or self._closing:
+                return
+            self._lost = True
+        logger.error("the output stream's process is gone (%s); outputs are dropped", reason)
+        if self.on_lost is not None:
+            self.on_lost(reason)
 
     def close(self) -> None:
+        """Close the pipe: the child serves what it holds, then exits."""
         with self._lock:
-            sub = self._sub
-        if sub is not None:
-            self._end(sub)
-
-
-def _merge_waiting(
-    msg: strata_pb2.StepOutputs, q: queue.Queue[strata_pb2.StepOutputs]
-) -> strata_pb2.StepOutputs:
-    """``msg`` with every message already queued behind it appended (columns concatenate)."""
-    seq, steps = msg.seq, msg.num_steps
-    merged = False
-    while True:
+            if self._closing:
+                return
+            self._closing = True
+            os.close(self._w)
         try:
-            nxt = q.get_nowait()
-        except queue.Empty:
-            break
-        msg.MergeFrom(nxt)
-        steps += nxt.num_steps
-        merged = True
-    if merged:
-        msg.seq, msg.num_steps = seq, steps
-    return msg
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

@@ -1,6 +1,7 @@
 """``DecodeWorker``: receives a request's KV blocks while its prefill runs, admits the request
 once they are in place, and decodes it in a continuous batch. Its tokens go to the router on the
-worker's output stream (``OutputHub``): one message per engine step, every sequence in it.
+worker's output stream (``OutputSender``: a child process serves it on its own port,
+``WorkerInfo.outputs_address``): one message per engine step, every sequence in it.
 
 If the push fails or does not finish within the request's transfer timeout, the request is
 still served: the engine computes whatever KV it does not hold (correct output, slower), and a
@@ -13,14 +14,13 @@ import dataclasses
 import logging
 import threading
 
-import grpc
+from grpc_health.v1 import health_pb2
 
 from decode_worker.admission import Admissions
-from decode_worker.outputs import OutputHub
+from decode_worker.outputs import OutputSender
 from engine.loop import OutputSink, RequestAborted
-from proto import strata_pb2_grpc
 from proto.vocab import Role
-from proto.worker_api import DecodeRequest, SamplingParams
+from proto.worker_api import DecodeRequest, SamplingParams, WorkerInfo
 from worker.base import WorkerBase
 from worker.spec import WorkerSpec
 
@@ -31,8 +31,9 @@ class DecodeWorker(WorkerBase):
     role = Role.DECODE
 
     def __init__(self, spec: WorkerSpec) -> None:
-        # before the base class: it wires the loop and server to it
-        self.hub = OutputHub(spec.secret)
+        # before the base class: it wires the loop to it
+        self.outputs = OutputSender(spec.kv_host, spec.secret, on_lost=self._outputs_lost)
+        self.outputs_address = f"{spec.advertise_host or spec.kv_host}:{self.outputs.port}"
         self._stats_lock = threading.Lock()
         self.transfer_stats = {
             "transfers_ok": 0.0,
@@ -40,14 +41,26 @@ class DecodeWorker(WorkerBase):
             "transfers_timed_out": 0.0,
             "transfer_wait_seconds": 0.0,  # requests' waits for their pushes, summed
         }
-        super().__init__(spec)
+        try:
+            super().__init__(spec)
+        except BaseException:
+            self.outputs.close()
+            raise
         self.admissions = Admissions(self._admit, self._aborted_while_waiting)
 
     def _outputs(self) -> OutputSink:
-        return self.hub.publish
+        return self.outputs.publish
 
-    def _add_services(self, server: grpc.Server) -> None:
-        strata_pb2_grpc.add_WorkerOutputsServicer_to_server(self.hub, server)
+    def _outputs_lost(self, reason: str) -> None:
+        """The output stream's process died: nobody hears this worker's tokens, so it stops
+        serving (the router's health stream sees it and moves its requests elsewhere)."""
+        logger.error("%s: output stream lost (%s); not serving", self.worker_id, reason)
+        health = getattr(self, "health", None)  # None: still starting, and it fails to start
+        if health is not None:
+            health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def info(self) -> WorkerInfo:
+        return dataclasses.replace(super().info(), outputs_address=self.outputs_address)
 
     # ---- requests ------------------------------------------------------------------------
     def start(self, req: DecodeRequest) -> None:
@@ -84,7 +97,7 @@ class DecodeWorker(WorkerBase):
 
     def _aborted_while_waiting(self, req_id: str) -> None:
         self.receiver.cancel_transfer(req_id)
-        self.hub.publish([], {req_id: RequestAborted(f"request {req_id} was aborted")})
+        self.outputs.publish([], {req_id: RequestAborted(f"request {req_id} was aborted")})
 
     def abort(self, req_id: str) -> None:
         if not self.admissions.abort(req_id):
@@ -97,15 +110,16 @@ class DecodeWorker(WorkerBase):
             **super().stats(),
             **t,
             "admissions_waiting": float(self.admissions.num_waiting),
-            "output_messages": float(self.hub.num_messages),
+            "output_messages": float(self.outputs.num_messages),
+            "outputs_dropped": float(self.outputs.num_dropped),
             "shm_torn_frames": float(self.receiver.num_torn),
             "pushes_open": float(self.receiver.num_open_pushes),
         }
 
     def shutdown(self) -> None:
         self.admissions.close()
-        self.hub.close()
         super().shutdown()
+        self.outputs.close()
 
 
 def continuation(sampling: SamplingParams) -> SamplingParams:

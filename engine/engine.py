@@ -96,6 +96,8 @@ class LLMEngine:
         self._watches: dict[str, _Watch] = {}
         # (req_id, listener, first index, block ids) reported after the step's outputs
         self._deferred_reports: list[tuple[str, BlockListener, int, list[int]]] = []
+        self.num_steps = 0  # steps that ran a batch, and their seconds (``stats``)
+        self.step_seconds = 0.0
         logger.info(
             "engine ready: model=%s dtype=%s device=%s pool=%d blocks of %d tokens (%.1f MiB)",
             config.model,
@@ -241,6 +243,7 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def step(self) -> list[StepOutput]:
+        entered = time.perf_counter()
         if self._deferred_reports:  # a caller that did not flush them (engine.generate)
             self.flush_block_reports()
         self.kv.poll_copies()
@@ -279,6 +282,8 @@ class LLMEngine:
                 self._watches.pop(out.req_id, None)
                 seq = self._seqs.pop(out.req_id)
                 self.scheduler.finish(seq, out.finish_reason or FinishReason.STOP)
+        self.num_steps += 1
+        self.step_seconds += time.perf_counter() - entered
         return outputs
 
     def _finish_reason(self, seq: Sequence, tok: int) -> FinishReason | None:
@@ -414,6 +419,8 @@ class LLMEngine:
             "store_hits_recomputed": self.kv.num_hits_recomputed,
             "store_split_loads": self.kv.num_split_loads,
             "store_loads_in_flight": self.kv.num_loading,
+            "engine_steps": self.num_steps,  # steps that ran a batch
+            "engine_step_seconds": self.step_seconds,  # their time, summed (whole ``step``)
             "num_waiting": self.num_waiting,
             "num_running": self.num_running,
         }

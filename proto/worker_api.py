@@ -47,13 +47,14 @@ class WorkerInfo:
     block_nbytes: int  # bytes of one block (all layers, K and V)
     vocab_size: int
     max_model_len: int
-    kv_address: str | None  # host:port of the worker's gRPC server (KV transfer, outputs)
+    kv_address: str | None  # host:port of the worker's gRPC server (KV transfer, health)
     prefill_tokens_per_s: float  # measured at start-up
     tier_bytes_per_s: dict[Tier, float] = field(default_factory=dict)  # measured load speed
     pid: int = 0  # the worker's process id
     node_id: str = ""  # the Ray node it runs on ("" outside Ray)
     epoch: int = 0  # this start of the worker (a new one every start: ``EventBatch.epoch``)
     started_at: float = 0.0  # wall-clock time its process was ready to serve
+    outputs_address: str | None = None  # decode: host:port of its output stream (None: kv_address)
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,7 @@ class Membership:
             if w.role == Role.DECODE:
                 outputs = OutputStream(
                     w.worker_id,
-                    address,
+                    w.info.outputs_address or address,
                     self.secret,
                     on_broken=self._on_stream_broken,
                     on_overrun=self.on_overrun,

@@ -102,30 +102,44 @@ def test_trace_through_service(tmp_path) -> None:
 
 def test_decode_through_service(tmp_path) -> None:
     argv = ["--quick", "--start-service", "--with-inprocess", "--batches", "1,4", "--steps",
-            "6", "--out", str(tmp_path), "--no-progress"]
+            "6", "--rounds", "3", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
     assert decode.main(argv) == 0
     data = _load(str(tmp_path), "decode")
-    assert data["config"]["mode"] == "server"
+    assert data["config"]["mode"] == "server" and data["config"]["rounds"] == 3
     assert [r["batch"] for r in data["rows"]] == [1, 4]
-    for r in data["rows"]:
+    assert [(r["round"], r["batch"]) for r in data["rounds"]] == [
+        (k, b) for k in range(3) for b in (1, 4)
+    ]
+    for r in data["rounds"]:
         assert r["tokens"] == r["batch"] * 7  # every stream got all its tokens
         assert 0 < r["steady_tokens"] < r["tokens"] and r["steady_s"] > 0
         assert r["batch"] // 2 <= r["decoding_together"] <= r["batch"]
         assert r["tokens_per_s"] == pytest.approx(r["steady_tokens"] / r["steady_s"])
         assert r["tbt_s"]["count"] == r["batch"] * 6 and r["ms_per_token"] > 0
+        assert r["worker_steps"] >= 6 and r["worker_ms_per_step"] > 0  # the worker's engine
+    for row in data["rows"]:  # the round with the median tokens/s
+        same = sorted(x["tokens_per_s"] for x in data["rounds"] if x["batch"] == row["batch"])
+        assert row["tokens_per_s"] == same[1]
     ratios = data["service_over_inprocess"]
     assert [r["batch"] for r in ratios] == [1, 4]
-    # the reference runs with the decode worker's threads; every core beside it
+    # the reference runs with the decode worker's threads, right before the service, each round
     threads = data["config"]["decode_worker_threads"]
     assert threads >= 1 and data["inprocess"]["machine"]["torch_threads"] == threads
+    assert [r["torch_threads"] for r in data["inprocess"]["rows"]] == [threads] * 6
     assert data["inprocess_all_cores"]["machine"]["torch_threads"] == os.cpu_count()
     for r, full in zip(ratios, data["inprocess_all_cores"]["rows"]):
+        assert len(r["rounds"]) == 3
+        # like with like: tokens over wall time on both sides (the in-process mean step)
+        for k in r["rounds"]:
+            assert k["ratio"] == pytest.approx(k["service_tokens_per_s"]
+                                               / k["inprocess_tokens_per_s"])  # fmt: skip
+        assert r["ratio"] == sorted(k["ratio"] for k in r["rounds"])[1]  # the median round
+        assert r["ratio"] == pytest.approx(r["service_tokens_per_s"] / r["inprocess_tokens_per_s"])
         assert r["ratio_all_cores"] == pytest.approx(
             r["service_tokens_per_s"] / full["mean_tokens_per_s"])
-    for r, loc in zip(ratios, data["inprocess"]["rows"]):
-        # like with like: tokens over wall time on both sides (the in-process mean step)
-        assert r["inprocess_tokens_per_s"] == pytest.approx(loc["mean_tokens_per_s"])
-        assert r["ratio"] == pytest.approx(r["service_tokens_per_s"] / loc["mean_tokens_per_s"])
+    inproc = {(x["batch"], x["ms_per_step"]) for x in data["inprocess"]["rows"]}
+    for r in data["rounds"]:
+        assert (r["batch"], r["inprocess"]["ms_per_step"]) in inproc
 
 
 def test_soak_through_a_service_it_starts(tmp_path) -> None:

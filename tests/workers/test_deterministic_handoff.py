@@ -39,7 +39,7 @@ def test_handoff_gives_one_engines_bits() -> None:
         one.close()
     p = PrefillWorker(WorkerSpec("prefill-det", cfg, store, secret=SECRET))
     d = DecodeWorker(WorkerSpec("decode-det", cfg, store, secret=SECRET))
-    out = SyncOutputs("decode-det", d.kv_address, SECRET)
+    out = SyncOutputs("decode-det", d.outputs_address, SECRET)
     try:
         assert out.wait_connected(30)
         engine = d.loop.engine

@@ -33,7 +33,7 @@ def workers():
         WorkerSpec("prefill-grpc", cfg, store, secret=SECRET, transfer=TransferConfig(shm_bytes=0))
     )
     d = DecodeWorker(WorkerSpec("decode-0", cfg, store, secret=SECRET))
-    out = SyncOutputs("decode-0", d.kv_address, SECRET)
+    out = SyncOutputs("decode-0", d.outputs_address, SECRET)
     assert out.wait_connected(30)
     yield {"shm": p_shm, "grpc": p_grpc}, d, out
     out.close()
