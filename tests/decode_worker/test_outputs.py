@@ -76,7 +76,8 @@ def _subscribe(port: int, secret: str | None):
 
 def test_the_child_process_serves_every_step_in_order() -> None:
     lost: list[str] = []
-    sender = OutputSender("127.0.0.1", "s3cret", on_lost=lost.append)
+    # queued in the child until the test reads (ordering here, not a lagging subscriber)
+    sender = OutputSender("127.0.0.1", "s3cret", max_queued=1 << 16, on_lost=lost.append)
     try:
         ch, call = _subscribe(sender.port, "s3cret")
         n = 3000  # more than one pipe read and, merged or not, every token arrives once
