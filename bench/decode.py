@@ -19,7 +19,9 @@ arrival. Decode tokens/s = the tokens arriving from the moment the last of the B
 first token to the moment the first of the streams still decoding then got its last, over that
 time: the steady state, the batch decoding together (before it some streams are still in
 prefill, after it the batch drains; a stream the prefill worker took alone ahead of the others
-may be done before it, so ``decoding_together`` says how many streams the window had).
+may be done before it, so ``decoding_together`` says how many streams the window had; a window
+shorter than ``--min-window-steps`` (16) is an error that asks for more ``--steps``: at batch 64
+on 2 cores the prefill of the batch takes about 2 s, so the command needs ``--steps 256``).
 ms/token = the median gap between a stream's tokens. With ``--with-inprocess`` the ratio compares
 like with like: service tokens/s over that window against the in-process engine's tokens over the
 summed time of its timed steps (its mean, not its median step; both are in the JSON), the engine
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-inprocess", action="store_true",
                    help="with --server/--start-service: time the in-process engine too, in the "
                         "same run, and report service / in-process tokens/s per batch")
+    p.add_argument("--min-window-steps", type=int, default=16,
+                   help="through the service: the fewest steps the batch must decode together "
+                        "(a shorter window is an error that asks for more --steps; default 16)")
     p.add_argument("--rounds", type=int, default=3,
                    help="with --with-inprocess: rounds of (in-process, service) per batch, "
                         "back to back; the ratio is the median round's (default 3)")
@@ -288,6 +293,10 @@ async def _run_server(args: argparse.Namespace, address: str, batches: list[int]
                                   "--steps")
             t1 = min(a[-1] for a in together)
             steady = sum(1 for a in together for t in a if t0 < t <= t1)
+            if steady < args.min_window_steps * len(together):
+                raise StrataError(f"batch {b}: the batch decoded together for only "
+                                  f"{steady // len(together)} steps (the prefill of the batch "
+                                  f"took most of {steps} steps); raise --steps")
             gaps = [y - x for a in arrivals for x, y in zip(a, a[1:])]
             tokens = sum(len(a) for a in arrivals)
             rows.append({

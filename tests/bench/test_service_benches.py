@@ -102,7 +102,8 @@ def test_trace_through_service(tmp_path) -> None:
 
 def test_decode_through_service(tmp_path) -> None:
     argv = ["--quick", "--start-service", "--with-inprocess", "--batches", "1,4", "--steps",
-            "6", "--rounds", "3", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+            "6", "--rounds", "3", "--min-window-steps", "1", "--out", str(tmp_path),
+            "--no-progress"]  # fmt: skip
     assert decode.main(argv) == 0
     data = _load(str(tmp_path), "decode")
     assert data["config"]["mode"] == "server" and data["config"]["rounds"] == 3
@@ -140,6 +141,14 @@ def test_decode_through_service(tmp_path) -> None:
     inproc = {(x["batch"], x["ms_per_step"]) for x in data["inprocess"]["rows"]}
     for r in data["rounds"]:
         assert (r["batch"], r["inprocess"]["ms_per_step"]) in inproc
+
+
+def test_decode_through_service_refuses_a_short_window(tmp_path, capsys) -> None:
+    argv = ["--quick", "--start-service", "--batches", "1", "--steps", "6", "--out",
+            str(tmp_path), "--no-progress"]  # fmt: skip
+    assert decode.main(argv) == 2  # 6 steps can not hold a window of 16
+    assert "decoded together for only" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path) or not os.listdir(tmp_path)  # no figure written
 
 
 def test_soak_through_a_service_it_starts(tmp_path) -> None:
