@@ -21,7 +21,8 @@ time: the steady state, the batch decoding together (before it some streams are 
 prefill, after it the batch drains; a stream the prefill worker took alone ahead of the others
 may be done before it, so ``decoding_together`` says how many streams the window had; a window
 shorter than ``--min-window-steps`` (16) is an error that asks for more ``--steps``: at batch 64
-on 2 cores the prefill of the batch takes about 2 s, so the command needs ``--steps 256``).
+on 2 cores the prefill of the batch takes about 2 s, so through the service ``--steps`` defaults
+to 256).
 ms/token = the median gap between a stream's tokens. With ``--with-inprocess`` the ratio compares
 like with like: service tokens/s over that window against the in-process engine's tokens over the
 summed time of its timed steps (its mean, not its median step; both are in the JSON), the engine
@@ -77,14 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = new_parser("bench.decode", __doc__)
     p.add_argument("--batches", default=None, help="batch sizes (default 1,8,32,64)")
     p.add_argument("--prompt-tokens", type=int, default=None, help="default 128")
-    p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed decode steps (default 32; through the service 256)")
     add_run_flags(p, "32-token prompts, 8 steps")
     p.add_argument("--with-inprocess", action="store_true",
                    help="with --server/--start-service: time the in-process engine too, in the "
                         "same run, and report service / in-process tokens/s per batch")
-    p.add_argument("--min-window-steps", type=int, default=16,
+    p.add_argument("--min-window-steps", type=int, default=None,
                    help="through the service: the fewest steps the batch must decode together "
-                        "(a shorter window is an error that asks for more --steps; default 16)")
+                        "(a shorter window is an error that asks for more --steps; default 16, "
+                        "2 with --quick)")
     p.add_argument("--rounds", type=int, default=3,
                    help="with --with-inprocess: rounds of (in-process, service) per batch, "
                         "back to back; the ratio is the median round's (default 3)")
@@ -96,8 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         batches = parse_ints(args.batches or "1,8,32,64", "--batches")
         prompt_tokens = args.prompt_tokens or (32 if args.quick else 128)
-        steps = args.steps or (8 if args.quick else 32)
-        if args.server or args.start_service:
+        service = bool(args.server or args.start_service)
+        # through the service the batch must decode together long after its prefill
+        steps = args.steps or (8 if args.quick else 256 if service else 32)
+        if args.min_window_steps is None:
+            args.min_window_steps = 2 if args.quick else 16
+        if service:
             max_b = max(batches)
             ctx = prompt_tokens + steps + 1
             sizes = EngineSizes(pool_tokens=max_b * (ctx + 32) + 256, host_tokens=0,

@@ -102,7 +102,7 @@ def test_trace_through_service(tmp_path) -> None:
 
 def test_decode_through_service(tmp_path) -> None:
     argv = ["--quick", "--start-service", "--with-inprocess", "--batches", "1,4", "--steps",
-            "6", "--rounds", "3", "--min-window-steps", "1", "--out", str(tmp_path),
+            "24", "--rounds", "3", "--min-window-steps", "1", "--out", str(tmp_path),
             "--no-progress"]  # fmt: skip
     assert decode.main(argv) == 0
     data = _load(str(tmp_path), "decode")
@@ -112,12 +112,12 @@ def test_decode_through_service(tmp_path) -> None:
         (k, b) for k in range(3) for b in (1, 4)
     ]
     for r in data["rounds"]:
-        assert r["tokens"] == r["batch"] * 7  # every stream got all its tokens
+        assert r["tokens"] == r["batch"] * 25  # every stream got all its tokens
         assert 0 < r["steady_tokens"] < r["tokens"] and r["steady_s"] > 0
         assert r["batch"] // 2 <= r["decoding_together"] <= r["batch"]
         assert r["tokens_per_s"] == pytest.approx(r["steady_tokens"] / r["steady_s"])
-        assert r["tbt_s"]["count"] == r["batch"] * 6 and r["ms_per_token"] > 0
-        assert r["worker_steps"] >= 6 and r["worker_ms_per_step"] > 0  # the worker's engine
+        assert r["tbt_s"]["count"] == r["batch"] * 24 and r["ms_per_token"] > 0
+        assert r["worker_steps"] >= 24 and r["worker_ms_per_step"] > 0  # the worker's engine
     for row in data["rows"]:  # the round with the median tokens/s
         same = sorted(x["tokens_per_s"] for x in data["rounds"] if x["batch"] == row["batch"])
         assert row["tokens_per_s"] == same[1]
@@ -144,8 +144,8 @@ def test_decode_through_service(tmp_path) -> None:
 
 
 def test_decode_through_service_refuses_a_short_window(tmp_path, capsys) -> None:
-    argv = ["--quick", "--start-service", "--batches", "1", "--steps", "6", "--out",
-            str(tmp_path), "--no-progress"]  # fmt: skip
+    argv = ["--quick", "--start-service", "--batches", "1", "--steps", "6",
+            "--min-window-steps", "16", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
     assert decode.main(argv) == 2  # 6 steps can not hold a window of 16
     assert "decoded together for only" in capsys.readouterr().err
     assert not os.path.exists(tmp_path) or not os.listdir(tmp_path)  # no figure written
