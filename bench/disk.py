@@ -18,9 +18,9 @@ read speed (``kvstore.bandwidth.device_read_ceiling``), measured in the same run
    on that store with its files' pages evicted (``POSIX_FADV_DONTNEED``; ``mincore`` says what
    was still resident), so the hit reads the device, and on a copy of the store in memory
    (tmpfs: with ``O_DIRECT`` or without, a read there is a memory copy). What reading the disk
-   costs, counted over the whole process and not only the TTFT, = wall(device) -
-   wall(memory), against the ``O_DIRECT`` floor of the bytes it read; beside it the bytes each process read from the
-   device over its whole life (``getrusage``), the hit's load alone (``RequestResult.load_s``:
+   costs, counted over the whole process and not only the TTFT, = wall(device) - wall(memory),
+   against the ``O_DIRECT`` floor of the bytes it read; beside it the bytes each process read
+   from the device over its whole life (``getrusage``), the hit's load alone (``load_s``:
    its start to its last block's arrival, inside the TTFT), and the whole hit over a process
    that runs a 1-token prompt on the same store.
 3. ``startup`` -- a store grown to each size in ``--store-gib`` (real blocks written through the
