@@ -143,7 +143,7 @@ class OutputSender:
         data = step_message(outputs, errors).SerializeToString()
         frame = memoryview(FRAME.pack(len(data)) + data)
         with self._lock:
-            if self._lost:
+            if self._lost or self._closing:  # (a closed pipe's fd number may be reused)
                 self.num_dropped += len(outputs) + len(errors)
                 return
             try:

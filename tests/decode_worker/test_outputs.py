@@ -101,6 +101,8 @@ def test_the_child_process_serves_every_step_in_order() -> None:
     finally:
         sender.close()
     assert sender.proc.returncode == 0 and lost == []  # it ended when its pipe closed
+    sender.publish([_step("a", 1)], {})  # after close: dropped, never written to a reused fd
+    assert sender.num_dropped == 1 and sender.num_messages == n + 1
 
 
 def test_the_child_refuses_a_wrong_secret() -> None:
