@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from kvstore_testutil import FP, NBYTES, assert_rows, block_bytes, make_hashes
 
+from kvstore.layout import aligned_empty
 from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.disk.segments import SegmentFiles
 
 
 def _disk(tmp_path, **kw) -> DiskTier:
@@ -111,3 +113,20 @@ def test_direct_read_floor_reads_exactly_the_blocks_slots(tmp_path) -> None:
         assert disk.direct_read_floor_s(hashes + make_hashes(1, seed=99)) is None  # one missing
     finally:
         disk.close()
+
+
+def test_runs_fold_only_slots_that_follow_on_in_one_file(tmp_path) -> None:
+    seg = SegmentFiles(str(tmp_path), 4096, 4)  # 4 slots a segment
+    try:
+        bufs = [aligned_empty(1, 4096).numpy().reshape(-1) for _ in range(4)]
+        for first in (0, 4, 12):  # segments 0, 1 and 3; segment 2 (slots 8-11) has no file
+            seg.write(first, bufs)
+        fd0, fd1, fd3 = (seg.runs([s])[0][0] for s in (0, 4, 12))
+        # consecutive slot numbers across a segment's end: two runs in two files
+        assert seg.runs([2, 3, 4, 5]) == [(fd0, 2 * 4096, 2 * 4096), (fd1, 0, 2 * 4096)]
+        # slots 9 and 10 have no file: left out, and 10 does not extend the run of slot 7
+        assert seg.runs([7, 9, 10]) == [(fd1, 3 * 4096, 4096)]
+        assert seg.runs([11, 12, 13]) == [(fd3, 0, 2 * 4096)]
+        assert seg.runs([1, 0]) == [(fd0, 4096, 4096), (fd0, 0, 4096)]  # in order, not merged
+    finally:
+        seg.close()

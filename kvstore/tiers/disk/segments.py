@@ -94,17 +94,15 @@ class SegmentFiles:
         """``(fd, offset, nbytes)`` per run of consecutive slots of one segment, in order (the
         slots of segments not on disk are left out)."""
         out: list[tuple[int, int, int]] = []
-        prev = None
         for slot in slots:
-            seg = self.segment_of(slot)
-            if prev is not None and slot == prev + 1 and seg == self.segment_of(prev) and out:
-                fd, off, n = out[-1]
-                out[-1] = (fd, off, n + self.slot_nbytes)
+            fd = self._fd(self.segment_of(slot), create=False)
+            if fd is None:
+                continue
+            off = self.offset_of(slot)
+            if out and out[-1][0] == fd and out[-1][1] + out[-1][2] == off:  # continues it
+                out[-1] = (fd, out[-1][1], out[-1][2] + self.slot_nbytes)
             else:
-                seg_fd = self._fd(seg, create=False)
-                if seg_fd is not None:
-                    out.append((seg_fd, self.offset_of(slot), self.slot_nbytes))
-            prev = slot
+                out.append((fd, off, self.slot_nbytes))
         return out
 
     def write(self, first_slot: int, bufs: Sequence[Buffer]) -> None:
