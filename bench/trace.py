@@ -10,6 +10,15 @@ requests go to an ``EngineLoop`` over a tiered store whose capacities are set wi
 unbounded hit rate is what a cache with no capacity limit would serve, from the hash_ids alone.
 ``--disk-write-policy`` picks when blocks go to disk; ``--policies a,b,...`` replays once per
 policy in the same run and compares hit rate, TTFT and the bytes written to disk side by side.
+
+``--with-baseline`` replays the trace with the tiers and without (``--baseline``) in one run. The
+machine's speed drifts by 10-20% within the half minute of a replay, and a fixed order would hand
+that drift to one side, so by default (``--order abba``) it replays four times: tiered,
+device-only, device-only, tiered. The gain (baseline / tiered TTFT: mean, p50, p90, p99) is over
+the requests of both replays of each side pooled, and each adjacent pair's gain is beside it
+(``offload_gain.pairs``); ``--order ab`` replays each once, tiered first; ``--cycles N`` repeats
+the order N times. The top of the JSON is the first tiered replay, ``baseline`` the first
+device-only one, ``replays`` the summary of each, in order.
 """
 
 from __future__ import annotations
@@ -60,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-baseline", action="store_true",
                    help="replay twice in one run, with the tiers and then without (--baseline), "
                         "and report the gain of offloading side by side")
+    p.add_argument("--order", choices=("abba", "ab"), default="abba",
+                   help="with --with-baseline: abba (default) replays tiered, device-only, "
+                        "device-only, tiered and pools each side's requests; ab: once each")
+    p.add_argument("--cycles", type=int, default=1,
+                   help="with --with-baseline: repeat the order this many times (default 1)")
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument("--disk-write-policy", default=None,
                    help=f"when blocks go to disk: {', '.join(POLICIES)} (default evict)")
@@ -103,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _defaults(args)
         if args.with_baseline and args.baseline:
             raise ValueError("give --baseline or --with-baseline, not both")
+        if (args.order != "abba" or args.cycles != 1) and not args.with_baseline:
+            raise ValueError("--order and --cycles go with --with-baseline")
         if args.policy_list:
             runs = {}
             for policy in args.policy_list:
@@ -110,13 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          "disk_write_policy": policy}))
             result = {**runs[args.policy_list[0]], "policies": runs,
                       "policy_table": policy_table(runs)}
+            if args.with_baseline:  # the first policy's replay against one device-only replay
+                result["baseline"] = run(baseline_args(args))
+                result["offload_gain"] = offload_gain(result, result["baseline"])
+        elif args.with_baseline:
+            result = with_baseline(args)
         else:
             result = run(args)
-        if args.with_baseline:
-            base = argparse.Namespace(**{**vars(args), "baseline": True, "host_tokens": 0,
-                                         "disk_tokens": 0})
-            result["baseline"] = run(base)
-            result["offload_gain"] = offload_gain(result, result["baseline"])
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -217,6 +233,51 @@ def _result(args: argparse.Namespace, reqs: list[Any], records: list[Any], wall:
     }
 
 
+def with_baseline(args: argparse.Namespace) -> dict[str, Any]:
+    """The replay with the tiers and without, in ``args.order``; the first tiered replay's
+    result with ``baseline`` (the first device-only one), ``replays`` and ``offload_gain``."""
+    base_args = baseline_args(args)
+    if args.cycles < 1:
+        raise ValueError("--cycles must be at least 1")
+    order = ("TBBT" if args.order == "abba" else "TB") * args.cycles
+    runs = [run(args if side == "T" else base_args) for side in order]
+    tiered = [r for side, r in zip(order, runs) if side == "T"]
+    base = [r for side, r in zip(order, runs) if side == "B"]
+    result = {**tiered[0], "baseline": base[0]}
+    result["replays"] = [
+        {"side": "tiered" if side == "T" else "baseline", "wall_s": r["wall_s"],
+         "num_finished": r["num_finished"], "ttft_s": r["ttft_s"], "hit_rate": r["hit_rate"],
+         "throughput": r["throughput"]}
+        for side, r in zip(order, runs)
+    ]
+    gain = offload_gain(pooled(tiered), pooled(base))
+    gain["order"], gain["cycles"] = args.order, args.cycles
+    if len(order) > 2:  # each (tiered, device-only) pair, side by side in time
+        pairs = [(runs[i], runs[i + 1]) if order[i] == "T" else (runs[i + 1], runs[i])
+                 for i in range(0, len(order), 2)]
+        gain["pairs"] = [offload_gain(t, b) for t, b in pairs]
+    result["offload_gain"] = gain
+    return result
+
+
+def baseline_args(args: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "baseline": True, "host_tokens": 0,
+                                 "disk_tokens": 0})
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replays of one side as one: TTFT over all their finished requests, the hit rate
+    weighted by prompt tokens, prompt tokens per second over their summed wall time."""
+    prompt = sum(r["prompt_tokens"] for r in runs)
+    return {
+        "ttft_s": summarize([q["ttft_s"] for r in runs for q in r["requests"]
+                             if q["error"] is None and q["ttft_s"] is not None]),
+        "hit_rate": {"total": sum(r["hit_rate"]["total"] * r["prompt_tokens"] for r in runs)
+                     / prompt if prompt else 0.0},
+        "throughput": {"prompt_tokens_per_s": prompt / sum(r["wall_s"] for r in runs)},
+    }
+
+
 def offload_gain(tiered: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """The same replay with and without the tiers below the pool: baseline / tiered TTFT (above
     1: offloading is faster), hit rates and throughput of both."""
@@ -268,12 +329,32 @@ def render_table(result: dict[str, Any]) -> str:
     if "baseline" in result:
         g = result["offload_gain"]
         inner = {k: v for k, v in result.items() if k not in ("baseline", "offload_gain")}
-        speedups = ", ".join(f"{k.split('_')[1]} x{v:.2f}" for k, v in g.items()
+        inner.pop("replays", None)
+
+        def speedups(gain: dict[str, Any]) -> str:
+            return ", ".join(f"{k.split('_')[1]} x{v:.2f}" for k, v in gain.items()
                              if k.endswith("_speedup"))
-        return (render_table(inner) + "\n\n" + render_table(result["baseline"])
-                + f"\n\noffloading against the device pool alone, same run: TTFT {speedups} "
-                f"(baseline / tiered); hit rate {g['hit_rate']['tiered']:.3f} vs "
+
+        parts = [render_table(inner), render_table(result["baseline"])]
+        replays = result.get("replays", [])
+        if len(replays) > 2:
+            parts.append("replays in order\n" + format_table(
+                ["#", "replay", "TTFT mean ms", "p50", "p90", "p99", "req/s", "hit"],
+                [[i + 1, r["side"]] + [r["ttft_s"][k] * 1e3 if k in r["ttft_s"] else None
+                                       for k in ("mean", "p50", "p90", "p99")]
+                 + [r["throughput"]["requests_per_s"], r["hit_rate"]["total"]]
+                 for i, r in enumerate(replays)]))
+        pooled_note = (" (the replays of each side pooled)" if len(replays) > 2 else "")
+        text = (f"offloading against the device pool alone, same run{pooled_note}: TTFT "
+                f"{speedups(g)} (baseline / tiered); hit rate {g['hit_rate']['tiered']:.3f} vs "
                 f"{g['hit_rate']['baseline']:.3f}")
+        for i, pair in enumerate(g.get("pairs", [])):
+            text += f"\n  replays {2 * i + 1} and {2 * i + 2}: TTFT {speedups(pair)}"
+        if len(g.get("pairs", [])) > 1:
+            means = sorted(p["ttft_mean_speedup"] for p in g["pairs"])
+            text += (f"\n  tiered ahead on the mean in {sum(m > 1 for m in means)} of "
+                     f"{len(means)} pairs")
+        return "\n\n".join(parts + [text])
     cfg = result["config"]
     rows = []
     for name in ("ttft_s", "tbt_s"):

@@ -49,10 +49,35 @@ def test_trace_quick(tmp_path, with_baseline: bool) -> None:
         # both replays sent the same requests
         assert [r["prompt_len"] for r in base["requests"]] == [
             r["prompt_len"] for r in data["requests"]]
+        # abba (the default): tiered, device-only, device-only, tiered; the gain pools each side
+        replays = data["replays"]
+        assert [r["side"] for r in replays] == ["tiered", "baseline", "baseline", "tiered"]
+        assert replays[0]["ttft_s"] == data["ttft_s"] and replays[1]["ttft_s"] == base["ttft_s"]
+        assert all(r["num_finished"] == 50 for r in replays)
         gain = data["offload_gain"]
-        assert gain["ttft_p50_speedup"] == pytest.approx(
-            base["ttft_s"]["p50"] / data["ttft_s"]["p50"])
+        assert gain["order"] == "abba"
         assert gain["hit_rate"]["tiered"] >= gain["hit_rate"]["baseline"]
+        [(t1, b1), (t2, b2)] = [(replays[0], replays[1]), (replays[3], replays[2])]
+        pairs = gain["pairs"]
+        assert pairs[0]["ttft_mean_speedup"] == pytest.approx(
+            b1["ttft_s"]["mean"] / t1["ttft_s"]["mean"])
+        assert pairs[1]["ttft_mean_speedup"] == pytest.approx(
+            b2["ttft_s"]["mean"] / t2["ttft_s"]["mean"])
+        # pooled: the mean over 100 requests a side is the mean of the two replays' means
+        assert gain["ttft_mean_speedup"] == pytest.approx(
+            (b1["ttft_s"]["mean"] + b2["ttft_s"]["mean"])
+            / (t1["ttft_s"]["mean"] + t2["ttft_s"]["mean"]))
+        assert gain["hit_rate"]["tiered"] == pytest.approx(
+            (t1["hit_rate"]["total"] + t2["hit_rate"]["total"]) / 2)
+
+
+def test_trace_order_flags_need_with_baseline(tmp_path, capsys) -> None:
+    common = ["--quick", "--max-requests", "2", "--out", str(tmp_path), "--no-progress"]
+    assert trace.main(common + ["--cycles", "2"]) == 2
+    assert "go with --with-baseline" in capsys.readouterr().err
+    assert trace.main(common + ["--with-baseline", "--cycles", "0"]) == 2
+    assert "--cycles must be at least 1" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
 
 
 def test_longdoc_quick_reloads_from_lower_tiers(tmp_path) -> None:
