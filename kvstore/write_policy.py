@@ -75,16 +75,23 @@ class DiskWritePolicy:
                 with self._lock:
                     self.num_hit_writes += 1
 
-    def host_evicted(self, block_hash: BlockHash, row: torch.Tensor) -> None:
-        """The host tier evicts the block (its row is valid only during the call)."""
+    def host_evicted(
+        self, hashes: Sequence[BlockHash], data: torch.Tensor, rows: Sequence[int]
+    ) -> None:
+        """The host tier evicts ``hashes`` (``data[rows[i]]``, valid only during the call): the
+        ones the disk lacks go to its writer in one queued write."""
         if self.on_hit:
             with self._lock:
-                self._hits.pop(block_hash, None)
-        if self.disk is None or not self.on_evict or self.disk.contains(block_hash):
+                for h in hashes:
+                    self._hits.pop(h, None)
+        if self.disk is None or not self.on_evict:
             return
-        if all(self.disk.put([block_hash], row.unsqueeze(0))):
-            with self._lock:
-                self.num_evict_writes += 1
+        todo = [i for i, h in enumerate(hashes) if not self.disk.contains(h)]
+        if not todo:
+            return
+        taken = self.disk.put([hashes[i] for i in todo], data, [rows[i] for i in todo])
+        with self._lock:
+            self.num_evict_writes += sum(taken)
 
     def forget(self, block_hash: BlockHash) -> None:
         """The block left the host tier without an eviction (``remove``)."""

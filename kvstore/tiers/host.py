@@ -10,9 +10,11 @@ the caller copies the bytes in (here, or later on a copy lane), then ``commit`` 
 readable (or ``cancel`` frees them). ``put`` does the three at once. Reads either copy out
 (``get_into``) or borrow the slab row itself under a pin (``pin_slot`` + ``slab``).
 
-Eviction hands the victim's row to ``on_evict(block_hash, row)`` before the slot is reused (the
-store demotes it to disk there); the callback runs with no lock held, while the slot is
-reserved for the write that evicted it, so the row still holds the victim's bytes.
+Eviction hands the victims to ``on_evict(hashes, slab, rows)`` (victim ``i`` is
+``slab[rows[i]]``), all of one eviction in one call, before their slots are reused (the store
+demotes them to disk there, one queued write for all of them); the callback runs with no lock
+held, while the slots are reserved for the write that evicted them, so the rows still hold the
+victims' bytes.
 Copies run outside the lock too: readers take a transient reference on the blocks they copy.
 """
 
@@ -34,7 +36,7 @@ from proto.vocab import EventKind, Tier
 
 logger = logging.getLogger(__name__)
 
-EvictFn = Callable[[BlockHash, torch.Tensor], None]
+EvictFn = Callable[[list[BlockHash], torch.Tensor, list[int]], None]  # (hashes, slab, rows)
 
 
 @dataclass(slots=True)
@@ -346,10 +348,9 @@ class HostTier:
         if not victims:
             return
         if self._on_evict is not None:
-            for h, slot in victims:
-                try:
-                    self._on_evict(h, self._slab[slot])
-                except Exception:
-                    logger.exception("host on_evict failed for block %s", h.hex())
+            try:
+                self._on_evict([h for h, _ in victims], self._slab, [s for _, s in victims])
+            except Exception:
+                logger.exception("host on_evict failed for %d blocks", len(victims))
         if self._publish is not None:
             self._publish(EventKind.REMOVED, self.name, [h for h, _ in victims])

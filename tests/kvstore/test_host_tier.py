@@ -29,13 +29,20 @@ def test_roundtrip_and_idempotent_put() -> None:
 
 def test_lru_eviction_hands_over_the_victim_bytes() -> None:
     handed: list[tuple[bytes, torch.Tensor]] = []
-    host = HostTier(NBYTES, 3 * NBYTES, on_evict=lambda h, row: handed.append((h, row.clone())))
+    calls: list[int] = []
+
+    def on_evict(hs: list[bytes], slab: torch.Tensor, rows: list[int]) -> None:
+        calls.append(len(hs))
+        handed.extend((h, slab[r].clone()) for h, r in zip(hs, rows))
+
+    host = HostTier(NBYTES, 3 * NBYTES, on_evict=on_evict)
     hashes = make_hashes(5)
     host.put(hashes[:3], block_bytes(hashes[:3]))
     out = torch.empty((1, NBYTES), dtype=torch.uint8)
     host.get_into(hashes[:1], out)  # touch 0: LRU order is now 1, 2, 0
     host.put(hashes[3:5], block_bytes(hashes[3:5]))
     assert [h for h, _ in handed] == [hashes[1], hashes[2]]
+    assert calls == [2]  # one eviction, one call for both victims
     for h, row in handed:
         assert_rows(row.unsqueeze(0), [h])
     assert [host.contains(h) for h in hashes] == [True, False, False, True, True]

@@ -99,8 +99,8 @@ def test_the_evictor_keeps_headroom_so_writes_do_not_evict(make_store) -> None:
     store = make_store(host_blocks=40, host_headroom=0.1)  # keeps 4 slots free
     threads: list[str] = []
     hand_over = store.host._on_evict
-    store.host._on_evict = lambda h, row: (threads.append(threading.current_thread().name),
-                                           hand_over(h, row))
+    store.host._on_evict = lambda hs, slab, rows: (
+        threads.extend([threading.current_thread().name] * len(hs)), hand_over(hs, slab, rows))
     hashes = make_hashes(48)
     for i in range(0, 48, 4):
         store.put(hashes[i : i + 4], block_bytes(hashes[i : i + 4]))
