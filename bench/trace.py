@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-tokens", type=int, default=None, help="LMDB (default 64x pool)")
     p.add_argument("--baseline", action="store_true", help="device pool only (no host, disk)")
     p.add_argument("--with-baseline", action="store_true",
-                   help="replay twice in one run, with the tiers and then without (--baseline), "
-                        "and report the gain of offloading side by side")
+                   help="replay with the tiers and without (--baseline) in one run, in "
+                        "--order, and report the gain of offloading side by side")
     p.add_argument("--order", choices=("abba", "ab"), default="abba",
                    help="with --with-baseline: abba (default) replays tiered, device-only, "
                         "device-only, tiered and pools each side's requests; ab: once each")
