@@ -17,7 +17,9 @@ that drift to one side, so by default (``--order abba``) it replays four times: 
 device-only, device-only, tiered. The gain (baseline / tiered TTFT: mean, p50, p90, p99) is over
 the requests of both replays of each side pooled, and each adjacent pair's gain is beside it
 (``offload_gain.pairs``); ``--order ab`` replays each once, tiered first; ``--cycles N`` repeats
-the order N times. The top of the JSON is the first tiered replay, ``baseline`` the first
+the order N times, abba cycles alternating with baab (a replay right after one of the other side
+ran ~20% slower than one after its own side on this machine; with an even number of cycles each
+side has as many of those). The top of the JSON is the first tiered replay, ``baseline`` the first
 device-only one, ``replays`` the summary of each, in order.
 """
 
@@ -239,7 +241,12 @@ def with_baseline(args: argparse.Namespace) -> dict[str, Any]:
     base_args = baseline_args(args)
     if args.cycles < 1:
         raise ValueError("--cycles must be at least 1")
-    order = ("TBBT" if args.order == "abba" else "TB") * args.cycles
+    # abba cycles alternate with baab: a replay that follows one of the other side, and the
+    # first, ran ~20% slower here than one that follows its own side; tiered, device-only,
+    # device-only, tiered puts both of tiered's there, tiered, device-only, device-only,
+    # tiered, device-only, tiered, tiered, device-only puts three of four of each side there
+    cycle = ("TBBT", "BTTB") if args.order == "abba" else ("TB",)
+    order = "".join(cycle[i % len(cycle)] for i in range(args.cycles))
     runs = [run(args if side == "T" else base_args) for side in order]
     tiered = [r for side, r in zip(order, runs) if side == "T"]
     base = [r for side, r in zip(order, runs) if side == "B"]

@@ -71,6 +71,21 @@ def test_trace_quick(tmp_path, with_baseline: bool) -> None:
             (t1["hit_rate"]["total"] + t2["hit_rate"]["total"]) / 2)
 
 
+def test_trace_cycles_alternate_abba_and_baab(tmp_path) -> None:
+    argv = ["--quick", "--max-requests", "8", "--time-scale", "0.25", "--with-baseline",
+            "--cycles", "2", "--out", str(tmp_path), "--no-progress"]
+    assert trace.main(argv) == 0
+    data = _load(str(tmp_path), "trace")
+    sides = [r["side"][0] for r in data["replays"]]  # t(iered) / b(aseline)
+    assert "".join(sides) == "tbbtbttb"
+    gain = data["offload_gain"]
+    assert gain["cycles"] == 2 and len(gain["pairs"]) == 4
+    r = data["replays"]
+    for pair, (i, j) in zip(gain["pairs"], [(0, 1), (3, 2), (5, 4), (6, 7)]):  # (tiered, base)
+        assert pair["ttft_p50_speedup"] == pytest.approx(
+            r[j]["ttft_s"]["p50"] / r[i]["ttft_s"]["p50"])
+
+
 def test_trace_order_flags_need_with_baseline(tmp_path, capsys) -> None:
     common = ["--quick", "--max-requests", "2", "--out", str(tmp_path), "--no-progress"]
     assert trace.main(common + ["--cycles", "2"]) == 2
