@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -116,23 +117,54 @@ def start_head(resources: dict[str, float]) -> tuple[str, bool]:
     return address, True
 
 
+# a Ray session directory's name: session_<date>_<time>_<microseconds>_<pid of its head>
+_SESSION = re.compile(r"session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_\d+")
+
+
+def _own_processes() -> list[tuple[Any, str]]:
+    """(process, command line) of this user's processes but this one."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            if proc.pid != os.getpid() and proc.info["uids"].real == os.getuid():
+                out.append((proc, " ".join(proc.info["cmdline"] or ())))
+        except (psutil.Error, TypeError, AttributeError):
+            continue
+    return out
+
+
+def head_sessions(address: str, procs: list[tuple[Any, str]] | None = None) -> set[str]:
+    """The Ray session directories (names) of the cluster whose GCS is at ``address``, found
+    on the command lines of its GCS and raylet."""
+    port = address.rsplit(":", 1)[1]
+    marks = (address, f"--gcs_server_port={port}")
+    procs = _own_processes() if procs is None else procs
+    return {s for _, cmd in procs if any(m in cmd for m in marks) for s in _SESSION.findall(cmd)}
+
+
 def head_processes(address: str) -> list[Any]:
-    """The processes of the Ray cluster whose GCS is at ``address`` (its GCS, raylet, monitors
-    and workers all carry the address on their command line), this user's only."""
+    """The processes of the Ray cluster whose GCS is at ``address``, this user's only: those
+    whose command line carries the address (or the GCS port flag), and every process that
+    names the same session directory, and their children (the raylet's agents and workers,
+    whose command lines Ray rewrites). Ray gives the monitors and the raylet the machine's
+    network address even when the head was started on 127.0.0.1, so the address alone misses
+    them."""
     import psutil
 
     port = address.rsplit(":", 1)[1]
     marks = (address, f"--gcs_server_port={port}")
-    found = []
-    for proc in psutil.process_iter(["cmdline", "uids"]):
+    procs = _own_processes()
+    sessions = head_sessions(address, procs)
+    found = {p.pid: p for p, cmd in procs
+             if any(m in cmd for m in marks) or any(s in cmd for s in sessions)}
+    for proc in list(found.values()):
         try:
-            cmdline = " ".join(proc.info["cmdline"] or ())
-            if proc.pid != os.getpid() and proc.info["uids"].real == os.getuid():
-                if any(m in cmdline for m in marks):
-                    found.append(proc)
-        except (psutil.Error, TypeError, AttributeError):
+            found.update((c.pid, c) for c in proc.children(recursive=True) if c.pid != os.getpid())
+        except psutil.Error:
             continue
-    return found
+    return list(found.values())
 
 
 def stop_head(address: str | None = None) -> int:

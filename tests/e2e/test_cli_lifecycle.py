@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from tests.e2e.conftest import ROOT
@@ -155,9 +156,23 @@ def test_detached_service_life_cycle(tmp_path) -> None:
         assert "Ray head still runs" in first.stdout
         second = strata("down")
         assert second.returncode == 0 and "nothing to stop" in second.stdout, second.stderr
+        from cluster.lifecycle import head_sessions
+
+        sessions = head_sessions("127.0.0.1:6379")
+        assert len(sessions) == 1, sessions
+        head_tree = _head_processes()  # with the raylet's agents and workers
+        assert any(p.name() == "raylet" for p in head_tree)
+        assert any("DashboardAgent" in " ".join(p.cmdline()) for p in head_tree), head_tree
         last = strata("down", "--stop-ray")
         assert last.returncode == 0 and "stopped its Ray head" in last.stdout, last.stderr
         assert not _head_processes()
+        # nothing of that head is left: its monitors and raylet carry the machine's network
+        # address, not 127.0.0.1, but every one names its session directory
+        [session] = sessions
+        left = [p.pid for p in psutil.process_iter(["cmdline"])
+                if session in " ".join(p.info["cmdline"] or ())]
+        assert not left, left
+        assert not [p.pid for p in head_tree if p.is_running()], "the head's children remain"
         after = strata("down", "--stop-ray")
         assert after.returncode == 0 and "nothing to stop" in after.stdout
     finally:
