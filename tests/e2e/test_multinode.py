@@ -15,7 +15,6 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.lifecycle import head_processes
 from engine.sampling import SamplingParams
 from router.client import StrataClient
 from router.errors import RemoteError
@@ -53,11 +52,7 @@ def cluster(tmp_path_factory):
     down = strata_cli("down", "--address", c.address, timeout=600)
     assert down.returncode == 0, down.stderr
     ray.shutdown()
-    gcs = c.address
     c.shutdown()
-    # the head's monitor and log monitor outlive Cluster.shutdown (Ray 2.60): end them too
-    for proc in head_processes(gcs):
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
