@@ -135,11 +135,15 @@ def _own_processes() -> list[tuple[Any, str]]:
     return out
 
 
+def _head_marks(address: str) -> tuple[str, str]:
+    """What the command lines of the GCS at ``address`` and of its raylet carry."""
+    return address, f"--gcs_server_port={address.rsplit(':', 1)[1]}"
+
+
 def head_sessions(address: str, procs: list[tuple[Any, str]] | None = None) -> set[str]:
     """The Ray session directories (names) of the cluster whose GCS is at ``address``, found
     on the command lines of its GCS and raylet."""
-    port = address.rsplit(":", 1)[1]
-    marks = (address, f"--gcs_server_port={port}")
+    marks = _head_marks(address)
     procs = _own_processes() if procs is None else procs
     return {s for _, cmd in procs if any(m in cmd for m in marks) for s in _SESSION.findall(cmd)}
 
@@ -153,8 +157,7 @@ def head_processes(address: str) -> list[Any]:
     them."""
     import psutil
 
-    port = address.rsplit(":", 1)[1]
-    marks = (address, f"--gcs_server_port={port}")
+    marks = _head_marks(address)
     procs = _own_processes()
     sessions = head_sessions(address, procs)
     found = {p.pid: p for p, cmd in procs
