@@ -119,8 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _defaults(args)
         if args.with_baseline and args.baseline:
             raise ValueError("give --baseline or --with-baseline, not both")
-        if (args.order != "abba" or args.cycles != 1) and not args.with_baseline:
-            raise ValueError("--order and --cycles go with --with-baseline")
+        if args.order != "abba" or args.cycles != 1:
+            if not args.with_baseline or args.policy_list:
+                raise ValueError("--order and --cycles go with --with-baseline, without --policies")
+            if args.cycles < 1:
+                raise ValueError("--cycles must be at least 1")
         if args.policy_list:
             runs = {}
             for policy in args.policy_list:
@@ -239,8 +242,6 @@ def with_baseline(args: argparse.Namespace) -> dict[str, Any]:
     """The replay with the tiers and without, in ``args.order``; the first tiered replay's
     result with ``baseline`` (the first device-only one), ``replays`` and ``offload_gain``."""
     base_args = baseline_args(args)
-    if args.cycles < 1:
-        raise ValueError("--cycles must be at least 1")
     # abba cycles alternate with baab: a replay that follows one of the other side, and the
     # first, ran ~20% slower here than one that follows its own side; tiered, device-only,
     # device-only, tiered puts both of tiered's there, tiered, device-only, device-only,

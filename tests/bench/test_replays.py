@@ -92,6 +92,9 @@ def test_trace_order_flags_need_with_baseline(tmp_path, capsys) -> None:
     assert "go with --with-baseline" in capsys.readouterr().err
     assert trace.main(common + ["--with-baseline", "--cycles", "0"]) == 2
     assert "--cycles must be at least 1" in capsys.readouterr().err
+    # --policies with --with-baseline replays device-only once: the flags would be ignored
+    assert trace.main(common + ["--with-baseline", "--policies", "evict", "--order", "ab"]) == 2
+    assert "without --policies" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
 
 
