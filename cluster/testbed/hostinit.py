@@ -43,7 +43,8 @@ def setup(hostname: str, address: str, root: str, shm_bytes: int, keep: list[str
     _mount("--bind", tmp, "/tmp")
     for path, fd in fds.items():
         os.makedirs(path, exist_ok=True)
-        _mount("--bind", f"/proc/self/fd/{fd}", path)
+        # the mount command's own /proc/self holds no such fd (ours are close-on-exec)
+        _mount("--bind", f"/proc/{os.getpid()}/fd/{fd}", path)
         os.close(fd)
     socket.sethostname(hostname)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
