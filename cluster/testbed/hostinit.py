@@ -39,13 +39,16 @@ def setup(hostname: str, address: str, root: str, shm_bytes: int, keep: list[str
     _mount("-t", "tmpfs", "-o", f"size={shm_bytes},mode=1777", "tmpfs", "/dev/shm")
     under_tmp = sorted({os.path.realpath(k) for k in keep
                         if os.path.realpath(k).startswith("/tmp/")})
-    fds = {k: os.open(k, os.O_RDONLY | os.O_DIRECTORY) for k in under_tmp}
-    _mount("--bind", tmp, "/tmp")
-    for path, fd in fds.items():
-        os.makedirs(path, exist_ok=True)
-        # the mount command's own /proc/self holds no such fd (ours are close-on-exec)
-        _mount("--bind", f"/proc/{os.getpid()}/fd/{fd}", path)
-        os.close(fd)
+    # bound into the host's /tmp directory while their paths still name them, then carried
+    # onto /tmp with it (``mount`` resolves a /proc/<pid>/fd/N source to its path name, which
+    # after /tmp is covered names the empty directory of the same name)
+    for path in under_tmp:
+        if any(path.startswith(k + "/") for k in under_tmp):
+            continue  # inside another kept directory
+        inside = os.path.join(tmp, os.path.relpath(path, "/tmp"))
+        os.makedirs(inside, exist_ok=True)
+        _mount("--bind", path, inside)
+    _mount("--rbind", tmp, "/tmp")
     socket.sethostname(hostname)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
